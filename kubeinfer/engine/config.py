@@ -1,0 +1,153 @@
+"""Engine configuration: frozen dataclasses validated on construction.
+
+Errors raised here are `ConfigError`s whose message says what was wrong and what to do; the CLI prints
+them without a stack trace.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A setting a user chose cannot work. The message says which and what to change."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KI": 1024, "KIB": 1024, "M": 1000**2, "MB": 1000**2,
+          "MI": 1024**2, "MIB": 1024**2, "G": 1000**3, "GB": 1000**3, "GI": 1024**3, "GIB": 1024**3,
+          "T": 1000**4, "TB": 1000**4, "TI": 1024**4, "TIB": 1024**4}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GiB' -> 4294967296, '512MB' -> 512000000, '1000' -> 1000."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ConfigError(f"cannot read {text!r} as a size: write bytes or a number with a unit, "
+                          "such as 4GiB, 512MiB or 2GB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to run and how to load it. `model` is a local folder, a .gguf file or a hub id."""
+
+    model: str
+    tokenizer: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    trust_remote_code: bool = False
+    served_model_name: tuple[str, ...] = ()
+    chat_template: str | None = None
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not supported; choose one of "
+                              "auto, bfloat16, float16, float32")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"--load-format {self.load_format!r} is not supported; choose one of "
+                              f"{', '.join(LOAD_FORMATS)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"--max-model-len must be a positive integer, got {self.max_model_len}")
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return self.served_model_name or (self.model,)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """KV cache: block size, how much memory to use, prefix caching."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int | None = None  # bytes; on CPU the default is DEFAULT_CPU_KV_BYTES
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+
+    DEFAULT_CPU_KV_BYTES = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 8, 16, 32, 64, 128):
+            raise ConfigError(f"--block-size must be one of 1, 8, 16, 32, 64, 128, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}; 0.9 leaves room for activations")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"--kv-cache-memory must be positive, got {self.kv_cache_memory}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ConfigError("--num-gpu-blocks-override must be at least 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits: tokens per step and running requests."""
+
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("--max-num-batched-tokens must be at least 1, got "
+                              f"{self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for flag, v in (("--tensor-parallel-size", self.tensor_parallel_size),
+                        ("--pipeline-parallel-size", self.pipeline_parallel_size)):
+            if v < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {v}")
+            if v != 1:
+                raise ConfigError(f"{flag}={v} is not supported yet: this build of kubeinfer runs on one "
+                                  f"device. Use {flag}=1 with a model that fits one GPU.")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "auto"  # auto | cuda | cpu
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"--device must be auto, cuda or cpu, got {self.device!r}")
+
+    def resolve(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; "
+                              "use --device cpu or run on a GPU node")
+        return self.device
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)

@@ -1,0 +1,59 @@
+"""What the engine hands back to its callers, one delta per request per step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One generated position's logprobs: the sampled token's logprob and the top-N (token_id, logprob).
+Logprob = tuple[float, list[tuple[int, float]]]
+
+
+@dataclass
+class RequestOutput:
+    """New tokens and text of one sample of a request since its last output.
+
+    `request_id` is the caller's id; `index` tells which of the request's n samples this is.
+    Text never ends inside a multi-byte character, and never contains a matched stop string.
+    """
+
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[Logprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    num_output_tokens: int = 0  # total so far
+    num_cached_tokens: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class CompletionOutput:
+    """One finished sample, as the offline `LLM` API returns it."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[Logprob] | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else sum(lp for lp, _ in self.logprobs)
+
+
+@dataclass
+class FinishedRequest:
+    """A whole request as `LLM.generate` returns it: the prompt and its n samples."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0

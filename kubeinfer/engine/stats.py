@@ -1,0 +1,39 @@
+"""Numbers the engine reports each step; metrics loggers turn them into Prometheus series."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class SchedulerStats:
+    """A snapshot after a step, plus counters since the previous step."""
+
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0  # fraction of blocks in use, 0..1
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (delta)
+    prefix_cache_hits: int = 0  # of those, tokens found (delta)
+    num_preemptions: int = 0  # delta
+
+
+@dataclass
+class FinishedRequestStats:
+    finish_reason: str  # "stop" | "length" | "abort"
+    e2e_latency: float  # seconds from arrival to finish
+    queue_time: float  # seconds from arrival to first schedule
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+@dataclass
+class IterationStats:
+    num_prompt_tokens: int = 0  # prompt tokens computed this step (cached ones not counted)
+    num_generation_tokens: int = 0  # tokens sampled this step
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
+    finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+
+
+class StatLogger(Protocol):
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None: ...
