@@ -1,11 +1,94 @@
-"""The one place layers call kernels through: Triton on CUDA tensors, the torch reference elsewhere."""
+"""The one place layers call kernels through: Triton on CUDA tensors, the torch reference elsewhere.
+
+Backend choice, from the environment variable KUBEINFER_KERNELS (read here and nowhere else, once,
+at import):
+
+- ``auto`` (default): Triton when the op's main tensor is on CUDA and triton imports; otherwise
+  the torch reference (CPU machines, or a CUDA machine without triton).
+- ``triton``: always Triton. On a machine without a GPU this needs ``TRITON_INTERPRET=1`` as well
+  (slow; for tests).
+- ``torch``: always the reference (for debugging numerics).
+
+The Triton modules are imported on first use, so importing this module never imports triton and
+works where triton is not installed.
+"""
 from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
 
 from kubeinfer.kernels import reference
 
-reshape_and_cache = reference.reshape_and_cache
-unified_attention = reference.unified_attention
-rms_norm = reference.rms_norm
-fused_add_rms_norm = reference.fused_add_rms_norm
-rotary_embedding = reference.rotary_embedding
-silu_and_mul = reference.silu_and_mul
+BACKENDS = ("auto", "triton", "torch")
+backend = os.environ.get("KUBEINFER_KERNELS", "auto").strip().lower() or "auto"
+if backend not in BACKENDS:
+    raise ValueError(f"KUBEINFER_KERNELS={backend!r} is not one of {', '.join(BACKENDS)}; "
+                     "unset it to pick Triton on CUDA tensors and torch elsewhere")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails while loading its driver
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether an op on tensor `x` runs its Triton kernel under the current `backend`."""
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("KUBEINFER_KERNELS=triton but triton cannot be imported; "
+                               "install triton or unset KUBEINFER_KERNELS")
+        return True
+    return x.is_cuda and triton_available()
+
+
+@functools.cache
+def _triton_module(name: str):
+    return importlib.import_module(f"kubeinfer.kernels.{name}")
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    impl = _triton_module("cache") if use_triton(key_cache) else reference
+    return impl.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
+                      scale: float, sliding_window: int | None = None,
+                      softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    impl = _triton_module("attention") if use_triton(q) else reference
+    return impl.unified_attention(q, key_cache, value_cache, query_start_loc, seq_lens,
+                                  block_tables, max_query_len, max_seq_len, scale,
+                                  sliding_window=sliding_window, softcap=softcap, out=out)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    impl = _triton_module("norm") if use_triton(x) else reference
+    return impl.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _triton_module("norm") if use_triton(x) else reference
+    return impl.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _triton_module("rotary") if use_triton(q) else reference
+    return impl.rotary_embedding(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    impl = _triton_module("activation") if use_triton(x) else reference
+    return impl.silu_and_mul(x)

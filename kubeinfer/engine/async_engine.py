@@ -1,0 +1,152 @@
+"""asyncio front of the engine for the server.
+
+The engine steps in one background thread (torch releases the GIL during kernels, so the event loop
+keeps serving HTTP meanwhile). Requests and aborts reach it through a thread-safe queue; outputs come
+back to each request's asyncio.Queue via call_soon_threadsafe.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.llm_engine import LLMEngine, RequestError
+from kubeinfer.engine.outputs import RequestOutput
+from kubeinfer.engine.sampling_params import SamplingParams
+from kubeinfer.engine.stats import StatLogger
+
+__all__ = ["AsyncLLM", "RequestError", "EngineDeadError"]
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; requests in flight end with it."""
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.config: EngineConfig = engine.config
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.served_model_names = engine.config.model.served_names
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()
+                    ) -> "AsyncLLM":
+        """Load the model and size the KV cache (blocking). Raises ConfigError for what a user
+        can fix."""
+        return cls(LLMEngine(config, stat_loggers))
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; call from inside the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kubeinfer-engine", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._error is None
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake",))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield deltas for each of the params.n samples until all have finished.
+
+        Raises RequestError before the first yield if the engine cannot take the request. Closing the
+        iterator early (a client that went away) aborts the request.
+        """
+        if self._error is not None or self._loop is None:
+            raise EngineDeadError(f"the engine is not running: {self._error!r}")
+        if request_id in self._streams:
+            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+        self.engine.validate_request(prompt_token_ids, params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        done = False
+        try:
+            self._inbox.put(("add", request_id, prompt_token_ids, params))
+            remaining = params.n
+            while remaining:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+            done = True
+        finally:
+            self._streams.pop(request_id, None)
+            if not done:
+                self._inbox.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def kv_cache_free_blocks(self) -> int:
+        return self.engine.kv.num_free_blocks
+
+    def kv_cache_num_blocks(self) -> int:
+        return self.engine.num_blocks
+
+    def num_unfinished_requests(self) -> int:
+        return self.engine.num_unfinished_requests
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _post(self, request_id: str, item) -> None:
+        self._loop.call_soon_threadsafe(self._deliver, request_id, item)
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "add":
+            _, request_id, prompt_token_ids, params = msg
+            try:
+                self.engine.add_request(request_id, prompt_token_ids, params)
+            except RequestError as e:
+                self._post(request_id, e)
+        elif kind == "abort":
+            self.engine.abort_request(msg[1])
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping.is_set():
+                # block only when idle; otherwise drain what arrived and step
+                if not engine.has_unfinished_requests():
+                    self._handle(self._inbox.get())
+                while True:
+                    try:
+                        self._handle(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._stopping.is_set() or not engine.has_unfinished_requests():
+                    continue
+                for out in engine.step():
+                    self._post(out.request_id, out)
+        except BaseException as e:  # the loop must never die silently
+            logger.exception("engine loop failed")
+            self._error = e
+            err = EngineDeadError(f"the engine stopped on an error: {e!r}")
+            for request_id in list(self._streams):
+                self._post(request_id, err)

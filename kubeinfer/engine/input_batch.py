@@ -1,0 +1,84 @@
+"""Turn a SchedulerOutput into the flat tensors a forward pass needs (built on the host with numpy)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kubeinfer.engine.request import Request
+from kubeinfer.engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class InputBatch:
+    """Host-side arrays of one step; the runner copies them to the device (or into graph buffers)."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [R + 1] int32
+    seq_lens: np.ndarray  # [R] int32
+    block_tables: np.ndarray  # [R, W] int32
+    logits_indices: np.ndarray  # [S] int64: the last token of each request that samples
+    sample_reqs: list[Request]  # the S requests that sample, in batch order
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_reqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_pure_decode(self) -> bool:
+        """Every request computes exactly one token and samples: the CUDA-graph case."""
+        return self.max_query_len == 1 and len(self.sample_reqs) == self.num_reqs
+
+
+def build_input_batch(out: SchedulerOutput, block_ids: dict[str, list[int]], block_size: int,
+                      min_table_width: int = 0) -> InputBatch:
+    """Lay the scheduled requests end to end.
+
+    Args:
+        out: the scheduler's plan; request state is read, never changed.
+        block_ids: each scheduled request's block table (KVCacheManager.get_block_ids).
+        block_size: tokens per block.
+        min_table_width: pad the block-table width up to this (CUDA graphs use a fixed width).
+    """
+    num_reqs = len(out.scheduled)
+    num_tokens = out.num_scheduled_tokens
+    input_ids = np.empty(num_tokens, dtype=np.int64)
+    positions = np.empty(num_tokens, dtype=np.int64)
+    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+    seq_lens = np.empty(num_reqs, dtype=np.int32)
+    tables = [block_ids[req.req_id] for req, _ in out.scheduled]
+    width = max(min_table_width, max((len(t) for t in tables), default=1))
+    block_tables = np.zeros((num_reqs, width), dtype=np.int32)
+    logits_indices = []
+    sample_reqs = []
+    offset = 0
+    max_query_len = 0
+    for r, ((req, n), table) in enumerate(zip(out.scheduled, tables)):
+        start = req.num_computed_tokens
+        input_ids[offset:offset + n] = req.all_token_ids[start:start + n]
+        positions[offset:offset + n] = np.arange(start, start + n)
+        block_tables[r, :len(table)] = table
+        seq_lens[r] = start + n
+        offset += n
+        query_start_loc[r + 1] = offset
+        max_query_len = max(max_query_len, n)
+        if start + n == req.num_tokens:
+            logits_indices.append(offset - 1)
+            sample_reqs.append(req)
+    # slot = block_tables[req, pos // bs] * bs + pos % bs, for every token at once
+    req_of_token = np.repeat(np.arange(num_reqs), np.diff(query_start_loc))
+    slot_mapping = (block_tables[req_of_token, positions // block_size].astype(np.int64) * block_size
+                    + positions % block_size)
+    return InputBatch(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+                      query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
+                      logits_indices=np.asarray(logits_indices, dtype=np.int64),
+                      sample_reqs=sample_reqs, max_query_len=max_query_len,
+                      max_seq_len=int(seq_lens.max()) if num_reqs else 0)

@@ -1,0 +1,125 @@
+"""Per-request view of the KV cache: block tables, prefix-cache lookups and slot allocation.
+
+The manager makes no policy: the scheduler asks whether a request's next tokens fit and decides what
+to do when they don't.
+"""
+from __future__ import annotations
+
+from kubeinfer.engine.kv_cache.block_pool import BlockPool, KVCacheBlock
+from kubeinfer.engine.request import Request
+
+
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """Chained hash: a block's hash covers every token before it, so equal hashes mean equal prefixes."""
+    return hash((parent_hash, token_ids))
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self._req_to_hashes: dict[str, list[int]] = {}
+        self._num_cached_blocks: dict[str, int] = {}  # blocks of the request registered so far
+        # prefix-cache counters since the last take_stats()
+        self._queries = 0
+        self._hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def take_prefix_cache_stats(self) -> tuple[int, int]:
+        """(queried tokens, hit tokens) since the last call."""
+        stats = (self._queries, self._hits)
+        self._queries = self._hits = 0
+        return stats
+
+    def _block_hashes(self, req: Request, num_tokens: int) -> list[int]:
+        """Hashes of the request's full blocks among its first num_tokens tokens, extended lazily."""
+        hashes = self._req_to_hashes.setdefault(req.req_id, [])
+        bs = self.block_size
+        tokens = req.all_token_ids
+        while (len(hashes) + 1) * bs <= num_tokens:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs])))
+        return hashes
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of a request that has computed nothing yet.
+
+        Returns the blocks and the number of tokens they hold. At least one token is always left to
+        compute, since the last position's logits are needed to sample.
+        """
+        if not self.enable_caching:
+            return [], 0
+        max_hit_tokens = req.num_tokens - 1
+        hashes = self._block_hashes(req, max_hit_tokens)
+        hits: list[KVCacheBlock] = []
+        for h in hashes:
+            block = self.pool.get_cached_block(h)
+            if block is None:
+                break
+            hits.append(block)
+        self._queries += req.num_tokens
+        self._hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, req: Request, num_new_tokens: int,
+                       new_computed_blocks: list[KVCacheBlock] | None = None) -> bool:
+        """Make room for num_new_tokens more tokens of req; False (and no change) if they don't fit.
+
+        new_computed_blocks are prefix-cache hits from get_computed_blocks for a request being
+        scheduled for the first time (or again after preemption).
+        """
+        new_computed_blocks = new_computed_blocks or []
+        blocks = self.req_to_blocks.get(req.req_id, [])
+        num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_total = num_computed + num_new_tokens
+        num_required = -(-num_total // self.block_size)
+        num_new_blocks = num_required - len(blocks) - len(new_computed_blocks)
+        # hits sitting in the free queue stop being free once touched
+        num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks > self.pool.num_free_blocks - num_evictable_hits:
+            return False
+        self.pool.touch(new_computed_blocks)
+        blocks = self.req_to_blocks.setdefault(req.req_id, [])
+        blocks.extend(new_computed_blocks)
+        if new_computed_blocks:
+            self._num_cached_blocks[req.req_id] = len(blocks)
+        if num_new_blocks > 0:
+            blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+        if self.enable_caching:
+            self._cache_full_blocks(req, blocks, num_total)
+        return True
+
+    def _cache_full_blocks(self, req: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
+        # Registering a block before this step's forward has written it is safe: every layer writes
+        # the whole batch's K/V before any attention reads it, and later steps see finished blocks.
+        hashes = self._block_hashes(req, num_tokens)
+        num_full = num_tokens // self.block_size  # hashes may run ahead, from a prefix lookup
+        start = self._num_cached_blocks.get(req.req_id, 0)
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], hashes[i])
+        self._num_cached_blocks[req.req_id] = max(start, num_full)
+
+    def get_block_ids(self, req_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(req_id, ())]
+
+    def free(self, req: Request) -> None:
+        """Return a finished, aborted or preempted request's blocks; tail blocks are evicted first."""
+        blocks = self.req_to_blocks.pop(req.req_id, [])
+        self.pool.free_blocks(list(reversed(blocks)))
+        self._num_cached_blocks.pop(req.req_id, None)
+        if req.is_finished:
+            self._req_to_hashes.pop(req.req_id, None)

@@ -1,0 +1,82 @@
+"""Paged attention layer: writes this step's K/V into the cache, then attends over the cache.
+
+The model runner allocates one (k_cache, v_cache) pair per layer, each [num_blocks, block_size,
+num_kv_heads, head_dim], and binds them with `bind_kv_cache`; the step's `AttentionMetadata` comes from
+the forward context, so model code passes only q, k and v.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubeinfer.engine.forward_context import get_forward_context
+from kubeinfer.kernels import ops
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
+                 sliding_window: int | None = None, softcap: float | None = None):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
+        # Plain attributes, not buffers: the cache belongs to the runner, is never saved, and must not
+        # be moved or cast by model.to().
+        self.k_cache = self.v_cache = torch.tensor([])
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        expected = (self.num_kv_heads, self.head_dim)
+        if tuple(k_cache.shape[2:]) != expected or k_cache.shape != v_cache.shape:
+            raise ValueError(f"KV cache of shape {tuple(k_cache.shape)} does not fit a layer with "
+                             f"{self.num_kv_heads} KV heads of size {self.head_dim}; expected "
+                             "[num_blocks, block_size, num_kv_heads, head_dim] for both k and v")
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, H*D]; k, v [T, KVH*D] -> [T, H*D]."""
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        meta = get_forward_context()
+        if meta is None or self.k_cache.numel() == 0:
+            # No step context or no cache yet (a memory-profiling run): treat the tokens as one sequence.
+            out = self._forward_no_cache(q, k, v)
+        else:
+            ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            out = ops.unified_attention(
+                q, self.k_cache, self.v_cache, query_start_loc=meta.query_start_loc,
+                seq_lens=meta.seq_lens, block_tables=meta.block_tables,
+                max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, scale=self.scale,
+                sliding_window=self.sliding_window, softcap=self.softcap)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _forward_no_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        pos = torch.arange(n, device=q.device)
+        mask = pos[None, :] <= pos[:, None]
+        if self.sliding_window:
+            mask &= pos[None, :] > pos[:, None] - self.sliding_window
+        qh, kh, vh = (x.transpose(0, 1) for x in (q, k, v))  # [heads, T, D]
+        if self.softcap is None:
+            # SDPA keeps a long profiling prompt from materialising [H, T, T] float32 scores.
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=True)
+            return out.transpose(0, 1)
+        group = self.num_heads // self.num_kv_heads
+        kh, vh = kh.repeat_interleave(group, dim=0).float(), vh.repeat_interleave(group, dim=0).float()
+        scores = torch.matmul(qh.float(), kh.transpose(1, 2)) * self.scale
+        scores = self.softcap * torch.tanh(scores / self.softcap)
+        probs = F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        return torch.matmul(probs, vh).transpose(0, 1).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"scale={self.scale:.4g}, sliding_window={self.sliding_window}, softcap={self.softcap}")
+
+
+def get_attention_layers(model: nn.Module) -> list[Attention]:
+    """The model's Attention modules in layer order; the runner binds one cache pair to each."""
+    return [m for m in model.modules() if isinstance(m, Attention)]

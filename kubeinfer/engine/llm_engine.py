@@ -1,0 +1,168 @@
+"""The engine: add requests, then step(): schedule -> execute -> update."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from kubeinfer.engine import model_loader
+from kubeinfer.engine.config import ConfigError, EngineConfig
+from kubeinfer.engine.kv_cache.manager import KVCacheManager
+from kubeinfer.engine.model_runner import GiB, ModelRunner
+from kubeinfer.engine.output_processor import OutputProcessor
+from kubeinfer.engine.outputs import RequestOutput
+from kubeinfer.engine.request import Request, RequestStatus
+from kubeinfer.engine.sampling_params import SamplingParams
+from kubeinfer.engine.scheduler import Scheduler
+from kubeinfer.engine.stats import FinishedRequestStats, IterationStats, StatLogger
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take, e.g. a prompt longer than the model allows. `param` names
+    the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()):
+        self.config = config
+        self.stat_loggers = list(stat_loggers)
+        self.device = torch.device(config.device.resolve())
+        torch.manual_seed(config.model.seed)
+        path = model_loader.resolve_model(config.model)
+        self.model, self.hf_config = model_loader.load_model(config.model, self.device, path=path)
+        self.dtype = next(self.model.parameters()).dtype
+        self.max_model_len = model_loader.get_max_model_len(self.hf_config, config.model.max_model_len)
+        self.tokenizer = None
+        if not config.model.skip_tokenizer_init:
+            self.tokenizer = model_loader.load_tokenizer(path, config.model)
+        self.eos_token_ids = frozenset(model_loader.get_eos_token_ids(path, self.tokenizer,
+                                                                      self.hf_config))
+        self.vocab_size = self.hf_config.vocab_size
+
+        self.runner = ModelRunner(config, self.model, self.hf_config, self.device, self.dtype,
+                                  self.max_model_len)
+        num_blocks = self.runner.determine_num_blocks()
+        block_size = config.cache.block_size
+        capacity = num_blocks * block_size
+        logger.info("# %s blocks: %d (%d tokens of KV cache, %.2f GiB)", self.device.type.upper(),
+                    num_blocks, capacity, num_blocks * self.runner.bytes_per_block / GiB)
+        if self.max_model_len > capacity:
+            raise ConfigError(
+                f"The model's max seq len ({self.max_model_len}) is larger than the maximum number "
+                f"of tokens that can be stored in KV cache ({capacity}). Try increasing "
+                "`gpu_memory_utilization` (or `--kv-cache-memory` on CPU) or decreasing "
+                "`max_model_len` when initializing the engine.")
+        self.runner.init_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.num_blocks = num_blocks
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        """Queue a request (params.n samples of it). Raises RequestError for what the caller sent."""
+        if request_id in self.output_processor.parent_to_children:
+            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+        max_tokens = self.validate_request(prompt_token_ids, params)
+        for i in range(params.n):
+            child = params.clone_for_child(i)
+            child.max_tokens = max_tokens
+            req_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(req_id, list(prompt_token_ids), child, self.eos_token_ids)
+            self.output_processor.add(request_id, i, req)
+            self.scheduler.add_request(req)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the model's limits; returns its max_tokens (the rest of the
+        context when unset). Reads only immutable state, so any thread may call it."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise RequestError("the prompt is empty: send at least one token", "prompt")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is out of vocabulary [0, {self.vocab_size})", "prompt")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            if num_prompt >= self.max_model_len:
+                raise RequestError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                    f"your prompt has {num_prompt} tokens. Please reduce the length of the prompt.",
+                    "messages")
+            return self.max_model_len - num_prompt
+        if num_prompt + max_tokens > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the messages, "
+                f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                "completion.", "max_tokens")
+        return max_tokens
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        """Abort every sample of a request; its blocks go back to the pool."""
+        outputs = []
+        for req_id in list(self.output_processor.parent_to_children.get(request_id, ())):
+            req = self.scheduler.finish_request(req_id, RequestStatus.FINISHED_ABORTED)
+            if req is not None:
+                outputs.append(self.output_processor.aborted(req))
+                self.runner.free_request(req_id)
+            self.output_processor.remove(req_id)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return self.scheduler.num_unfinished_requests
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        stats = IterationStats()
+        if not sched_out.is_empty:
+            block_ids = {req.req_id: self.kv.get_block_ids(req.req_id) for req, _ in sched_out.scheduled}
+            sampled, logprobs = self.runner.execute(sched_out, block_ids)
+            for req, n in sched_out.scheduled:
+                stats.num_prompt_tokens += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
+            now = time.monotonic()
+            for update in self.scheduler.update(sched_out, sampled, logprobs):
+                req = update.req
+                stats.num_generation_tokens += 1
+                if req.num_output_tokens == 1:
+                    stats.time_to_first_tokens.append(now - req.arrival_time)
+                elif req.last_token_time is not None:
+                    stats.inter_token_latencies.append(now - req.last_token_time)
+                req.last_token_time = now
+                out, stop_str = self.output_processor.process(update)
+                if stop_str is not None and not update.finished:
+                    self.scheduler.finish_request(req.req_id, RequestStatus.FINISHED_STOPPED)
+                if out.finished:
+                    self._finish(req, stats)
+                    self.output_processor.remove(req.req_id)
+                outputs.append(out)
+        self._record(stats)
+        return outputs
+
+    def _finish(self, req: Request, stats: IterationStats) -> None:
+        self.runner.free_request(req.req_id)
+        now = time.monotonic()
+        stats.finished_requests.append(FinishedRequestStats(
+            finish_reason=req.status.finish_reason or "abort", e2e_latency=now - req.arrival_time,
+            queue_time=(req.first_scheduled_time or now) - req.arrival_time,
+            num_prompt_tokens=req.num_prompt_tokens, num_generation_tokens=req.num_output_tokens))
+
+    def _record(self, stats: IterationStats) -> None:
+        if not self.stat_loggers:
+            return
+        sched_stats = self.scheduler.make_stats()
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(sched_stats, stats)

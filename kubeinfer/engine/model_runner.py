@@ -1,0 +1,173 @@
+"""Runs the model for a scheduled step: inputs to the device, forward, logits, sampling.
+
+The runner never changes request state; it reads the scheduled requests and returns sampled tokens.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from kubeinfer.engine.config import ConfigError, EngineConfig
+from kubeinfer.engine.cuda_graphs import CUDAGraphRunner
+from kubeinfer.engine.forward_context import AttentionMetadata, set_forward_context
+from kubeinfer.engine.input_batch import InputBatch, build_input_batch
+from kubeinfer.engine.layers.attention import Attention
+from kubeinfer.engine.sampler import Sampler, SamplingMetadata
+from kubeinfer.engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, hf_config,
+                 device: torch.device, dtype: torch.dtype, max_model_len: int):
+        self.config = config
+        self.model = model
+        self.hf_config = hf_config
+        self.device = device
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.block_size = config.cache.block_size
+        self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        first = self.attn_layers[0]
+        self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
+        self.sampler = Sampler()
+        self.kv_cache: torch.Tensor | None = None
+        self.graph_runner: CUDAGraphRunner | None = None
+
+    # ---- KV cache sizing -----------------------------------------------------------------------
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.attn_layers) * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        """Blocks that fit: --num-gpu-blocks-override, else --kv-cache-memory (CPU: 1 GiB default),
+        else on GPU what --gpu-memory-utilization leaves after a profiling forward pass."""
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override:
+            return cache.num_gpu_blocks_override
+        if cache.kv_cache_memory is not None:
+            kv_bytes = cache.kv_cache_memory
+        elif self.device.type == "cuda":
+            kv_bytes = self._profile_gpu_kv_bytes()
+        else:
+            kv_bytes = cache.DEFAULT_CPU_KV_BYTES
+        num_blocks = kv_bytes // self.bytes_per_block
+        if num_blocks < 1:
+            raise ConfigError(
+                f"no room for the KV cache: one block needs {self.bytes_per_block / GiB:.3f} GiB but "
+                f"only {max(kv_bytes, 0) / GiB:.3f} GiB are left for it. Try increasing "
+                "`gpu_memory_utilization` (GPU) or `--kv-cache-memory` (CPU).")
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def _profile_gpu_kv_bytes(self) -> int:
+        """Run the largest batch the scheduler can build and see what memory is left."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = self.config.scheduler.max_num_batched_tokens
+        seq_len = min(self.max_model_len, num_tokens)
+        num_seqs = -(-num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self._allocate_kv_cache(num_seqs * blocks_per_seq)
+        temp_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        positions = np.concatenate([np.arange(n) for n in lens])
+        tables = np.arange(len(lens) * blocks_per_seq, dtype=np.int32).reshape(len(lens), -1)
+        req = np.repeat(np.arange(len(lens)), lens)
+        slots = tables[req, positions // self.block_size].astype(np.int64) * self.block_size \
+            + positions % self.block_size
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(self.device),
+            query_start_loc=torch.from_numpy(qsl).to(self.device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.from_numpy(tables).to(self.device),
+            max_query_len=seq_len, max_seq_len=seq_len)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        with set_forward_context(meta):
+            hidden = self.model(ids, torch.from_numpy(positions).to(self.device))
+        num_sample = min(self.config.scheduler.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:num_sample])
+        torch.softmax(logits, dim=-1)  # the sampler's working set
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - temp_bytes
+        del hidden, logits
+        self.kv_cache = None
+        self._bind_kv_cache(None)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        non_torch = total - free - torch.cuda.memory_reserved()
+        budget = total * self.config.cache.gpu_memory_utilization
+        graphs = 0 if self.config.device.enforce_eager else GiB // 2
+        kv_bytes = int(budget - peak - non_torch - graphs)
+        logger.info("memory profile: total %.2f GiB x %.2f, weights+activations peak %.2f GiB, "
+                    "non-torch %.2f GiB, KV cache %.2f GiB", total / GiB,
+                    self.config.cache.gpu_memory_utilization, peak / GiB, non_torch / GiB,
+                    kv_bytes / GiB)
+        return kv_bytes
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        # one tensor for every layer's K and V: [2, layers, blocks, block_size, kv_heads, head_dim]
+        self.kv_cache = torch.empty(2, len(self.attn_layers), num_blocks, self.block_size,
+                                    self.num_kv_heads, self.head_dim, dtype=self.dtype,
+                                    device=self.device)
+        self._bind_kv_cache(self.kv_cache)
+
+    def _bind_kv_cache(self, kv_cache: torch.Tensor | None) -> None:
+        for i, layer in enumerate(self.attn_layers):
+            if kv_cache is None:
+                layer.k_cache = layer.v_cache = torch.empty(0)
+            else:
+                layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self._allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda" and not self.config.device.enforce_eager:
+            self.graph_runner = CUDAGraphRunner(
+                self.model, max_batch_size=min(self.config.scheduler.max_num_seqs, 512),
+                max_model_len=self.max_model_len, block_size=self.block_size,
+                hidden_size=self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
+            self.graph_runner.capture()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def _forward(self, batch: InputBatch) -> torch.Tensor:
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.run(batch)  # one row per request == the sampled rows
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(batch.slot_mapping),
+            query_start_loc=self._to_device(batch.query_start_loc),
+            seq_lens=self._to_device(batch.seq_lens),
+            block_tables=self._to_device(batch.block_tables),
+            max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len)
+        with set_forward_context(meta):
+            hidden = self.model(self._to_device(batch.input_ids), self._to_device(batch.positions))
+        return hidden[self._to_device(batch.logits_indices)]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, block_ids: dict[str, list[int]]
+                ) -> tuple[dict[str, int], dict[str, tuple] | None]:
+        """Run one step. Returns sampled token ids by request id, and logprobs where asked."""
+        batch = build_input_batch(out, block_ids, self.block_size)
+        hidden = self._forward(batch)
+        if not batch.sample_reqs:
+            return {}, None
+        logits = self.model.compute_logits(hidden)
+        meta = SamplingMetadata.build(batch.sample_reqs, self.device)
+        result = self.sampler(logits, meta)
+        ids = [req.req_id for req in batch.sample_reqs]
+        sampled = dict(zip(ids, result.sampled_token_ids))
+        logprobs = None if result.logprobs is None else dict(zip(ids, result.logprobs))
+        return sampled, logprobs
+
+    def free_request(self, req_id: str) -> None:
+        self.sampler.free(req_id)

@@ -1,0 +1,182 @@
+"""Continuous batching: which requests get how many tokens this step. Policy only, no tensors."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kubeinfer.engine.config import SchedulerConfig
+from kubeinfer.engine.kv_cache.manager import KVCacheManager
+from kubeinfer.engine.request import Request, RequestStatus
+from kubeinfer.engine.stats import SchedulerStats
+
+
+@dataclass
+class SchedulerOutput:
+    """The step's plan: requests in batch order and how many new tokens each computes."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class TokenUpdate:
+    """What one request got from a step: a new token (and its logprobs), and whether it finished."""
+
+    req: Request
+    new_token_ids: list[int]
+    new_logprobs: list | None
+    finished: bool
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int):
+        self.config = config
+        self.kv = kv_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._num_preemptions = 0  # since the last stats snapshot
+
+    # ---- requests in and out -------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.requests[req.req_id] = req
+        self.waiting.append(req)
+
+    def finish_request(self, req_id: str, status: RequestStatus) -> Request | None:
+        """Finish (stop string, abort) a request wherever it is; its blocks go back to the pool."""
+        req = self.requests.pop(req_id, None)
+        if req is None:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv.free(req)
+        return req
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Hand out this step's token budget.
+
+        Invariant: there is no prefill phase and no decode phase. Each request has
+        num_computed_tokens, and gets up to num_tokens - num_computed_tokens more tokens; a long
+        prompt is chunked by the budget, a cached prefix simply starts it further along, and a decode
+        is the case of one token. Running requests go first (FCFS); if one cannot get blocks, the
+        newest running request is preempted (its blocks freed, recomputed later) until it fits.
+        Waiting requests are admitted, in arrival order, only in a step with no preemption.
+        """
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        now = time.monotonic()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted_req_ids.append(victim.req_id)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append((req, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # req itself was preempted: nothing after it is left either
+
+        if not out.preempted_req_ids:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                hits, num_cached = self.kv.get_computed_blocks(req)
+                num_new = req.num_tokens - num_cached
+                if not self.config.enable_chunked_prefill and num_new > budget:
+                    break
+                num_new = min(num_new, budget)
+                if not self.kv.allocate_slots(req, num_new, hits):
+                    break
+                self.waiting.popleft()
+                req.num_computed_tokens = num_cached
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_cached
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                out.scheduled.append((req, num_new))
+                budget -= num_new
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int],
+               logprobs: dict[str, tuple] | None = None) -> list[TokenUpdate]:
+        """Advance each scheduled request; append sampled tokens; finish on EOS/stop id/length.
+
+        `sampled` holds a token for each request whose scheduled tokens reached its end (a chunk in
+        the middle of a prompt samples nothing).
+        """
+        updates = []
+        now = time.monotonic()
+        for req, num_new in out.scheduled:
+            req.num_computed_tokens += num_new
+            token = sampled.get(req.req_id)
+            if token is None:
+                continue
+            req.append_output_token(token)
+            lp = logprobs.get(req.req_id) if logprobs else None
+            if lp is not None:
+                req.output_logprobs.append(lp)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.finish_request(req.req_id, status)
+            updates.append(TokenUpdate(req, [token], None if lp is None else [lp], status is not None))
+        return updates
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if req.num_output_tokens > params.min_tokens:  # the first min_tokens may not stop
+            if not params.ignore_eos and token in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def make_stats(self) -> SchedulerStats:
+        queries, hits = self.kv.take_prefix_cache_stats()
+        stats = SchedulerStats(
+            num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv.usage, prefix_cache_queries=queries, prefix_cache_hits=hits,
+            num_preemptions=self._num_preemptions)
+        self._num_preemptions = 0
+        return stats

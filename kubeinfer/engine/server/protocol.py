@@ -1,0 +1,141 @@
+"""Request bodies of the OpenAI-compatible API, with vLLM's extra sampling fields.
+
+Unknown fields are ignored, as OpenAI's and vLLM's servers do. Ranges are checked by `SamplingParams`
+(one place), so these models only fix the types; `to_sampling_params` maps names across.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from kubeinfer.engine.sampling_params import SamplingParams, SamplingParamsError
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class _SamplingFields(_Body):
+    """Fields that completions and chat share, OpenAI's then vLLM's."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: StrictBool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if self.stream_options is not None and not self.stream:
+            raise SamplingParamsError("stream_options can only be set when stream is true.",
+                                      "stream_options")
+        kw: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if v is not None:
+                kw[name] = v
+        return SamplingParams(
+            n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output, **kw)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    # a string, a batch of strings, token ids, or a batch of token-id lists
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    echo: StrictBool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.best_of is not None and self.best_of != self.n:
+            raise SamplingParamsError(
+                f"best_of must equal n ({self.n}) in this server, got {self.best_of}: "
+                "ranking more samples than are returned is not supported.", "best_of")
+        if self.suffix:
+            raise SamplingParamsError("suffix is not supported.", "suffix")
+        return self._sampling_params(self.max_tokens, self.logprobs)
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: StrictBool = False
+    top_logprobs: int | None = None
+    # vLLM extras
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise SamplingParamsError("top_logprobs can only be set when logprobs is true.",
+                                      "top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        try:
+            return self._sampling_params(max_tokens, logprobs)
+        except SamplingParamsError as e:
+            if e.param == "max_tokens" and param != "max_tokens":
+                raise SamplingParamsError(str(e).replace("max_tokens", param), param) from None
+            if e.param == "logprobs":
+                raise SamplingParamsError(str(e).replace("logprobs", "top_logprobs"),
+                                          "top_logprobs") from None
+            raise
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool | None = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int] = Field(...)

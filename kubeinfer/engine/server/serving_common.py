@@ -1,0 +1,258 @@
+"""What the completions and chat handlers share: ids, context-length checks, logprob shapes, SSE,
+driving the engine, and noticing a client that went away."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Iterable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from kubeinfer.engine.outputs import Logprob, RequestOutput
+from kubeinfer.engine.server.errors import APIError, error_body
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def context_budget(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                   where: str) -> int:
+    """max_tokens to run with: the caller's, or the rest of the context when it gave none.
+
+    `where` is "messages" or "prompt", as the user wrote the input. Raises a 400 whose message names
+    both numbers, in OpenAI's words.
+    """
+    if max_tokens is None:
+        if num_prompt_tokens >= max_model_len:
+            raise APIError(
+                f"This model's maximum context length is {max_model_len} tokens. However, your "
+                f"{where} resulted in {num_prompt_tokens} tokens. Please reduce the length of the "
+                f"{where}.", 400, param=where)
+        return max_model_len - num_prompt_tokens
+    total = num_prompt_tokens + max_tokens
+    if total > max_model_len:
+        raise APIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{total} tokens ({num_prompt_tokens} in the {where}, {max_tokens} in the completion). "
+            f"Please reduce the length of the {where} or completion.", 400, param=where)
+    return max_tokens
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    if not ids:
+        raise APIError(f"{param} is empty: send at least one token.", 400, param=param)
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(f"token id {bad} in {param} is out of range: the vocabulary has {vocab_size} "
+                       "tokens.", 400, param=param)
+
+
+# ---- logprobs ------------------------------------------------------------------------------------
+
+def _finite(x: float) -> float:
+    # JSON has no -Infinity; OpenAI clients expect a number
+    return max(x, -9999.0) if not math.isnan(x) else -9999.0
+
+
+class TokenText:
+    """Token id -> the text it stands for, cached (logprob responses ask for the same ids often)."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            s = self._cache[token_id] = self._tokenizer.decode([token_id])
+        return s
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[Logprob], text: TokenText) -> list[dict]:
+    """OpenAI chat shape: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+    content = []
+    for tid, (lp, top) in zip(token_ids, logprobs):
+        s = text(tid)
+        content.append({"token": s, "logprob": _finite(lp), "bytes": list(s.encode()),
+                        "top_logprobs": [{"token": text(t), "logprob": _finite(v),
+                                          "bytes": list(text(t).encode())} for t, v in top]})
+    return content
+
+
+class CompletionLogprobs:
+    """OpenAI legacy completions shape, grown one delta at a time; text_offset counts from the
+    start of the choice's text (the echoed prompt included)."""
+
+    def __init__(self, text: TokenText, offset: int = 0):
+        self._text = text
+        self.offset = offset
+
+    def add(self, token_ids: Iterable[int], logprobs: list[Logprob] | None) -> dict:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                "text_offset": []}
+        for i, tid in enumerate(token_ids):
+            s = self._text(tid)
+            out["tokens"].append(s)
+            out["text_offset"].append(self.offset)
+            self.offset += len(s)
+            if logprobs is None:  # an echoed prompt token: OpenAI reports null for these
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            lp, top = logprobs[i]
+            out["token_logprobs"].append(_finite(lp))
+            top_map = {self._text(t): _finite(v) for t, v in top}
+            top_map.setdefault(s, _finite(lp))
+            out["top_logprobs"].append(top_map)
+        return out
+
+
+def merge_logprobs(into: dict | None, more: dict) -> dict:
+    if into is None:
+        return more
+    for k, v in more.items():
+        into[k].extend(v)
+    return into
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": max(num_cached_tokens, 0)}}
+
+
+# ---- engine driving --------------------------------------------------------------------------------
+
+def _request_error_type() -> type[BaseException]:
+    try:
+        from kubeinfer.engine.async_engine import RequestError
+    except ImportError:  # engine not importable; nothing to translate
+        class RequestError(Exception):  # type: ignore[no-redef]
+            pass
+    return RequestError
+
+
+async def generate(engine: Any, prompt_token_ids: list[int], params: Any, request_id: str,
+                   tag: int = 0) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The engine's outputs tagged with `tag`; a per-request engine error becomes a 400.
+
+    `aclosing` makes sure the engine's generator is closed (and so the request aborted) however
+    this one ends: finished, cancelled, or closed by a client that went away.
+    """
+    request_error = _request_error_type()
+    try:
+        async with contextlib.aclosing(engine.generate(prompt_token_ids, params, request_id)) as gen:
+            async for out in gen:
+                yield tag, out
+    except request_error as e:
+        raise APIError(str(e.args[0] if e.args else e), 400,
+                       param=getattr(e, "param", None)) from None
+
+
+async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """Items of several async iterators as they come; closing this closes them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[Any]) -> None:
+        try:
+            async with contextlib.aclosing(stream) as s:
+                async for item in s:
+                    await queue.put((item, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((None, e))
+            return
+        await queue.put((done, None))
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work`, cancelling it (and so aborting its engine requests) if the client hangs up.
+
+    Returns None when the client went away. The body has been read by now, so the next message
+    the server can deliver is the disconnect.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # let the engine requests' aborts run
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+# ---- server-sent events ------------------------------------------------------------------------------
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """`data: {...}` events then `data: [DONE]`; an error after the headers went out is an event."""
+    try:
+        async with contextlib.aclosing(chunks) as it:
+            async for chunk in it:
+                yield sse(chunk)
+    except APIError as e:
+        yield sse(error_body(e.message, e.status, e.param, e.type))
+    yield SSE_DONE
+
+
+class SSEResponse(StreamingResponse):
+    """A streamed response that closes its generator however the stream ends."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[dict]):
+        super().__init__(sse_stream(chunks), headers={"Cache-Control": "no-cache",
+                                                      "X-Accel-Buffering": "no"})
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()

@@ -1,0 +1,139 @@
+"""What one server holds: its config, its engine once loaded, its metrics registry, its API key.
+
+The server listens before the model is loaded (kubelet's startup probe and clients get 503 rather
+than "connection refused"), so the engine arrives later, from a loader thread, and may never arrive.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry
+
+from kubeinfer.engine.config import ConfigError, EngineConfig
+from kubeinfer.engine.server.errors import APIError, model_not_found
+from kubeinfer.engine.server.metrics import PrometheusStatLogger
+
+logger = logging.getLogger("kubeinfer.server")
+
+EngineFactory = Callable[[EngineConfig, list], Any]
+
+
+def _default_factory(config: EngineConfig, stat_loggers: list) -> Any:
+    from kubeinfer.engine.async_engine import AsyncLLM
+
+    return AsyncLLM.from_config(config, stat_loggers=stat_loggers)
+
+
+def describe_load_error(config: EngineConfig, exc: BaseException) -> str:
+    """The line a user reads when the model did not load; a ConfigError already says what to do."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, (FileNotFoundError, OSError)):
+        return f"could not load model {config.model.model!r}: {exc}"
+    return f"could not load model {config.model.model!r}: {type(exc).__name__}: {exc}"
+
+
+class ServerState:
+    """The engine (None while loading) and everything a request handler needs besides it."""
+
+    def __init__(self, config: EngineConfig, *, api_key: str | None = None,
+                 engine_factory: EngineFactory | None = None, log_requests: bool = True,
+                 registry: CollectorRegistry | None = None):
+        self.config = config
+        self.api_key = api_key or None
+        self.engine_factory = engine_factory or _default_factory
+        self.log_requests = log_requests
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.engine: Any = None
+        self.load_error: str | None = None
+        # called on the event loop with the message when loading fails; serve.py stops the server
+        self.on_load_failure: Callable[[str], None] | None = None
+        self._load_task: asyncio.Task | None = None
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return self.config.model.served_names
+
+    def ready_engine(self) -> Any:
+        """The engine, or a 503 that says why there is none yet."""
+        if self.engine is not None and self.engine.is_alive():
+            return self.engine
+        raise APIError(self.not_ready_reason(), 503)
+
+    def not_ready_reason(self) -> str:
+        if self.load_error is not None:
+            return f"the model failed to load: {self.load_error}"
+        if self.engine is None:
+            return f"the model {self.served_names[0]!r} is still loading; retry shortly"
+        return "the engine loop is not running"
+
+    def resolve_model(self, model: str | None) -> str:
+        """The served name a response reports; a name this server does not serve is a 404."""
+        if model is None or model == "":
+            return self.served_names[0]
+        if model not in self.served_names:
+            raise model_not_found(model)
+        return model
+
+    # ---- lifecycle, driven by the app's lifespan -------------------------------------------------
+
+    def start_loading(self) -> None:
+        self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        config = self.config
+        stat_logger = PrometheusStatLogger(self.served_names[0], self.registry,
+                                           max_model_len=config.model.max_model_len or 32768)
+
+        def settle(engine: Any, exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(engine)
+
+        def work() -> None:
+            try:
+                engine, exc = self.engine_factory(config, [stat_logger]), None
+            except BaseException as e:  # noqa: BLE001 - every failure must reach the user
+                engine, exc = None, e
+            try:
+                loop.call_soon_threadsafe(settle, engine, exc)
+            except RuntimeError:
+                pass  # the server stopped while we loaded
+
+        # A daemon thread, not the loop's executor: a SIGTERM during a long load must not wait for it.
+        start = time.monotonic()
+        logger.info("loading model %s", config.model.model)
+        threading.Thread(target=work, name="kubeinfer-load-model", daemon=True).start()
+        try:
+            engine = await done
+            engine.start()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001
+            self.load_error = describe_load_error(config, e)
+            if not isinstance(e, (ConfigError, OSError)):
+                logger.error("model loading failed", exc_info=e)
+            if self.on_load_failure is not None:
+                self.on_load_failure(self.load_error)
+            else:
+                logger.error("error: %s", self.load_error)
+            return
+        self.engine = engine
+        logger.info("model %s loaded in %.1fs; serving as %s (max_model_len %d)", config.model.model,
+                    time.monotonic() - start, ", ".join(self.served_names), engine.max_model_len)
+
+    async def close(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await engine.shutdown()
