@@ -47,6 +47,7 @@ class IncrementalDetokenizer:
         self._stop_prefixes = {s[:k] for s in self.stop for k in range(1, len(s))}
         self._max_hold = max((len(s) - 1 for s in self.stop), default=0)
         self._held = ""  # decoded text not emitted yet because it may begin a stop string
+        self._tail = ""  # the last len(longest stop) - 1 characters decoded, held text included
         self._chunks: list[str] = []
         self.num_output_tokens = 0
         self.stop_reason: str | None = None  # the matched stop string, once matched
@@ -87,27 +88,33 @@ class IncrementalDetokenizer:
         return text
 
     def _emit(self, new_text: str, final: bool) -> tuple[str, str | None]:
-        text = self._held + new_text
+        # `_tail` ends with the held text and reaches back far enough to see a stop string that
+        # began in text already emitted (possible only with include_stop_str_in_output).
+        text = self._tail + new_text
+        start = len(self._tail) - len(self._held)  # where the text not yet emitted begins
         if self.stop and self.num_output_tokens > self.min_tokens:
-            match = self._find_stop(text)
+            match = self._find_stop(text, len(self._tail))
             if match is not None:
-                start, stop_str = match
-                end = start + len(stop_str) if self.include_stop_str_in_output else start
+                pos, stop_str = match
+                end = pos + len(stop_str) if self.include_stop_str_in_output else pos
                 self.stop_reason = stop_str
-                self._held = ""
-                self._chunks.append(text[:end])
-                return text[:end], stop_str
+                delta = text[start:max(start, end)]
+                self._chunks.append(delta)
+                return delta, stop_str
         hold = 0 if final or self.include_stop_str_in_output else self._num_to_hold(text)
+        hold = min(hold, len(text) - start)  # never take back text already emitted
+        delta = text[start:len(text) - hold]
         self._held = text[len(text) - hold:] if hold else ""
-        delta = text[:len(text) - hold]
-        self._chunks.append(delta)
+        self._tail = text[max(0, len(text) - self._max_hold):] if self._max_hold else ""
+        if delta:
+            self._chunks.append(delta)
         return delta, None
 
-    def _find_stop(self, text: str) -> tuple[int, str] | None:
-        """The earliest stop string that ends past the held text (earlier ones were checked)."""
+    def _find_stop(self, text: str, num_checked: int) -> tuple[int, str] | None:
+        """The earliest stop string in `text` that ends past its first `num_checked` characters."""
         best: tuple[int, str] | None = None
         for s in self.stop:
-            i = text.find(s, max(0, len(self._held) - len(s) + 1))
+            i = text.find(s, max(0, num_checked - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         return best

@@ -85,7 +85,7 @@ class SamplingMetadata:
             temperature=torch.where(temp < _GREEDY_EPS, torch.ones_like(temp), temp),
             is_greedy=temp < _GREEDY_EPS,
             all_greedy=all(is_greedy),
-            all_random=not any(is_greedy),
+            all_random=bool(reqs) and not any(is_greedy),
             top_p=top_p if has_top_p else None,
             top_k=top_k.long() if has_top_k else None,
             min_p=min_p if has_min_p else None,

@@ -48,6 +48,66 @@ def _tanh(x):
 
 
 @triton.jit
+def _attend_tiles(acc, m_i, l_i, q, q_pos, tile_lo, tile_hi, key_end, block_row, k_base, v_base,
+                  stride_k_b, stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale,
+                  HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+                  USE_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_lo, tile_hi). MASKED=False
+    is for tiles every row sees whole: no key or score masks."""
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD_SIZE_PADDED)
+    d_valid = offs_d < HEAD_SIZE
+    for tile in range(tile_lo, tile_hi):
+        key_pos = tile * TILE_N + offs_n
+        key_valid = key_pos < key_end
+        # BLOCK_SIZE is a power-of-2 constexpr: // and % are shifts and masks.
+        if MASKED:
+            block = tl.load(block_row + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+        else:
+            block = tl.load(block_row + key_pos // BLOCK_SIZE)
+        block = block.to(tl.int64)
+        in_block = key_pos % BLOCK_SIZE
+        # Each key is HEAD_SIZE contiguous elements: 16-byte vector loads along d.
+        k_ptrs = (k_base + block[None, :] * stride_k_b + in_block[None, :] * stride_k_s
+                  + offs_d[:, None])  # [D_PAD, TILE_N]
+        v_ptrs = (v_base + block[:, None] * stride_v_b + in_block[:, None] * stride_v_s
+                  + offs_d[None, :])  # [TILE_N, D_PAD]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=key_valid[None, :] & d_valid[:, None], other=0.0)
+        elif HEAD_SIZE == HEAD_SIZE_PADDED:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if USE_SOFTCAP:
+            s = _tanh(s) * softcap_scale
+        if MASKED:
+            mask = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
+            if SLIDING_WINDOW > 0:
+                mask = mask & (key_pos[None, :] > q_pos[:, None] - SLIDING_WINDOW)
+            s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no key yet keeps m = -inf; subtract 0 to avoid inf - inf.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=key_valid[:, None] & d_valid[None, :], other=0.0)
+        elif HEAD_SIZE == HEAD_SIZE_PADDED:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _unified_attention_kernel(
     out_ptr,  # [T, H, D] q's dtype
     q_ptr,  # [T, H, D]
@@ -100,7 +160,6 @@ def _unified_attention_kernel(
     # Row m of the Q tile is query token m // GROUP of this chunk and head m % GROUP of the group.
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_SIZE_PADDED)
-    offs_n = tl.arange(0, TILE_N)
     q_local = local_q0 + offs_m // GROUP
     head = kv_head * GROUP + offs_m % GROUP
     row_valid = (offs_m < BLOCK_Q * GROUP) & (q_local < q_len)
@@ -121,40 +180,37 @@ def _unified_attention_kernel(
         first_tile = first_tile + segment * tiles_per_segment
         end_tile = tl.minimum(first_tile + tiles_per_segment, end_tile)
 
+    # Only tiles that cross a row's causal diagonal (or window start) need the score mask: split
+    # [lo, hi) into masked [lo, a), unmasked [a, b), masked [b, hi). Keys below
+    # context_len + local_q0 (the chunk's first position) are visible to every row; with a window,
+    # so are keys above key_end - 1 - SLIDING_WINDOW (its last position's window start).
+    lo = first_tile
+    hi = end_tile
+    full_lo = lo
+    if SLIDING_WINDOW > 0:
+        full_lo = tl.maximum(tl.cdiv(key_end - SLIDING_WINDOW, TILE_N), lo)
+    a = tl.minimum(full_lo, hi)
+    b = tl.minimum(tl.maximum((context_len + local_q0 + 1) // TILE_N, a), hi)
+
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE_PADDED], tl.float32)
     block_row = block_tables_ptr + req.to(tl.int64) * stride_bt_r
     k_base = key_cache_ptr + kv_head * stride_k_h
     v_base = value_cache_ptr + kv_head * stride_v_h
-    for tile in range(first_tile, end_tile):
-        key_pos = tile * TILE_N + offs_n
-        key_valid = key_pos < key_end
-        # BLOCK_SIZE is a power-of-2 constexpr: // and % are shifts and masks.
-        block = tl.load(block_row + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
-        in_block = key_pos % BLOCK_SIZE
-        # Each key is HEAD_SIZE contiguous elements: 16-byte vector loads along d.
-        k = tl.load(k_base + block[None, :] * stride_k_b + in_block[None, :] * stride_k_s
-                    + offs_d[:, None],
-                    mask=key_valid[None, :] & d_valid[:, None], other=0.0)  # [D_PAD, TILE_N]
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        if USE_SOFTCAP:
-            s = _tanh(s) * softcap_scale
-        mask = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
-        if SLIDING_WINDOW > 0:
-            mask = mask & (key_pos[None, :] > q_pos[:, None] - SLIDING_WINDOW)
-        s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + block[:, None] * stride_v_b + in_block[:, None] * stride_v_s
-                    + offs_d[None, :],
-                    mask=key_valid[:, None] & d_valid[None, :], other=0.0)  # [TILE_N, D_PAD]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if SLIDING_WINDOW > 0:
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, q_pos, lo, a, key_end, block_row, k_base, v_base, stride_k_b,
+            stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale, HEAD_SIZE,
+            HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, q_pos, a, b, key_end, block_row, k_base, v_base, stride_k_b,
+        stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale, HEAD_SIZE,
+        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, False, DOT_PRECISION)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, q_pos, b, hi, key_end, block_row, k_base, v_base, stride_k_b,
+        stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale, HEAD_SIZE,
+        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION)
 
     if NUM_SEGMENTS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -41,9 +41,12 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         meta = get_forward_context()
-        if meta is None or self.k_cache.numel() == 0:
-            # No step context or no cache yet (a memory-profiling run): treat the tokens as one sequence.
+        if meta is None:
+            # Outside a step (a memory-profiling run, a plain forward): the tokens are one sequence.
             out = self._forward_no_cache(q, k, v)
+        elif self.k_cache.numel() == 0:
+            raise RuntimeError("attention metadata is set but this layer has no KV cache; the model "
+                               "runner must bind_kv_cache() on every layer before running a step")
         else:
             ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             out = ops.unified_attention(

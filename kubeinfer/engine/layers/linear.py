@@ -55,13 +55,25 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
+def _check_shape(loaded_weight: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(loaded_weight.shape) != tuple(expected):
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded_weight.shape)} does not fit a "
+                         f"parameter of shape {tuple(expected)}; is the config.json the one this "
+                         "checkpoint was saved with?")
+
+
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
     """Copy a whole tensor (norms, replicated biases); the shapes must match exactly."""
-    if param.shape != loaded_weight.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(loaded_weight.shape)} does not fit a "
-                         f"parameter of shape {tuple(param.shape)}; is the config.json the one this "
-                         "checkpoint was saved with?")
+    _check_shape(loaded_weight, param.shape)
     param.data.copy_(loaded_weight)
+
+
+def _full_shape(shard_shape: torch.Size, dim: int, full_size: int) -> tuple[int, ...]:
+    """The unsharded checkpoint shape a shard of `shard_shape` is cut from along `dim`; checked before
+    narrowing, since narrow() would silently accept a checkpoint that is too large."""
+    shape = list(shard_shape)
+    shape[dim] = full_size
+    return tuple(shape)
 
 
 class LinearBase(nn.Module):
@@ -82,6 +94,7 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         if self.tp_dim is not None and param.dim() > self.tp_dim:
             size = param.shape[self.tp_dim]
+            _check_shape(loaded_weight, _full_shape(param.shape, self.tp_dim, size * self.tp_size))
             loaded_weight = loaded_weight.narrow(self.tp_dim, self.tp_rank * size, size)
         default_weight_loader(param, loaded_weight)
 
@@ -129,6 +142,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[loaded_shard_id] // self.tp_size
         offset = sum(self.output_sizes[:loaded_shard_id]) // self.tp_size
         target = param.data.narrow(0, offset, size)
+        _check_shape(loaded_weight, _full_shape(target.shape, 0, self.output_sizes[loaded_shard_id]))
         default_weight_loader(target, loaded_weight.narrow(0, self.tp_rank * size, size))
 
 
@@ -143,6 +157,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         size = tp_size()
         self.head_size = head_size
+        self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
         self.num_heads = _divide(total_num_heads, size, "number of attention heads")
         if size >= total_num_kv_heads:
             self.num_kv_heads = 1
@@ -161,11 +176,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         q_size = self.num_heads * self.head_size
         kv_size = self.num_kv_heads * self.head_size
         if loaded_shard_id == "q":
-            offset, size, rank = 0, q_size, self.tp_rank
+            offset, size, rank, total = 0, q_size, self.tp_rank, self.total_num_heads
         else:
             offset = q_size if loaded_shard_id == "k" else q_size + kv_size
             size, rank = kv_size, self.tp_rank // self.num_kv_head_replicas
+            total = self.total_num_kv_heads
         target = param.data.narrow(0, offset, size)
+        _check_shape(loaded_weight, _full_shape(target.shape, 0, total * self.head_size))
         default_weight_loader(target, loaded_weight.narrow(0, rank * size, size))
 
 

@@ -67,14 +67,16 @@ def _finite(x: float) -> float:
 class TokenText:
     """Token id -> the text it stands for, cached (logprob responses ask for the same ids often)."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, as_ids: bool = False):
         self._tokenizer = tokenizer
+        self._as_ids = as_ids  # vLLM's return_tokens_as_token_ids: "token_id:123"
         self._cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
         s = self._cache.get(token_id)
         if s is None:
-            s = self._cache[token_id] = self._tokenizer.decode([token_id])
+            s = f"token_id:{token_id}" if self._as_ids else self._tokenizer.decode([token_id])
+            self._cache[token_id] = s
         return s
 
 
@@ -111,8 +113,11 @@ class CompletionLogprobs:
                 continue
             lp, top = logprobs[i]
             out["token_logprobs"].append(_finite(lp))
-            top_map = {self._text(t): _finite(v) for t, v in top}
-            top_map.setdefault(s, _finite(lp))
+            # keyed by text, so two ids that decode alike (byte fallbacks) keep the first, and the
+            # sampled token always shows its own logprob
+            top_map = {s: _finite(lp)}
+            for t, v in top:
+                top_map.setdefault(self._text(t), _finite(v))
             out["top_logprobs"].append(top_map)
         return out
 
@@ -133,13 +138,16 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens:
 
 # ---- engine driving --------------------------------------------------------------------------------
 
-def _request_error_type() -> type[BaseException]:
+def _engine_error_types() -> tuple[type[BaseException], type[BaseException]]:
     try:
-        from kubeinfer.engine.async_engine import RequestError
+        from kubeinfer.engine.async_engine import EngineDeadError, RequestError
     except ImportError:  # engine not importable; nothing to translate
         class RequestError(Exception):  # type: ignore[no-redef]
             pass
-    return RequestError
+
+        class EngineDeadError(Exception):  # type: ignore[no-redef]
+            pass
+    return RequestError, EngineDeadError
 
 
 async def generate(engine: Any, prompt_token_ids: list[int], params: Any, request_id: str,
@@ -149,7 +157,7 @@ async def generate(engine: Any, prompt_token_ids: list[int], params: Any, reques
     `aclosing` makes sure the engine's generator is closed (and so the request aborted) however
     this one ends: finished, cancelled, or closed by a client that went away.
     """
-    request_error = _request_error_type()
+    request_error, engine_dead = _engine_error_types()
     try:
         async with contextlib.aclosing(engine.generate(prompt_token_ids, params, request_id)) as gen:
             async for out in gen:
@@ -157,6 +165,8 @@ async def generate(engine: Any, prompt_token_ids: list[int], params: Any, reques
     except request_error as e:
         raise APIError(str(e.args[0] if e.args else e), 400,
                        param=getattr(e, "param", None)) from None
+    except engine_dead as e:
+        raise APIError(str(e), 503) from None
 
 
 async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:

@@ -1,6 +1,7 @@
 """POST /v1/completions: a prompt (or a batch of them) in, text out, streamed or whole."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any, AsyncIterator
@@ -67,7 +68,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
                         request_id if len(prompts) == 1 else f"{request_id}-{i}", tag=i)
                for i, p in enumerate(prompts)]
     header = {"id": request_id, "object": "text_completion", "created": now(), "model": model}
-    text = TokenText(engine.tokenizer)
+    text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
     if req.stream:
         return SSEResponse(_stream(req, prompts, merge(streams), header, text))
     result = await until_disconnect(raw, _collect(req, prompts, merge(streams), header, text))
@@ -125,14 +126,15 @@ async def _collect(req: CompletionRequest, prompts: list[_Prompt], outputs: Asyn
     texts: dict[int, list[str]] = {i: [] for i in choices}
     lps: dict[int, dict | None] = {i: None for i in choices}
     final: dict[int, Any] = {}
-    async for tag, out in outputs:
-        idx = tag * req.n + out.index
-        t, lp = choices[idx].delta(out)
-        texts[idx].append(t)
-        if lp is not None:
-            lps[idx] = merge_logprobs(lps[idx], lp)
-        if out.finished:
-            final[idx] = out
+    async with contextlib.aclosing(outputs):
+        async for tag, out in outputs:
+            idx = tag * req.n + out.index
+            t, lp = choices[idx].delta(out)
+            texts[idx].append(t)
+            if lp is not None:
+                lps[idx] = merge_logprobs(lps[idx], lp)
+            if out.finished:
+                final[idx] = out
     body = dict(header)
     body["choices"] = [{
         "index": i, "text": "".join(texts[i]), "logprobs": lps[i],
@@ -146,14 +148,15 @@ async def _collect(req: CompletionRequest, prompts: list[_Prompt], outputs: Asyn
 async def _stream(req: CompletionRequest, prompts: list[_Prompt], outputs: AsyncIterator,
                   header: dict, text: TokenText) -> AsyncIterator[dict]:
     choices = _choices(req, prompts, text)
-    async for tag, out in outputs:
-        idx = tag * req.n + out.index
-        t, lp = choices[idx].delta(out)
-        if not t and not out.finished and not out.new_token_ids:
-            continue
-        yield {**header, "choices": [{
-            "index": idx, "text": t, "logprobs": lp,
-            "finish_reason": out.finish_reason if out.finished else None,
-            "stop_reason": out.stop_reason if out.finished else None}]}
+    async with contextlib.aclosing(outputs):
+        async for tag, out in outputs:
+            idx = tag * req.n + out.index
+            t, lp = choices[idx].delta(out)
+            if not t and not out.finished and lp is None:
+                continue
+            yield {**header, "choices": [{
+                "index": idx, "text": t, "logprobs": lp,
+                "finish_reason": out.finish_reason if out.finished else None,
+                "stop_reason": out.stop_reason if out.finished else None}]}
     if req.include_usage:
         yield {**header, "choices": [], "usage": _usage(prompts, choices, req.n)}

@@ -22,7 +22,7 @@ logger = logging.getLogger("kubeinfer.server")
 EngineFactory = Callable[[EngineConfig, list], Any]
 
 
-def _default_factory(config: EngineConfig, stat_loggers: list) -> Any:
+def default_engine_factory(config: EngineConfig, stat_loggers: list) -> Any:
     from kubeinfer.engine.async_engine import AsyncLLM
 
     return AsyncLLM.from_config(config, stat_loggers=stat_loggers)
@@ -45,7 +45,7 @@ class ServerState:
                  registry: CollectorRegistry | None = None):
         self.config = config
         self.api_key = api_key or None
-        self.engine_factory = engine_factory or _default_factory
+        self.engine_factory = engine_factory or default_engine_factory
         self.log_requests = log_requests
         self.registry = registry if registry is not None else CollectorRegistry()
         self.engine: Any = None

@@ -1,0 +1,94 @@
+"""The whole GPU run in one call: ceilings, GPU tests, kernel benchmark, engine vs HF peer.
+
+    python3 benchmarks/gpu_suite.py --steps ceilings,tests,kernels,llama,latency,qwen --peer PEER.py \
+        --models MODELS_DIR --out OUT_DIR
+
+Each step runs as a subprocess with its own time limit; every JSON line a step prints is collected.
+The last thing printed is a short table; the full log and a JSON file go to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CEILINGS = r"""
+import json, torch, triton
+x = torch.randn(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda"); y = torch.empty_like(x)
+ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda"); b = torch.randn_like(a)
+ms2 = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+print(json.dumps(dict(step="ceilings", gpu=torch.cuda.get_device_name(),
+      copy_TBps=round(2 * x.numel() * 2 / ms / 1e9, 3), bf16_TFLOPs=round(2 * 8192**3 / ms2 / 1e9, 1),
+      torch=torch.__version__, triton=triton.__version__)))
+"""
+
+
+def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
+    py = sys.executable
+    llama = os.path.join(a.models, "llama-3.1-8b-shape")
+    qwen = os.path.join(a.models, "qwen3-0.6b-shape")
+    bench = [py, "-m", "kubeinfer.bench"]
+    return {
+        "ceilings": ([py, "-c", CEILINGS], 120),
+        "tests": ([py, "-m", "pytest", "-q", "-x", "-m", "gpu", "-p", "no:cacheprovider",
+                   "tests/kernels", "tests/engine"], 400),
+        "kernels": ([py, "benchmarks/bench_kernels.py"], 300),
+        "llama": (bench + ["throughput", "--model", llama, "--load-format", "dummy",
+                           "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
+                           "--max-model-len", "1024"], 400),
+        "llama_peer": ([py, a.peer, "--model", llama, "--mode", "static", "--prompts", "256",
+                        "--input-len", "512", "--output-len", "256"], 300),
+        "latency": (bench + ["latency", "--model", llama, "--load-format", "dummy",
+                             "--batch-size", "1", "--input-len", "512", "--output-len", "256",
+                             "--num-iters", "3", "--num-iters-warmup", "1", "--max-model-len", "1024",
+                             "--max-num-seqs", "8"], 300),
+        "qwen": (bench + ["throughput", "--model", qwen, "--load-format", "dummy",
+                          "--num-prompts", "256", "--input-len", "562", "--output-len", "562",
+                          "--random-range-ratio", "0.822", "--max-model-len", "2048"], 400),
+        "qwen_peer": ([py, a.peer, "--model", qwen, "--mode", "static", "--prompts", "64",
+                       "--input-len", "562", "--output-len", "562"], 300),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", default="ceilings,tests,kernels,llama,llama_peer,latency,qwen,qwen_peer")
+    ap.add_argument("--peer", default="shared/bench/hf_peer.py")
+    ap.add_argument("--models", default="shared/models")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    table = steps(a)
+    results, log = [], open(os.path.join(a.out, "gpu_suite.log"), "w")
+    for name in a.steps.split(","):
+        cmd, limit = table[name]
+        t = time.time()
+        try:
+            p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+            rc, text = p.returncode, p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, text = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        dt = time.time() - t
+        log.write(f"===== {name} rc={rc} {dt:.0f}s\n{text}\n")
+        log.flush()
+        rows = [json.loads(l) for l in text.splitlines() if l.startswith("{") and l.endswith("}")]
+        results.append(dict(step=name, rc=rc, seconds=round(dt), json=rows,
+                            tail=text.strip().splitlines()[-3:] if rc != 0 else []))
+        print(f"[{name}] rc={rc} {dt:.0f}s", flush=True)
+        for r in rows:
+            print("   ", json.dumps(r), flush=True)
+        if rc != 0:
+            print("   tail:", *text.strip().splitlines()[-15:], sep="\n      ", flush=True)
+    with open(os.path.join(a.out, "gpu_suite.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""`kubeinfer bench throughput | latency`: offline benchmarks in the shape of vLLM's.
+
+Prompts are random token ids and EOS is ignored, so a config-only model folder with
+`--load-format dummy` is enough (no tokenizer is loaded: vLLM's --skip-tokenizer-init).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from kubeinfer.engine.arg_utils import add_engine_args
+
+    p = sub.add_parser("bench", help="offline throughput and latency benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    t = bsub.add_parser("throughput", help="many requests at once; prints one JSON line")
+    add_engine_args(t, model_positional=False)
+    t.add_argument("--num-prompts", type=int, default=256)
+    t.add_argument("--input-len", type=int, default=512)
+    t.add_argument("--output-len", type=int, default=256)
+    t.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths uniform in [len*(1-r), len*(1+r)], as vLLM's random dataset")
+    t.add_argument("--greedy", action="store_true", help="temperature 0 instead of vLLM's 1.0")
+    t.set_defaults(func=run_throughput)
+    lat = bsub.add_parser("latency", help="one batch: time to first token, time per output token")
+    add_engine_args(lat, model_positional=False)
+    lat.add_argument("--batch-size", type=int, default=1)
+    lat.add_argument("--input-len", type=int, default=512)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--num-iters", type=int, default=5)
+    lat.add_argument("--num-iters-warmup", type=int, default=2)
+    lat.set_defaults(func=run_latency)
+
+
+def _check(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(args, name)
+        if v < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {v}")
+    ratio = getattr(args, "random_range_ratio", 0.0)
+    if not 0 <= ratio < 1:
+        raise SystemExit(f"error: --random-range-ratio must be in [0, 1), got {ratio}")
+
+
+def _make_llm(args: argparse.Namespace):
+    from kubeinfer.engine.arg_utils import engine_config_from_args
+    from kubeinfer.engine.config import ConfigError
+    from kubeinfer.engine.llm_engine import LLMEngine
+
+    if not (args.model_flag):
+        raise SystemExit("error: kubeinfer bench needs --model DIR (a folder with config.json)")
+    args.skip_tokenizer_init = True
+    try:
+        return LLMEngine(engine_config_from_args(args))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _lengths(rng, n: int, length: int, ratio: float) -> list[int]:
+    lo, hi = max(1, int(length * (1 - ratio))), max(1, int(length * (1 + ratio)))
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+def _run_all(engine, prompts, params_list) -> int:
+    for i, (ids, params) in enumerate(zip(prompts, params_list)):
+        engine.add_request(str(i), ids, params)
+    num_out = 0
+    while engine.has_unfinished_requests():
+        num_out += sum(len(o.new_token_ids) for o in engine.step())
+    return num_out
+
+
+def _sync(engine) -> None:
+    if engine.device.type == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    import random
+
+    from kubeinfer.engine.sampling_params import SamplingParams
+
+    _check(args, ("num_prompts", "input_len", "output_len"))
+    engine = _make_llm(args)
+    rng = random.Random(args.seed)
+    vocab = engine.vocab_size
+    in_lens = _lengths(rng, args.num_prompts, args.input_len, args.random_range_ratio)
+    out_lens = _lengths(rng, args.num_prompts, args.output_len, args.random_range_ratio)
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in in_lens]
+    temp = 0.0 if args.greedy else 1.0
+    params = [SamplingParams(temperature=temp, max_tokens=n, ignore_eos=True) for n in out_lens]
+    # warm-up: a few short requests so compilation and caches stay out of the timing
+    _run_all(engine, [p[:16] for p in prompts[:4]], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4)
+    engine.kv.pool.reset_prefix_cache()
+    _sync(engine)
+    start = time.perf_counter()
+    num_out = _run_all(engine, prompts, params)
+    _sync(engine)
+    elapsed = time.perf_counter() - start
+    total = num_out + sum(in_lens)
+    print(json.dumps({
+        "elapsed_time": round(elapsed, 3), "num_requests": args.num_prompts,
+        "total_num_tokens": total, "output_tokens": num_out,
+        "requests_per_second": round(args.num_prompts / elapsed, 3),
+        "tokens_per_second": round(total / elapsed, 1),
+        "output_tokens_per_second": round(num_out / elapsed, 1),
+        "device": _device_name(engine)}), flush=True)
+    return 0
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    import random
+
+    from kubeinfer.engine.sampling_params import SamplingParams
+
+    _check(args, ("batch_size", "input_len", "output_len", "num_iters"))
+    engine = _make_llm(args)
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(engine.vocab_size) for _ in range(args.input_len)]
+               for _ in range(args.batch_size)]
+
+    def timed(max_tokens: int) -> float:
+        engine.kv.pool.reset_prefix_cache()  # every iteration computes its prompt
+        _sync(engine)
+        t = time.perf_counter()
+        _run_all(engine, prompts, [SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                  ignore_eos=True)] * len(prompts))
+        _sync(engine)
+        return time.perf_counter() - t
+
+    for _ in range(args.num_iters_warmup):
+        timed(args.output_len)
+    ttft = statistics.median(timed(1) for _ in range(args.num_iters))
+    total = statistics.median(timed(args.output_len) for _ in range(args.num_iters))
+    tpot = (total - ttft) / max(1, args.output_len - 1)
+    print(json.dumps({
+        "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+        "time_to_first_token_ms": round(ttft * 1e3, 2), "time_per_output_token_ms": round(tpot * 1e3, 3),
+        "e2e_latency_s": round(total, 3),
+        "output_tokens_per_second": round(args.batch_size * args.output_len / total, 1),
+        "device": _device_name(engine)}), flush=True)
+    return 0
+
+
+def _device_name(engine) -> str:
+    if engine.device.type == "cuda":
+        import torch
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+if __name__ == "__main__":
+    from kubeinfer.cli import main
+    sys.exit(main(["bench", *sys.argv[1:]]))

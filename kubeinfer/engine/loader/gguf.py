@@ -1,0 +1,115 @@
+"""GGUF file -> cached safetensors folder in HF layout, converted once.
+
+transformers reads GGUF (`load_gguf_checkpoint` dequantizes with the gguf package and undoes
+llama.cpp's q/k row permutation for llama-arch models); we store the result as a normal HF folder so
+every later start is a plain safetensors load. The cache key is the file's path, size and mtime, and
+the folder appears by an atomic rename, so a crash mid-conversion never leaves a half cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kubeinfer.engine.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# GGUF files are nearly always quantized below 16 bits, so bf16 keeps what they hold at half the disk
+# of float32, and matches the dtype most hub originals (SmolLM2 included) were published in.
+STORAGE_DTYPE = torch.bfloat16
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $KUBEINFER_CACHE_DIR, else ~/.cache/kubeinfer."""
+    return Path(os.environ.get("KUBEINFER_CACHE_DIR") or "~/.cache/kubeinfer").expanduser()
+
+
+def gguf_cache_path(gguf_path: Path, root: Path | None = None) -> Path:
+    """The folder a GGUF file converts into; a new file, or the same path rewritten, gets a new one."""
+    real = Path(gguf_path).resolve()
+    st = real.stat()
+    key = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return (root or cache_dir()) / "gguf" / f"{real.stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path, root: Path | None = None) -> Path:
+    """The HF-layout folder for `gguf_path`, converting it on first use."""
+    final = gguf_cache_path(gguf_path, root)
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        logger.info("converting %s to safetensors in %s (once; later starts reuse it)", gguf_path, final)
+        write_hf_folder(Path(gguf_path).resolve(), tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first; use theirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _remove_stale_temps(final: Path, max_age_s: float = 3600.0) -> None:
+    """Drop temp folders that a killed conversion left; a younger one may be another live process's."""
+    now = time.time()
+    for tmp in final.parent.glob(f".{final.name}.*"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_hf_folder(gguf_path: Path, out: Path) -> None:
+    """Write config.json, model.safetensors, tokenizer files and generation_config.json to `out`."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        # A meta-device model costs no memory; transformers needs it to map GGUF names to HF names.
+        with torch.device("meta"):
+            hf_model = AutoModelForCausalLM.from_config(config)
+        parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=hf_model,
+                                      torch_dtype=STORAGE_DTYPE)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise ConfigError(f"cannot convert GGUF file {gguf_path}: {e}. kubeinfer reads GGUF through "
+                          "transformers, which supports the common llama.cpp architectures; pass a "
+                          "Hugging Face folder of the model instead.") from None
+    tensors = parsed["tensors"]
+    expected = set(hf_model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise ConfigError(f"GGUF file {gguf_path} lacks {len(missing)} tensors the "
+                          f"{type(hf_model).__name__} needs (e.g. {', '.join(missing[:3])}); the file is "
+                          "incomplete or of an unsupported layout. Pass a Hugging Face folder instead.")
+    config.architectures = [type(hf_model).__name__]
+    config.dtype = STORAGE_DTYPE
+    config.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    eos = config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    GenerationConfig(bos_token_id=config.bos_token_id, pad_token_id=getattr(config, "pad_token_id", None),
+                     eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids or None
+                     ).save_pretrained(out)

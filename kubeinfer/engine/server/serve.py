@@ -1,0 +1,113 @@
+"""`kubeinfer serve [MODEL] [flags]`: the OpenAI-compatible server under uvicorn.
+
+The server listens at once and loads the model in a thread: /health answers 503 until the engine
+runs, so a kubelet startup probe can tell "loading" from "dead". A model that fails to load ends the
+process with the reason on stderr and exit status 1. SIGTERM stops accepting connections, lets
+running requests finish for up to --timeout-graceful-shutdown seconds, then stops the engine.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from kubeinfer.engine.arg_utils import add_engine_args, engine_config_from_args
+from kubeinfer.engine.config import ConfigError
+
+API_KEY_ENV = "KUBEINFER_API_KEY"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535, got {v}")
+    return v
+
+
+def _seconds(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {v}")
+    return v
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics).",
+        # the full usage line lists every flag; an error message should stay readable
+        usage="kubeinfer serve [MODEL] [options]  (kubeinfer serve --help lists them)")
+    add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    g.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    g.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on API routes (default: ${API_KEY_ENV}"
+                        "); /health, /metrics and /version stay open")
+    g.add_argument("--root-path", default="", help="path prefix when behind a proxy that adds one")
+    g.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="enable CORS for these origins ('*' for any)")
+    g.add_argument("--uvicorn-log-level", default="info", choices=LOG_LEVELS)
+    g.add_argument("--disable-uvicorn-access-log", action="store_true", default=False)
+    g.add_argument("--disable-log-requests", action="store_true", default=False,
+                   help="do not log a line per request")
+    g.add_argument("--timeout-graceful-shutdown", type=_seconds, default=30,
+                   help="on SIGTERM, seconds to let running requests finish (default: 30)")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        config = engine_config_from_args(args)
+    except ConfigError as e:
+        return _fail(str(e))
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+
+    import uvicorn
+
+    from kubeinfer.engine.server.api import build_app
+    from kubeinfer.engine.server.state import ServerState
+
+    level = "INFO" if args.uvicorn_log_level == "trace" else args.uvicorn_log_level.upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+                        datefmt="%m-%d %H:%M:%S")
+    state = ServerState(config, api_key=api_key, log_requests=not args.disable_log_requests)
+    app = build_app(state, allowed_origins=args.allowed_origins)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log, root_path=args.root_path,
+        timeout_graceful_shutdown=args.timeout_graceful_shutdown, lifespan="on"))
+
+    def on_load_failure(message: str) -> None:
+        _fail(message)
+        server.should_exit = True
+
+    def on_signal(signum, frame) -> None:
+        # uvicorn handles SIGTERM/SIGINT while it serves (stop accepting, drain, stop the engine)
+        # and re-raises the signal when done; landing here then makes a drained server exit 0
+        # rather than die of the signal (or print a KeyboardInterrupt traceback).
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    state.on_load_failure = on_load_failure
+    server.run()
+    if state.load_error is not None:
+        return 1
+    return 0 if server.started else 1

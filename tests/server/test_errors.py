@@ -1,0 +1,151 @@
+"""Bad requests: each gets the right status and an OpenAI-shaped error that says what was wrong."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server.conftest import MAX_MODEL_LEN, MODEL_NAME
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status
+    return err
+
+
+def post_chat(http, **body):
+    body.setdefault("model", MODEL_NAME)
+    body.setdefault("messages", USER)
+    return http.post("/v1/chat/completions", json=body)
+
+
+def test_negative_max_tokens(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=-5)
+    assert "max_tokens" in e.value.message and "-5" in e.value.message
+    assert e.value.body["param"] == "max_tokens"
+
+
+def test_negative_max_tokens_completions(http):
+    err = error_of(http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x",
+                                                      "max_tokens": -1}), 400)
+    assert err["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("top_p", [0, 1.5])
+def test_top_p_out_of_range(http, top_p):
+    err = error_of(post_chat(http, top_p=top_p), 400)
+    assert err["param"] == "top_p"
+    assert "(0, 1]" in err["message"]
+
+
+def test_temperature_of_wrong_type(http):
+    err = error_of(post_chat(http, temperature="hot"), 400)
+    assert err["param"] == "temperature"
+    assert "temperature" in err["message"] and "number" in err["message"]
+    assert err["type"] == "BadRequestError"
+
+
+def test_negative_temperature(http):
+    assert error_of(post_chat(http, temperature=-1), 400)["param"] == "temperature"
+
+
+def test_empty_messages(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_NAME, messages=[])
+    assert "messages" in e.value.message
+
+
+def test_unknown_content_part_type(http):
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]
+    err = error_of(post_chat(http, messages=messages), 400)
+    assert "image_url" in err["message"]
+
+
+def test_unknown_role(http):
+    err = error_of(post_chat(http, messages=[{"role": "wizard", "content": "hi"}]), 400)
+    assert "role" in err["message"]
+
+
+def test_prompt_too_long_names_both_numbers(client):
+    long_text = "hello " * (MAX_MODEL_LEN + 20)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_NAME, max_tokens=16,
+                                       messages=[{"role": "user", "content": long_text}])
+    msg = e.value.message
+    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in msg
+    assert "16 in the completion" in msg and "in the messages" in msg
+
+
+def test_prompt_plus_max_tokens_too_long(client, http):
+    num_prompt = len(http.post("/tokenize", json={"prompt": "a b c"}).json()["tokens"])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL_NAME, prompt="a b c", max_tokens=MAX_MODEL_LEN)
+    msg = e.value.message
+    assert str(MAX_MODEL_LEN) in msg and str(num_prompt + MAX_MODEL_LEN) in msg
+
+
+def test_prompt_alone_too_long_without_max_tokens(http):
+    err = error_of(post_chat(http, messages=[{"role": "user", "content": "hi " * MAX_MODEL_LEN}]),
+                   400)
+    assert f"maximum context length is {MAX_MODEL_LEN}" in err["message"]
+
+
+def test_unknown_model(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-17", messages=USER)
+    assert e.value.body["message"] == "The model `gpt-17` does not exist."
+    assert e.value.body["type"] == "NotFoundError" and e.value.body["code"] == 404
+
+
+def test_malformed_json(http):
+    r = http.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [',
+                  headers={"content-type": "application/json"})
+    assert "JSON" in error_of(r, 400)["message"]
+
+
+def test_body_not_an_object(http):
+    error_of(http.post("/v1/completions", json=["prompt"]), 400)
+
+
+def test_missing_required_field(http):
+    err = error_of(http.post("/v1/completions", json={"model": MODEL_NAME}), 400)
+    assert err["param"] == "prompt"
+
+
+def test_logprobs_above_limit(http):
+    err = error_of(http.post("/v1/completions", json={"prompt": "x", "logprobs": 50}), 400)
+    assert err["param"] == "logprobs"
+
+
+def test_top_logprobs_needs_logprobs(http):
+    assert error_of(post_chat(http, top_logprobs=2), 400)["param"] == "top_logprobs"
+
+
+def test_stream_options_need_stream(http):
+    err = error_of(post_chat(http, stream_options={"include_usage": True}), 400)
+    assert err["param"] == "stream_options"
+
+
+def test_token_ids_out_of_vocabulary(http):
+    err = error_of(http.post("/v1/completions", json={"prompt": [1, 10**9]}), 400)
+    assert "out of range" in err["message"]
+
+
+def test_unknown_route_is_json_404(http):
+    error_of(http.get("/v1/nope"), 404)
+
+
+def test_form_encoded_json_is_still_read(http):
+    # curl -d '{...}' sends a JSON body labelled as a form
+    r = http.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}',
+                  headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
