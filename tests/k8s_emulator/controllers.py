@@ -153,7 +153,7 @@ class Controllers:
 
     # ---- Deployments ----
     def _reconcile_deployment(self, dep: dict[str, Any]) -> None:
-        ns, name = dep["metadata"]["namespace"], dep["metadata"]["name"]
+        ns = dep["metadata"]["namespace"]
         spec = dep["spec"]
         desired = int(spec.get("replicas", 1))
         template = spec["template"]

@@ -176,8 +176,9 @@ def _summary(kind: str, obj: dict[str, Any]) -> str:
     status = obj.get("status") or {}
     if kind == "Pod":
         cs = (status.get("containerStatuses") or [{}])[0]
+        conditions = [f"{c['type']}={c['status']}" for c in status.get("conditions") or []]
         return (f"phase={status.get('phase')} ready={cs.get('ready')} restarts={cs.get('restartCount')} "
-                f"state={json.dumps(cs.get('state'))} conditions={[c['type'] + '=' + c['status'] for c in status.get('conditions') or []]}")
+                f"state={json.dumps(cs.get('state'))} conditions={conditions}")
     if kind == "Event":
         return f"{obj.get('type')} {obj.get('reason')}: {obj.get('message')}"
     if kind in ("Namespace", "Node", "CustomResourceDefinition", "Secret", "ConfigMap"):

@@ -7,8 +7,9 @@ probes, and keep the pod's status as a kubelet would: phase, conditions, contain
 ready/started/restartCount, Running / Terminated / CrashLoopBackOff states. When the pod is deleted the
 process gets SIGTERM, then SIGKILL after the grace period (capped at `max_grace` seconds), and the
 kubelet finishes the deletion. Further containers and init containers are not run; they are reported as
-running and ready. Volumes are not mounted: the process sees the host's filesystem, except that args and env values naming a
-path under an emptyDir or persistentVolumeClaim mountPath are rewritten to a local directory (podenv).
+running and ready. Volumes are not mounted: the process sees the host's filesystem, except that args and
+env values naming a path under an emptyDir or persistentVolumeClaim mountPath are rewritten to a local
+directory (podenv).
 The termination message of a failed container with FallbackToLogsOnError is the tail of its log.
 """
 from __future__ import annotations
@@ -85,9 +86,10 @@ class Kubelet:
             capacity["nvidia.com/gpu"] = str(self.gpus)
         if self.store.try_get(rt, None, self.node_name) is None:
             self.store.create(rt, None, {"metadata": {"name": self.node_name, "labels": self.node_labels}})
-        self.store.update(rt, None, self.node_name, lambda n: {**n, "status": {
-            "capacity": capacity, "allocatable": capacity, "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}}, "status")
+        status = {"capacity": capacity, "allocatable": capacity,
+                  "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                  "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}
+        self.store.update(rt, None, self.node_name, lambda n: {**n, "status": status}, "status")
 
     async def run(self) -> None:
         self.store.graceful_pod_deletion = True
@@ -147,8 +149,8 @@ class Kubelet:
                 runtime.transitions[kind] = (status, now())
             conditions.append({"type": kind, "status": status, "lastProbeTime": None,
                                "lastTransitionTime": runtime.transitions[kind][1],
-                               **({} if ok else {"reason": "ContainersNotReady",
-                                                  "message": f"containers with unready status: [{containers[0]['name']}]"})})
+                               **({} if ok else {"reason": "ContainersNotReady", "message":
+                                                  f"containers with unready status: [{containers[0]['name']}]"})})
         statuses = [{"name": containers[0]["name"], "image": containers[0].get("image", ""), "imageID": "",
                      "containerID": f"emulator://{runtime.process.pid}" if runtime.process else "",
                      "ready": runtime.ready, "started": runtime.started, "restartCount": runtime.restart_count,

@@ -1,0 +1,115 @@
+"""The engine end to end on CPU: n > 1, seeds, stop strings, logprobs, aborts, and a whole pool after."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from kubeinfer import LLM, SamplingParams
+from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.llm_engine import RequestError
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir("llama")), dtype="float32", max_model_len=128,
+               num_gpu_blocks_override=12, max_num_batched_tokens=32)
+
+
+def test_mix_of_finished_aborted_preempted_leaves_pool_whole(llm):
+    engine = llm.engine
+    g = torch.Generator().manual_seed(1)
+    for i in range(10):
+        ids = torch.randint(3, 500, (int(torch.randint(5, 40, (1,), generator=g)),), generator=g)
+        engine.add_request(str(i), ids.tolist(),
+                           SamplingParams(temperature=0.7, max_tokens=30, ignore_eos=True, n=1 + i % 2))
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        if steps == 3:
+            engine.abort_request("3")
+            engine.abort_request("4")  # n=2: both samples go
+        if steps == 6:
+            engine.abort_request("9")
+    assert engine.scheduler._num_preemptions > 0
+    assert engine.kv.num_free_blocks == engine.num_blocks
+    assert not engine.output_processor.parent_to_children
+
+
+def test_n_samples_and_seeds(llm):
+    p = SamplingParams(temperature=1.0, max_tokens=8, n=3, seed=7, ignore_eos=True)
+    a = llm.generate({"prompt_token_ids": [5, 6, 7, 8]}, p)[0]
+    b = llm.generate({"prompt_token_ids": [5, 6, 7, 8]}, p)[0]
+    assert len(a.outputs) == 3 and [o.index for o in a.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1  # distinct seeds, distinct samples
+
+
+def test_logprobs_match_greedy_choice(llm):
+    out = llm.generate({"prompt_token_ids": [9, 10, 11]},
+                       SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))[0]
+    lps = out.outputs[0].logprobs
+    assert len(lps) == 4
+    for token, (lp, top) in zip(out.outputs[0].token_ids, lps):
+        assert top[0][0] == token and abs(top[0][1] - lp) < 1e-5 and len(top) == 3
+        assert top[0][1] >= top[1][1] >= top[2][1]
+
+
+def test_stop_string_is_cut_and_request_freed(llm):
+    tok = llm.get_tokenizer()
+    free_out = llm.generate({"prompt_token_ids": [20, 21]},
+                            SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    text = free_out.outputs[0].text
+    assert len(text) > 4
+    stop = text[2:4]
+    out = llm.generate({"prompt_token_ids": [20, 21]},
+                       SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))[0]
+    assert out.outputs[0].text == text[:text.index(stop)]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+    assert tok is not None
+
+
+def test_prompt_too_long_names_both_numbers(llm):
+    with pytest.raises(RequestError, match=r"maximum context length is 128 tokens.*requested 140"):
+        llm.engine.validate_request(list(range(3, 103)), SamplingParams(max_tokens=40))
+    with pytest.raises(RequestError, match="empty"):
+        llm.engine.validate_request([], SamplingParams())
+    with pytest.raises(RequestError, match="out of vocabulary"):
+        llm.engine.validate_request([10**7], SamplingParams())
+
+
+def test_max_model_len_larger_than_cache_fails_at_start(tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"max seq len \(128\) is larger than .* KV cache \(32\)"):
+        LLM(str(tiny_model_dir("llama")), dtype="float32", max_model_len=128,
+            num_gpu_blocks_override=2)
+
+
+def test_tensor_parallel_refused_with_clear_message(tiny_model_dir):
+    with pytest.raises(ConfigError, match="tensor-parallel-size=2 is not supported yet"):
+        LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2)
+
+
+def test_smollm2_matches_hf_first_32_tokens(smollm2_dir):
+    """The real default model: our greedy ids equal HF transformers' on the same converted weights."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
+    llm = LLM(str(smollm2_dir), dtype="float32")
+    tok = llm.get_tokenizer()
+    ids = [tok.encode(p) for p in prompts]
+    ours = llm.generate([{"prompt_token_ids": i} for i in ids],
+                        # min_tokens masks EOS as HF's min_new_tokens does, so both run 32 tokens
+                        SamplingParams(temperature=0, max_tokens=32, min_tokens=32))
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    gc = GenerationConfig(do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0)
+    gc.eos_token_id = None
+    for i, out in zip(ids, ours):
+        x = torch.tensor([i])
+        with torch.no_grad():
+            ref = hf.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)[0, len(i):]
+        assert out.outputs[0].token_ids == ref.tolist()
+
+
+def test_default_model_chat_names_paris():
+    llm = LLM(dtype="float32")
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=30))[0]
+    assert "Paris" in out.outputs[0].text
