@@ -153,7 +153,7 @@ class KubeApi:
         try:
             data = self.request("GET", "/apis/leaderworkerset.x-k8s.io/v1")
         except ApiError as e:
-            if e.status in (404, 503):
+            if e.status in (403, 404, 503):   # not served, or not ours to see: StatefulSets
                 return False
             raise
         return any(r.get("name") == "leaderworkersets" for r in data.get("resources") or [])

@@ -134,7 +134,11 @@ def run_render(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         schema = None
         print(f"warning: {e}; checking the operator's rules only", file=sys.stderr)
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out, failed = [], False
     for i, raw in enumerate(docs):
         if isinstance(raw, dict) and raw.get("kind") != KIND and raw.get("apiVersion") != API_VERSION:

@@ -14,7 +14,9 @@ Start
 
 What it watches
     kubeinfer.io/v1alpha1 inferenceservices: create, update, resume, plus a timer every
-    --resync-seconds that re-runs the same reconcile (drift correction and status refresh).
+    --resync-seconds that re-runs the same reconcile (drift correction and status refresh). kopf
+    adds the finalizer kubeinfer.io/finalizer (timers need one) and keeps its progress in
+    kubeinfer.io/* annotations.
     Children labelled app.kubernetes.io/managed-by=kubeinfer-operator (Deployments, StatefulSets,
     Services, PodDisruptionBudgets): a DELETED event reconciles the owner at once.
 
@@ -119,11 +121,11 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None) -> ko
         if type != "DELETED":
             return  # edits are found by the resync timer; deletions are put back at once
         meta = body.get("metadata", {})
-        owner = api.get("InferenceService", meta.get("namespace", ""), meta.get("labels", {}).get(LABEL_IS, ""))
-        if owner is None or owner.get("metadata", {}).get("deletionTimestamp"):
-            return
+        namespace, owner_name = meta.get("namespace", ""), (meta.get("labels") or {}).get(LABEL_IS, "")
         try:
-            reconcile(api, owner, settings, lws)
+            owner = api.get("InferenceService", namespace, owner_name)
+            if owner is not None and not owner.get("metadata", {}).get("deletionTimestamp"):
+                reconcile(api, owner, settings, lws)
         except ApiError as e:
             logger.warning(f"could not restore {body.get('kind')} {meta.get('name')}: {e}; "
                            "the resync timer will try again")
@@ -141,6 +143,9 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
+    # kopf puts a finalizer on objects with timers, to stop the timer before they go; name it ours.
+    # Deleting an InferenceService therefore waits for a running operator (charts/kubeinfer/README.md).
+    s.persistence.finalizer = f"{GROUP}/finalizer"
     s.posting.level = logging.WARNING      # our own events only, not kopf's "handler succeeded"
     s.posting.reporting_component = MANAGER
     s.watching.server_timeout = 300        # re-list now and then instead of trusting one long watch

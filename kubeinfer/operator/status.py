@@ -26,9 +26,9 @@ PRIORITY = ("InvalidSpec", "ModelLoadFailed", "ImagePullFailed", "ContainerConfi
 FAILING = {"ModelLoadFailed", "ImagePullFailed", "ContainerConfigError", "CrashLoop"}
 IMAGE_PULL = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 # what `kubeinfer serve` (and transformers / the hub client) print when weights do not load
-MODEL_LOAD_RE = re.compile(r"could not load model|model loading failed|failed to load|"
+MODEL_LOAD_RE = re.compile(r"could not load model|model loading failed|failed to load|model path |"
                            r"repository not found|gated repo|is not a local folder|"
-                           r"no such file or directory", re.IGNORECASE)
+                           r"does not appear to have a file|no such file or directory", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,11 @@ def pod_problem(pod: dict, spec: InferenceServiceSpec) -> PodProblem | None:
                 f"pod {name} cannot start: {waiting.get('message', reason)}. Create the Secret or fix "
                 "spec.model.credentialsSecretRef / spec.apiKeySecretRef"))
         exited = terminated if terminated.get("exitCode") not in (None, 0) else {}
-        if reason == "CrashLoopBackOff" or exited:
+        # restarted and not ready again: between two crashes a crash loop looks like loading
+        relapsed = bool(last.get("exitCode")) and cs.get("restartCount", 0) > 0 and not cs.get("ready")
+        if reason == "CrashLoopBackOff" or exited or relapsed:
             term = exited or last
-            said = _last_line(term.get("message", ""))
+            said = _last_line(term.get("message", "")).rstrip(".")
             if MODEL_LOAD_RE.search(term.get("message", "")):
                 return PodProblem("ModelLoadFailed", name, (
                     f"pod {name}: the engine could not load the model: {said}. Check spec.model.uri, "

@@ -25,7 +25,7 @@ from tests.k8s_emulator.podenv import default_command_map
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "e2e"
-RESYNC_SECONDS = "2"
+RESYNC_SECONDS = "1"  # status follows the pods through the resync timer: see Loading for sure
 
 
 class Kubectl:
@@ -84,7 +84,9 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("cluster")
     # max_grace: the engine is asked for a 105 s graceful shutdown; nothing is in flight here
-    emu = Emulator(workdir, kubelet_options={"max_grace": 5.0})
+    # PYTHONPATH: pods run `python -m kubeinfer.cli` from this checkout when the package is not installed
+    emu = Emulator(workdir, kubelet_options={"max_grace": 5.0,
+                                             "base_env": {**os.environ, "PYTHONPATH": str(REPO)}})
     emu.start()
     try:
         kubeconfig = emu.write_kubeconfig(workdir / "kubeconfig", namespace=NAMESPACE)
@@ -107,12 +109,11 @@ class OperatorProcess:
 
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster) -> Iterator[OperatorProcess]:
-    """`kubeinfer operator` as a user runs it, watching the test namespace, resyncing every 2 s."""
+    """`kubeinfer operator` as a user runs it, watching the test namespace, resyncing every second."""
     log_path = cluster.workdir / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KUBEINFER_RESYNC_SECONDS": RESYNC_SECONDS,
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    command = (["/work/main/.venv/bin/python", "/tmp/scratch/op_launcher.py"] if os.environ.get("E2E_SCRATCH_LAUNCHER")
-               else default_command_map()["kubeinfer"]) + [  # TODO(dev only) remove
+    command = default_command_map()["kubeinfer"] + [
         "operator", "--namespace", NAMESPACE, "--liveness-port", "0", "--resync-seconds", RESYNC_SECONDS,
         "--verbose"]
     with open(log_path, "wb") as log:

@@ -87,6 +87,12 @@ def is_ready(pod: dict[str, Any]) -> bool:
     return condition(pod, "Ready").get("status") == "True"
 
 
+def deployment_uid_of(cluster: Cluster, pod: dict[str, Any]) -> str | None:
+    """The uid of the Deployment that owns the ReplicaSet that owns the pod."""
+    rs = cluster.kubectl.get("apps/v1", "ReplicaSet", pod["metadata"]["ownerReferences"][0]["name"])
+    return rs["metadata"]["ownerReferences"][0]["uid"] if rs else None
+
+
 def chat(cluster: Cluster) -> Any:
     """An OpenAI chat request to the Service, through the API server's service proxy."""
     client = openai.OpenAI(base_url=cluster.emu.proxy_url(NAMESPACE, f"{NAME}:http") + "/v1",
@@ -151,11 +157,8 @@ def test_inference_service_lifecycle(cluster: Cluster, operator: OperatorProcess
                         d["metadata"]["uid"] != old_uid and d, 30, operator)
         assert back["metadata"]["ownerReferences"][0]["uid"] == uid
         wait_for("a ready pod of the new Deployment", lambda: any(
-            is_ready(p) and p["metadata"]["ownerReferences"][0]["name"].startswith(f"{NAME}-")
-            and kubectl.get("apps/v1", "ReplicaSet", p["metadata"]["ownerReferences"][0]["name"]) is not None
-            and kubectl.get("apps/v1", "ReplicaSet", p["metadata"]["ownerReferences"][0]["name"])[
-                "metadata"]["ownerReferences"][0]["uid"] == back["metadata"]["uid"]
-            for p in engine_pods(cluster)), 120, operator)
+            is_ready(p) and deployment_uid_of(cluster, p) == back["metadata"]["uid"] for p in engine_pods(cluster)),
+            120, operator)
         wait_for("the InferenceService Ready again", lambda: ready_is(cluster, 2), 30, operator)
 
     with step("4b. delete the InferenceService: everything goes"):

@@ -244,10 +244,10 @@ class Kubelet:
                 logfile.write(f"--- {now()} kubelet: starting {argv}\n".encode())
                 logfile.flush()
                 runtime.log_offset = logfile.tell()
+                workdir = container.get("workingDir", "")
                 runtime.process = await asyncio.create_subprocess_exec(
-                    *argv, env=env, cwd=container.get("workingDir") if os.path.isdir(container.get("workingDir", "")) \
-                    else None, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True)
+                    *argv, env=env, cwd=workdir if os.path.isdir(workdir) else None, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=logfile, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
             self.pids.add(runtime.process.pid)
             runtime.phase, runtime.started, runtime.ready = "Running", False, False
             runtime.state = {"running": {"startedAt": now()}}

@@ -6,6 +6,7 @@ import time
 
 import httpx
 import pytest
+import yaml
 
 from tests.k8s_emulator.conftest import WIDGET_CRD, Client
 
@@ -266,3 +267,42 @@ def test_list_pagination(kube: Client):
 def test_invalid_names_are_rejected(kube: Client, name: str):
     code, status = kube.call("POST", CM, cm(name))
     assert code == 422 and "metadata.name" in status["message"]
+
+
+def test_server_side_apply_creates_and_drops_what_the_manager_no_longer_sets(kube: Client):
+    def apply(data: dict, manager: str = "tester") -> tuple[int, dict]:
+        body = yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": data})
+        r = kube.http.patch(f"{CM}/ssa", params={"fieldManager": manager} if manager else None, content=body,
+                            headers={"Content-Type": "application/apply-patch+yaml"})
+        return r.status_code, r.json()
+
+    code, made = apply({"a": "1", "b": "2"})
+    assert code in (200, 201) and made["data"] == {"a": "1", "b": "2"}
+    kube.ok("PATCH", f"{CM}/ssa", {"data": {"other": "x"}}, content_type="application/merge-patch+json")
+    code, applied = apply({"a": "3"})
+    assert code == 200 and applied["data"] == {"a": "3", "other": "x"}  # b was ours, other was not
+    code, status = apply({"a": "4"}, manager="")
+    assert code == 400 and "fieldManager" in status["message"]
+
+
+def test_deployment_scale_subresource(kube: Client):
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "s"},
+           "spec": {"selector": {"matchLabels": {"app": "s"}}, "template": {
+               "metadata": {"labels": {"app": "s"}}, "spec": {"containers": [{"name": "a", "image": "x:1"}]}}}}
+    kube.ok("POST", "/apis/apps/v1/namespaces/default/deployments", dep)
+    scale = kube.ok("GET", "/apis/apps/v1/namespaces/default/deployments/s/scale")
+    assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 1 and scale["status"]["selector"] == "app=s"
+    kube.ok("PUT", "/apis/apps/v1/namespaces/default/deployments/s/scale", {**scale, "spec": {"replicas": 3}})
+    assert kube.ok("GET", "/apis/apps/v1/namespaces/default/deployments/s")["spec"]["replicas"] == 3
+
+
+def test_events_in_both_api_groups(kube: Client):
+    involved = {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "namespace": "default"}
+    kube.ok("POST", "/api/v1/namespaces/default/events", {"metadata": {"generateName": "ev-"}, "reason": "R",
+                                                          "message": "m", "type": "Normal", "involvedObject": involved})
+    kube.ok("POST", "/apis/events.k8s.io/v1/namespaces/default/events", {
+        "metadata": {"generateName": "ev-"}, "reason": "R", "note": "m", "type": "Normal", "regarding": involved,
+        "eventTime": "2024-01-01T00:00:00.000000Z", "action": "A", "reportingController": "c",
+        "reportingInstance": "i"})
+    assert len(kube.ok("GET", "/api/v1/namespaces/default/events")["items"]) == 1
+    assert len(kube.ok("GET", "/apis/events.k8s.io/v1/events")["items"]) == 1

@@ -153,3 +153,14 @@ def test_unschedulable_and_misconfigured_pods(emu_with_kubelet):
     for name in ("gpu", "nosecret"):
         kube.ok("DELETE", f"{NS}/pods/{name}")
     wait_for("both pods gone", lambda: not kube.ok("GET", f"{NS}/pods")["items"])
+
+
+def test_stopping_the_emulator_ends_every_pod_process(tmp_path):
+    from tests.k8s_emulator import Emulator
+
+    with Emulator(tmp_path) as emu:
+        kube = Client(emu)
+        kube.ok("POST", f"{NS}/pods", {"metadata": {"name": "p"}, "spec": {"containers": [container()]}})
+        pid = wait_for("the process", lambda: (r := emu.kubelet.runtime_of("default", "p")) and r.process
+                       and r.process.pid)
+    assert not alive(pid)

@@ -32,6 +32,7 @@ def test_registered_handlers():
         {("kubeinfer.io", "v1alpha1", "inferenceservices")}
     assert {h.id for h in changing} == {"reconcile"}
     assert {h.reason for h in changing} == {"create", "update", None}   # None: resume
+    assert [h.id for h in registry._activities.get_all_handlers()] == ["login"]   # no default login otherwise
     timers = registry._spawning.get_all_handlers()
     assert [t.interval for t in timers] == [2]
     watched = {(h.selector.group, h.selector.any_name) for h in registry._watching.get_all_handlers()}
@@ -43,6 +44,7 @@ def test_kopf_settings():
     s = handlers.kopf_settings(make_settings())
     assert s.peering.standalone and s.scanning.disabled
     assert s.persistence.progress_storage.prefix == "kubeinfer.io"
+    assert s.persistence.finalizer == "kubeinfer.io/finalizer"
     assert s.posting.level == logging.WARNING
     assert handlers._run_kwargs(make_settings()) == {
         "standalone": True, "clusterwide": True, "liveness_endpoint": "http://0.0.0.0:8080/healthz"}

@@ -71,6 +71,9 @@ CASES = [
     ("missing secret", [pod(phase="Pending", waiting={"reason": "CreateContainerConfigError",
                                                       "message": "secret \"hf-token\" not found"})], {},
      "Failed", "ContainerConfigError", ["hf-token", "credentialsSecretRef"]),
+    ("crashed, running again", [pod(restarts=1, last={"exitCode": 1, "message": (
+        "INFO loading\nerror: model path /m does not exist. Pass an existing folder\nINFO: Finished")})], {},
+     "Failed", "ModelLoadFailed", ["error: model path /m does not exist"]),
     ("loading", [pod()], {}, "Loading", "Loading", ["loading the model"]),
     ("ready", [pod(ready=True)], {}, "Ready", "Ready", ["1/1 replicas ready"]),
     ("degraded: one ready, one crashing", [pod("a", ready=True), pod("b", waiting={"reason": "CrashLoopBackOff"},
