@@ -264,22 +264,29 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _tile_config(head_size_padded: int, group: int, max_query_len: int, decode_only: bool,
-                 dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_Q, BLOCK_M, TILE_N, num_warps, num_stages) for Hopper.
+                 dtype: torch.dtype, num_q_tokens: int, num_kv_heads: int,
+                 num_sms: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_Q, BLOCK_M, TILE_N, num_warps, num_stages), tuned on an H200 with Triton 3.6 (bf16,
+    block size 16; see benchmarks/bench_kernels.py).
 
-    Decodes are bound by reading K/V: a 16-row tile (the minimum for tl.dot) per request and KV
-    head, 64 keys per step and three stages in flight. Prefill chunks are bound by the dots: up to
-    128 rows share each K/V tile, which also cuts K/V re-reads across q blocks.
+    Decodes are bound by reading K/V: a 16-row Q tile (the minimum for tl.dot) per request and KV
+    head, 64 keys (32 for head size 256) per step, 2 warps, 2 stages; measured at ~98% of the
+    device-to-device copy bandwidth for batch 64 x 2048. Prefill chunks are bound by the dots:
+    64-row Q tiles with 32-key steps and 4 warps, or 128-row tiles when the batch still gives
+    every SM four programs.
     """
     big_head = head_size_padded > 128
-    tile_n = 32 if big_head or dtype == torch.float32 else 64
     if decode_only:
-        return 1, max(16, triton.next_power_of_2(group)), tile_n, 4, 3
+        tile_n = 32 if big_head or dtype == torch.float32 else 64
+        return 1, max(16, triton.next_power_of_2(group)), tile_n, 2, 2
     rows = max_query_len * group
-    block_m = 128 if rows >= 128 and not big_head else 64 if rows >= 64 else 16
+    programs_at_128 = num_q_tokens * group // 128 * num_kv_heads
+    if rows >= 128 and not big_head and programs_at_128 >= 4 * num_sms:
+        block_m = 128
+    else:
+        block_m = 64 if rows >= 64 else 16
     block_m = max(block_m, triton.next_power_of_2(group))
-    num_warps = 8 if block_m >= 128 else 4
-    return block_m // group, block_m, tile_n, num_warps, 2 if big_head else 3
+    return block_m // group, block_m, 32, 4, 2
 
 
 def _num_segments(num_reqs: int, num_kv_heads: int, max_seq_len: int, tile_n: int,
@@ -323,11 +330,13 @@ def launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_len
     group = num_heads // num_kv_heads
     head_size_padded = triton.next_power_of_2(head_size)
     decode_only = max_query_len <= 1
+    num_sms = _sm_count(q.device)
     block_q, block_m, tile_n, num_warps, num_stages = _tile_config(
-        head_size_padded, group, max_query_len, decode_only, q.dtype)
+        head_size_padded, group, max_query_len, decode_only, q.dtype, num_tokens, num_kv_heads,
+        num_sms)
     if num_segments is None:
-        num_segments = (_num_segments(num_reqs, num_kv_heads, max_seq_len, tile_n,
-                                      _sm_count(q.device)) if decode_only else 1)
+        num_segments = (_num_segments(num_reqs, num_kv_heads, max_seq_len, tile_n, num_sms)
+                        if decode_only else 1)
     assert num_segments == 1 or decode_only, "split-KV needs an all-decode batch"
     if softcap:
         qk_scale, softcap_scale = scale / softcap, softcap * LOG2E

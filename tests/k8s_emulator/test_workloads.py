@@ -96,7 +96,7 @@ def test_deployment_rollout_service_proxy_and_cascade(emu_with_kubelet):
     kube.ok("PATCH", f"{DEPLOYMENTS}/web", patch, content_type="application/strategic-merge-patch+json")
     new_pod = wait_for("the replacement pod", lambda: [
         p for p in pods(kube, "app=web") if p["metadata"]["name"] != pod["metadata"]["name"]
-        and p["status"].get("containerStatuses", [{}])[0].get("ready")])[0]
+        and p.get("status", {}).get("containerStatuses", [{}])[0].get("ready")])[0]
     assert new_pod["metadata"]["labels"]["pod-template-hash"] != pod["metadata"]["labels"]["pod-template-hash"]
     wait_for("the old pod to go", lambda: [p["metadata"]["name"] for p in pods(kube, "app=web")]
              == [new_pod["metadata"]["name"]])
@@ -132,7 +132,7 @@ def test_failing_liveness_probe_restarts_the_container(emu_with_kubelet, tmp_pat
     kube.ok("POST", f"{NS}/pods", {"metadata": {"name": "sick"}, "spec": {"containers": [container(
         env=[{"name": "SICK_FILE", "value": str(sick)}],
         livenessProbe={"httpGet": {"path": "/live", "port": 8000}, "periodSeconds": 1, "failureThreshold": 1})]}})
-    wait_for("a liveness restart", lambda: kube.ok("GET", f"{NS}/pods/sick")["status"].get(
+    wait_for("a liveness restart", lambda: kube.ok("GET", f"{NS}/pods/sick").get("status", {}).get(
         "containerStatuses", [{}])[0].get("restartCount", 0) >= 1)
 
 

@@ -132,9 +132,12 @@ def test_split_kv_heuristic():
     assert attention._num_segments(8, 8, 8192, 64, 132) == 8
 
 
+@pytest.mark.parametrize("num_sms", [1, 132])
 @pytest.mark.parametrize("reqs", [[(48, 60)], [(20, 20), (30, 45)]])
-def test_large_q_tiles(reqs, device):
-    # max_query_len * GROUP >= 128 / 64 selects 128- and 64-row Q tiles spanning many tokens.
+def test_large_q_tiles(reqs, num_sms, device, monkeypatch):
+    # max_query_len * GROUP >= 64 selects 64-row Q tiles spanning many tokens; pretending the GPU
+    # has one SM makes even this small batch big enough for 128-row tiles.
+    monkeypatch.setattr(attention, "_sm_count", lambda _: num_sms)
     check(make_batch(reqs, 8, 2, 64, 16, torch.float16, device), torch.float16)
 
 
