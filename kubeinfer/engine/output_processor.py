@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from kubeinfer.engine.detokenizer import IncrementalDetokenizer
 from kubeinfer.engine.outputs import RequestOutput
-from kubeinfer.engine.request import Request
+from kubeinfer.engine.request import Request, RequestStatus
 from kubeinfer.engine.scheduler import TokenUpdate
 
 
@@ -30,7 +30,8 @@ class OutputProcessor:
             p = req.sampling_params
             detok = IncrementalDetokenizer(
                 self.tokenizer, req.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
+                min_tokens=p.min_tokens)
         self._children[req.req_id] = _ChildState(parent_id, index, detok)
         self.parent_to_children.setdefault(parent_id, []).append(req.req_id)
 
@@ -51,7 +52,9 @@ class OutputProcessor:
         state = self._children[req.req_id]
         text, stop_str = "", None
         if state.detokenizer is not None:
-            text, stop_str = state.detokenizer.update(update.new_token_ids)
+            # an EOS or stop token ends the text without being decoded into it
+            stop_token = update.finished and req.status == RequestStatus.FINISHED_STOPPED
+            text, stop_str = state.detokenizer.update(update.new_token_ids, stop_terminated=stop_token)
             if update.finished and stop_str is None:
                 text += state.detokenizer.flush()
         finished = update.finished or stop_str is not None

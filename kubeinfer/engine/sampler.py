@@ -191,7 +191,8 @@ def mask_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tenso
     """Set logits[rows[j], token_ids[j]] to -inf; ids >= vocab are ignored, without a host sync."""
     num_reqs, vocab = logits.shape
     mask = torch.zeros(num_reqs, vocab + 1, dtype=torch.bool, device=logits.device)
-    mask[rows, token_ids.clamp(max=vocab)] = True
+    # index_fill_ on the flat view: `mask[rows, ids] = True` would sync on CUDA.
+    mask.view(-1).index_fill_(0, rows * (vocab + 1) + token_ids.clamp(max=vocab), True)
     return logits.masked_fill(mask[:, :vocab], float("-inf"))
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.server.conftest import free_port
 
@@ -76,15 +75,16 @@ def _wait_refused(port: int, timeout: float = 20) -> bool:
     return False
 
 
-def test_sigterm_stops_accepting_and_drains_running_requests(smollm2_dir):
-    # SmolLM2 rather than the tiny model: its tokens take long enough (~10 ms each on CPU) that
-    # the request is surely still running when the signal arrives.
+def test_sigterm_stops_accepting_and_drains_running_requests(tiny_model):
+    # One request runs at a time (--max-num-seqs 1), so of the several sent at once most are still
+    # queued or running when the signal arrives; all must complete.
+    num_requests, max_tokens = 6, 200
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        serve_cmd(str(smollm2_dir), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
-                  "--served-model-name", "smol", "--max-model-len", "512",
-                  "--kv-cache-memory", "64MiB", "--timeout-graceful-shutdown", "300"),
+        serve_cmd(str(tiny_model), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
+                  "--served-model-name", "tiny", "--max-num-seqs", "1",
+                  "--timeout-graceful-shutdown", "300", "--disable-log-requests"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -98,29 +98,32 @@ def test_sigterm_stops_accepting_and_drains_running_requests(smollm2_dir):
                 pass
             assert time.monotonic() < deadline, "server did not become healthy"
             time.sleep(0.1)
-        events: list[str] = []
+        events: list[list[str]] = [[] for _ in range(num_requests)]
         first_event = threading.Event()
 
-        def consume() -> None:
+        def consume(i: int) -> None:
             with httpx.stream("POST", base + "/v1/completions", timeout=300, json={
-                    "model": "smol", "prompt": "Once upon a time", "max_tokens": 100,
+                    "model": "tiny", "prompt": f"Once upon a time {i}", "max_tokens": max_tokens,
                     "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}) as resp:
                 for line in resp.iter_lines():
-                    events.append(line)
+                    events[i].append(line)
                     first_event.set()
 
-        reader = threading.Thread(target=consume)
-        reader.start()
+        readers = [threading.Thread(target=consume, args=(i,)) for i in range(num_requests)]
+        for r in readers:
+            r.start()
         assert first_event.wait(60)
+        time.sleep(0.05)  # let every request's connection reach the server
         proc.send_signal(signal.SIGTERM)
         assert _wait_refused(port), "new connections were still accepted after SIGTERM"
-        assert reader.is_alive(), "the request ended before the server stopped listening"
-        reader.join(300)
-        data = [json.loads(e[len("data: "):]) for e in events
-                if e.startswith("data: ") and e != "data: [DONE]"]
-        assert events[-1] == "data: [DONE]" or events[-2] == "data: [DONE]"
-        assert data[-1]["usage"]["completion_tokens"] == 100  # the running request finished
+        assert any(r.is_alive() for r in readers), "all requests ended before the server stopped"
+        for r in readers:
+            r.join(300)
+        for lines in events:
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            usage = json.loads(lines[-2][len("data: "):])["usage"]
+            assert usage["completion_tokens"] == max_tokens  # drained, not cut off
         assert proc.wait(timeout=60) == 0
         assert "Traceback" not in proc.stdout.read()
     finally:

@@ -113,3 +113,12 @@ def test_best_of_other_than_n_is_rejected(client):
         complete(client, max_tokens=2, n=1, best_of=3)
     assert "best_of" in e.value.message
     assert complete(client, max_tokens=2, n=2, best_of=2).usage.completion_tokens >= 2
+
+
+def test_batch_streamed(client):
+    chunks = list(complete(client, prompt=["one two", "three four five"], max_tokens=4,
+                           stream=True, stream_options={"include_usage": True}, extra_body=LONG))
+    finished = {c.choices[0].index: c.choices[0].finish_reason
+                for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0: "length", 1: "length"}
+    assert chunks[-1].usage.completion_tokens == 8

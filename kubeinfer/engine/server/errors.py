@@ -37,7 +37,7 @@ class APIError(Exception):
         self.message = message
         self.status = status
         self.param = param
-        self.type = type or _TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
+        self.type = type or _TYPES.get(status, "APIError")
 
 
 def error_body(message: str, status: int, param: str | None = None,
