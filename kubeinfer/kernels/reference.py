@@ -54,8 +54,8 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         scores = torch.matmul(qr, k.transpose(1, 2)) * scale  # [H, qlen, S]
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
-        qpos = torch.arange(seq_len - qlen, seq_len).unsqueeze(1)
-        kpos = torch.arange(seq_len).unsqueeze(0)
+        qpos = torch.arange(seq_len - qlen, seq_len, device=q.device).unsqueeze(1)
+        kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
         mask = kpos <= qpos
         if sliding_window:
             mask &= kpos > qpos - sliding_window
