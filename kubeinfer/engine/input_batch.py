@@ -49,30 +49,38 @@ def build_input_batch(out: SchedulerOutput, block_ids: dict[str, list[int]], blo
         min_table_width: pad the block-table width up to this (CUDA graphs use a fixed width).
     """
     num_reqs = len(out.scheduled)
-    num_tokens = out.num_scheduled_tokens
-    input_ids = np.empty(num_tokens, dtype=np.int64)
-    positions = np.empty(num_tokens, dtype=np.int64)
-    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
-    seq_lens = np.empty(num_reqs, dtype=np.int32)
-    tables = [block_ids[req.req_id] for req, _ in out.scheduled]
-    width = max(min_table_width, max((len(t) for t in tables), default=1))
-    block_tables = np.zeros((num_reqs, width), dtype=np.int32)
+    # Plain lists first and one numpy conversion each: per-row numpy writes cost more in Python.
+    ids: list[int] = []
+    pos: list[int] = []
+    query_lens: list[int] = []
+    seq_lens_list: list[int] = []
     logits_indices = []
     sample_reqs = []
     offset = 0
-    max_query_len = 0
-    for r, ((req, n), table) in enumerate(zip(out.scheduled, tables)):
+    for req, n in out.scheduled:
         start = req.num_computed_tokens
-        input_ids[offset:offset + n] = req.all_token_ids[start:start + n]
-        positions[offset:offset + n] = np.arange(start, start + n)
-        block_tables[r, :len(table)] = table
-        seq_lens[r] = start + n
+        if n == 1:
+            ids.append(req.all_token_ids[start])
+            pos.append(start)
+        else:
+            ids.extend(req.all_token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+        query_lens.append(n)
+        seq_lens_list.append(start + n)
         offset += n
-        query_start_loc[r + 1] = offset
-        max_query_len = max(max_query_len, n)
         if start + n == req.num_tokens:
             logits_indices.append(offset - 1)
             sample_reqs.append(req)
+    tables = [block_ids[req.req_id] for req, _ in out.scheduled]
+    width = max(min_table_width, max((len(t) for t in tables), default=1))
+    block_tables = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32)
+    block_tables = block_tables.reshape(num_reqs, width)
+    input_ids = np.array(ids, dtype=np.int64)
+    positions = np.array(pos, dtype=np.int64)
+    seq_lens = np.array(seq_lens_list, dtype=np.int32)
+    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    max_query_len = max(query_lens, default=0)
     # slot = block_tables[req, pos // bs] * bs + pos % bs, for every token at once
     req_of_token = np.repeat(np.arange(num_reqs), np.diff(query_start_loc))
     slot_mapping = (block_tables[req_of_token, positions // block_size].astype(np.int64) * block_size

@@ -36,6 +36,7 @@ class ModelRunner:
         first = self.attn_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         self.sampler = Sampler()
+        self._last_meta: tuple[tuple[str, ...], SamplingMetadata] | None = None
         self.kv_cache: torch.Tensor | None = None
         self.graph_runner: CUDAGraphRunner | None = None
 
@@ -162,12 +163,21 @@ class ModelRunner:
         if not batch.sample_reqs:
             return {}, None
         logits = self.model.compute_logits(hidden)
-        meta = SamplingMetadata.build(batch.sample_reqs, self.device)
+        meta = self._sampling_metadata(batch.sample_reqs)
         result = self.sampler(logits, meta)
         ids = [req.req_id for req in batch.sample_reqs]
         sampled = dict(zip(ids, result.sampled_token_ids))
         logprobs = None if result.logprobs is None else dict(zip(ids, result.logprobs))
         return sampled, logprobs
+
+    def _sampling_metadata(self, reqs) -> SamplingMetadata:
+        # Decode steps usually sample the same requests in the same order: reuse their tensors.
+        ids = tuple(req.req_id for req in reqs)
+        if self._last_meta is not None and self._last_meta[0] == ids and self._last_meta[1].is_reusable:
+            return self._last_meta[1]
+        meta = SamplingMetadata.build(reqs, self.device)
+        self._last_meta = (ids, meta)
+        return meta
 
     def free_request(self, req_id: str) -> None:
         self.sampler.free(req_id)

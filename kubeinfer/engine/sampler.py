@@ -56,6 +56,12 @@ class SamplingMetadata:
     def num_reqs(self) -> int:
         return self.temperature.shape[0]
 
+    @property
+    def is_reusable(self) -> bool:
+        """True when nothing here changes from step to step for the same requests: no penalties
+        (their token counts grow) and no min_tokens masks (they lift)."""
+        return self.presence_penalty is None and self.stop_mask_rows is None
+
     @classmethod
     def build(cls, reqs: list[Request], device: torch.device | str) -> "SamplingMetadata":
         """Build the step's metadata from the requests that sample, in logits-row order.

@@ -20,6 +20,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self._req_to_block_ids: dict[str, list[int]] = {}  # the same tables as plain ids, per step
         self._req_to_hashes: dict[str, list[int]] = {}
         self._num_cached_blocks: dict[str, int] = {}  # blocks of the request registered so far
         # prefix-cache counters since the last take_stats()
@@ -82,8 +83,15 @@ class KVCacheManager:
         new_computed_blocks are prefix-cache hits from get_computed_blocks for a request being
         scheduled for the first time (or again after preemption).
         """
-        new_computed_blocks = new_computed_blocks or []
         blocks = self.req_to_blocks.get(req.req_id, [])
+        num_total = req.num_computed_tokens + num_new_tokens
+        if not new_computed_blocks and num_total <= len(blocks) * self.block_size:
+            # the common decode step: room in the last block, at most a block to register
+            if self.enable_caching and num_total // self.block_size > \
+                    self._num_cached_blocks.get(req.req_id, 0):
+                self._cache_full_blocks(req, blocks, num_total)
+            return True
+        new_computed_blocks = new_computed_blocks or []
         num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
         num_required = -(-num_total // self.block_size)
@@ -94,11 +102,13 @@ class KVCacheManager:
             return False
         self.pool.touch(new_computed_blocks)
         blocks = self.req_to_blocks.setdefault(req.req_id, [])
-        blocks.extend(new_computed_blocks)
-        if new_computed_blocks:
-            self._num_cached_blocks[req.req_id] = len(blocks)
+        block_ids = self._req_to_block_ids.setdefault(req.req_id, [])
         if num_new_blocks > 0:
-            blocks.extend(self.pool.get_new_blocks(num_new_blocks))
+            new_computed_blocks = new_computed_blocks + self.pool.get_new_blocks(num_new_blocks)
+        if new_computed_blocks and not blocks:
+            self._num_cached_blocks[req.req_id] = num_computed // self.block_size
+        blocks.extend(new_computed_blocks)
+        block_ids.extend(b.block_id for b in new_computed_blocks)
         if self.enable_caching:
             self._cache_full_blocks(req, blocks, num_total)
         return True
@@ -114,11 +124,13 @@ class KVCacheManager:
         self._num_cached_blocks[req.req_id] = max(start, num_full)
 
     def get_block_ids(self, req_id: str) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(req_id, ())]
+        """The request's block table. The list is live: read it, don't change it."""
+        return self._req_to_block_ids.get(req_id, [])
 
     def free(self, req: Request) -> None:
         """Return a finished, aborted or preempted request's blocks; tail blocks are evicted first."""
         blocks = self.req_to_blocks.pop(req.req_id, [])
+        self._req_to_block_ids.pop(req.req_id, None)
         self.pool.free_blocks(list(reversed(blocks)))
         self._num_cached_blocks.pop(req.req_id, None)
         if req.is_finished:
