@@ -129,12 +129,47 @@ class ModelRunner:
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self._allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda":
+            self._warm_up_kernels(num_blocks)
         if self.device.type == "cuda" and not self.config.device.enforce_eager:
             self.graph_runner = CUDAGraphRunner(
                 self.model, max_batch_size=min(self.config.scheduler.max_num_seqs, 512),
                 max_model_len=self.max_model_len, block_size=self.block_size,
                 hidden_size=self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
             self.graph_runner.capture()
+
+    @torch.inference_mode()
+    def _warm_up_kernels(self, num_blocks: int) -> None:
+        """Compile the Triton kernels' mixed-batch variants now, not on a user's first request.
+
+        The attention kernel specialises on its Q-tile size (16, 64 or 128 rows), which follows the
+        batch's longest query; one forward per size compiles them all. The K/V written into the
+        blocks used here is garbage that no request reads: every block is still free.
+        """
+        budget = self.config.scheduler.max_num_batched_tokens
+        cap = min(self.max_model_len, num_blocks * self.block_size // 2, budget)
+        for query_lens in ([8, 1], [64, 1], [cap]):
+            if sum(query_lens) > min(budget, num_blocks * self.block_size) or max(query_lens) > cap:
+                continue
+            blocks_per_req = -(-max(query_lens) // self.block_size)
+            tables = np.arange(len(query_lens) * blocks_per_req, dtype=np.int32)
+            tables = tables.reshape(len(query_lens), blocks_per_req)
+            positions = np.concatenate([np.arange(n) for n in query_lens])
+            req = np.repeat(np.arange(len(query_lens)), query_lens)
+            slots = tables[req, positions // self.block_size].astype(np.int64) * self.block_size \
+                + positions % self.block_size
+            meta = AttentionMetadata(
+                slot_mapping=self._to_device(slots),
+                query_start_loc=self._to_device(
+                    np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)),
+                seq_lens=self._to_device(np.asarray(query_lens, dtype=np.int32)),
+                block_tables=self._to_device(tables),
+                max_query_len=max(query_lens), max_seq_len=max(query_lens))
+            with set_forward_context(meta):
+                self.model(torch.zeros(len(positions), dtype=torch.long, device=self.device),
+                           self._to_device(positions))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     # ---- the step ------------------------------------------------------------------------------
     def _to_device(self, a: np.ndarray) -> torch.Tensor:

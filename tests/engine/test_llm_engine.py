@@ -113,3 +113,14 @@ def test_default_model_chat_names_paris():
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=30))[0]
     assert "Paris" in out.outputs[0].text
+
+
+def test_kernel_warm_up_leaves_results_alone(tiny_model_dir):
+    """The GPU start-up warm-up writes into free blocks; outputs must not change (run here on CPU)."""
+    llm = LLM(str(tiny_model_dir("qwen3")), dtype="float32", max_model_len=128)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    before = llm.generate({"prompt_token_ids": list(range(3, 40))}, params)[0].outputs[0].token_ids
+    llm.engine.kv.pool.reset_prefix_cache()
+    llm.engine.runner._warm_up_kernels(llm.engine.num_blocks)
+    after = llm.generate({"prompt_token_ids": list(range(3, 40))}, params)[0].outputs[0].token_ids
+    assert before == after and llm.engine.kv.num_free_blocks == llm.engine.num_blocks
