@@ -94,8 +94,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in in_lens]
     temp = 0.0 if args.greedy else 1.0
     params = [SamplingParams(temperature=temp, max_tokens=n, ignore_eos=True) for n in out_lens]
-    # warm-up: a few short requests so compilation and caches stay out of the timing
-    _run_all(engine, [p[:16] for p in prompts[:4]], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4)
+    # warm-up: a few real-length prompts so kernel compilation stays out of the timing
+    _run_all(engine, prompts[:8], [SamplingParams(max_tokens=2, ignore_eos=True)] * len(prompts[:8]))
     engine.kv.pool.reset_prefix_cache()
     _sync(engine)
     start = time.perf_counter()

@@ -176,7 +176,9 @@ def _attend_chunk(out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_p
                  mask=row_valid[:, None])
 
 
-@triton.jit
+# num_reqs and the block-table width change from step to step; letting Triton specialise on them
+# (== 1, divisible by 16) would compile new variants in the middle of serving.
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt_r"])
 def _unified_attention_kernel(
     out_ptr,  # [T, H, D] q's dtype
     q_ptr,  # [T, H, D]
