@@ -32,6 +32,8 @@ def parse_bytes(text: str | int) -> int:
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
+# generation_config.json keys that become default sampling parameters, as vLLM reads them
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,16 @@ class ModelConfig:
     served_model_name: tuple[str, ...] = ()
     chat_template: str | None = None
     skip_tokenizer_init: bool = False
+    generation_config: str = "auto"  # auto: sampling defaults from generation_config.json; vllm: none
+    override_generation_config: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.generation_config not in ("auto", "vllm"):
+            raise ConfigError(f"--generation-config must be auto or vllm, got {self.generation_config!r}")
+        unknown = sorted({k for k, _ in self.override_generation_config} - set(GENERATION_KEYS))
+        if unknown:
+            raise ConfigError(f"--override-generation-config has unknown keys {unknown}; allowed: "
+                              f"{', '.join(GENERATION_KEYS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not supported; choose one of "
                               "auto, bfloat16, float16, float32")

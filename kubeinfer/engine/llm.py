@@ -29,7 +29,9 @@ class LLM:
                  num_gpu_blocks_override: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_chunked_prefill: bool = True,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 device: str = "auto", enforce_eager: bool = False, chat_template: str | None = None):
+                 device: str = "auto", enforce_eager: bool = False, chat_template: str | None = None,
+                 generation_config: str = "auto",
+                 override_generation_config: dict[str, float] | None = None):
         from kubeinfer.engine.arg_utils import DEFAULT_MODEL
 
         config = EngineConfig(
@@ -37,7 +39,10 @@ class LLM:
                               dtype=dtype, load_format=load_format, max_model_len=max_model_len,
                               seed=seed, trust_remote_code=trust_remote_code,
                               served_model_name=(served_model_name,) if served_model_name else (),
-                              chat_template=chat_template, skip_tokenizer_init=skip_tokenizer_init),
+                              chat_template=chat_template, skip_tokenizer_init=skip_tokenizer_init,
+                              generation_config=generation_config,
+                              override_generation_config=tuple(sorted(
+                                  (override_generation_config or {}).items()))),
             cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                               kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching,
@@ -73,7 +78,7 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.engine.default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):

@@ -45,6 +45,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(model_loader.get_eos_token_ids(path, self.tokenizer,
                                                                       self.hf_config))
         self.vocab_size = self.hf_config.vocab_size
+        self.default_sampling = self._default_sampling(path)
 
         self.runner = ModelRunner(config, self.model, self.hf_config, self.device, self.dtype,
                                   self.max_model_len)
@@ -64,6 +65,34 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks
+
+    def _default_sampling(self, path) -> dict[str, float]:
+        """Default sampling parameters, as vLLM sets them: the model's generation_config.json
+        (with --generation-config auto), then --override-generation-config on top."""
+        import json
+        from pathlib import Path
+
+        from kubeinfer.engine.arg_utils import DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING
+        from kubeinfer.engine.config import GENERATION_KEYS
+
+        mc = self.config.model
+        defaults: dict[str, float] = {}
+        gen_file = Path(path) / "generation_config.json"
+        if mc.generation_config == "auto" and mc.model == DEFAULT_MODEL:
+            defaults.update(DEFAULT_MODEL_SAMPLING)
+        if mc.generation_config == "auto" and gen_file.is_file():
+            gen = json.loads(gen_file.read_text())
+            defaults.update({k: gen[k] for k in GENERATION_KEYS
+                             if isinstance(gen.get(k), (int, float)) and not isinstance(gen[k], bool)})
+        defaults.update(dict(mc.override_generation_config))
+        if defaults:
+            logger.info("default sampling parameters: %s", defaults)
+        return defaults
+
+    def default_sampling_params(self) -> SamplingParams:
+        d = dict(self.default_sampling)
+        max_new = d.pop("max_new_tokens", None)
+        return SamplingParams(max_tokens=None if max_new is None else int(max_new), **d)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],

@@ -124,3 +124,24 @@ def test_kernel_warm_up_leaves_results_alone(tiny_model_dir):
     llm.engine.runner._warm_up_kernels(llm.engine.num_blocks)
     after = llm.generate({"prompt_token_ids": list(range(3, 40))}, params)[0].outputs[0].token_ids
     assert before == after and llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+
+
+def test_generation_config_defaults_and_overrides(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    llm = LLM(str(path), dtype="float32", max_model_len=128,
+              override_generation_config={"temperature": 0.0, "max_new_tokens": 5})
+    params = llm.engine.default_sampling_params()
+    assert params.temperature == 0.0 and params.max_tokens == 5
+    out = llm.generate({"prompt_token_ids": [7, 8, 9]})[0].outputs[0]
+    greedy = llm.generate({"prompt_token_ids": [7, 8, 9]},
+                          SamplingParams(temperature=0, max_tokens=5))[0].outputs[0]
+    assert out.token_ids == greedy.token_ids
+    with pytest.raises(ConfigError, match=r"unknown keys \['temprature'\]"):
+        LLM(str(path), override_generation_config={"temprature": 0.5})
+
+
+def test_default_model_uses_its_model_card_sampling():
+    from kubeinfer.engine.arg_utils import DEFAULT_MODEL_SAMPLING
+
+    llm = LLM(dtype="float32", max_model_len=256)
+    assert llm.engine.default_sampling == DEFAULT_MODEL_SAMPLING

@@ -131,3 +131,13 @@ def test_sigterm_stops_accepting_and_drains_running_requests(tiny_model):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_override_generation_config_bad_json_is_a_usage_error():
+    proc = run_serve("--override-generation-config", "{temperature: 0.2")
+    assert_clean_failure(proc, 2, "not valid JSON", '{"temperature": 0.2, "top_p": 0.9}')
+
+
+def test_override_generation_config_unknown_key_names_the_allowed_ones(tiny_model):
+    proc = run_serve(str(tiny_model), "--override-generation-config", '{"temprature": 0.2}')
+    assert_clean_failure(proc, 1, "unknown keys ['temprature']", "temperature, top_p")

@@ -46,7 +46,8 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: StrictBool = False
     return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:123"
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         defaults: dict[str, float] | None = None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise SamplingParamsError("stream_options can only be set when stream is true.",
                                       "stream_options")
@@ -54,8 +55,12 @@ class _SamplingFields(_Body):
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                      "frequency_penalty", "repetition_penalty"):
             v = getattr(self, name)
+            if v is None and defaults and name in defaults:
+                v = defaults[name]  # the model's generation_config / --override-generation-config
             if v is not None:
                 kw[name] = v
+        if max_tokens is None and defaults and "max_new_tokens" in defaults:
+            max_tokens = int(defaults["max_new_tokens"])
         return SamplingParams(
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
@@ -77,14 +82,14 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict[str, float] | None = None) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
             raise SamplingParamsError(
                 f"best_of must equal n ({self.n}) in this server, got {self.best_of}: "
                 "ranking more samples than are returned is not supported.", "best_of")
         if self.suffix:
             raise SamplingParamsError("suffix is not supported.", "suffix")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        return self._sampling_params(self.max_tokens, self.logprobs, defaults)
 
 
 class ChatMessage(_Body):
@@ -107,7 +112,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict[str, float] | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise SamplingParamsError("top_logprobs can only be set when logprobs is true.",
                                       "top_logprobs")
@@ -116,7 +121,7 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         try:
-            return self._sampling_params(max_tokens, logprobs)
+            return self._sampling_params(max_tokens, logprobs, defaults)
         except SamplingParamsError as e:
             if e.param == "max_tokens" and param != "max_tokens":
                 raise SamplingParamsError(str(e).replace("max_tokens", param), param) from None

@@ -76,7 +76,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     engine = state.ready_engine()
     model = state.resolve_model(req.model)
-    params = req.to_sampling_params()
+    params = req.to_sampling_params(engine.default_sampling)
     prompt_ids = render_chat(engine, state.config.model.chat_template, req.messages,
                              add_generation_prompt=req.add_generation_prompt,
                              continue_final_message=req.continue_final_message,

@@ -58,7 +58,7 @@ def _prompts(req: CompletionRequest, engine: Any, params: SamplingParams) -> lis
 async def create_completion(state: ServerState, req: CompletionRequest, raw: Request) -> Response:
     engine = state.ready_engine()
     model = state.resolve_model(req.model)
-    params = req.to_sampling_params()
+    params = req.to_sampling_params(engine.default_sampling)
     prompts = _prompts(req, engine, params)
     request_id = random_id("cmpl")
     if state.log_requests:
