@@ -141,3 +141,29 @@ def test_override_generation_config_bad_json_is_a_usage_error():
 def test_override_generation_config_unknown_key_names_the_allowed_ones(tiny_model):
     proc = run_serve(str(tiny_model), "--override-generation-config", '{"temprature": 0.2}')
     assert_clean_failure(proc, 1, "unknown keys ['temprature']", "temperature, top_p")
+
+
+def test_api_key_from_the_environment(tiny_model):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        serve_cmd(str(tiny_model), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "KUBEINFER_API_KEY": "s3cret"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.1)
+        assert httpx.get(base + "/v1/models").status_code == 401
+        ok = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
