@@ -78,21 +78,7 @@ class ModelRunner:
         self._allocate_kv_cache(num_seqs * blocks_per_seq)
         temp_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
-        qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-        positions = np.concatenate([np.arange(n) for n in lens])
-        tables = np.arange(len(lens) * blocks_per_seq, dtype=np.int32).reshape(len(lens), -1)
-        req = np.repeat(np.arange(len(lens)), lens)
-        slots = tables[req, positions // self.block_size].astype(np.int64) * self.block_size \
-            + positions % self.block_size
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(self.device),
-            query_start_loc=torch.from_numpy(qsl).to(self.device),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
-            block_tables=torch.from_numpy(tables).to(self.device),
-            max_query_len=seq_len, max_seq_len=seq_len)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        with set_forward_context(meta):
-            hidden = self.model(ids, torch.from_numpy(positions).to(self.device))
+        hidden = self._run_prompts(lens)
         num_sample = min(self.config.scheduler.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:num_sample])
         torch.softmax(logits, dim=-1)  # the sampler's working set
@@ -151,25 +137,28 @@ class ModelRunner:
         for query_lens in ([8, 1], [64, 1], [cap]):
             if sum(query_lens) > min(budget, num_blocks * self.block_size) or max(query_lens) > cap:
                 continue
-            blocks_per_req = -(-max(query_lens) // self.block_size)
-            tables = np.arange(len(query_lens) * blocks_per_req, dtype=np.int32)
-            tables = tables.reshape(len(query_lens), blocks_per_req)
-            positions = np.concatenate([np.arange(n) for n in query_lens])
-            req = np.repeat(np.arange(len(query_lens)), query_lens)
-            slots = tables[req, positions // self.block_size].astype(np.int64) * self.block_size \
-                + positions % self.block_size
-            meta = AttentionMetadata(
-                slot_mapping=self._to_device(slots),
-                query_start_loc=self._to_device(
-                    np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)),
-                seq_lens=self._to_device(np.asarray(query_lens, dtype=np.int32)),
-                block_tables=self._to_device(tables),
-                max_query_len=max(query_lens), max_seq_len=max(query_lens))
-            with set_forward_context(meta):
-                self.model(torch.zeros(len(positions), dtype=torch.long, device=self.device),
-                           self._to_device(positions))
+            self._run_prompts(query_lens)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def _run_prompts(self, lens: list[int]) -> torch.Tensor:
+        """Forward fresh prompts of the given lengths through the cache's first blocks (request r
+        owns a contiguous run of them). For profiling and warm-up only: what it writes is garbage
+        in blocks that no request holds yet."""
+        blocks_per_req = -(-max(lens) // self.block_size)
+        tables = np.arange(len(lens) * blocks_per_req, dtype=np.int32).reshape(len(lens), -1)
+        positions = np.concatenate([np.arange(n) for n in lens])
+        req = np.repeat(np.arange(len(lens)), lens)
+        slots = tables[req, positions // self.block_size].astype(np.int64) * self.block_size \
+            + positions % self.block_size
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots),
+            query_start_loc=self._to_device(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)),
+            seq_lens=self._to_device(np.asarray(lens, dtype=np.int32)),
+            block_tables=self._to_device(tables), max_query_len=max(lens), max_seq_len=max(lens))
+        with set_forward_context(meta):
+            return self.model(torch.zeros(len(positions), dtype=torch.long, device=self.device),
+                              self._to_device(positions))
 
     # ---- the step ------------------------------------------------------------------------------
     def _to_device(self, a: np.ndarray) -> torch.Tensor:

@@ -27,6 +27,19 @@ def run_serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become healthy"
+        time.sleep(0.1)
+
+
 def assert_clean_failure(proc: subprocess.CompletedProcess, code: int, *phrases: str) -> None:
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
@@ -88,16 +101,7 @@ def test_sigterm_stops_accepting_and_drains_running_requests(tiny_model):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.1)
+        wait_healthy(proc, base)
         events: list[list[str]] = [[] for _ in range(num_requests)]
         first_event = threading.Event()
 
@@ -151,16 +155,7 @@ def test_api_key_from_the_environment(tiny_model):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "KUBEINFER_API_KEY": "s3cret"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.1)
+        wait_healthy(proc, base)
         assert httpx.get(base + "/v1/models").status_code == 401
         ok = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
