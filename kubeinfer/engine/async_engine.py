@@ -35,6 +35,7 @@ class AsyncLLM:
         self.max_model_len = engine.max_model_len
         self.served_model_names = engine.config.model.served_names
         self.default_sampling = engine.default_sampling
+        self.vocab_size = engine.vocab_size
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -112,6 +112,9 @@ class LLMEngine:
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model's limits; returns its max_tokens (the rest of the
         context when unset). Reads only immutable state, so any thread may call it."""
+        if params.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs is not supported yet: leave it unset and ask for "
+                               "logprobs of the generated tokens with `logprobs`", "prompt_logprobs")
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise RequestError("the prompt is empty: send at least one token", "prompt")

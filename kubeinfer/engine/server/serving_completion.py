@@ -48,7 +48,7 @@ def _prompts(req: CompletionRequest, engine: Any, params: SamplingParams) -> lis
             text = p
         else:
             ids = list(p)
-            check_token_ids(ids, len(tokenizer), "prompt")
+            check_token_ids(ids, engine.vocab_size, "prompt")  # the model's, which may be padded
             text = tokenizer.decode(ids) if req.echo else ""
         max_tokens = context_budget(len(ids), params.max_tokens, engine.max_model_len, "prompt")
         out.append(_Prompt(ids, text, dataclasses.replace(params, max_tokens=max_tokens)))
