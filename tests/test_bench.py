@@ -1,0 +1,48 @@
+"""`kubeinfer bench`: runs on a config-only folder with dummy weights, prints one JSON line, and
+answers bad flags with one clear line."""
+import json
+import shutil
+
+import pytest
+
+from kubeinfer.cli import main
+
+
+@pytest.fixture(scope="module")
+def config_only(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("config-only")
+    shutil.copy(tiny_model_dir("qwen3") / "config.json", out / "config.json")
+    return out
+
+
+def test_throughput_on_config_only_folder(config_only, capsys):
+    assert main(["bench", "throughput", "--model", str(config_only), "--load-format", "dummy",
+                 "--num-prompts", "6", "--input-len", "20", "--output-len", "5",
+                 "--random-range-ratio", "0.5", "--max-model-len", "128"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_requests"] == 6 and result["device"] == "cpu"
+    assert result["output_tokens"] >= 6 * 2 and result["output_tokens_per_second"] > 0
+
+
+def test_latency_on_config_only_folder(config_only, capsys):
+    assert main(["bench", "latency", "--model", str(config_only), "--load-format", "dummy",
+                 "--batch-size", "2", "--input-len", "16", "--output-len", "4", "--num-iters", "1",
+                 "--num-iters-warmup", "0", "--max-model-len", "128"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["time_per_output_token_ms"] > 0 and result["batch_size"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-prompts", "0"], "--num-prompts must be at least 1, got 0"),
+    (["--random-range-ratio", "1.5"], "--random-range-ratio must be in [0, 1), got 1.5"),
+    ([], None),
+])
+def test_bad_flags_get_one_clear_line(config_only, args, message):
+    base = ["bench", "throughput", "--load-format", "dummy"]
+    if message is None:
+        message, args = "kubeinfer bench needs --model DIR", []
+    else:
+        base += ["--model", str(config_only)]
+    with pytest.raises(SystemExit) as e:
+        main(base + args)
+    assert message in str(e.value)
