@@ -88,6 +88,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -
     g = p.add_argument_group("scheduler")
     g.add_argument("--max-num-seqs", type=_positive_int, default=256)
     g.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192)
+    g.add_argument("--async-scheduling", action="store_true", default=False,
+                   help="schedule the next step while the GPU runs this one")
     g = p.add_argument_group("parallelism and device")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
@@ -118,7 +120,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           enable_prefix_caching=args.enable_prefix_caching,
                           num_gpu_blocks_override=args.num_gpu_blocks_override),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs),
+                                  max_num_seqs=args.max_num_seqs,
+                                  async_scheduling=args.async_scheduling),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
                                 pipeline_parallel_size=args.pipeline_parallel_size),
         device=DeviceConfig(device=args.device, enforce_eager=args.enforce_eager),

@@ -106,6 +106,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
+    # launch step N+1 before reading step N's tokens, so host work overlaps the GPU (as vLLM's
+    # --async-scheduling); EOS and stop conditions are then seen one step late
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -67,12 +67,15 @@ class CUDAGraphRunner:
         return batch.is_pure_decode and batch.num_reqs <= self.sizes[-1] \
             and batch.block_tables.shape[1] <= self.table_width
 
-    def run(self, batch: InputBatch) -> torch.Tensor:
-        """Replay the graph for a pure-decode batch; returns hidden states [num_reqs, hidden]."""
+    def run(self, batch: InputBatch, fill_ids=None) -> torch.Tensor:
+        """Replay the graph for a pure-decode batch; returns hidden states [num_reqs, hidden].
+        `fill_ids(input_ids)` may overwrite input ids on the device first (async scheduling)."""
         num = batch.num_reqs
         size = self.sizes[bisect.bisect_left(self.sizes, num)]
         w = batch.block_tables.shape[1]
         self.input_ids[:num].copy_(torch.from_numpy(batch.input_ids), non_blocking=True)
+        if fill_ids is not None:
+            fill_ids(self.input_ids[:num])
         self.positions[:num].copy_(torch.from_numpy(batch.positions), non_blocking=True)
         self.slot_mapping[:num].copy_(torch.from_numpy(batch.slot_mapping), non_blocking=True)
         self.seq_lens[:num].copy_(torch.from_numpy(batch.seq_lens), non_blocking=True)

@@ -28,6 +28,7 @@ class LLM:
                  kv_cache_memory: int | str | None = None, enable_prefix_caching: bool = True,
                  num_gpu_blocks_override: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_chunked_prefill: bool = True,
+                 async_scheduling: bool = False,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  device: str = "auto", enforce_eager: bool = False, chat_template: str | None = None,
                  generation_config: str = "auto",
@@ -49,7 +50,8 @@ class LLM:
                               num_gpu_blocks_override=num_gpu_blocks_override),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                       max_num_seqs=max_num_seqs,
-                                      enable_chunked_prefill=enable_chunked_prefill),
+                                      enable_chunked_prefill=enable_chunked_prefill,
+                                      async_scheduling=async_scheduling),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size),
             device=DeviceConfig(device=device, enforce_eager=enforce_eager))

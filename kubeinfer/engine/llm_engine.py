@@ -65,6 +65,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks
+        self._pending = None  # the launched, unread step (async scheduling)
 
     def _default_sampling(self, path) -> dict[str, float]:
         """Default sampling parameters, as vLLM sets them: the model's generation_config.json
@@ -149,7 +150,7 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._pending is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -157,31 +158,75 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """schedule -> execute -> update. With async scheduling, step N+1 is launched before
+        step N's tokens are read, and this returns step N's outputs."""
+        if self.config.scheduler.async_scheduling:
+            return self._step_async()
         sched_out = self.scheduler.schedule()
-        outputs: list[RequestOutput] = []
         stats = IterationStats()
+        outputs: list[RequestOutput] = []
         if not sched_out.is_empty:
-            block_ids = {req.req_id: self.kv.get_block_ids(req.req_id) for req, _ in sched_out.scheduled}
-            sampled, logprobs = self.runner.execute(sched_out, block_ids)
-            for req, n in sched_out.scheduled:
-                stats.num_prompt_tokens += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
-            now = time.monotonic()
-            for update in self.scheduler.update(sched_out, sampled, logprobs):
-                req = update.req
-                stats.num_generation_tokens += 1
-                if req.num_output_tokens == 1:
-                    stats.time_to_first_tokens.append(now - req.arrival_time)
-                elif req.last_token_time is not None:
-                    stats.inter_token_latencies.append(now - req.last_token_time)
-                req.last_token_time = now
-                out, stop_str = self.output_processor.process(update)
-                if stop_str is not None and not update.finished:
-                    self.scheduler.finish_request(req.req_id, RequestStatus.FINISHED_STOPPED)
-                if out.finished:
-                    self._finish(req, stats)
-                    self.output_processor.remove(req.req_id)
-                outputs.append(out)
+            sampled, logprobs = self.runner.execute(sched_out, self._block_ids(sched_out))
+            self._count_prompt_tokens(sched_out, stats)
+            updates = self.scheduler.update(sched_out, sampled, logprobs)
+            outputs = self._process(updates, stats)
         self._record(stats)
+        return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        stats = IterationStats()
+        if self._pending is not None and self._needs_known_tokens():
+            launched = None  # let the step in flight land before scheduling on its tokens
+        else:
+            sched_out = self.scheduler.schedule()
+            launched = None
+            if not sched_out.is_empty:
+                launched = self.runner.launch(sched_out, self._block_ids(sched_out), self._pending)
+                self._count_prompt_tokens(sched_out, stats)
+                launched.pending = self.scheduler.advance(sched_out)
+        outputs: list[RequestOutput] = []
+        if self._pending is not None:
+            sampled, logprobs = self.runner.resolve(self._pending)
+            updates = self.scheduler.resolve(self._pending.pending, sampled, logprobs)
+            outputs = self._process(updates, stats)
+        self._pending = launched
+        self._record(stats)
+        return outputs
+
+    def _needs_known_tokens(self) -> bool:
+        # Penalties count the previous tokens on the device, so they need them on the host first.
+        return any(r.sampling_params.presence_penalty or r.sampling_params.frequency_penalty
+                   or r.sampling_params.repetition_penalty != 1.0
+                   for r in self.scheduler.running)
+
+    def _block_ids(self, sched_out) -> dict[str, list[int]]:
+        return {req.req_id: self.kv.get_block_ids(req.req_id) for req, _ in sched_out.scheduled}
+
+    @staticmethod
+    def _count_prompt_tokens(sched_out, stats: IterationStats) -> None:
+        for req, n in sched_out.scheduled:
+            stats.num_prompt_tokens += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
+
+    def _process(self, updates, stats: IterationStats) -> list[RequestOutput]:
+        """Token updates -> outputs: latency stats, text and stop strings, finished requests."""
+        outputs = []
+        now = time.monotonic()
+        for update in updates:
+            req = update.req
+            stats.num_generation_tokens += 1
+            if req.last_token_time is None:
+                stats.time_to_first_tokens.append(now - req.arrival_time)
+            else:
+                stats.inter_token_latencies.append(now - req.last_token_time)
+            req.last_token_time = now
+            out, stop_str = self.output_processor.process(update)
+            if stop_str is not None and not update.finished:
+                self.scheduler.finish_request(req.req_id, RequestStatus.FINISHED_STOPPED)
+                req.truncate_outputs(req.num_output_tokens - req.num_pending_tokens)
+            if out.finished:
+                self._finish(req, stats)
+                self.output_processor.remove(req.req_id)
+            outputs.append(out)
         return outputs
 
     def _finish(self, req: Request, stats: IterationStats) -> None:

@@ -5,6 +5,7 @@ The runner never changes request state; it reads the scheduled requests and retu
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,12 +15,25 @@ from kubeinfer.engine.cuda_graphs import CUDAGraphRunner
 from kubeinfer.engine.forward_context import AttentionMetadata, set_forward_context
 from kubeinfer.engine.input_batch import InputBatch, build_input_batch
 from kubeinfer.engine.layers.attention import Attention
-from kubeinfer.engine.sampler import Sampler, SamplingMetadata
+from kubeinfer.engine.sampler import Sampler, SamplingMetadata, pack, unpack
 from kubeinfer.engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose sampled tokens have not been read yet (async scheduling)."""
+
+    reqs: list  # the requests that sample, in row order
+    meta: SamplingMetadata | None = None
+    sampled: torch.Tensor | None = None  # [S] on the device: the next step's inputs come from here
+    row_of: dict[str, int] = field(default_factory=dict)
+    host: torch.Tensor | None = None  # `pack`ed results, copied (or being copied) to the host
+    event: "torch.cuda.Event | None" = None
+    pending: list = field(default_factory=list)  # the scheduler's (request, output index) pairs
 
 
 class ModelRunner:
@@ -165,17 +179,21 @@ class ModelRunner:
         t = torch.from_numpy(a)
         return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-    def _forward(self, batch: InputBatch) -> torch.Tensor:
+    def _forward(self, batch: InputBatch, fill_ids=None) -> torch.Tensor:
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            return self.graph_runner.run(batch)  # one row per request == the sampled rows
+            return self.graph_runner.run(batch, fill_ids)  # one row per request == sampled rows
         meta = AttentionMetadata(
             slot_mapping=self._to_device(batch.slot_mapping),
             query_start_loc=self._to_device(batch.query_start_loc),
             seq_lens=self._to_device(batch.seq_lens),
             block_tables=self._to_device(batch.block_tables),
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len)
+        input_ids = self._to_device(batch.input_ids)
+        if fill_ids is not None:
+            input_ids = input_ids.clone() if self.device.type == "cpu" else input_ids
+            fill_ids(input_ids)
         with set_forward_context(meta):
-            hidden = self.model(self._to_device(batch.input_ids), self._to_device(batch.positions))
+            hidden = self.model(input_ids, self._to_device(batch.positions))
         return hidden[self._to_device(batch.logits_indices)]
 
     @torch.inference_mode()
@@ -193,6 +211,51 @@ class ModelRunner:
         sampled = dict(zip(ids, result.sampled_token_ids))
         logprobs = None if result.logprobs is None else dict(zip(ids, result.logprobs))
         return sampled, logprobs
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, block_ids: dict[str, list[int]],
+               prev: "PendingStep | None") -> "PendingStep":
+        """Start a step without waiting for it (async scheduling). Input tokens still PLACEHOLDER on
+        the host are the previous step's samples: they are copied into place on the device."""
+        batch = build_input_batch(out, block_ids, self.block_size)
+        fill_ids = None
+        holes = np.flatnonzero(batch.input_ids < 0)
+        if len(holes):
+            req_of_token = np.repeat(np.arange(batch.num_reqs), np.diff(batch.query_start_loc))
+            src = [prev.row_of[out.scheduled[r][0].req_id] for r in req_of_token[holes]]
+            dst_t, src_t = self._to_device(holes), self._to_device(np.asarray(src, dtype=np.int64))
+            prev_ids = prev.sampled
+
+            def fill_ids(input_ids: torch.Tensor) -> None:
+                input_ids[dst_t] = prev_ids[src_t]
+        hidden = self._forward(batch, fill_ids)
+        step = PendingStep(reqs=batch.sample_reqs)
+        if batch.sample_reqs:
+            step.meta = self._sampling_metadata(batch.sample_reqs)
+            sampled, raw_logprobs = self.sampler.sample(self.model.compute_logits(hidden), step.meta)
+            step.sampled = sampled
+            step.row_of = {req.req_id: i for i, req in enumerate(batch.sample_reqs)}
+            packed = pack(sampled, raw_logprobs, step.meta)
+            if self.device.type == "cuda":
+                # enqueue the copy now, so reading it later waits for this step only
+                step.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                step.host.copy_(packed, non_blocking=True)
+                step.event = torch.cuda.Event()
+                step.event.record()
+            else:
+                step.host = packed
+        return step
+
+    def resolve(self, step: "PendingStep") -> tuple[dict[str, int], dict[str, tuple] | None]:
+        """Wait for a launched step and return its tokens (and logprobs) by request id."""
+        if not step.reqs:
+            return {}, None
+        if step.event is not None:
+            step.event.synchronize()
+        result = unpack(step.host.tolist(), step.meta)
+        ids = [req.req_id for req in step.reqs]
+        logprobs = None if result.logprobs is None else dict(zip(ids, result.logprobs))
+        return dict(zip(ids, result.sampled_token_ids)), logprobs
 
     def _sampling_metadata(self, reqs) -> SamplingMetadata:
         # Decode steps usually sample the same requests in the same order: reuse their tensors.

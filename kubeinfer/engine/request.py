@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from kubeinfer.engine.sampling_params import SamplingParams
 
 
+# With async scheduling a sampled token is appended as this placeholder when its step is launched and
+# replaced by the real id once the step's results reach the host.
+PLACEHOLDER = -1
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -52,6 +57,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    num_pending_tokens: int = 0  # trailing PLACEHOLDERs (async scheduling)
+    is_capped: bool = False  # its last token is already scheduled: no more steps for it
     # timestamps for metrics (monotonic seconds)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -81,6 +88,24 @@ class Request:
     def max_tokens(self) -> int:
         return self.sampling_params.max_tokens  # type: ignore[return-value]
 
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_pending_tokens
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if token_id == PLACEHOLDER:
+            self.num_pending_tokens += 1
+
+    def set_output_token(self, index: int, token_id: int) -> None:
+        """Replace the placeholder at output position `index` with the sampled id."""
+        self.output_token_ids[index] = token_id
+        self.all_token_ids[self.num_prompt_tokens + index] = token_id
+        self.num_pending_tokens -= 1
+
+    def truncate_outputs(self, num_outputs: int) -> None:
+        """Drop outputs after the first num_outputs (placeholders of steps past a finish)."""
+        self.num_pending_tokens -= sum(1 for t in self.output_token_ids[num_outputs:] if t == PLACEHOLDER)
+        del self.output_token_ids[num_outputs:]
+        del self.all_token_ids[self.num_prompt_tokens + num_outputs:]

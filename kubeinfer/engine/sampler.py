@@ -156,6 +156,11 @@ class Sampler:
 
         Greedy rows take the argmax of the penalized logits (ties -> lowest id); the rest draw.
         """
+        return unpack(pack(*self.sample(logits, meta), meta).tolist(), meta)
+
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The device half: sampled ids [B] and, when asked for, raw logprobs [B, V]. No sync."""
         logits = logits.float()
         raw_logprobs = None if meta.max_num_logprobs is None else logits.log_softmax(dim=-1)
         if meta.stop_mask_rows is not None:
@@ -168,7 +173,7 @@ class Sampler:
         else:
             drawn = self._draw(logits, meta)
             sampled = drawn if greedy is None else torch.where(meta.is_greedy, greedy, drawn)
-        return _to_host(sampled, raw_logprobs, meta)
+        return sampled, raw_logprobs
 
     def _draw(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         logits = logits / meta.temperature.unsqueeze(1)
@@ -252,17 +257,25 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
     return torch.empty_like(logits).scatter_(1, logits_idx, logits_sort)
 
 
-def _to_host(sampled: torch.Tensor, raw_logprobs: torch.Tensor | None,
-             meta: SamplingMetadata) -> SamplerOutput:
-    """The step's single device-to-host transfer: ids, and logprobs packed beside them."""
+def pack(sampled: torch.Tensor, raw_logprobs: torch.Tensor | None,
+         meta: SamplingMetadata) -> torch.Tensor:
+    """Everything the host needs from a step in one tensor, for one device-to-host transfer: the ids,
+    then (when asked) each sampled token's logprob and the top-N ids and logprobs."""
     if raw_logprobs is None:
-        return SamplerOutput(sampled_token_ids=sampled.tolist())
+        return sampled
     n = min(meta.max_num_logprobs, raw_logprobs.shape[1])
     parts = [sampled.unsqueeze(1).double(), raw_logprobs.gather(1, sampled.unsqueeze(1)).double()]
     if n > 0:
         top_lp, top_ids = raw_logprobs.topk(n, dim=-1)
         parts += [top_ids.double(), top_lp.double()]  # float64 holds any token id exactly
-    rows = torch.cat(parts, dim=1).tolist()
+    return torch.cat(parts, dim=1)
+
+
+def unpack(rows: list, meta: SamplingMetadata) -> SamplerOutput:
+    """The host half: `pack`'s tensor, as a list, into ids and per-row logprobs."""
+    if meta.max_num_logprobs is None:
+        return SamplerOutput(sampled_token_ids=rows)
+    n = (len(rows[0]) - 2) // 2 if rows else 0
     ids, logprobs = [], []
     for row, num in zip(rows, meta.num_logprobs):
         ids.append(int(row[0]))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from kubeinfer.engine.config import SchedulerConfig
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
-from kubeinfer.engine.request import Request, RequestStatus
+from kubeinfer.engine.request import PLACEHOLDER, Request, RequestStatus
 from kubeinfer.engine.stats import SchedulerStats
 
 
@@ -90,6 +90,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.is_capped:  # async scheduling: its last token is already in flight
+                i += 1
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()
@@ -128,6 +131,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        req.is_capped = False
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -160,17 +164,61 @@ class Scheduler:
             updates.append(TokenUpdate(req, [token], None if lp is None else [lp], status is not None))
         return updates
 
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+    def _check_stop(self, req: Request, token: int, num_outputs: int | None = None
+                    ) -> RequestStatus | None:
+        """Whether `token`, the request's num_outputs-th output (default: its last), ends it."""
         params = req.sampling_params
-        if req.num_output_tokens > params.min_tokens:  # the first min_tokens may not stop
+        num_outputs = req.num_output_tokens if num_outputs is None else num_outputs
+        if num_outputs > params.min_tokens:  # the first min_tokens may not stop
             if not params.ignore_eos and token in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token in params.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_outputs >= req.max_tokens or req.num_prompt_tokens + num_outputs >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    # ---- async scheduling: launch step N+1 before step N's tokens are known ----------------------
+    def advance(self, out: SchedulerOutput) -> list[tuple[Request, int]]:
+        """Account for a launched step whose tokens are not known yet: advance each request and
+        append a PLACEHOLDER for each token being sampled. Returns (request, output index) of each
+        placeholder, in sampling order, for `resolve`."""
+        pending = []
+        for req, num_new in out.scheduled:
+            samples = req.num_computed_tokens + num_new == req.num_tokens
+            req.num_computed_tokens += num_new
+            if samples:
+                req.append_output_token(PLACEHOLDER)
+                pending.append((req, req.num_output_tokens - 1))
+                # a length limit is known now; EOS and stop ids only once the token is
+                if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                    req.is_capped = True
+        return pending
+
+    def resolve(self, pending: list[tuple[Request, int]], sampled: dict[str, int],
+                logprobs: dict[str, tuple] | None = None) -> list[TokenUpdate]:
+        """Put a finished step's tokens in place of its placeholders and finish requests that
+        stop. A request that finished meanwhile (aborted, or stopped one step earlier) is skipped:
+        the step computed its token for nothing, and the token is dropped."""
+        updates = []
+        now = time.monotonic()
+        for req, index in pending:
+            if req.is_finished or index >= req.num_output_tokens:
+                continue
+            token = sampled[req.req_id]
+            req.set_output_token(index, token)
+            lp = logprobs.get(req.req_id) if logprobs else None
+            if lp is not None:
+                req.output_logprobs.append(lp)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            status = self._check_stop(req, token, index + 1)
+            if status is not None:
+                req.truncate_outputs(index + 1)
+                self.finish_request(req.req_id, status)
+            updates.append(TokenUpdate(req, [token], None if lp is None else [lp], status is not None))
+        return updates
 
     def make_stats(self) -> SchedulerStats:
         queries, hits = self.kv.take_prefix_cache_stats()

@@ -41,6 +41,9 @@ VARIANTS = {
     "no_prefix_caching": dict(enable_prefix_caching=False),
     "chunked_prefill": dict(max_num_batched_tokens=7),
     "preemption": dict(max_model_len=80, num_gpu_blocks_override=8, max_num_seqs=6),
+    "async": dict(async_scheduling=True),
+    "async_chunked_preempt": dict(async_scheduling=True, max_num_batched_tokens=7,
+                                  max_model_len=80, num_gpu_blocks_override=8, max_num_seqs=6),
 }
 
 

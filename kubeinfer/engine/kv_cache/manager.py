@@ -48,6 +48,7 @@ class KVCacheManager:
     def _block_hashes(self, req: Request, num_tokens: int) -> list[int]:
         """Hashes of the request's full blocks among its first num_tokens tokens, extended lazily."""
         hashes = self._req_to_hashes.setdefault(req.req_id, [])
+        num_tokens = min(num_tokens, req.num_known_tokens)  # never hash a placeholder
         bs = self.block_size
         tokens = req.all_token_ids
         while (len(hashes) + 1) * bs <= num_tokens:
@@ -117,7 +118,8 @@ class KVCacheManager:
         # Registering a block before this step's forward has written it is safe: every layer writes
         # the whole batch's K/V before any attention reads it, and later steps see finished blocks.
         hashes = self._block_hashes(req, num_tokens)
-        num_full = num_tokens // self.block_size  # hashes may run ahead, from a prefix lookup
+        # hashes may run ahead (a prefix lookup) or behind (placeholders of async scheduling)
+        num_full = min(num_tokens // self.block_size, len(hashes))
         start = self._num_cached_blocks.get(req.req_id, 0)
         for i in range(start, num_full):
             self.pool.cache_block(blocks[i], hashes[i])
