@@ -37,7 +37,7 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     return {
         "ceilings": ([py, "-c", CEILINGS], 60),
         "tests": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                   "tests/engine/test_gpu_engine.py"], 150),
+                   "tests/engine/test_gpu_engine.py"], 200),
         "kernel_tests": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                           "tests/kernels"], 300),
         "kernels": ([py, "benchmarks/bench_kernels.py"], 300),

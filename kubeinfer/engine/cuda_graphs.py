@@ -22,7 +22,8 @@ CAPTURE_SIZES = [1, 2, 4] + list(range(8, 513, 8))
 
 class CUDAGraphRunner:
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_model_len: int,
-                 block_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 block_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
+                 pin_inputs: bool = False):
         self.model = model
         self.sizes = [s for s in CAPTURE_SIZES if s <= max_batch_size]
         if not self.sizes or self.sizes[-1] < max_batch_size:
@@ -39,6 +40,7 @@ class CUDAGraphRunner:
         self.block_tables = torch.zeros(n, self.table_width, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pin_inputs = pin_inputs  # async scheduling: copy from pinned memory (ModelRunner._to_device)
         self.pool = None
 
     def _meta(self, size: int) -> AttentionMetadata:
@@ -67,19 +69,23 @@ class CUDAGraphRunner:
         return batch.is_pure_decode and batch.num_reqs <= self.sizes[-1] \
             and batch.block_tables.shape[1] <= self.table_width
 
+    def _host(self, a) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t.pin_memory() if self.pin_inputs else t
+
     def run(self, batch: InputBatch, fill_ids=None) -> torch.Tensor:
         """Replay the graph for a pure-decode batch; returns hidden states [num_reqs, hidden].
         `fill_ids(input_ids)` may overwrite input ids on the device first (async scheduling)."""
         num = batch.num_reqs
         size = self.sizes[bisect.bisect_left(self.sizes, num)]
         w = batch.block_tables.shape[1]
-        self.input_ids[:num].copy_(torch.from_numpy(batch.input_ids), non_blocking=True)
+        self.input_ids[:num].copy_(self._host(batch.input_ids), non_blocking=True)
         if fill_ids is not None:
             fill_ids(self.input_ids[:num])
-        self.positions[:num].copy_(torch.from_numpy(batch.positions), non_blocking=True)
-        self.slot_mapping[:num].copy_(torch.from_numpy(batch.slot_mapping), non_blocking=True)
-        self.seq_lens[:num].copy_(torch.from_numpy(batch.seq_lens), non_blocking=True)
-        self.block_tables[:num, :w].copy_(torch.from_numpy(batch.block_tables), non_blocking=True)
+        self.positions[:num].copy_(self._host(batch.positions), non_blocking=True)
+        self.slot_mapping[:num].copy_(self._host(batch.slot_mapping), non_blocking=True)
+        self.seq_lens[:num].copy_(self._host(batch.seq_lens), non_blocking=True)
+        self.block_tables[:num, :w].copy_(self._host(batch.block_tables), non_blocking=True)
         if size > num:  # reset padding rows left over from a larger batch
             self.slot_mapping[num:size].fill_(-1)
             self.seq_lens[num:size].fill_(1)

@@ -135,7 +135,8 @@ class ModelRunner:
             self.graph_runner = CUDAGraphRunner(
                 self.model, max_batch_size=min(self.config.scheduler.max_num_seqs, 512),
                 max_model_len=self.max_model_len, block_size=self.block_size,
-                hidden_size=self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
+                hidden_size=self.hf_config.hidden_size, dtype=self.dtype, device=self.device,
+                pin_inputs=self.config.scheduler.async_scheduling)
             self.graph_runner.capture()
 
     @torch.inference_mode()
@@ -177,7 +178,13 @@ class ModelRunner:
     # ---- the step ------------------------------------------------------------------------------
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
-        return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        if self.device.type != "cuda":
+            return t
+        if self.config.scheduler.async_scheduling:
+            # From pageable memory CUDA first waits for the stream, which would stall the host
+            # behind the step in flight; from pinned memory the copy is truly asynchronous.
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     def _forward(self, batch: InputBatch, fill_ids=None) -> torch.Tensor:
         if self.graph_runner is not None and self.graph_runner.can_run(batch):

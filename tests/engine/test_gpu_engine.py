@@ -34,3 +34,14 @@ def test_gpu_sampling_runs_on_device(tiny_model_dir):
                                        ignore_eos=True, seed=1, logprobs=2))
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1  # same seed, same tokens
+
+
+def test_gpu_async_scheduling_matches_hf(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    llm = LLM(str(path), dtype="float32", device="cuda", async_scheduling=True, max_model_len=256,
+              max_num_batched_tokens=64, gpu_memory_utilization=0.3)
+    prompts = make_prompts(llm.engine.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts)
+    assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
