@@ -1,15 +1,18 @@
 """The engine: add requests, then step(): schedule -> execute -> update."""
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
 from kubeinfer.engine import model_loader
-from kubeinfer.engine.config import ConfigError, EngineConfig
+from kubeinfer.engine.arg_utils import DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING
+from kubeinfer.engine.config import GENERATION_KEYS, ConfigError, EngineConfig
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
-from kubeinfer.engine.model_runner import GiB, ModelRunner
+from kubeinfer.engine.model_runner import GiB, ModelRunner, PendingStep
 from kubeinfer.engine.output_processor import OutputProcessor
 from kubeinfer.engine.outputs import RequestOutput
 from kubeinfer.engine.request import Request, RequestStatus
@@ -65,17 +68,11 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks
-        self._pending = None  # the launched, unread step (async scheduling)
+        self._pending: PendingStep | None = None  # the launched, unread step (async scheduling)
 
     def _default_sampling(self, path) -> dict[str, float]:
         """Default sampling parameters, as vLLM sets them: the model's generation_config.json
         (with --generation-config auto), then --override-generation-config on top."""
-        import json
-        from pathlib import Path
-
-        from kubeinfer.engine.arg_utils import DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING
-        from kubeinfer.engine.config import GENERATION_KEYS
-
         mc = self.config.model
         defaults: dict[str, float] = {}
         gen_file = Path(path) / "generation_config.json"
