@@ -14,14 +14,22 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # resolved to the GGUF th
 DEFAULT_MODEL_SAMPLING = {"temperature": 0.0, "max_new_tokens": 1024}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def int_arg(low: int, high: int | None = None, what: str = "an integer"):
+    """An argparse type for an integer in [low, high] whose error names the range."""
+    allowed = f"{low}..{high}" if high is not None else f"at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"expected {what} of {allowed}, got {v}")
+        return v
+    return parse
+
+
+_positive_int = int_arg(1)
 
 
 def _fraction(text: str) -> float:

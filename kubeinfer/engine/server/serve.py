@@ -13,31 +13,15 @@ import os
 import signal
 import sys
 
-from kubeinfer.engine.arg_utils import add_engine_args, engine_config_from_args
+from kubeinfer.engine.arg_utils import add_engine_args, engine_config_from_args, int_arg
 from kubeinfer.engine.config import ConfigError
 
 API_KEY_ENV = "KUBEINFER_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535, got {v}")
-    return v
-
-
-def _seconds(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds, got {v}")
-    return v
+_port = int_arg(0, 65535, "a port number")
+_seconds = int_arg(0, None, "a number of seconds")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
