@@ -97,7 +97,11 @@ class Emulator:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
-            await self._runner.cleanup()
+            try:
+                # a client that keeps a watch open must not hold the test's teardown hostage
+                await asyncio.wait_for(self._runner.cleanup(), timeout=10)
+            except asyncio.TimeoutError:
+                pass
 
     def stop(self) -> None:
         if self.loop is None or not self.loop.is_running():
@@ -105,6 +109,8 @@ class Emulator:
             return
         try:
             asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=30)
+        except TimeoutError:
+            pass  # stopping the loop below ends whatever is left
         finally:
             self._kill_processes()
             self.loop.call_soon_threadsafe(self.loop.stop)
