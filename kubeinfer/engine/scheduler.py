@@ -145,30 +145,12 @@ class Scheduler:
         `sampled` holds a token for each request whose scheduled tokens reached its end (a chunk in
         the middle of a prompt samples nothing).
         """
-        updates = []
-        now = time.monotonic()
-        for req, num_new in out.scheduled:
-            req.num_computed_tokens += num_new
-            token = sampled.get(req.req_id)
-            if token is None:
-                continue
-            req.append_output_token(token)
-            lp = logprobs.get(req.req_id) if logprobs else None
-            if lp is not None:
-                req.output_logprobs.append(lp)
-            if req.first_token_time is None:
-                req.first_token_time = now
-            status = self._check_stop(req, token)
-            if status is not None:
-                self.finish_request(req.req_id, status)
-            updates.append(TokenUpdate(req, [token], None if lp is None else [lp], status is not None))
-        return updates
+        # the synchronous step is the asynchronous one with the tokens already known
+        return self.resolve(self.advance(out), sampled, logprobs)
 
-    def _check_stop(self, req: Request, token: int, num_outputs: int | None = None
-                    ) -> RequestStatus | None:
-        """Whether `token`, the request's num_outputs-th output (default: its last), ends it."""
+    def _check_stop(self, req: Request, token: int, num_outputs: int) -> RequestStatus | None:
+        """Whether `token`, the request's num_outputs-th output, ends it."""
         params = req.sampling_params
-        num_outputs = req.num_output_tokens if num_outputs is None else num_outputs
         if num_outputs > params.min_tokens:  # the first min_tokens may not stop
             if not params.ignore_eos and token in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED

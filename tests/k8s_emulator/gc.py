@@ -59,11 +59,7 @@ class GarbageCollector:
             current["metadata"]["finalizers"] = [f for f in current["metadata"].get("finalizers", [])
                                                  if f != finalizer]
             return current
-        try:
-            self.store.update(rt, _meta(obj).get("namespace"), _meta(obj)["name"], mutate)
-        except ApiError as e:
-            if e.code != 404:
-                raise
+        self._update_if_present(rt, obj, mutate)
 
     def _drop_owner_ref(self, rt: ResourceType, obj: dict[str, Any], owner_uid: str) -> None:
         def mutate(current: dict[str, Any]) -> dict[str, Any]:
@@ -73,10 +69,13 @@ class GarbageCollector:
             else:
                 current["metadata"].pop("ownerReferences", None)
             return current
+        self._update_if_present(rt, obj, mutate)
+
+    def _update_if_present(self, rt: ResourceType, obj: dict[str, Any], mutate) -> None:
         try:
             self.store.update(rt, _meta(obj).get("namespace"), _meta(obj)["name"], mutate)
         except ApiError as e:
-            if e.code != 404:
+            if e.code != 404:  # already gone: nothing left to change
                 raise
 
     def sweep(self) -> None:
