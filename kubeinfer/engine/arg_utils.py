@@ -96,8 +96,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -
     g = p.add_argument_group("scheduler")
     g.add_argument("--max-num-seqs", type=_positive_int, default=256)
     g.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192)
-    g.add_argument("--async-scheduling", action="store_true", default=False,
-                   help="schedule the next step while the GPU runs this one")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the GPU runs this one (default: on for CUDA, "
+                        "off for CPU)")
     g = p.add_argument_group("parallelism and device")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)

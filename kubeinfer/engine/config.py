@@ -107,8 +107,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
     # launch step N+1 before reading step N's tokens, so host work overlaps the GPU (as vLLM's
-    # --async-scheduling); EOS and stop conditions are then seen one step late
-    async_scheduling: bool = False
+    # --async-scheduling); EOS and stop conditions are then seen one step late. None: on for CUDA
+    # (measured faster, docs/benchmarks.md), off for CPU, where nothing runs in parallel to overlap
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -28,7 +28,7 @@ class LLM:
                  kv_cache_memory: int | str | None = None, enable_prefix_caching: bool = True,
                  num_gpu_blocks_override: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_chunked_prefill: bool = True,
-                 async_scheduling: bool = False,
+                 async_scheduling: bool | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  device: str = "auto", enforce_eager: bool = False, chat_template: str | None = None,
                  generation_config: str = "auto",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,9 +35,12 @@ class RequestError(ValueError):
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()):
+        self.device = torch.device(config.device.resolve())
+        if config.scheduler.async_scheduling is None:
+            config = replace(config, scheduler=replace(
+                config.scheduler, async_scheduling=self.device.type == "cuda"))
         self.config = config
         self.stat_loggers = list(stat_loggers)
-        self.device = torch.device(config.device.resolve())
         torch.manual_seed(config.model.seed)
         path = model_loader.resolve_model(config.model)
         self.model, self.hf_config = model_loader.load_model(config.model, self.device, path=path)

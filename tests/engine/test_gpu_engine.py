@@ -11,12 +11,14 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
-@pytest.mark.parametrize("eager", [False, True])
-def test_gpu_greedy_matches_hf(tiny_model_dir, arch, eager):
+@pytest.mark.parametrize("eager,async_sched", [(False, None), (False, False), (True, None)],
+                         ids=["graphs-async", "graphs-sync", "eager-async"])
+def test_gpu_greedy_matches_hf(tiny_model_dir, arch, eager, async_sched):
     path = tiny_model_dir(arch)
     llm = LLM(str(path), dtype="float32", device="cuda", enforce_eager=eager, max_model_len=256,
-              max_num_batched_tokens=64, gpu_memory_utilization=0.3)
+              max_num_batched_tokens=64, gpu_memory_utilization=0.3, async_scheduling=async_sched)
     assert (llm.engine.runner.graph_runner is None) == eager
+    assert llm.engine.config.scheduler.async_scheduling == (async_sched is None)  # on by default
     prompts = make_prompts(llm.engine.vocab_size)
     expected = hf_greedy(path, prompts)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
@@ -35,13 +37,3 @@ def test_gpu_sampling_runs_on_device(tiny_model_dir):
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1  # same seed, same tokens
 
-
-def test_gpu_async_scheduling_matches_hf(tiny_model_dir):
-    path = tiny_model_dir("llama")
-    llm = LLM(str(path), dtype="float32", device="cuda", async_scheduling=True, max_model_len=256,
-              max_num_batched_tokens=64, gpu_memory_utilization=0.3)
-    prompts = make_prompts(llm.engine.vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts)
-    assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
