@@ -124,20 +124,25 @@ def run_latency(args: argparse.Namespace) -> int:
     prompts = [[rng.randrange(engine.vocab_size) for _ in range(args.input_len)]
                for _ in range(args.batch_size)]
 
-    def timed(max_tokens: int) -> float:
+    def timed() -> tuple[float, float, float]:
+        """One batch: time to the first tokens, time per output token after them, end to end."""
         engine.kv.pool.reset_prefix_cache()  # every iteration computes its prompt
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        for i, ids in enumerate(prompts):
+            engine.add_request(str(i), ids, params)
         _sync(engine)
-        t = time.perf_counter()
-        _run_all(engine, prompts, [SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                                                  ignore_eos=True)] * len(prompts))
+        start, first = time.perf_counter(), None
+        while engine.has_unfinished_requests():
+            if engine.step() and first is None:
+                first = time.perf_counter()
         _sync(engine)
-        return time.perf_counter() - t
+        end = time.perf_counter()
+        return first - start, (end - first) / max(1, args.output_len - 1), end - start
 
     for _ in range(args.num_iters_warmup):
-        timed(args.output_len)
-    ttft = statistics.median(timed(1) for _ in range(args.num_iters))
-    total = statistics.median(timed(args.output_len) for _ in range(args.num_iters))
-    tpot = (total - ttft) / max(1, args.output_len - 1)
+        timed()
+    runs = [timed() for _ in range(args.num_iters)]
+    ttft, tpot, total = (statistics.median(r[i] for r in runs) for i in range(3))
     print(json.dumps({
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "time_to_first_token_ms": round(ttft * 1e3, 2), "time_per_output_token_ms": round(tpot * 1e3, 3),
