@@ -110,6 +110,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "tokens_per_second": round(total / elapsed, 1),
         "output_tokens_per_second": round(num_out / elapsed, 1),
         "device": _device_name(engine)}), flush=True)
+    engine.shutdown()
     return 0
 
 
@@ -149,6 +150,7 @@ def run_latency(args: argparse.Namespace) -> int:
         "e2e_latency_s": round(total, 3),
         "output_tokens_per_second": round(args.batch_size * args.output_len / total, 1),
         "device": _device_name(engine)}), flush=True)
+    engine.shutdown()
     return 0
 
 

@@ -65,6 +65,7 @@ class AsyncLLM:
         self._inbox.put(("wake",))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+        self.engine.shutdown()
 
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,

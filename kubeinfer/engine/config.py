@@ -129,9 +129,11 @@ class ParallelConfig:
                         ("--pipeline-parallel-size", self.pipeline_parallel_size)):
             if v < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {v}")
-            if v != 1:
-                raise ConfigError(f"{flag}={v} is not supported yet: this build of kubeinfer runs on one "
-                                  f"device. Use {flag}=1 with a model that fits one GPU.")
+        if self.pipeline_parallel_size != 1:
+            raise ConfigError(
+                f"--pipeline-parallel-size={self.pipeline_parallel_size} is not supported yet: "
+                "kubeinfer splits a model over the GPUs of one node with --tensor-parallel-size. "
+                "Use --pipeline-parallel-size=1 and set --tensor-parallel-size to the node's GPU count.")
 
     @property
     def world_size(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from kubeinfer.engine import model_loader
 from kubeinfer.engine.arg_utils import DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING
 from kubeinfer.engine.config import GENERATION_KEYS, ConfigError, EngineConfig
+from kubeinfer.engine.distributed import TPWorkers, check_tensor_parallel
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
 from kubeinfer.engine.model_runner import GiB, ModelRunner, PendingStep
 from kubeinfer.engine.output_processor import OutputProcessor
@@ -43,7 +44,23 @@ class LLMEngine:
         self.stat_loggers = list(stat_loggers)
         torch.manual_seed(config.model.seed)
         path = model_loader.resolve_model(config.model)
+        self.workers: TPWorkers | None = None
+        tp = config.parallel.tensor_parallel_size
+        if tp > 1:
+            check_tensor_parallel(model_loader.load_hf_config(path, config.model), tp,
+                                  self.device.type, torch.cuda.device_count())
+            self.workers = TPWorkers(config, path, self.device)
+        try:
+            self._build(path)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _build(self, path: Path) -> None:
+        config = self.config
         self.model, self.hf_config = model_loader.load_model(config.model, self.device, path=path)
+        if self.workers is not None:
+            self.workers.check_loaded()
         self.dtype = next(self.model.parameters()).dtype
         self.max_model_len = model_loader.get_max_model_len(self.hf_config, config.model.max_model_len)
         self.tokenizer = None
@@ -55,7 +72,7 @@ class LLMEngine:
         self.default_sampling = self._default_sampling(path)
 
         self.runner = ModelRunner(config, self.model, self.hf_config, self.device, self.dtype,
-                                  self.max_model_len)
+                                  self.max_model_len, self.workers)
         num_blocks = self.runner.determine_num_blocks()
         block_size = config.cache.block_size
         capacity = num_blocks * block_size
@@ -73,6 +90,12 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks
         self._pending: PendingStep | None = None  # the launched, unread step (async scheduling)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (their processes end with this one anyway)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
 
     def _default_sampling(self, path) -> dict[str, float]:
         """Default sampling parameters, as vLLM sets them: the model's generation_config.json

@@ -5,13 +5,14 @@ The runner never changes request state; it reads the scheduled requests and retu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from kubeinfer.engine.config import ConfigError, EngineConfig
 from kubeinfer.engine.cuda_graphs import CUDAGraphRunner
+from kubeinfer.engine.distributed import StepMessage, TPWorkers, broadcast_from_driver
 from kubeinfer.engine.forward_context import AttentionMetadata, set_forward_context
 from kubeinfer.engine.input_batch import InputBatch, build_input_batch
 from kubeinfer.engine.layers.attention import Attention
@@ -38,8 +39,10 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, hf_config,
-                 device: torch.device, dtype: torch.dtype, max_model_len: int):
+                 device: torch.device, dtype: torch.dtype, max_model_len: int,
+                 workers: TPWorkers | None = None):
         self.config = config
+        self.workers = workers  # tensor parallel: ranks 1..tp-1 follow this runner's steps
         self.model = model
         self.hf_config = hf_config
         self.device = device
@@ -62,16 +65,15 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit: --num-gpu-blocks-override, else --kv-cache-memory (CPU: 1 GiB default),
-        else on GPU what --gpu-memory-utilization leaves after a profiling forward pass."""
-        cache = self.config.cache
-        if cache.num_gpu_blocks_override:
-            return cache.num_gpu_blocks_override
-        if cache.kv_cache_memory is not None:
-            kv_bytes = cache.kv_cache_memory
-        elif self.device.type == "cuda":
-            kv_bytes = self._profile_gpu_kv_bytes()
-        else:
-            kv_bytes = cache.DEFAULT_CPU_KV_BYTES
+        else on GPU what --gpu-memory-utilization leaves after a profiling forward pass. With
+        tensor parallelism every rank profiles its own GPU and the smallest count wins."""
+        if self.workers is not None:
+            self.workers.send("kv_bytes")
+        kv_bytes = self._kv_bytes()
+        if self.workers is not None:
+            kv_bytes = min([kv_bytes, *self.workers.gather()])
+        if self.config.cache.num_gpu_blocks_override:
+            return self.config.cache.num_gpu_blocks_override
         num_blocks = kv_bytes // self.bytes_per_block
         if num_blocks < 1:
             raise ConfigError(
@@ -79,6 +81,16 @@ class ModelRunner:
                 f"only {max(kv_bytes, 0) / GiB:.3f} GiB are left for it. Try increasing "
                 "`gpu_memory_utilization` (GPU) or `--kv-cache-memory` (CPU).")
         return int(num_blocks)
+
+    def _kv_bytes(self) -> int:
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override:
+            return cache.num_gpu_blocks_override * self.bytes_per_block
+        if cache.kv_cache_memory is not None:
+            return cache.kv_cache_memory
+        if self.device.type == "cuda":
+            return self._profile_gpu_kv_bytes()
+        return cache.DEFAULT_CPU_KV_BYTES
 
     @torch.inference_mode()
     def _profile_gpu_kv_bytes(self) -> int:
@@ -128,6 +140,8 @@ class ModelRunner:
                 layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        if self.workers is not None:
+            self.workers.send("init_kv_cache", num_blocks)
         self._allocate_kv_cache(num_blocks)
         if self.device.type == "cuda":
             self._warm_up_kernels(num_blocks)
@@ -208,6 +222,7 @@ class ModelRunner:
                 ) -> tuple[dict[str, int], dict[str, tuple] | None]:
         """Run one step. Returns sampled token ids by request id, and logprobs where asked."""
         batch = build_input_batch(out, block_ids, self.block_size)
+        self._send_step(batch)
         hidden = self._forward(batch)
         if not batch.sample_reqs:
             return {}, None
@@ -225,21 +240,23 @@ class ModelRunner:
         """Start a step without waiting for it (async scheduling). Input tokens still PLACEHOLDER on
         the host are the previous step's samples: they are copied into place on the device."""
         batch = build_input_batch(out, block_ids, self.block_size)
-        fill_ids = None
+        fill_ids, holes, src = None, None, None
         holes = np.flatnonzero(batch.input_ids < 0)
         if len(holes):
             req_of_token = np.repeat(np.arange(batch.num_reqs), np.diff(batch.query_start_loc))
-            src = [prev.row_of[out.scheduled[r][0].req_id] for r in req_of_token[holes]]
-            dst_t, src_t = self._to_device(holes), self._to_device(np.asarray(src, dtype=np.int64))
-            prev_ids = prev.sampled
-
-            def fill_ids(input_ids: torch.Tensor) -> None:
-                input_ids[dst_t] = prev_ids[src_t]
+            src = np.asarray([prev.row_of[out.scheduled[r][0].req_id] for r in req_of_token[holes]],
+                             dtype=np.int64)
+            fill_ids = self._filler(prev.sampled, holes, src)
+        else:
+            holes = None
+        self._send_step(batch, holes, src, broadcast=True)
         hidden = self._forward(batch, fill_ids)
         step = PendingStep(reqs=batch.sample_reqs)
         if batch.sample_reqs:
             step.meta = self._sampling_metadata(batch.sample_reqs)
             sampled, raw_logprobs = self.sampler.sample(self.model.compute_logits(hidden), step.meta)
+            if self.workers is not None:
+                sampled = broadcast_from_driver(sampled.long().contiguous())
             step.sampled = sampled
             step.row_of = {req.req_id: i for i, req in enumerate(batch.sample_reqs)}
             packed = pack(sampled, raw_logprobs, step.meta)
@@ -252,6 +269,48 @@ class ModelRunner:
             else:
                 step.host = packed
         return step
+
+    def _filler(self, prev_sampled: torch.Tensor, holes: np.ndarray, src: np.ndarray):
+        """fill_ids for a step whose input ids at `holes` are rows `src` of the previous step's
+        samples, still on the device."""
+        dst_t, src_t = self._to_device(holes), self._to_device(src)
+
+        def fill_ids(input_ids: torch.Tensor) -> None:
+            input_ids[dst_t] = prev_sampled[src_t]
+        return fill_ids
+
+    # ---- tensor parallelism --------------------------------------------------------------------
+    def _send_step(self, batch: InputBatch, holes=None, src=None, broadcast: bool = False) -> None:
+        if self.workers is not None:
+            arrays = replace(batch, sample_reqs=[None] * len(batch.sample_reqs))
+            self.workers.send("step", StepMessage(arrays, holes, src, broadcast))
+
+    @torch.inference_mode()
+    def follow(self, conn) -> None:
+        """A tensor-parallel worker's loop: mirror the driver's runner, message by message, so
+        every collective meets its peers in the same order."""
+        prev_sampled = None
+        while True:
+            kind, payload = conn.recv()
+            if kind == "kv_bytes":
+                conn.send(self._kv_bytes())
+            elif kind == "init_kv_cache":
+                self.init_kv_cache(payload)
+            elif kind == "step":
+                prev_sampled = self._follow_step(payload, prev_sampled)
+            elif kind == "stop":
+                return
+
+    def _follow_step(self, msg: StepMessage, prev_sampled: torch.Tensor | None):
+        fill_ids = None if msg.holes is None else self._filler(prev_sampled, msg.holes, msg.src)
+        hidden = self._forward(msg.batch, fill_ids)
+        num_sample = len(msg.batch.sample_reqs)
+        if not num_sample:
+            return prev_sampled
+        self.model.compute_logits(hidden)  # the LM head's all-gather; only the driver samples
+        if not msg.broadcast:
+            return prev_sampled
+        return broadcast_from_driver(torch.empty(num_sample, dtype=torch.long, device=self.device))
 
     def resolve(self, step: "PendingStep") -> tuple[dict[str, int], dict[str, tuple] | None]:
         """Wait for a launched step and return its tokens (and logprobs) by request id."""

@@ -37,3 +37,20 @@ def test_gpu_sampling_runs_on_device(tiny_model_dir):
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1  # same seed, same tokens
 
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_gpu_tensor_parallel_2_matches_hf(tiny_model_dir, eager):
+    """Two ranks over NCCL, all-reduces captured in the CUDA graphs, async scheduling on."""
+    path = tiny_model_dir("qwen3")
+    llm = LLM(str(path), dtype="float32", device="cuda", tensor_parallel_size=2, enforce_eager=eager,
+              max_model_len=256, max_num_batched_tokens=64, gpu_memory_utilization=0.3)
+    try:
+        prompts = make_prompts(llm.engine.vocab_size)
+        params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts)
+        assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+    finally:
+        llm.engine.shutdown()

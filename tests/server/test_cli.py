@@ -47,9 +47,17 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, code: int, *phrases:
         assert phrase in proc.stderr, proc.stderr
 
 
-def test_tensor_parallel_2_is_refused_clearly():
+def test_tensor_parallel_that_does_not_divide_the_heads_is_refused_clearly():
+    # the default model, SmolLM2-135M, has 9 attention heads and 3 KV heads
     proc = run_serve("--tensor-parallel-size", "2")
-    assert_clean_failure(proc, 1, "error: --tensor-parallel-size=2 is not supported")
+    assert_clean_failure(proc, 1, "error: --tensor-parallel-size=2 does not divide the model's "
+                                  "num_attention_heads (9); use one of [1, 3]")
+    assert proc.stderr.count("does not divide") == 1  # said once, found when the model's config is read
+
+
+def test_pipeline_parallel_is_refused_clearly():
+    proc = run_serve("--pipeline-parallel-size", "2")
+    assert_clean_failure(proc, 1, "error: --pipeline-parallel-size=2 is not supported yet")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -1,0 +1,78 @@
+"""Tensor parallelism, run on CPU through gloo: the driver and its worker processes, each holding a
+shard of every layer, give HF transformers' greedy tokens (float32), synchronously and with async
+scheduling, with KV heads split and replicated. The GPU run (NCCL, CUDA graphs) is in
+tests/engine/test_gpu_engine.py."""
+import multiprocessing
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from kubeinfer import LLM, SamplingParams
+from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.distributed import check_tensor_parallel
+from tests.engine.test_consistency import NUM_OUT, hf_greedy, make_prompts
+
+KW = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=32,
+          num_gpu_blocks_override=40)
+
+
+def greedy(llm, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch,tp,async_sched", [("llama", 2, False), ("qwen3", 2, True),
+                                                  ("llama", 4, True)],
+                         ids=["llama-tp2-sync", "qwen3-tp2-async", "llama-tp4-kv-replicated"])
+def test_tensor_parallel_greedy_matches_hf(tiny_model_dir, arch, tp, async_sched):
+    path = tiny_model_dir(arch)
+    llm = LLM(str(path), tensor_parallel_size=tp, async_scheduling=async_sched, **KW)
+    try:
+        workers = llm.engine.workers
+        assert workers is not None and len(workers.procs) == tp - 1
+        assert all(p.is_alive() for p in workers.procs)
+        attn = llm.engine.runner.attn_layers[0]
+        assert attn.num_heads == 4 // tp and attn.num_kv_heads == max(1, 2 // tp)  # this rank's share
+        prompts = make_prompts(llm.engine.vocab_size)
+        expected = hf_greedy(path, prompts)
+        assert greedy(llm, prompts) == expected
+        assert greedy(llm, prompts) == expected  # prefix-cache hits on the second round
+    finally:
+        llm.engine.shutdown()
+    assert not multiprocessing.active_children()
+
+
+def test_sizes_that_do_not_divide_the_model_are_refused_before_any_process_starts(tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"--tensor-parallel-size=3 does not divide the model's "
+                                          r"num_attention_heads \(4\); use one of \[1, 2, 4\]"):
+        LLM(str(tiny_model_dir("llama")), tensor_parallel_size=3, **KW)
+    assert not multiprocessing.active_children()
+
+
+def test_more_ranks_than_gpus_is_refused(tiny_model_dir):
+    config = AutoConfig.from_pretrained(tiny_model_dir("llama"))
+    with pytest.raises(ConfigError, match="--tensor-parallel-size=2 needs 2 GPUs but 1 is visible"):
+        check_tensor_parallel(config, 2, "cuda", num_gpus=1)
+    check_tensor_parallel(config, 2, "cuda", num_gpus=2)
+    check_tensor_parallel(config, 4, "cpu", num_gpus=0)  # 2 KV heads, each on 2 ranks
+
+
+def test_a_checkpoint_that_fails_to_load_stops_every_rank(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_model_dir("qwen3")  # one shard
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors[next(k for k in tensors if "mlp.down_proj" in k)]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="lacks 1 weights"):
+        LLM(str(tmp_path), tensor_parallel_size=2, **KW)
+    assert not multiprocessing.active_children()
+    assert not torch.distributed.is_initialized()  # a later engine can start its own group
