@@ -139,7 +139,11 @@ class TPWorkers:
                     os._exit(1)
 
     def shutdown(self) -> None:
-        """Stop the workers and leave the process group, so another engine can start later."""
+        """Stop the workers and leave the process group, so another engine can start later.
+
+        Every rank tears the group down at the same time (NCCL's teardown waits for its peers, so
+        a driver that waited for the workers to exit first would wait forever); a teardown that
+        still hangs is abandoned after a timeout, and the workers are killed."""
         if self._stopping:
             return
         self._stopping = True
@@ -148,13 +152,18 @@ class TPWorkers:
                 conn.send(("stop", None))
             except (BrokenPipeError, OSError):
                 pass
+        set_tp_group(None)
+        if dist.is_initialized():
+            teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            teardown.start()
+            teardown.join(timeout=30)
+            if teardown.is_alive():
+                logger.warning("the tensor-parallel process group did not shut down in 30 s; "
+                               "killing the workers")
         for proc in self.procs:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
-        set_tp_group(None)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, port: int,
