@@ -11,6 +11,11 @@ workers fill the next step's input ids from them without a host round trip, as t
 A worker that dies leaves its peers waiting in a collective forever, so the driver watches the
 workers' processes and exits the engine's process when one dies unasked (Kubernetes restarts the
 pod); the worker's own error is in the log above that.
+
+On GPUs the NCCL group is never torn down: with the all-reduces captured in CUDA graphs,
+destroy_process_group hung on an H200 pair (torch 2.11, NCCL 2.28), so the workers simply exit and
+the group ends with the driver's process. One tensor-parallel engine per process on CUDA; on CPU
+(gloo) the group is torn down and another can start.
 """
 from __future__ import annotations
 
@@ -94,6 +99,10 @@ class TPWorkers:
 
     def __init__(self, config: EngineConfig, model_path: Path, device: torch.device):
         world = config.parallel.tensor_parallel_size
+        if dist.is_initialized():
+            raise ConfigError("a tensor-parallel engine already ran in this process and its NCCL "
+                              "group cannot be torn down; start the next one in a new process")
+        self.nccl = device.type == "cuda"
         port = _free_port()
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self.conns: list[multiprocessing.connection.Connection] = []
@@ -139,11 +148,7 @@ class TPWorkers:
                     os._exit(1)
 
     def shutdown(self) -> None:
-        """Stop the workers and leave the process group, so another engine can start later.
-
-        Every rank tears the group down at the same time (NCCL's teardown waits for its peers, so
-        a driver that waited for the workers to exit first would wait forever); a teardown that
-        still hangs is abandoned after a timeout, and the workers are killed."""
+        """Stop the workers; on CPU also leave the gloo group, so another engine can start later."""
         if self._stopping:
             return
         self._stopping = True
@@ -153,13 +158,8 @@ class TPWorkers:
             except (BrokenPipeError, OSError):
                 pass
         set_tp_group(None)
-        if dist.is_initialized():
-            teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
-            teardown.start()
-            teardown.join(timeout=30)
-            if teardown.is_alive():
-                logger.warning("the tensor-parallel process group did not shut down in 30 s; "
-                               "killing the workers")
+        if dist.is_initialized() and not self.nccl:
+            dist.destroy_process_group()
         for proc in self.procs:
             proc.join(timeout=10)
             if proc.is_alive():
@@ -175,6 +175,7 @@ def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, p
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    code = 0
     try:
         init_distributed(rank, world, port, device)
         torch.manual_seed(config.model.seed)
@@ -187,18 +188,20 @@ def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, p
         except Exception as e:  # reported by the driver, which stops every rank
             error = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
         kind, _ = conn.recv()
-        if kind == "stop":
-            return
-        conn.send(error)
-        if runner is None:
-            conn.recv()  # the driver's "stop"
-            return
-        runner.follow(conn)
+        if kind != "stop":
+            conn.send(error)
+            if runner is not None:
+                runner.follow(conn)
+            else:
+                conn.recv()  # the driver's "stop"
     except (EOFError, KeyboardInterrupt):
         pass  # the driver went away
     except BaseException:
         logger.exception("tensor-parallel worker %d failed", rank)
-        raise SystemExit(1) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        code = 1
+    if device_type == "cuda":
+        logging.shutdown()
+        os._exit(code)  # leave the NCCL group without its teardown (see the module docstring)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(code)

@@ -76,3 +76,35 @@ def test_a_checkpoint_that_fails_to_load_stops_every_rank(tiny_model_dir, tmp_pa
         LLM(str(tmp_path), tensor_parallel_size=2, **KW)
     assert not multiprocessing.active_children()
     assert not torch.distributed.is_initialized()  # a later engine can start its own group
+
+
+def test_a_second_group_in_one_process_is_refused_clearly(tiny_model_dir, tmp_path):
+    # stands in for an NCCL group left by an earlier engine, which cannot be torn down
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0,
+                                         world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="already ran in this process.*new process"):
+            LLM(str(tiny_model_dir("llama")), tensor_parallel_size=2, **KW)
+        assert not multiprocessing.active_children()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_worker_that_dies_stops_the_engine_instead_of_hanging(tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, time
+from kubeinfer import LLM
+llm = LLM({str(tiny_model_dir("llama"))!r}, tensor_parallel_size=2, dtype="float32", device="cpu",
+          max_model_len=128, num_gpu_blocks_override=40)
+os.kill(llm.engine.workers.procs[0].pid, signal.SIGKILL)
+time.sleep(60)
+print("still running")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 1 and "still running" not in proc.stdout
+    assert "tensor-parallel worker kubeinfer-tp1 exited with code -9" in proc.stderr
