@@ -8,10 +8,13 @@ Calls, all JSON over the official client's connection (kubeconfig or in-cluster,
     POST   LIST_PATH                                                     create
     PUT    OBJECT_PATH   (with metadata.resourceVersion)                 update, drift correction
     DELETE OBJECT_PATH   (propagationPolicy=Background)                  orphans, immutable changes
+    GET    inferenceservices/NAME, merge PATCH inferenceservices/NAME/status (with
+           metadata.resourceVersion: 409 when it changed since the GET)  status refresh on pod events
 
 Idempotent: AlreadyExists on create fetches the object and updates it (when it is ours), NotFound on
 update creates it, NotFound on delete is success. The RBAC rules in charts/kubeinfer grant exactly
-these verbs (get, list, watch, create, update, delete) on these resources.
+these verbs (get, list, watch, create, update, delete) on these resources, and patch on
+inferenceservices/status.
 """
 from __future__ import annotations
 
@@ -85,14 +88,14 @@ class KubeApi:
             return self._client
 
     def request(self, method: str, path: str, body: dict | None = None,
-                query: list[tuple[str, str]] | None = None) -> dict:
+                query: list[tuple[str, str]] | None = None, content_type: str = "application/json") -> dict:
         import urllib3
         from kubernetes.client.exceptions import ApiException
 
         c = self._api_client()
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         req = c.param_serialize(method, path, query_params=query or [], header_params=headers,
                                 body=body, auth_settings=["BearerToken"])
         try:
@@ -148,6 +151,13 @@ class KubeApi:
             if e.status == 404:
                 return False
             raise
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict, resource_version: str) -> dict:
+        """Merge `status` into the status subresource, only if the object is still at `resource_version`
+        (409 Conflict otherwise): a status computed from an older read never overwrites a newer one."""
+        return self.request("PATCH", _path(kind, namespace, name) + "/status",
+                            body={"metadata": {"resourceVersion": resource_version}, "status": status},
+                            content_type="application/merge-patch+json")
 
     def serves_leaderworkerset(self) -> bool:
         try:

@@ -23,8 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--liveness-port", type=int, default=None, metavar="P",
                    help="serve the operator's own GET /healthz on this port (default 8080, 0: off)")
     p.add_argument("--resync-seconds", type=float, default=None, metavar="S",
-                   help="reconcile every InferenceService this often: drift correction and status "
-                        "(default 10)")
+                   help="reconcile every InferenceService this often: drift correction, and status "
+                        "besides the refresh on pod events (default 10)")
     p.add_argument("--engine-image", default=None, help="engine image when spec.engine.image is empty")
     p.add_argument("--cluster-domain", default=None, help="e.g. cluster.local; default: none")
     p.add_argument("--leaderworkerset", choices=LWS_MODES, default=None,

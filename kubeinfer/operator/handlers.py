@@ -1,4 +1,4 @@
-"""kopf handlers for InferenceService: thin wrappers around reconcile.reconcile.
+"""kopf handlers for InferenceService: thin wrappers around reconcile.reconcile and reconcile.refresh.
 
 CONTRACT (stable; tests/e2e and the Helm chart rely on it)
 
@@ -19,6 +19,14 @@ What it watches
     kubeinfer.io/* annotations.
     Children labelled app.kubernetes.io/managed-by=kubeinfer-operator (Deployments, StatefulSets,
     Services, PodDisruptionBudgets): a DELETED event reconciles the owner at once.
+    Pods labelled app.kubernetes.io/managed-by=kubeinfer-operator (a server-side label selector on
+    the watch), and the Deployments and StatefulSets above: any event after the initial listing
+    refreshes the status of the InferenceService named by the kubeinfer.io/inferenceservice label
+    in the same namespace, so the status follows the pods within about a second (StatusFollower:
+    events coalesced per InferenceService, reads only, PATCH only when the status changed and only
+    for a generation the reconcile has handled, with metadata.resourceVersion so a stale status never
+    overwrites a newer one). No child is written on this path, and a status patch fires none of
+    these events, so nothing loops.
 
 Children of InferenceService NAME in namespace NS (owner reference: controller, blockOwnerDeletion)
     pipeline == 1: Deployment NAME, Service NAME (ClusterIP, port 8000 "http"), PodDisruptionBudget NAME
@@ -52,24 +60,112 @@ Status (patched through the status subresource)
     Events: Normal Created/Updated/Deleted/Recreated/Ready/Loading, Warning DriftCorrected,
     InvalidSpec, InsufficientGPU, ImagePullFailed, CrashLoop, ModelLoadFailed, ...
 
-API calls made: see apply.py (the operator's own); kopf adds discovery (/api, /apis, /apis/G/V),
-list+watch of inferenceservices and of the child kinds, merge PATCH of inferenceservices (its
+API calls made: see apply.py (the operator's own, including the status refresh's GET of the
+InferenceService and its merge PATCH of inferenceservices/status); kopf adds discovery (/api, /apis,
+/apis/G/V), list+watch of inferenceservices, of the child kinds and of pods
+(labelSelector=app.kubernetes.io/managed-by=kubeinfer-operator), merge PATCH of inferenceservices (its
 kubeinfer.io/* progress annotations) and of inferenceservices/status, POST of core v1 events.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import kopf
 
 from kubeinfer.operator.apply import ApiError, KubeApi
-from kubeinfer.operator.reconcile import LwsDiscovery, reconcile
+from kubeinfer.operator.reconcile import LwsDiscovery, reconcile, refresh
 from kubeinfer.operator.render import LABEL_IS, LABEL_MANAGED_BY, MANAGER
 from kubeinfer.operator.settings import OperatorSettings
 from kubeinfer.operator.spec import GROUP, PLURAL, VERSION
 
 CHILDREN = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"),
             ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"))
+# whose events refresh the owner's status: pods (readiness, crashes), workloads (rollout conditions)
+STATUS_SOURCES = (("", "v1", "pods"), ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"))
+STATUS_WINDOW = 0.3      # seconds: the events of one InferenceService within it make one refresh
+CONFLICT_RETRIES = 3
+
+
+class StatusFollower:
+    """Pod and workload events -> the status of the InferenceService they belong to.
+
+    `follow` returns at once (so kopf goes on with the next event) and refreshes in a task of its own,
+    coalesced per InferenceService: the first event waits STATUS_WINDOW and refreshes; events that
+    come meanwhile only ask for one more round after it (the state they brought is read then), so a
+    burst costs one or two refreshes and one refresh per InferenceService runs at a time. A refresh
+    (reconcile.refresh, in a thread: KubeApi blocks) reads the InferenceService, its workloads and
+    pods, and patches the status only when the status would change, only for a generation the
+    reconcile handler has handled (that handler writes the status of a new spec), and only if the
+    InferenceService is unchanged since it was read (metadata.resourceVersion; a 409 reads again).
+    """
+
+    def __init__(self, api: KubeApi, settings: OperatorSettings, lws: LwsDiscovery,
+                 window: float = STATUS_WINDOW):
+        self.api, self.settings, self.lws, self.window = api, settings, lws, window
+        self._busy: set[tuple[str, str]] = set()    # a refresh is due or running
+        self._again: set[tuple[str, str]] = set()   # ... and an event came while it ran
+        self._tasks: set[asyncio.Task] = set()
+
+    def follow(self, namespace: str, name: str, logger) -> None:
+        """Ask for a refresh of InferenceService NAME's status (in the running event loop)."""
+        key = (namespace, name)
+        if not name:
+            return
+        if key in self._busy:
+            self._again.add(key)
+            return
+        self._busy.add(key)
+        task = asyncio.get_running_loop().create_task(self._refresh(key, logger))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self) -> None:
+        """Wait for the refreshes asked for so far (tests)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+
+    async def _refresh(self, key: tuple[str, str], logger) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.window)
+                self._again.discard(key)   # the refresh below reads what those events brought
+                try:
+                    await asyncio.to_thread(self.refresh, *key)
+                except ApiError as e:
+                    logger.warning(f"could not refresh the status of InferenceService {key[0]}/{key[1]}: "
+                                   f"{e}; the resync timer will try again")
+                except Exception:
+                    logger.exception(f"status refresh of InferenceService {key[0]}/{key[1]} failed")
+                if key not in self._again:
+                    return
+        finally:
+            self._busy.discard(key)
+            self._again.discard(key)
+
+    def refresh(self, namespace: str, name: str) -> bool:
+        """One status refresh; True when it patched the status."""
+        for _ in range(CONFLICT_RETRIES):
+            body = self.api.get("InferenceService", namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return False
+            meta, current = body["metadata"], body.get("status") or {}
+            if current.get("observedGeneration") != meta.get("generation"):
+                return False   # the reconcile handler has this generation to do, and writes its status
+            outcome = refresh(self.api, body, self.settings, self.lws)
+            if {**current, **outcome.status} == current:
+                return False   # what a merge patch would leave unchanged is not sent
+            try:
+                self.api.patch_status("InferenceService", namespace, name, outcome.status,
+                                      meta["resourceVersion"])
+            except ApiError as e:
+                if e.status == 409:
+                    continue   # written since the GET (a reconcile, kopf's annotations): read again
+                raise
+            for type_, reason, message in outcome.events:
+                kopf.event(body, type=type_, reason=reason, message=message)
+            return True
+        return False
 
 
 def retry_delay(retry: int) -> float:
@@ -133,6 +229,18 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None) -> ko
     for group, version, plural in CHILDREN:
         kopf.on.event(group, version, plural, id=f"child-{plural}", labels={LABEL_MANAGED_BY: MANAGER},
                       registry=registry)(on_child_event)
+
+    follower = StatusFollower(api, settings, lws)
+
+    async def on_status_event(type, body, logger, **_):
+        if type is None:
+            return  # the initial listing: the resume handler reconciles every InferenceService anyway
+        meta = body.get("metadata", {})
+        follower.follow(meta.get("namespace", ""), (meta.get("labels") or {}).get(LABEL_IS, ""), logger)
+
+    for group, version, plural in STATUS_SOURCES:
+        kopf.on.event(group, version, plural, id=f"status-{plural}", labels={LABEL_MANAGED_BY: MANAGER},
+                      registry=registry)(on_status_event)
     return registry
 
 
@@ -150,6 +258,8 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     s.posting.reporting_component = MANAGER
     s.watching.server_timeout = 300        # re-list now and then instead of trusting one long watch
     s.watching.client_timeout = 330
+    # only our engine pods, filtered by the API server: not every pod of the cluster
+    s.watching.label_selectors["", "v1", "pods"] = f"{LABEL_MANAGED_BY}={MANAGER}"
     s.execution.max_workers = 16
     return s
 

@@ -1,4 +1,5 @@
 """One reconcile of one InferenceService: parse -> render -> observe -> plan -> apply -> status.
+`refresh` is the status step alone, for pod and workload events between reconciles.
 
 No kopf here: handlers.py calls `reconcile` and turns its Outcome into a status patch, events and
 kopf errors, so the whole loop runs in tests against a fake API.
@@ -84,7 +85,6 @@ def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
     now = now or now_iso()
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
-    previous = body.get("status") or {}
     try:
         spec = parse_spec(name, namespace, body.get("spec") or {}, default_image=settings.engine_image)
     except InvalidSpec as e:
@@ -107,11 +107,35 @@ def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
             return _invalid(body, InvalidSpec([problem]), settings, now)
     if done:
         observed = _observe(api, spec, tuple(k for k in kinds if k in WORKLOAD_KINDS))
+    found = _status(api, body, spec, observed, desired, use_lws, settings, now)
+    return Outcome(found.status, [_event_for(d) for d in done] + found.events, done=done)
+
+
+def refresh(api: KubeApi, body: dict, settings: OperatorSettings,
+            lws: LwsDiscovery | None = None, now: str | None = None) -> Outcome:
+    """The status from what the pods and workloads report now, reading only: no child is created,
+    changed or deleted (that is `reconcile`'s). Raises ApiError for API failures."""
+    now = now or now_iso()
+    meta = body["metadata"]
+    try:
+        spec = parse_spec(meta["name"], meta["namespace"], body.get("spec") or {},
+                          default_image=settings.engine_image)
+    except InvalidSpec as e:
+        return _invalid(body, e, settings, now)
+    lws_served = (lws or LwsDiscovery(settings.leaderworkerset))(api)
+    use_lws = spec.pipeline > 1 and lws_served
+    desired = render(spec, settings, owner=body, use_lws=use_lws)
+    kinds = tuple(k for k in WORKLOAD_KINDS if lws_served or k != "LeaderWorkerSet")
+    return _status(api, body, spec, _observe(api, spec, kinds), desired, use_lws, settings, now)
+
+
+def _status(api: KubeApi, body: dict, spec: InferenceServiceSpec, observed: list[dict], desired: list[dict],
+            use_lws: bool, settings: OperatorSettings, now: str) -> Outcome:
+    previous = body.get("status") or {}
     workloads = [o for o in observed if o["kind"] in WORKLOAD_KINDS]
-    selector = ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
-    pods = api.list("Pod", namespace, selector)
-    status = compute_status(spec, pods, workloads, generation=meta.get("generation", 0),
+    selector = ",".join(f"{k}={v}" for k, v in selector_labels(spec.name).items())
+    pods = api.list("Pod", spec.namespace, selector)
+    status = compute_status(spec, pods, workloads, generation=body["metadata"].get("generation", 0),
                             previous=previous, now=now, settings=settings, use_lws=use_lws,
                             template_hashes=_template_hashes(desired))
-    events = [_event_for(d) for d in done] + transition_events(previous, status)
-    return Outcome(status, events, done=done)
+    return Outcome(status, transition_events(previous, status))

@@ -6,7 +6,8 @@ Helm chart sets from its values.
     KUBEINFER_ENGINE_IMAGE      engine image when spec.engine.image is empty
     KUBEINFER_WATCH_NAMESPACES  comma-separated namespaces to watch; empty -> all namespaces
     KUBEINFER_RESYNC_SECONDS    how often each InferenceService is reconciled even when nothing
-                                changed: drift correction and status refresh (default 10)
+                                changed: drift correction, and a status refresh as a backstop
+                                (pod events refresh the status at once) (default 10)
     KUBEINFER_CLUSTER_DOMAIN    appended to in-cluster host names (NAME.NS.svc.DOMAIN); default none
     KUBEINFER_LEADERWORKERSET   auto | on | off: use LeaderWorkerSet for pipeline > 1 (auto: when
                                 the API serves leaderworkerset.x-k8s.io/v1)

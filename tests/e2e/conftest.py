@@ -5,6 +5,7 @@ fixtures' finalizers, failed test or not; a failed test prints the operator's lo
 the pods' logs and the last API requests."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -25,7 +26,7 @@ from tests.k8s_emulator.podenv import default_command_map
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "e2e"
-RESYNC_SECONDS = "1"  # status follows the pods through the resync timer: see Loading for sure
+RESYNC_SECONDS = "1"  # drift correction within a second; the status follows pod events anyway
 
 
 class Kubectl:
@@ -82,11 +83,17 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    workdir = tmp_path_factory.mktemp("cluster")
     # max_grace: the engine is asked for a 105 s graceful shutdown; nothing is in flight here
     # PYTHONPATH: pods run `python -m kubeinfer.cli` from this checkout when the package is not installed
-    emu = Emulator(workdir, kubelet_options={"max_grace": 5.0,
-                                             "base_env": {**os.environ, "PYTHONPATH": str(REPO)}})
+    with running_cluster(tmp_path_factory.mktemp("cluster"), kubelet_options={
+            "max_grace": 5.0, "base_env": {**os.environ, "PYTHONPATH": str(REPO)}}) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path, **emulator_options: Any) -> Iterator[Cluster]:
+    """An emulator with the CRD and the test namespace, stopped on the way out."""
+    emu = Emulator(workdir, **emulator_options)
     emu.start()
     try:
         kubeconfig = emu.write_kubeconfig(workdir / "kubeconfig", namespace=NAMESPACE)
@@ -110,11 +117,17 @@ class OperatorProcess:
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster) -> Iterator[OperatorProcess]:
     """`kubeinfer operator` as a user runs it, watching the test namespace, resyncing every second."""
+    with running_operator(cluster, RESYNC_SECONDS) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def running_operator(cluster: Cluster, resync_seconds: str) -> Iterator[OperatorProcess]:
     log_path = cluster.workdir / "operator.log"
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KUBEINFER_RESYNC_SECONDS": RESYNC_SECONDS,
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KUBEINFER_RESYNC_SECONDS": resync_seconds,
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     command = default_command_map()["kubeinfer"] + [
-        "operator", "--namespace", NAMESPACE, "--liveness-port", "0", "--resync-seconds", RESYNC_SECONDS,
+        "operator", "--namespace", NAMESPACE, "--liveness-port", "0", "--resync-seconds", resync_seconds,
         "--verbose"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,

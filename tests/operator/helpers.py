@@ -56,7 +56,7 @@ class FakeApi(KubeApi):
         name = parts[i + 3] if len(parts) > i + 3 else None
         return kind, parts[i + 1], name
 
-    def request(self, method, path, body=None, query=None):
+    def request(self, method, path, body=None, query=None, content_type="application/json"):
         self.calls.append((method, path))
         if path == "/apis/leaderworkerset.x-k8s.io/v1":
             if not self.lws:
@@ -99,6 +99,15 @@ class FakeApi(KubeApi):
             if key not in self.objects:
                 raise ApiError(404, "NotFound", f"{kind} {key[2]} not found")
             return self.objects.pop(key)
+        if method == "PATCH" and path.endswith("/status") and content_type == "application/merge-patch+json":
+            if key not in self.objects:
+                raise ApiError(404, "NotFound", f"{kind} {key[2]} not found")
+            obj = self.objects[key]
+            if body["metadata"].get("resourceVersion") not in (None, obj["metadata"]["resourceVersion"]):
+                raise ApiError(409, "Conflict", "the object has been modified")
+            obj["status"] = {**(obj.get("status") or {}), **body["status"]}
+            obj["metadata"]["resourceVersion"] = str(next(self._rv))
+            return copy.deepcopy(obj)
         raise AssertionError(f"unexpected {method} {path}")
 
     def put_object(self, obj: dict) -> None:

@@ -97,7 +97,7 @@ def test_rbac_is_least_privilege():
         group = "" if prefix == "/api/v1" else prefix.split("/")[2]
         want = writes | ({"watch"} if (group, plural) in watched else set())
         assert grants[(group, plural)] == want, (kind, grants[(group, plural)])
-    assert grants[("", "pods")] == {"list"}
+    assert grants[("", "pods")] == {"list", "watch"}   # handlers.STATUS_SOURCES: status follows pod events
     assert grants[("kubeinfer.io", "inferenceservices")] == {"get", "list", "watch", "patch"}
     assert grants[("kubeinfer.io", "inferenceservices/status")] == {"patch"}
     assert grants[("kubeinfer.io", "inferenceservices/finalizers")] == {"update"}

@@ -1,13 +1,17 @@
-"""handlers: what is registered with kopf, kopf settings, and the error contract of one handler call."""
+"""handlers: what is registered with kopf, kopf settings, the error contract of one handler call, and
+the status refresh on pod and workload events (StatusFollower)."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import kopf
 import pytest
 
 from kubeinfer.operator import handlers
 from kubeinfer.operator.apply import ApiError
+from kubeinfer.operator.reconcile import LwsDiscovery
 from tests.operator.helpers import FakeApi, inference_service, make_settings
 
 
@@ -19,7 +23,8 @@ def events(monkeypatch):
 
 
 def handler(registry, name):
-    for h in (*registry._changing.get_all_handlers(), *registry._spawning.get_all_handlers()):
+    for h in (*registry._changing.get_all_handlers(), *registry._spawning.get_all_handlers(),
+              *registry._watching.get_all_handlers()):
         if h.id.startswith(name):
             return h.fn
     raise LookupError(name)
@@ -35,9 +40,14 @@ def test_registered_handlers():
     assert [h.id for h in registry._activities.get_all_handlers()] == ["login"]   # no default login otherwise
     timers = registry._spawning.get_all_handlers()
     assert [t.interval for t in timers] == [2]
-    watched = {(h.selector.group, h.selector.any_name) for h in registry._watching.get_all_handlers()}
-    assert watched == {("apps", "deployments"), ("apps", "statefulsets"), ("", "services"),
-                       ("policy", "poddisruptionbudgets")}
+    watched = {(h.id, h.selector.group, h.selector.any_name) for h in registry._watching.get_all_handlers()}
+    assert watched == {
+        ("child-deployments", "apps", "deployments"), ("child-statefulsets", "apps", "statefulsets"),
+        ("child-services", "", "services"), ("child-poddisruptionbudgets", "policy", "poddisruptionbudgets"),
+        ("status-pods", "", "pods"), ("status-deployments", "apps", "deployments"),
+        ("status-statefulsets", "apps", "statefulsets")}
+    for h in registry._watching.get_all_handlers():
+        assert h.labels == {"app.kubernetes.io/managed-by": "kubeinfer-operator"}
 
 
 def test_kopf_settings():
@@ -46,6 +56,8 @@ def test_kopf_settings():
     assert s.persistence.progress_storage.prefix == "kubeinfer.io"
     assert s.persistence.finalizer == "kubeinfer.io/finalizer"
     assert s.posting.level == logging.WARNING
+    assert list(s.watching.label_selectors.values()) == ["app.kubernetes.io/managed-by=kubeinfer-operator"]
+    assert [(k.group, k.version, k.any_name) for k in s.watching.label_selectors] == [("", "v1", "pods")]
     assert handlers._run_kwargs(make_settings()) == {
         "standalone": True, "clusterwide": True, "liveness_endpoint": "http://0.0.0.0:8080/healthz"}
     assert handlers._run_kwargs(make_settings(namespaces=("a",), liveness_port=0)) == {
@@ -91,8 +103,150 @@ def test_deleted_child_is_recreated_at_once():
     registry = handlers.build_registry(make_settings(), api=api)
     body = inference_service()
     api.put_object(body)
-    on_event = next(iter(registry._watching.get_all_handlers())).fn
+    on_event = handler(registry, "child-services")
     on_event(type="DELETED", body={"kind": "Service", "metadata": {
         "name": "llm", "namespace": "ns", "labels": {"kubeinfer.io/inferenceservice": "llm"}}},
         logger=logging.getLogger())
     assert ("Service", "llm") in api.kinds()
+
+
+# --- status on pod and workload events ---------------------------------------------------------------
+
+def reconciled(api: FakeApi, events: list, **spec) -> dict:
+    """An InferenceService stored with the status its create handler wrote; events cleared."""
+    body = inference_service(spec)
+    api.put_object(body)
+    handler(handlers.build_registry(make_settings(), api=api), "reconcile")(
+        body=body, patch=(p := kopf.Patch()), logger=logging.getLogger(), retry=0)
+    api.objects[("InferenceService", "ns", "llm")]["status"] = dict(p["status"])
+    events.clear()
+    return api.objects[("InferenceService", "ns", "llm")]
+
+
+def engine_pod(api: FakeApi, name: str, *, ready: bool = False, crash: bool = False) -> None:
+    template = api.objects[("Deployment", "ns", "llm")]["spec"]["template"]
+    cs = {"name": "engine", "ready": ready, "restartCount": 0, "state": {"running": {}}}
+    if crash:
+        cs.update(restartCount=4, state={"waiting": {"reason": "CrashLoopBackOff"}},
+                  lastState={"terminated": {"exitCode": 1, "message": "Error: boom"}})
+    api.put_object({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": name, "namespace": "ns", "labels": dict(template["metadata"]["labels"])},
+        "status": {"phase": "Running", "containerStatuses": [cs], "conditions": [
+            {"type": "Ready", "status": "True" if ready else "False"}]}})
+
+
+def follower(api: FakeApi, window: float = 0.0) -> handlers.StatusFollower:
+    return handlers.StatusFollower(api, make_settings(), LwsDiscovery("off"), window=window)
+
+
+def status_patches(api: FakeApi) -> list[tuple[str, str]]:
+    return [c for c in api.calls if c[0] == "PATCH"]
+
+
+def test_refresh_follows_a_pod_turning_ready_and_then_patches_nothing(events):
+    api = FakeApi()
+    assert reconciled(api, events)["status"]["phase"] == "Pending"
+    engine_pod(api, "llm-a", ready=True)
+    api.calls.clear()
+    assert follower(api).refresh("ns", "llm") is True
+    status = api.objects[("InferenceService", "ns", "llm")]["status"]
+    assert (status["phase"], status["readyReplicas"]) == ("Ready", 1)
+    assert events == [("Normal", "Ready")]
+    assert status_patches(api) == [
+        ("PATCH", "/apis/kubeinfer.io/v1alpha1/namespaces/ns/inferenceservices/llm/status")]
+    assert not [c for c in api.calls if c[0] not in ("GET", "PATCH")]   # reads only, besides the status
+    api.calls.clear()
+    for _ in range(3):   # the same pods again: nothing to write
+        assert follower(api).refresh("ns", "llm") is False
+    assert status_patches(api) == [] and events == [("Normal", "Ready")]
+
+
+def test_refresh_reports_a_crash_loop(events):
+    api = FakeApi()
+    reconciled(api, events, replicas=2)
+    engine_pod(api, "llm-a", ready=True)
+    engine_pod(api, "llm-b", crash=True)
+    assert follower(api).refresh("ns", "llm") is True
+    status = api.objects[("InferenceService", "ns", "llm")]["status"]
+    assert status["phase"] == "Degraded" and events == [("Warning", "CrashLoop")]
+    engine_pod(api, "llm-a", crash=True)
+    assert follower(api).refresh("ns", "llm") is True
+    assert api.objects[("InferenceService", "ns", "llm")]["status"]["phase"] == "Failed"
+
+
+def test_refresh_leaves_a_generation_the_reconcile_has_not_handled(events):
+    api = FakeApi()
+    reconciled(api, events)["metadata"]["generation"] = 2   # spec edited; the update handler is due
+    engine_pod(api, "llm-a", ready=True)
+    api.calls.clear()
+    assert follower(api).refresh("ns", "llm") is False
+    assert [m for m, _ in api.calls] == ["GET"] and events == []
+
+
+def test_refresh_reads_again_after_a_conflict(events):
+    api = FakeApi()
+    reconciled(api, events)
+    engine_pod(api, "llm-a", ready=True)
+    api.fail[("PATCH", "InferenceService")] = ApiError(409, "Conflict", "the object has been modified")
+    api.calls.clear()
+    assert follower(api).refresh("ns", "llm") is True
+    gets = [p for m, p in api.calls if m == "GET" and p.endswith("/inferenceservices/llm")]
+    assert len(gets) == 2 and len(status_patches(api)) == 2 and events == [("Normal", "Ready")]
+
+
+def test_refresh_of_a_gone_or_deleting_service_does_nothing(events):
+    api = FakeApi()
+    assert follower(api).refresh("ns", "llm") is False
+    reconciled(api, events)["metadata"]["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+    engine_pod(api, "llm-a", ready=True)
+    assert follower(api).refresh("ns", "llm") is False and status_patches(api) == []
+
+
+def test_a_burst_of_events_is_one_refresh_and_events_during_one_are_one_more():
+    f = follower(FakeApi(), window=0.05)
+    refreshed: list[str] = []
+
+    def slow_refresh(namespace: str, name: str) -> bool:
+        refreshed.append(name)
+        time.sleep(0.2)
+        return True
+
+    f.refresh = slow_refresh
+    log = logging.getLogger()
+
+    async def scenario() -> None:
+        for _ in range(20):
+            f.follow("ns", "llm", log)
+        for _ in range(5):
+            f.follow("ns", "other", log)
+        f.follow("ns", "", log)               # a pod without the label: nothing to refresh
+        assert len(f._tasks) == 2             # follow returned at once; one refresh due per service
+        await f.settle()
+        assert sorted(refreshed) == ["llm", "other"]
+        refreshed.clear()
+        f.follow("ns", "llm", log)
+        await asyncio.sleep(0.15)             # the window is over, the refresh is running: 5 more events
+        for _ in range(5):
+            f.follow("ns", "llm", log)
+        assert refreshed == ["llm"]           # they only asked for another round ...
+        await f.settle()
+        assert refreshed == ["llm", "llm"]    # ... which ran once, after the first
+        assert f._busy == set() and f._again == set()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_a_failed_refresh_is_logged_and_the_next_event_refreshes_again(caplog):
+    api = FakeApi()
+    api.fail[("GET", "InferenceService")] = ApiError(500, "InternalError", "etcd timeout")
+    f = follower(api)
+
+    async def scenario() -> None:
+        f.follow("ns", "llm", logging.getLogger())
+        await f.settle()
+        f.follow("ns", "llm", logging.getLogger())   # answered now: no such InferenceService, nothing to do
+        await f.settle()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert "etcd timeout" in caplog.text and "resync timer" in caplog.text
+    assert [m for m, p in api.calls if p.endswith("/inferenceservices/llm")] == ["GET", "GET"]

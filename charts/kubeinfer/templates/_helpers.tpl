@@ -62,7 +62,7 @@ The operator's permissions: exactly the verbs kubeinfer/operator/apply.py and ko
   verbs: ["get", "list", "create", "update", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]                               # status: which pods are ready, and why not
+  verbs: ["list", "watch"]                      # status: which pods are ready, and why not
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
