@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # One generated position's logprobs: the sampled token's logprob and the top-N (token_id, logprob).
-Logprob = tuple[float, list[tuple[int, float]]]
+SampleLogprobs = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -20,7 +20,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     new_token_ids: list[int]
     new_text: str
-    new_logprobs: list[Logprob] | None = None
+    new_logprobs: list[SampleLogprobs] | None = None
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
@@ -39,7 +39,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    logprobs: list[Logprob] | None
+    logprobs: list[SampleLogprobs] | None
     finish_reason: str | None
     stop_reason: int | str | None = None
 

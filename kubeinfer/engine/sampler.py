@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kubeinfer.engine.outputs import Logprob
+from kubeinfer.engine.outputs import SampleLogprobs
 from kubeinfer.engine.request import Request
 
 _GREEDY_EPS = 1e-5  # same threshold as SamplingParams.is_greedy
@@ -134,7 +134,7 @@ class SamplerOutput:
     """
 
     sampled_token_ids: list[int]
-    logprobs: list[Logprob | None] | None = None
+    logprobs: list[SampleLogprobs | None] | None = None
 
 
 class Sampler:

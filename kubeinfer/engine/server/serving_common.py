@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, Iterable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from kubeinfer.engine.outputs import Logprob, RequestOutput
+from kubeinfer.engine.outputs import RequestOutput, SampleLogprobs
 from kubeinfer.engine.server.errors import APIError, error_body
 
 
@@ -80,7 +80,8 @@ class TokenText:
         return s
 
 
-def chat_logprobs(token_ids: list[int], logprobs: list[Logprob], text: TokenText) -> list[dict]:
+def chat_logprobs(token_ids: list[int], logprobs: list[SampleLogprobs],
+                  text: TokenText) -> list[dict]:
     """OpenAI chat shape: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
     content = []
     for tid, (lp, top) in zip(token_ids, logprobs):
@@ -99,7 +100,7 @@ class CompletionLogprobs:
         self._text = text
         self.offset = offset
 
-    def add(self, token_ids: Iterable[int], logprobs: list[Logprob] | None) -> dict:
+    def add(self, token_ids: Iterable[int], logprobs: list[SampleLogprobs] | None) -> dict:
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                 "text_offset": []}
         for i, tid in enumerate(token_ids):
