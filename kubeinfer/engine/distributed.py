@@ -116,7 +116,8 @@ class TPWorkers:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
-        threading.Thread(target=self._watch, name="kubeinfer-tp-watch", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, name="kubeinfer-tp-watch", daemon=True)
+        self._watcher.start()
         init_distributed(0, world, port, device)
         logger.info("tensor parallel: %d ranks (%s), workers pid %s", world,
                     "NCCL" if device.type == "cuda" else "gloo", [p.pid for p in self.procs])
@@ -137,10 +138,12 @@ class TPWorkers:
         return [conn.recv() for conn in self.conns]
 
     def _watch(self) -> None:
+        """The only thread that reaps the workers (two threads joining one process race)."""
         sentinels = {p.sentinel: p for p in self.procs}
         while sentinels:
             for s in multiprocessing.connection.wait(list(sentinels)):
                 proc = sentinels.pop(s)
+                proc.join()  # reap it, so exitcode is set
                 if not self._stopping:
                     logger.critical("tensor-parallel worker %s exited with code %s; the other ranks "
                                     "cannot go on without it, so the engine stops (see the worker's "
@@ -160,10 +163,11 @@ class TPWorkers:
         set_tp_group(None)
         if dist.is_initialized() and not self.nccl:
             dist.destroy_process_group()
-        for proc in self.procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
+        self._watcher.join(timeout=10)
+        if self._watcher.is_alive():
+            for proc in self.procs:
                 proc.kill()
+            self._watcher.join()
 
 
 def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, port: int,

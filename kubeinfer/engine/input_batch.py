@@ -23,6 +23,12 @@ class InputBatch:
     sample_reqs: list[Request]  # the S requests that sample, in batch order
     max_query_len: int
     max_seq_len: int
+    # prompt_logprobs: the tokens whose logits predict a prompt token, for the requests that asked
+    # and still need them; None in a step with none (the usual case)
+    prompt_logits_indices: np.ndarray | None = None  # [Q] int64, into the step's tokens
+    prompt_target_ids: np.ndarray | None = None  # [Q] int64: the prompt token each one predicts
+    # (request, first position, number of positions) for each such request, in the order of Q
+    prompt_logprobs_reqs: list[tuple[Request, int, int]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -56,9 +62,14 @@ def build_input_batch(out: SchedulerOutput, block_ids: dict[str, list[int]], blo
     seq_lens_list: list[int] = []
     logits_indices = []
     sample_reqs = []
+    prompt_indices: list[int] = []
+    prompt_targets: list[int] = []
+    prompt_reqs: list[tuple[Request, int, int]] = []
     offset = 0
     for req, n in out.scheduled:
         start = req.num_computed_tokens
+        if req.prompt_logprobs is not None:
+            _add_prompt_logits(req, start, n, offset, prompt_indices, prompt_targets, prompt_reqs)
         if n == 1:
             ids.append(req.all_token_ids[start])
             pos.append(start)
@@ -85,8 +96,31 @@ def build_input_batch(out: SchedulerOutput, block_ids: dict[str, list[int]], blo
     req_of_token = np.repeat(np.arange(num_reqs), np.diff(query_start_loc))
     slot_mapping = (block_tables[req_of_token, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
-    return InputBatch(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
-                      query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
-                      logits_indices=np.asarray(logits_indices, dtype=np.int64),
-                      sample_reqs=sample_reqs, max_query_len=max_query_len,
-                      max_seq_len=int(seq_lens.max()) if num_reqs else 0)
+    batch = InputBatch(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+                       query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
+                       logits_indices=np.asarray(logits_indices, dtype=np.int64),
+                       sample_reqs=sample_reqs, max_query_len=max_query_len,
+                       max_seq_len=int(seq_lens.max()) if num_reqs else 0)
+    if prompt_reqs:
+        batch.prompt_logits_indices = np.asarray(prompt_indices, dtype=np.int64)
+        batch.prompt_target_ids = np.asarray(prompt_targets, dtype=np.int64)
+        batch.prompt_logprobs_reqs = prompt_reqs
+    return batch
+
+
+def _add_prompt_logits(req: Request, start: int, n: int, offset: int, indices: list[int],
+                       targets: list[int], reqs: list[tuple[Request, int, int]]) -> None:
+    """Positions of this chunk [start, start + n) whose logits prompt_logprobs needs: from the
+    first not yet collected up to the second-to-last prompt token (the last one's logits sample).
+    Every prompt token is known on the host, so the one that the chunk's last position predicts
+    is taken from the prompt even when the next chunk computes it."""
+    logits_start = req.prompt_logits_start
+    if logits_start is None:
+        return
+    lo = max(start, logits_start)
+    hi = min(start + n, req.num_prompt_tokens - 1)
+    if lo >= hi:
+        return
+    indices.extend(range(offset + lo - start, offset + hi - start))
+    targets.extend(req.prompt_token_ids[lo + 1:hi + 1])
+    reqs.append((req, lo, hi - lo))

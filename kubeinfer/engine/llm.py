@@ -107,6 +107,8 @@ class LLM:
                 if comp.logprobs is not None and out.new_logprobs:
                     comp.logprobs.extend(out.new_logprobs)
                 res.num_cached_tokens = out.num_cached_tokens
+                if out.prompt_logprobs is not None and res.prompt_logprobs is None:
+                    res.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
                     pending[out.request_id] -= 1

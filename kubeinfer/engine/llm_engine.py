@@ -131,15 +131,12 @@ class LLMEngine:
             child.max_tokens = max_tokens
             req_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(req_id, list(prompt_token_ids), child, self.eos_token_ids)
-            self.output_processor.add(request_id, i, req)
+            self.output_processor.add(request_id, i, req, params.prompt_logprobs is not None)
             self.scheduler.add_request(req)
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model's limits; returns its max_tokens (the rest of the
         context when unset). Reads only immutable state, so any thread may call it."""
-        if params.prompt_logprobs is not None:
-            raise RequestError("prompt_logprobs is not supported yet: leave it unset and ask for "
-                               "logprobs of the generated tokens with `logprobs`", "prompt_logprobs")
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise RequestError("the prompt is empty: send at least one token", "prompt")
@@ -190,9 +187,10 @@ class LLMEngine:
         stats = IterationStats()
         outputs: list[RequestOutput] = []
         if not sched_out.is_empty:
-            sampled, logprobs = self.runner.execute(sched_out, self._block_ids(sched_out))
+            result = self.runner.execute(sched_out, self._block_ids(sched_out))
             self._count_prompt_tokens(sched_out, stats)
-            updates = self.scheduler.update(sched_out, sampled, logprobs)
+            updates = self.scheduler.update(sched_out, result.sampled, result.logprobs,
+                                            result.prompt_logprobs)
             outputs = self._process(updates, stats)
         self._record(stats)
         return outputs
@@ -210,8 +208,9 @@ class LLMEngine:
                 launched.pending = self.scheduler.advance(sched_out)
         outputs: list[RequestOutput] = []
         if self._pending is not None:
-            sampled, logprobs = self.runner.resolve(self._pending)
-            updates = self.scheduler.resolve(self._pending.pending, sampled, logprobs)
+            result = self.runner.resolve(self._pending)
+            updates = self.scheduler.resolve(self._pending.pending, result.sampled, result.logprobs,
+                                             result.prompt_logprobs)
             outputs = self._process(updates, stats)
         self._pending = launched
         self._record(stats)

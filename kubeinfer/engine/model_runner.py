@@ -16,12 +16,23 @@ from kubeinfer.engine.distributed import StepMessage, TPWorkers, broadcast_from_
 from kubeinfer.engine.forward_context import AttentionMetadata, set_forward_context
 from kubeinfer.engine.input_batch import InputBatch, build_input_batch
 from kubeinfer.engine.layers.attention import Attention
-from kubeinfer.engine.sampler import Sampler, SamplingMetadata, pack, unpack
+from kubeinfer.engine.sampler import (Sampler, SamplingMetadata, pack, prompt_logprobs, unpack,
+                                      unpack_prompt_logprobs)
 from kubeinfer.engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+
+
+@dataclass
+class StepResult:
+    """What a step gives back, by request id: the sampled tokens, their logprobs where asked, and
+    (first position, rows) of the prompt logprobs computed this step where asked."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, tuple] | None = None
+    prompt_logprobs: dict[str, tuple] | None = None
 
 
 @dataclass
@@ -35,6 +46,9 @@ class PendingStep:
     host: torch.Tensor | None = None  # `pack`ed results, copied (or being copied) to the host
     event: "torch.cuda.Event | None" = None
     pending: list = field(default_factory=list)  # the scheduler's (request, output index) pairs
+    # prompt_logprobs: InputBatch.prompt_logprobs_reqs and their packed rows on (or to) the host
+    prompt_reqs: list | None = None
+    prompt_host: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -53,6 +67,10 @@ class ModelRunner:
         first = self.attn_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         self.sampler = Sampler()
+        # prompt_logprobs turn this many positions at a time into logits: the rows the memory
+        # profile runs through the sampler, so they need no memory it did not count
+        self.max_logits_rows = max(1, min(config.scheduler.max_num_seqs,
+                                          config.scheduler.max_num_batched_tokens))
         self._last_meta: tuple[tuple[str, ...], SamplingMetadata] | None = None
         self.kv_cache: torch.Tensor | None = None
         self.graph_runner: CUDAGraphRunner | None = None
@@ -200,9 +218,13 @@ class ModelRunner:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def _forward(self, batch: InputBatch, fill_ids=None) -> torch.Tensor:
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            return self.graph_runner.run(batch, fill_ids)  # one row per request == sampled rows
+    def _forward(self, batch: InputBatch,
+                 fill_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states of the sampled rows, and of the prompt_logprobs positions (or None)."""
+        if self.graph_runner is not None and batch.prompt_logits_indices is None \
+                and self.graph_runner.can_run(batch):
+            # one row per request == sampled rows
+            return self.graph_runner.run(batch, fill_ids), None
         meta = AttentionMetadata(
             slot_mapping=self._to_device(batch.slot_mapping),
             query_start_loc=self._to_device(batch.query_start_loc),
@@ -215,24 +237,45 @@ class ModelRunner:
             fill_ids(input_ids)
         with set_forward_context(meta):
             hidden = self.model(input_ids, self._to_device(batch.positions))
-        return hidden[self._to_device(batch.logits_indices)]
+        prompt_hidden = None
+        if batch.prompt_logits_indices is not None:
+            prompt_hidden = hidden[self._to_device(batch.prompt_logits_indices)]
+        return hidden[self._to_device(batch.logits_indices)], prompt_hidden
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: InputBatch) -> torch.Tensor:
+        """Packed prompt logprobs ([Q, 2 + 2k] on the device, see sampler.prompt_logprobs) of the
+        step's prompt_logprobs positions, a bounded number of rows of logits at a time."""
+        targets = self._to_device(batch.prompt_target_ids)
+        k = max(req.sampling_params.prompt_logprobs for req, _, _ in batch.prompt_logprobs_reqs)
+        rows = self.max_logits_rows
+        parts = [prompt_logprobs(self.model.compute_logits(hidden[i:i + rows]),
+                                 targets[i:i + rows], k)
+                 for i in range(0, hidden.shape[0], rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_ids: dict[str, list[int]]
-                ) -> tuple[dict[str, int], dict[str, tuple] | None]:
-        """Run one step. Returns sampled token ids by request id, and logprobs where asked."""
+    def execute(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepResult:
+        """Run one step. Returns sampled token ids by request id, logprobs and prompt logprobs
+        where asked."""
         batch = build_input_batch(out, block_ids, self.block_size)
         self._send_step(batch)
-        hidden = self._forward(batch)
-        if not batch.sample_reqs:
-            return {}, None
-        logits = self.model.compute_logits(hidden)
-        meta = self._sampling_metadata(batch.sample_reqs)
-        result = self.sampler(logits, meta)
-        ids = [req.req_id for req in batch.sample_reqs]
-        sampled = dict(zip(ids, result.sampled_token_ids))
-        logprobs = None if result.logprobs is None else dict(zip(ids, result.logprobs))
-        return sampled, logprobs
+        hidden, prompt_hidden = self._forward(batch)
+        result = StepResult()
+        prompt_packed = None
+        if prompt_hidden is not None:  # enqueued before sampling, read after its sync
+            prompt_packed = self._prompt_logprobs(prompt_hidden, batch)
+        if batch.sample_reqs:
+            logits = self.model.compute_logits(hidden)
+            meta = self._sampling_metadata(batch.sample_reqs)
+            sampler_out = self.sampler(logits, meta)
+            ids = [req.req_id for req in batch.sample_reqs]
+            result.sampled = dict(zip(ids, sampler_out.sampled_token_ids))
+            if sampler_out.logprobs is not None:
+                result.logprobs = dict(zip(ids, sampler_out.logprobs))
+        if prompt_packed is not None:
+            result.prompt_logprobs = unpack_prompt_logprobs(prompt_packed.tolist(),
+                                                            batch.prompt_logprobs_reqs)
+        return result
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, block_ids: dict[str, list[int]],
@@ -240,7 +283,7 @@ class ModelRunner:
         """Start a step without waiting for it (async scheduling). Input tokens still PLACEHOLDER on
         the host are the previous step's samples: they are copied into place on the device."""
         batch = build_input_batch(out, block_ids, self.block_size)
-        fill_ids, holes, src = None, None, None
+        fill_ids, src = None, None
         holes = np.flatnonzero(batch.input_ids < 0)
         if len(holes):
             req_of_token = np.repeat(np.arange(batch.num_reqs), np.diff(batch.query_start_loc))
@@ -250,8 +293,11 @@ class ModelRunner:
         else:
             holes = None
         self._send_step(batch, holes, src, broadcast=True)
-        hidden = self._forward(batch, fill_ids)
+        hidden, prompt_hidden = self._forward(batch, fill_ids)
         step = PendingStep(reqs=batch.sample_reqs)
+        if prompt_hidden is not None:  # before sampling, as in execute(): TP workers mirror the order
+            step.prompt_reqs = batch.prompt_logprobs_reqs
+            step.prompt_host = self._to_host(self._prompt_logprobs(prompt_hidden, batch))
         if batch.sample_reqs:
             step.meta = self._sampling_metadata(batch.sample_reqs)
             sampled, raw_logprobs = self.sampler.sample(self.model.compute_logits(hidden), step.meta)
@@ -259,15 +305,11 @@ class ModelRunner:
                 sampled = broadcast_from_driver(sampled.long().contiguous())
             step.sampled = sampled
             step.row_of = {req.req_id: i for i, req in enumerate(batch.sample_reqs)}
-            packed = pack(sampled, raw_logprobs, step.meta)
-            if self.device.type == "cuda":
-                # enqueue the copy now, so reading it later waits for this step only
-                step.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                step.host.copy_(packed, non_blocking=True)
-                step.event = torch.cuda.Event()
-                step.event.record()
-            else:
-                step.host = packed
+            step.host = self._to_host(pack(sampled, raw_logprobs, step.meta))
+        if self.device.type == "cuda" and (step.host is not None or step.prompt_host is not None):
+            # reading the copies later waits for this step only
+            step.event = torch.cuda.Event()
+            step.event.record()
         return step
 
     def _filler(self, prev_sampled: torch.Tensor, holes: np.ndarray, src: np.ndarray):
@@ -282,7 +324,8 @@ class ModelRunner:
     # ---- tensor parallelism --------------------------------------------------------------------
     def _send_step(self, batch: InputBatch, holes=None, src=None, broadcast: bool = False) -> None:
         if self.workers is not None:
-            arrays = replace(batch, sample_reqs=[None] * len(batch.sample_reqs))
+            arrays = replace(batch, sample_reqs=[None] * len(batch.sample_reqs),
+                             prompt_logprobs_reqs=None)
             self.workers.send("step", StepMessage(arrays, holes, src, broadcast))
 
     @torch.inference_mode()
@@ -303,7 +346,10 @@ class ModelRunner:
 
     def _follow_step(self, msg: StepMessage, prev_sampled: torch.Tensor | None):
         fill_ids = None if msg.holes is None else self._filler(prev_sampled, msg.holes, msg.src)
-        hidden = self._forward(msg.batch, fill_ids)
+        hidden, prompt_hidden = self._forward(msg.batch, fill_ids)
+        if prompt_hidden is not None:  # the driver's _prompt_logprobs: same row chunks, same gathers
+            for i in range(0, prompt_hidden.shape[0], self.max_logits_rows):
+                self.model.compute_logits(prompt_hidden[i:i + self.max_logits_rows])
         num_sample = len(msg.batch.sample_reqs)
         if not num_sample:
             return prev_sampled
@@ -312,16 +358,31 @@ class ModelRunner:
             return prev_sampled
         return broadcast_from_driver(torch.empty(num_sample, dtype=torch.long, device=self.device))
 
-    def resolve(self, step: "PendingStep") -> tuple[dict[str, int], dict[str, tuple] | None]:
-        """Wait for a launched step and return its tokens (and logprobs) by request id."""
-        if not step.reqs:
-            return {}, None
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """Enqueue a device-to-host copy without waiting for it (the step's event marks its end)."""
+        if self.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def resolve(self, step: "PendingStep") -> StepResult:
+        """Wait for a launched step and return its tokens, logprobs and prompt logprobs by
+        request id."""
+        result = StepResult()
         if step.event is not None:
             step.event.synchronize()
-        result = unpack(step.host.tolist(), step.meta)
+        if step.prompt_host is not None:
+            result.prompt_logprobs = unpack_prompt_logprobs(step.prompt_host.tolist(),
+                                                            step.prompt_reqs)
+        if not step.reqs:
+            return result
+        sampler_out = unpack(step.host.tolist(), step.meta)
         ids = [req.req_id for req in step.reqs]
-        logprobs = None if result.logprobs is None else dict(zip(ids, result.logprobs))
-        return dict(zip(ids, result.sampled_token_ids)), logprobs
+        result.sampled = dict(zip(ids, sampler_out.sampled_token_ids))
+        if sampler_out.logprobs is not None:
+            result.logprobs = dict(zip(ids, sampler_out.logprobs))
+        return result
 
     def _sampling_metadata(self, reqs) -> SamplingMetadata:
         # Decode steps usually sample the same requests in the same order: reuse their tensors.

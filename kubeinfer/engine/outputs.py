@@ -4,7 +4,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # One generated position's logprobs: the sampled token's logprob and the top-N (token_id, logprob).
-Logprob = tuple[float, list[tuple[int, float]]]
+SampleLogprobs = tuple[float, list[tuple[int, float]]]
+
+
+@dataclass
+class Logprob:
+    """One token's entry in a prompt position's logprobs, as vLLM's `Logprob`.
+
+    `rank` is 1 for the most likely token; `decoded_token` is the token's own text (None without a
+    tokenizer).
+    """
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One entry per prompt token: None for the first (nothing predicts it), then {token_id: Logprob}
+# holding the actual prompt token (with its true rank) and the top-k of that position.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -20,7 +38,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     new_token_ids: list[int]
     new_text: str
-    new_logprobs: list[Logprob] | None = None
+    new_logprobs: list[SampleLogprobs] | None = None
+    # set on each sample's first output when the request asked for prompt_logprobs
+    prompt_logprobs: PromptLogprobs | None = None
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
@@ -39,7 +59,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    logprobs: list[Logprob] | None
+    logprobs: list[SampleLogprobs] | None
     finish_reason: str | None
     stop_reason: int | str | None = None
 
@@ -57,3 +77,4 @@ class FinishedRequest:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None

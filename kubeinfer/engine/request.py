@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from kubeinfer.engine.sampling_params import SamplingParams
 
 
+# One prompt position's logprobs: (logprob of the prompt token, its rank, [(token_id, logprob)] of
+# the top-k, most likely first).
+PromptLogprobsRow = tuple[float, int, list[tuple[int, float]]]
+
 # With async scheduling a sampled token is appended as this placeholder when its step is launched and
 # replaced by the real id once the step's results reach the host.
 PLACEHOLDER = -1
@@ -67,6 +71,11 @@ class Request:
     def __post_init__(self) -> None:
         # all_token_ids is kept as one list so appending a token is O(1) and slicing it is cheap.
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        # prompt_logprobs, when asked for: one row per prompt position p >= 1 collected so far,
+        # (logprob of prompt token p, its rank, [(token_id, logprob)] top-k), computed from the
+        # logits at position p - 1. None when this request does not compute them.
+        self.prompt_logprobs: list[PromptLogprobsRow] | None = (
+            None if self.sampling_params.prompt_logprobs is None else [])
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -87,6 +96,29 @@ class Request:
     @property
     def max_tokens(self) -> int:
         return self.sampling_params.max_tokens  # type: ignore[return-value]
+
+    @property
+    def prompt_logits_start(self) -> int | None:
+        """The first prompt position whose logits prompt_logprobs still needs, or None when it
+        needs none (not asked for, or all collected). Positions before it may come from the prefix
+        cache; from it on they must be computed."""
+        rows = self.prompt_logprobs
+        if rows is None or len(rows) >= self.num_prompt_tokens - 1:
+            return None
+        return len(rows)
+
+    def add_prompt_logprobs(self, start: int, rows: list[PromptLogprobsRow]) -> None:
+        """Collect the rows of positions start + 1, start + 2, ... (logits at start, start + 1,
+        ...). Rows already collected are skipped, so a position computed twice is kept once; a
+        gap means a position was never computed, a bug that must not pass silently."""
+        have = self.prompt_logprobs
+        if have is None:
+            return
+        skip = len(have) - start
+        if skip < 0:
+            raise RuntimeError(f"request {self.req_id}: prompt logprobs from position {start} "
+                               f"arrived before those from {len(have)}")
+        have.extend(rows[skip:])
 
     @property
     def num_known_tokens(self) -> int:

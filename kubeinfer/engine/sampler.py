@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kubeinfer.engine.outputs import Logprob
-from kubeinfer.engine.request import Request
+from kubeinfer.engine.outputs import SampleLogprobs
+from kubeinfer.engine.request import PromptLogprobsRow, Request
 
 _GREEDY_EPS = 1e-5  # same threshold as SamplingParams.is_greedy
 
@@ -134,7 +134,7 @@ class SamplerOutput:
     """
 
     sampled_token_ids: list[int]
-    logprobs: list[Logprob | None] | None = None
+    logprobs: list[SampleLogprobs | None] | None = None
 
 
 class Sampler:
@@ -286,6 +286,39 @@ def unpack(rows: list, meta: SamplingMetadata) -> SamplerOutput:
         top = [(int(t), lp) for t, lp in zip(row[2:2 + num], row[2 + n:2 + n + num])]
         logprobs.append((row[1], top))
     return SamplerOutput(sampled_token_ids=ids, logprobs=logprobs)
+
+
+def prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """The device half of prompt_logprobs: for logits [Q, V] at prompt positions and the prompt
+    token each one predicts [Q], a [Q, 2 + 2k] float64 tensor of that token's raw logprob, its rank
+    (1 = most likely; tied tokens share the worse rank, as vLLM counts), the top-k ids and their
+    logprobs. Raw log_softmax in float32, as the sampled tokens' logprobs."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    k = min(k, logprobs.shape[1])
+    target_lp = logprobs.gather(1, target_ids.unsqueeze(1))
+    rank = (logprobs >= target_lp).sum(dim=-1, keepdim=True)
+    parts = [target_lp.double(), rank.double()]
+    if k > 0:
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+        parts += [top_ids.double(), top_lp.double()]  # float64 holds any token id exactly
+    return torch.cat(parts, dim=1)
+
+
+def unpack_prompt_logprobs(rows: list, reqs: list[tuple[Request, int, int]]
+                           ) -> dict[str, tuple[int, list[PromptLogprobsRow]]]:
+    """The host half: `prompt_logprobs`' rows, as a list, into each request's (first position,
+    [(logprob, rank, [(token_id, logprob)] top-k)]), the top-k cut to what the request asked."""
+    k_max = (len(rows[0]) - 2) // 2 if rows else 0
+    out = {}
+    i = 0
+    for req, first, num in reqs:
+        k = min(req.sampling_params.prompt_logprobs, k_max)
+        out[req.req_id] = (first, [
+            (row[0], int(row[1]),
+             [(int(t), lp) for t, lp in zip(row[2:2 + k], row[2 + k_max:2 + k_max + k])])
+            for row in rows[i:i + num]])
+        i += num
+    return out
 
 
 def _pad(rows: list[list[int]]) -> np.ndarray:

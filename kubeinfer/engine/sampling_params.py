@@ -17,7 +17,9 @@ class SamplingParams:
     """How to sample one request. Validated on construction; errors name the field and the range.
 
     temperature 0 means greedy. top_k 0 or -1 means no top-k. logprobs=N returns the sampled token's
-    logprob and the N most likely tokens' at each step.
+    logprob and the N most likely tokens' at each step. prompt_logprobs=N returns, for each prompt
+    token after the first, its logprob and rank and the N most likely tokens' at that position (raw
+    model logprobs, as vLLM's; a request asking for them skips prefix-cache hits).
     """
 
     n: int = 1
@@ -78,8 +80,11 @@ class SamplingParams:
             raise bad("min_tokens", f"must be at most max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and not 0 <= v <= self.MAX_LOGPROBS:
-                raise bad(name, f"must be between 0 and {self.MAX_LOGPROBS}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                                  or not 0 <= v <= self.MAX_LOGPROBS):
+                # vLLM reads -1 as the whole vocabulary
+                whole = " (-1, the whole vocabulary, is not supported)" if v == -1 else ""
+                raise bad(name, f"must be an integer between 0 and {self.MAX_LOGPROBS}{whole}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
 
@@ -88,8 +93,13 @@ class SamplingParams:
         return self.temperature < 1e-5
 
     def clone_for_child(self, index: int) -> "SamplingParams":
-        """The params of the index-th of n samples: n=1, and a distinct seed when one was given."""
+        """The params of the index-th of n samples: n=1, and a distinct seed when one was given.
+
+        The samples share their prompt, so only the first computes its prompt_logprobs; the output
+        processor hands them to every sample.
+        """
         from dataclasses import replace
 
         seed = None if self.seed is None else self.seed + index
-        return replace(self, n=1, seed=seed)
+        prompt_logprobs = self.prompt_logprobs if index == 0 else None
+        return replace(self, n=1, seed=seed, prompt_logprobs=prompt_logprobs)

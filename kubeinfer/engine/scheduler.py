@@ -139,14 +139,16 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int],
-               logprobs: dict[str, tuple] | None = None) -> list[TokenUpdate]:
+               logprobs: dict[str, tuple] | None = None,
+               prompt_logprobs: dict[str, tuple] | None = None) -> list[TokenUpdate]:
         """Advance each scheduled request; append sampled tokens; finish on EOS/stop id/length.
 
         `sampled` holds a token for each request whose scheduled tokens reached its end (a chunk in
-        the middle of a prompt samples nothing).
+        the middle of a prompt samples nothing). `prompt_logprobs` holds (first position, rows) for
+        each request that computed prompt logprobs this step.
         """
         # the synchronous step is the asynchronous one with the tokens already known
-        return self.resolve(self.advance(out), sampled, logprobs)
+        return self.resolve(self.advance(out), sampled, logprobs, prompt_logprobs)
 
     def _check_stop(self, req: Request, token: int, num_outputs: int) -> RequestStatus | None:
         """Whether `token`, the request's num_outputs-th output, ends it."""
@@ -179,10 +181,17 @@ class Scheduler:
         return pending
 
     def resolve(self, pending: list[tuple[Request, int]], sampled: dict[str, int],
-                logprobs: dict[str, tuple] | None = None) -> list[TokenUpdate]:
+                logprobs: dict[str, tuple] | None = None,
+                prompt_logprobs: dict[str, tuple] | None = None) -> list[TokenUpdate]:
         """Put a finished step's tokens in place of its placeholders and finish requests that
         stop. A request that finished meanwhile (aborted, or stopped one step earlier) is skipped:
-        the step computed its token for nothing, and the token is dropped."""
+        the step computed its token for nothing, and the token is dropped. The step's prompt
+        logprobs are collected first, so a request's are whole by the time its first token is."""
+        if prompt_logprobs:
+            for req_id, (start, rows) in prompt_logprobs.items():
+                req = self.requests.get(req_id)
+                if req is not None:
+                    req.add_prompt_logprobs(start, rows)
         updates = []
         now = time.monotonic()
         for req, index in pending:

@@ -76,8 +76,6 @@ def test_prompt_too_long_names_both_numbers(llm):
         llm.engine.validate_request([], SamplingParams())
     with pytest.raises(RequestError, match="out of vocabulary"):
         llm.engine.validate_request([10**7], SamplingParams())
-    with pytest.raises(RequestError, match="prompt_logprobs is not supported"):
-        llm.engine.validate_request([5, 6], SamplingParams(prompt_logprobs=1))
 
 
 def test_max_model_len_larger_than_cache_fails_at_start(tiny_model_dir):

@@ -217,3 +217,29 @@ def test_metadata_flags_skip_unused_work():
 
 def test_empty_batch():
     assert sample(torch.zeros(0, 10), []).sampled_token_ids == []
+
+
+def test_prompt_logprobs_rank_ties_and_per_request_top_k():
+    from kubeinfer.engine.sampler import prompt_logprobs, unpack_prompt_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 11)
+    logits[1, 4] = logits[1, 7] = logits[1].max() + 1.0  # a tie for the best token
+    targets = torch.tensor([2, 7, 0, 9, 10])
+    packed = prompt_logprobs(logits, targets, k=3)
+    assert packed.shape == (5, 2 + 2 * 3) and packed.dtype == torch.float64
+    ref = logits.log_softmax(dim=-1)
+    # rows 0-2 belong to a request that asked for 3, rows 3-4 to one that asked for 0
+    reqs = [(make_req("a", prompt_logprobs=3), 4, 3), (make_req("b", prompt_logprobs=0), 0, 2)]
+    out = unpack_prompt_logprobs(packed.tolist(), reqs)
+    assert [len(out["a"][1]), out["a"][0], len(out["b"][1]), out["b"][0]] == [3, 4, 2, 0]
+    rows = out["a"][1] + out["b"][1]
+    for i, (lp, rank, top) in enumerate(rows):
+        assert lp == pytest.approx(ref[i, targets[i]].item(), abs=1e-6)
+        assert rank == int((ref[i] >= ref[i, targets[i]]).sum())
+        k = 3 if i < 3 else 0
+        assert len(top) == k
+        assert [v for _, v in top] == pytest.approx(ref[i].topk(k).values.tolist(), abs=1e-6)
+        if i != 1:  # the tied row may list the two best in either order
+            assert [t for t, _ in top] == ref[i].topk(k).indices.tolist()
+    assert rows[1][1] == 2  # tied for best: both count, as vLLM ranks ties

@@ -108,3 +108,31 @@ print("still running")
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 1 and "still running" not in proc.stdout
     assert "tensor-parallel worker kubeinfer-tp1 exited with code -9" in proc.stderr
+
+
+@pytest.mark.parametrize("async_sched", [False, True], ids=["sync", "async"])
+def test_prompt_logprobs_under_tensor_parallelism_equal_one_device(tiny_model_dir, async_sched):
+    """Prompt logprobs take extra LM-head gathers (chunked prefill here): the workers must mirror
+    them in the driver's order, and the values equal a single device's."""
+    path = str(tiny_model_dir("llama"))
+    prompts = make_prompts(300)
+    params = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=3)
+
+    def run(llm):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [(o.outputs[0].token_ids,
+                 [None if d is None else {t: (round(lp.logprob, 4), lp.rank) for t, lp in d.items()}
+                  for d in o.prompt_logprobs]) for o in outs]
+
+    expected = run(LLM(path, async_scheduling=async_sched, **KW))
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=async_sched, **KW)
+    try:
+        got = run(llm)
+    finally:
+        llm.engine.shutdown()
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    for (_, g), (_, e) in zip(got, expected):
+        assert len(g) == len(e) and g[0] is None
+        for gd, ed in zip(g[1:], e[1:]):
+            assert gd.keys() == ed.keys()
+            assert all(abs(gd[t][0] - ed[t][0]) < 1e-3 and gd[t][1] == ed[t][1] for t in gd)

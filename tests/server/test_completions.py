@@ -67,13 +67,13 @@ def test_legacy_logprobs_format(client):
         assert max(top.values()) == pytest.approx(logprob, abs=1e-4)  # greedy
 
 
-def test_echo_with_logprobs_reports_prompt_tokens_as_null(client, http):
+def test_echo_with_logprobs_reports_only_the_first_prompt_token_as_null(client, http):
     num_prompt = len(http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"])
     r = complete(client, max_tokens=2, echo=True, logprobs=1, extra_body=LONG)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == num_prompt + 2
-    assert lp.token_logprobs[:num_prompt] == [None] * num_prompt
-    assert all(v is not None for v in lp.token_logprobs[num_prompt:])
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts it
+    assert all(v is not None for v in lp.token_logprobs[1:])
 
 
 def test_stream_with_usage(client):

@@ -126,6 +126,26 @@ def test_logprobs_above_limit(http):
     assert err["param"] == "logprobs"
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("bad,says", [(-1, "between 0 and 20"), (21, "between 0 and 20"),
+                                      (1.5, "valid integer"), ("2", "valid integer"),
+                                      (True, "valid integer"), ([1], "valid integer")])
+def test_prompt_logprobs_out_of_range_or_not_an_integer(http, path, bad, says):
+    body = {"model": MODEL_NAME, "prompt_logprobs": bad, "max_tokens": 2,
+            **({"prompt": "x"} if path == "/v1/completions" else {"messages": USER})}
+    err = error_of(http.post(path, json=body), 400)
+    assert err["param"] == "prompt_logprobs"
+    assert "prompt_logprobs" in err["message"] and says in err["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_logprobs_with_stream(http, path):
+    body = {"model": MODEL_NAME, "prompt_logprobs": 1, "stream": True,
+            **({"prompt": "x"} if path == "/v1/completions" else {"messages": USER})}
+    err = error_of(http.post(path, json=body), 400)
+    assert err["param"] == "prompt_logprobs" and "stream" in err["message"]
+
+
 def test_top_logprobs_needs_logprobs(http):
     assert error_of(post_chat(http, top_logprobs=2), 400)["param"] == "top_logprobs"
 

@@ -61,11 +61,18 @@ class KVCacheManager:
         """Longest cached prefix of a request that has computed nothing yet.
 
         Returns the blocks and the number of tokens they hold. At least one token is always left to
-        compute, since the last position's logits are needed to sample.
+        compute, since the last position's logits are needed to sample; so is every position whose
+        logits prompt_logprobs still needs (a cached prefix has no logits), as vLLM does. Such a
+        request still registers the blocks it computes.
         """
         if not self.enable_caching:
             return [], 0
         max_hit_tokens = req.num_tokens - 1
+        logits_start = req.prompt_logits_start
+        if logits_start is not None:
+            if logits_start == 0:
+                return [], 0  # no lookup at all, and none counted in the hit rate (as vLLM)
+            max_hit_tokens = min(max_hit_tokens, logits_start)
         hashes = self._block_hashes(req, max_hit_tokens)
         hits: list[KVCacheBlock] = []
         for h in hashes:

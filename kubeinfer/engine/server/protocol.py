@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from kubeinfer.engine.sampling_params import SamplingParams, SamplingParamsError
 
@@ -45,12 +45,19 @@ class _SamplingFields(_Body):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:123"
+    # logprobs of the prompt tokens (and the top-N at each position); strict, so true is no 1
+    prompt_logprobs: StrictInt | None = None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         defaults: dict[str, float] | None = None) -> SamplingParams:
+                         defaults: dict[str, float] | None = None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise SamplingParamsError("stream_options can only be set when stream is true.",
                                       "stream_options")
+        if self.stream and self.prompt_logprobs is not None and self.prompt_logprobs > 0:
+            # as vLLM: a stream has no place for them
+            raise SamplingParamsError("`prompt_logprobs` are not available when `stream=True`: "
+                                      "leave it unset or 0, or do not stream.", "prompt_logprobs")
         kw: dict[str, Any] = {}
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                      "frequency_penalty", "repetition_penalty"):
@@ -65,7 +72,8 @@ class _SamplingFields(_Body):
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, **kw)
 
     @property
@@ -89,7 +97,10 @@ class CompletionRequest(_SamplingFields):
                 "ranking more samples than are returned is not supported.", "best_of")
         if self.suffix:
             raise SamplingParamsError("suffix is not supported.", "suffix")
-        return self._sampling_params(self.max_tokens, self.logprobs, defaults)
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo and self.logprobs is not None:
+            prompt_logprobs = self.logprobs  # the echoed prompt's logprobs, as vLLM
+        return self._sampling_params(self.max_tokens, self.logprobs, defaults, prompt_logprobs)
 
 
 class ChatMessage(_Body):
@@ -121,7 +132,7 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         try:
-            return self._sampling_params(max_tokens, logprobs, defaults)
+            return self._sampling_params(max_tokens, logprobs, defaults, self.prompt_logprobs)
         except SamplingParamsError as e:
             if e.param == "max_tokens" and param != "max_tokens":
                 raise SamplingParamsError(str(e).replace("max_tokens", param), param) from None

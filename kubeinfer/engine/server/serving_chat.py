@@ -13,7 +13,8 @@ from kubeinfer.engine.server.errors import APIError
 from kubeinfer.engine.server.protocol import ChatCompletionRequest, ChatMessage
 from kubeinfer.engine.server.serving_common import (SSEResponse, TokenText, chat_logprobs,
                                                     check_token_ids, context_budget, generate, now,
-                                                    random_id, until_disconnect, usage)
+                                                    prompt_logprobs_json, random_id,
+                                                    until_disconnect, usage)
 from kubeinfer.engine.server.state import ServerState
 
 logger = logging.getLogger("kubeinfer.server")
@@ -105,8 +106,11 @@ async def _collect(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: 
     lps: dict[int, list[dict]] = {i: [] for i in range(req.n)}
     final: dict[int, Any] = {}
     cached = 0
+    prompt_logprobs = None  # every sample's first output carries the same
     async with contextlib.aclosing(outputs):
         async for _, out in outputs:
+            if out.prompt_logprobs is not None:
+                prompt_logprobs = out.prompt_logprobs
             texts[out.index].append(out.new_text)
             if req.logprobs and out.new_logprobs:
                 lps[out.index].extend(chat_logprobs(out.new_token_ids, out.new_logprobs, text))
@@ -124,7 +128,8 @@ async def _collect(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: 
             "stop_reason": out.stop_reason if out else None,
         })
     num_completion = sum(o.num_output_tokens for o in final.values())
-    return {**header, "choices": choices, "usage": usage(num_prompt_tokens, num_completion, cached)}
+    return {**header, "choices": choices, "usage": usage(num_prompt_tokens, num_completion, cached),
+            "prompt_logprobs": prompt_logprobs_json(prompt_logprobs)}
 
 
 async def _stream(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: AsyncIterator,

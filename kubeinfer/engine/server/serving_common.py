@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, Iterable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from kubeinfer.engine.outputs import Logprob, RequestOutput
+from kubeinfer.engine.outputs import PromptLogprobs, RequestOutput, SampleLogprobs
 from kubeinfer.engine.server.errors import APIError, error_body
 
 
@@ -80,7 +80,8 @@ class TokenText:
         return s
 
 
-def chat_logprobs(token_ids: list[int], logprobs: list[Logprob], text: TokenText) -> list[dict]:
+def chat_logprobs(token_ids: list[int], logprobs: list[SampleLogprobs],
+                  text: TokenText) -> list[dict]:
     """OpenAI chat shape: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
     content = []
     for tid, (lp, top) in zip(token_ids, logprobs):
@@ -99,7 +100,10 @@ class CompletionLogprobs:
         self._text = text
         self.offset = offset
 
-    def add(self, token_ids: Iterable[int], logprobs: list[Logprob] | None) -> dict:
+    def add(self, token_ids: Iterable[int],
+            logprobs: list[SampleLogprobs | None] | None) -> dict:
+        """Entries for these tokens; a None (or all of them, for None) reports null, as OpenAI does
+        for an echoed prompt's first token."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                 "text_offset": []}
         for i, tid in enumerate(token_ids):
@@ -107,11 +111,12 @@ class CompletionLogprobs:
             out["tokens"].append(s)
             out["text_offset"].append(self.offset)
             self.offset += len(s)
-            if logprobs is None:  # an echoed prompt token: OpenAI reports null for these
+            entry = None if logprobs is None else logprobs[i]
+            if entry is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
                 continue
-            lp, top = logprobs[i]
+            lp, top = entry
             out["token_logprobs"].append(_finite(lp))
             # keyed by text, so two ids that decode alike (byte fallbacks) keep the first, and the
             # sampled token always shows its own logprob
@@ -120,6 +125,30 @@ class CompletionLogprobs:
                 top_map.setdefault(self._text(t), _finite(v))
             out["top_logprobs"].append(top_map)
         return out
+
+
+def echo_logprobs(prompt_token_ids: list[int], prompt_logprobs: PromptLogprobs | None,
+                  num_top: int) -> list[SampleLogprobs | None] | None:
+    """An echoed prompt's logprobs in the sampled tokens' shape, for the legacy completions
+    format: None for the first token, then (its logprob, the num_top most likely)."""
+    if prompt_logprobs is None:
+        return None
+    out: list[SampleLogprobs | None] = [None]
+    for token_id, entry in zip(prompt_token_ids[1:], prompt_logprobs[1:]):
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)
+        out.append((entry[token_id].logprob,
+                    [(t, lp.logprob) for t, lp in ranked if lp.rank <= num_top]))
+    return out
+
+
+def prompt_logprobs_json(prompt_logprobs: PromptLogprobs | None) -> list | None:
+    """vLLM's JSON of prompt logprobs: None, then {"token_id": {logprob, rank, decoded_token}}."""
+    if prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                      "decoded_token": lp.decoded_token} for t, lp in entry.items()}
+            for entry in prompt_logprobs]
 
 
 def merge_logprobs(into: dict | None, more: dict) -> dict:

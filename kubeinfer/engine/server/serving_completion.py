@@ -13,8 +13,9 @@ from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.server.errors import APIError
 from kubeinfer.engine.server.protocol import CompletionRequest
 from kubeinfer.engine.server.serving_common import (CompletionLogprobs, SSEResponse, TokenText,
-                                                    check_token_ids, context_budget, generate,
-                                                    merge, merge_logprobs, now, random_id,
+                                                    check_token_ids, context_budget, echo_logprobs,
+                                                    generate, merge, merge_logprobs, now,
+                                                    prompt_logprobs_json, random_id,
                                                     until_disconnect, usage)
 from kubeinfer.engine.server.state import ServerState
 
@@ -84,8 +85,9 @@ class _Choice:
         self.index = index
         self.prompt = prompt
         self.echo = req.echo
-        self.want_logprobs = req.logprobs is not None
-        self.logprobs = CompletionLogprobs(text) if self.want_logprobs else None
+        self.num_logprobs = req.logprobs
+        self.logprobs = CompletionLogprobs(text) if req.logprobs is not None else None
+        self.prompt_logprobs = None  # the engine's, from the first output that carries them
         self.started = False
         self.num_tokens = 0
         self.num_cached_tokens = 0
@@ -93,6 +95,8 @@ class _Choice:
     def delta(self, out) -> tuple[str, dict | None]:
         """Text and logprobs to send for this engine output (the echo goes first)."""
         text, lps = out.new_text, None
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if self.logprobs is not None:
             lps = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         if not self.started:
@@ -100,7 +104,9 @@ class _Choice:
             if self.echo:
                 text = self.prompt.text + text
                 if self.logprobs is not None:
-                    merge_logprobs(lps, self.logprobs.add(self.prompt.token_ids, None))
+                    prompt_lps = echo_logprobs(self.prompt.token_ids, self.prompt_logprobs,
+                                               self.num_logprobs)
+                    merge_logprobs(lps, self.logprobs.add(self.prompt.token_ids, prompt_lps))
         if self.logprobs is not None:
             merge_logprobs(lps, self.logprobs.add(out.new_token_ids, out.new_logprobs or
                                                   [(0.0, [])] * len(out.new_token_ids)))
@@ -140,6 +146,7 @@ async def _collect(req: CompletionRequest, prompts: list[_Prompt], outputs: Asyn
         "index": i, "text": "".join(texts[i]), "logprobs": lps[i],
         "finish_reason": final[i].finish_reason if i in final else None,
         "stop_reason": final[i].stop_reason if i in final else None,
+        "prompt_logprobs": prompt_logprobs_json(choices[i].prompt_logprobs),
     } for i in sorted(choices)]
     body["usage"] = _usage(prompts, choices, req.n)
     return body
