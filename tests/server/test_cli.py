@@ -170,3 +170,53 @@ def test_api_key_from_the_environment(tiny_model):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of pid, from /proc (Linux)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_tensor_parallel_server_answers_and_stops_its_workers_on_sigterm(tiny_model):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        serve_cmd(str(tiny_model), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
+                  "--served-model-name", "tiny", "--tensor-parallel-size", "2"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_healthy(proc, base)
+        children = _children(proc.pid)
+        assert children  # the worker (and multiprocessing's resource tracker)
+        resp = httpx.post(base + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True})
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 8
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        out = proc.stdout.read()
+        assert "Traceback" not in out and "tensor parallel: 2 ranks" in out
+        deadline = time.monotonic() + 10
+        while any(_running(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(c) for c in children)  # no orphaned worker keeps a GPU
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
