@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from kubeinfer import LLM, SamplingParams
 from kubeinfer.engine.outputs import Logprob
 from kubeinfer.engine.sampling_params import SamplingParamsError
+from tests.engine.test_consistency import VARIANTS  # the same engine settings as the token checks
 
 TOL = 1e-4
 KW = dict(dtype="float32", block_size=16)
@@ -54,15 +55,6 @@ def check(prompt_logprobs, prompt, ref, k):
             assert lp.decoded_token is not None
 
 
-VARIANTS = {
-    "default": dict(),
-    "no_prefix_caching": dict(enable_prefix_caching=False),
-    "chunked_prefill": dict(max_num_batched_tokens=7),
-    "preemption": dict(max_model_len=80, num_gpu_blocks_override=8, max_num_seqs=6),
-    "async": dict(async_scheduling=True),
-    "async_chunked_preempt": dict(async_scheduling=True, max_num_batched_tokens=7,
-                                  max_model_len=80, num_gpu_blocks_override=8, max_num_seqs=6),
-}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
