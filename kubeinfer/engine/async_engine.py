@@ -121,6 +121,14 @@ class AsyncLLM:
             if not done:
                 self._inbox.put(("abort", request_id))
 
+    def prepare_embedding_input(self, prompt: str | list[int], params: PoolingParams,
+                                truncate_prompt_tokens: int | None = None,
+                                add_special_tokens: bool = True, label: str = "input") -> list[int]:
+        """One embedding input (text or token ids) -> the token ids to encode, truncated as asked
+        and checked against the model's limits; RequestError otherwise."""
+        return self.engine.prepare_input(prompt, params, truncate_prompt_tokens,
+                                         add_special_tokens, label)
+
     async def encode(self, prompt_token_ids: list[int], params: PoolingParams,
                      request_id: str) -> EmbeddingOutput:
         """The embedding of one input (pooling runner). Raises RequestError for an input the model

@@ -73,7 +73,7 @@ class EmbeddingEngine:
 
     # ---- inputs --------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], truncate_prompt_tokens: int | None = None,
-                 add_special_tokens: bool = True, param: str = "input") -> list[int]:
+                 add_special_tokens: bool = True) -> list[int]:
         """Token ids of one input, truncated as vLLM's `truncate_prompt_tokens` asks: text through
         the tokenizer (keeping its special tokens), token ids by keeping the last k; -1 means
         max_model_len. Raises RequestError for a value that cannot work."""
@@ -93,7 +93,7 @@ class EmbeddingEngine:
             if self.tokenizer is None:
                 raise RequestError("this server was started with --skip-tokenizer-init, so it "
                                    "takes token ids only: send `input` as lists of token ids.",
-                                   param)
+                                   "input")
             if k is None:
                 return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens,
@@ -102,29 +102,39 @@ class EmbeddingEngine:
         return ids[-k:] if k is not None else ids
 
     def validate_request(self, prompt_token_ids: list[int], params: PoolingParams,
-                         param: str = "input") -> None:
-        """Check one input against the model's limits. Reads only immutable state, so any thread
-        may call it."""
+                         label: str = "input") -> None:
+        """Check one input against the model's limits; `label` names it in the message ("input",
+        "input[2]"). Reads only immutable state, so any thread may call it."""
         n = len(prompt_token_ids)
         if n == 0:
-            raise RequestError(f"{param} is empty: send a non-empty string or at least one token "
-                               "id.", param)
+            raise RequestError(f"{label} is empty: send a non-empty string or at least one token "
+                               "id.", "input")
         bad = next((t for t in prompt_token_ids
                     if isinstance(t, bool) or not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"token id {bad} in {param} is out of range: the vocabulary has "
-                               f"{self.vocab_size} tokens (ids 0..{self.vocab_size - 1}).", param)
+            raise RequestError(f"token id {bad} in {label} is out of range: the vocabulary has "
+                               f"{self.vocab_size} tokens (ids 0..{self.vocab_size - 1}).", "input")
         if n > self.max_model_len:
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"your {param} has {n} tokens. Please reduce the length of the {param}, or set "
-                f"`truncate_prompt_tokens` ({self.max_model_len} or -1 for the maximum) to "
-                "truncate it.", param)
+                f"{label} has {n} tokens. Please reduce the length of the input, or set "
+                f"`truncate_prompt_tokens` ({self.max_model_len}, or -1 for the model's maximum) "
+                "to truncate it.", "input")
         if params.dimensions is not None and params.dimensions != self.hidden_size:
             raise RequestError(
                 f"dimensions={params.dimensions} is not supported: this model's embeddings have "
                 f"{self.hidden_size} dimensions and it does not support matryoshka truncation. "
                 f"Leave `dimensions` out or set it to {self.hidden_size}.", "dimensions")
+
+    def prepare_input(self, prompt: str | list[int], params: PoolingParams,
+                      truncate_prompt_tokens: int | None = None, add_special_tokens: bool = True,
+                      label: str = "input") -> list[int]:
+        """tokenize() then validate_request(): the token ids to queue for one input."""
+        if isinstance(prompt, str) and not prompt:
+            raise RequestError(f"{label} is an empty string: send some text to embed.", "input")
+        ids = self.tokenize(prompt, truncate_prompt_tokens, add_special_tokens)
+        self.validate_request(ids, params, label)
+        return ids
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],

@@ -134,10 +134,10 @@ class LLM:
         params = pooling_params or PoolingParams()
         engine = self.engine
         order = []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             if isinstance(prompt, dict):
                 prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
-            ids = engine.tokenize(prompt, truncate_prompt_tokens)
+            ids = engine.prepare_input(prompt, params, truncate_prompt_tokens, label=f"prompts[{i}]")
             request_id = str(next(self._ids))
             engine.add_request(request_id, ids, params)
             order.append(request_id)

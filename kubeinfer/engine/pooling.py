@@ -39,7 +39,8 @@ class PoolerConfig:
 def load_pooler_config(path: Path, overrides: dict | None = None) -> PoolerConfig:
     """The model folder's pooler (sentence-transformers config, else CLS + normalize), with
     `overrides` ({"pooling_type": ..., "normalize": ...}, from --pooler-config) on top."""
-    config = _from_sentence_transformers(Path(path)) or PoolerConfig()
+    overrides = overrides or {}
+    config = _from_sentence_transformers(Path(path), "pooling_type" in overrides) or PoolerConfig()
     if overrides:
         config = PoolerConfig(pooling_type=str(overrides.get("pooling_type",
                                                              config.pooling_type)).upper(),
@@ -48,7 +49,9 @@ def load_pooler_config(path: Path, overrides: dict | None = None) -> PoolerConfi
     return config
 
 
-def _from_sentence_transformers(path: Path) -> PoolerConfig | None:
+def _from_sentence_transformers(path: Path, type_given: bool = False) -> PoolerConfig | None:
+    """The pooler sentence-transformers files describe, None without them. `type_given`: the
+    user chose the pooling type, so a mode we do not run is no error."""
     modules_file = path / "modules.json"
     if not modules_file.is_file():
         return None
@@ -71,7 +74,9 @@ def _from_sentence_transformers(path: Path) -> PoolerConfig | None:
         raise ConfigError(f"cannot read the pooling config {pooling_file}: {e}") from None
     unsupported = [k.removeprefix("pooling_mode_") for k in _ST_UNSUPPORTED if pooling.get(k)]
     modes = [v for k, v in _ST_MODES.items() if pooling.get(k)]
-    if unsupported or len(modes) != 1:
+    if type_given:
+        modes = modes[:1] or ["CLS"]  # replaced by the user's choice
+    elif unsupported or len(modes) != 1:
         raise ConfigError(f"{pooling_file} asks for pooling {unsupported + modes or 'none'}; "
                           "kubeinfer supports exactly one of mean, cls and lasttoken. Pass "
                           "--pooler-config '{\"pooling_type\": \"MEAN\"}' to choose one.")
