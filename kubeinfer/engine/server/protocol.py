@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      field_validator)
 
 from kubeinfer.engine.sampling_params import SamplingParams, SamplingParamsError
 
@@ -172,3 +173,18 @@ class EmbeddingRequest(_Body):
     truncate_prompt_tokens: StrictInt | None = None
     add_special_tokens: StrictBool = True
     normalize: StrictBool | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        # one message instead of pydantic's per-union-member list
+        def is_id(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        ok = isinstance(value, str) or (isinstance(value, list) and (
+            all(isinstance(x, str) for x in value) or all(is_id(x) for x in value)
+            or all(isinstance(x, list) and all(is_id(t) for t in x) for x in value)))
+        if not ok:
+            raise ValueError("must be a string, a list of strings, a list of token ids "
+                             "(integers) or a list of token-id lists")
+        return value
