@@ -47,11 +47,11 @@ def make_engine(config: EngineConfig, stat_loggers: list[StatLogger] | tuple = (
 
 
 class AsyncLLM:
-    """Drives an `LLMEngine` or an `EmbeddingEngine` (same step contract); `runner` says which."""
+    """Drives an `LLMEngine` or an `EmbeddingEngine` (same step contract); `runner_type` says which."""
 
     def __init__(self, engine: LLMEngine | Any):
         self.engine = engine
-        self.runner: str = getattr(engine, "runner", "generate")
+        self.runner_type: str = getattr(engine, "runner_type", "generate")
         self.config: EngineConfig = engine.config
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len

@@ -40,7 +40,7 @@ class _Waiting:
 
 
 class EmbeddingEngine:
-    runner = "pooling"
+    runner_type = "pooling"  # LLMEngine's is "generate"
 
     def __init__(self, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()):
         if config.parallel.tensor_parallel_size != 1:

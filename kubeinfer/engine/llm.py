@@ -60,7 +60,7 @@ class LLM:
                                     pipeline_parallel_size=pipeline_parallel_size),
             device=DeviceConfig(device=device, enforce_eager=enforce_eager))
         self.engine = make_engine(config)
-        self.runner = self.engine.runner
+        self.runner_type = getattr(self.engine, "runner_type", "generate")
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -150,10 +150,10 @@ class LLM:
         return [results[rid] for rid in order]
 
     def _check_runner(self, wanted: str, instead: str) -> None:
-        if self.runner != wanted:
-            kind = "an embedding model" if self.runner == "pooling" else "a text generation model"
+        if self.runner_type != wanted:
+            kind = "an embedding model" if self.runner_type == "pooling" else "a text generation model"
             raise ValueError(f"{self.engine.config.model.model} is {kind} (runner "
-                             f"{self.runner!r}): use {instead}")
+                             f"{self.runner_type!r}): use {instead}")
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

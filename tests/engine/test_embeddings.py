@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kubeinfer.engine.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig
 from kubeinfer.engine.embedding_engine import EmbeddingEngine
@@ -16,35 +15,7 @@ from kubeinfer.engine.llm_engine import RequestError
 from kubeinfer.engine.models.registry import resolve_runner
 from kubeinfer.engine.pooling import PoolerConfig, load_pooler_config
 from kubeinfer.engine.pooling_params import PoolingParams
-
-SENTENCES = [
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.",
-    "a",
-    "Kubernetes schedules pods onto nodes; an operator reconciles desired and observed state, "
-    "and the embedding model turns every sentence into one vector of 384 numbers.",
-]
-
-
-def reference(path, texts, pooling: str = "MEAN", normalize: bool = True, **tok_kw) -> torch.Tensor:
-    """transformers AutoModel, float32, attention-mask pooling, L2-normalized."""
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
-    batch = tok(texts, padding=True, return_tensors="pt", **tok_kw)
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"]
-    if pooling == "MEAN":
-        m = mask.unsqueeze(-1).float()
-        out = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    elif pooling == "CLS":
-        out = hidden[:, 0]
-    else:
-        out = hidden[torch.arange(len(texts)), mask.sum(1) - 1]
-    return F.normalize(out, dim=-1) if normalize else out
-
+from tests.fixtures.tiny_bert import SENTENCES, reference
 
 def vectors(outs) -> torch.Tensor:
     return torch.tensor([o.embedding for o in outs])
@@ -56,7 +27,7 @@ def minilm(minilm_dir):
 
 
 def test_minilm_matches_transformers(minilm, minilm_dir):
-    assert minilm.runner == "pooling"
+    assert minilm.runner_type == "pooling"
     ours = vectors(minilm.embed(SENTENCES))
     ref = reference(minilm_dir, SENTENCES)
     assert ours.shape == (len(SENTENCES), 384)

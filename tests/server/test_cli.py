@@ -223,7 +223,7 @@ def test_tensor_parallel_server_answers_and_stops_its_workers_on_sigterm(tiny_mo
 
 
 def test_serve_an_embedding_model(minilm_dir):
-    from tests.engine.test_embeddings import reference
+    from tests.fixtures.tiny_bert import reference
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"

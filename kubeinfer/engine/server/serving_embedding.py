@@ -25,7 +25,7 @@ logger = logging.getLogger("kubeinfer.server")
 
 
 def is_pooling(engine: Any) -> bool:
-    return getattr(engine, "runner", "generate") == "pooling"
+    return getattr(engine, "runner_type", "generate") == "pooling"
 
 
 def check_generate_runner(engine: Any, model: str) -> None:

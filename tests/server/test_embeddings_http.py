@@ -12,7 +12,7 @@ import torch
 
 from kubeinfer.engine.config import (DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig)
 from kubeinfer.engine.server.state import ServerState
-from tests.engine.test_embeddings import SENTENCES, reference
+from tests.fixtures.tiny_bert import SENTENCES, reference
 from tests.server.conftest import API_KEY, MODEL_NAME, start_server
 from tests.server.test_errors import error_of
 
