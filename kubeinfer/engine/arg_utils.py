@@ -63,6 +63,19 @@ def _generation_json(text: str) -> dict:
     return value
 
 
+def _pooler_json(text: str) -> dict:
+    import json
+
+    example = '\'{"pooling_type": "MEAN", "normalize": true}\''
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): write e.g. {example}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. {example}")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -> None:
     if model_positional:
         p.add_argument("model", nargs="?", default=None,
@@ -86,6 +99,13 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -
                         "vllm: ignore it")
     g.add_argument("--override-generation-config", type=_generation_json, default=None,
                    metavar="JSON", help='default sampling parameters, e.g. \'{"temperature": 0.2}\'')
+    g.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"],
+                   help="auto: pooling (embeddings, /v1/embeddings) for encoder-only architectures "
+                        "such as BertModel, generate (completions and chat) otherwise")
+    g.add_argument("--pooler-config", type=_pooler_json, default=None, metavar="JSON",
+                   help="pooling runner: override the model's pooler, e.g. "
+                        '\'{"pooling_type": "MEAN", "normalize": true}\' (types MEAN, CLS, LAST; '
+                        "default: the sentence-transformers config, else CLS, normalized)")
     g = p.add_argument_group("KV cache")
     g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128])
     g.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
@@ -122,7 +142,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             skip_tokenizer_init=args.skip_tokenizer_init,
             generation_config=getattr(args, "generation_config", "auto"),
             override_generation_config=tuple(sorted(
-                (getattr(args, "override_generation_config", None) or {}).items()))),
+                (getattr(args, "override_generation_config", None) or {}).items())),
+            runner=getattr(args, "runner", "auto"),
+            pooler_config=tuple(sorted((getattr(args, "pooler_config", None) or {}).items()))),
         cache=CacheConfig(block_size=args.block_size,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory=args.kv_cache_memory,

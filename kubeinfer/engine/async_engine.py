@@ -7,14 +7,17 @@ back to each request's asyncio.Queue via call_soon_threadsafe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.llm_engine import LLMEngine, RequestError
-from kubeinfer.engine.outputs import RequestOutput
+from kubeinfer.engine.outputs import EmbeddingOutput, RequestOutput
+from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.stats import StatLogger
 
@@ -27,9 +30,28 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; requests in flight end with it."""
 
 
+def make_engine(config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()) -> Any:
+    """The engine for the model's runner (--runner, auto by architecture): an `LLMEngine` that
+    generates, or an `EmbeddingEngine` for encoder-only embedding models. Blocking; raises
+    ConfigError for what a user can fix."""
+    from kubeinfer.engine import model_loader
+    from kubeinfer.engine.models.registry import resolve_runner
+
+    path = model_loader.resolve_model(config.model)
+    runner = resolve_runner(config.model.runner, model_loader.load_hf_config(path, config.model))
+    if runner == "pooling":
+        from kubeinfer.engine.embedding_engine import EmbeddingEngine
+
+        return EmbeddingEngine(config, stat_loggers)
+    return LLMEngine(config, stat_loggers)
+
+
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine):
+    """Drives an `LLMEngine` or an `EmbeddingEngine` (same step contract); `runner_type` says which."""
+
+    def __init__(self, engine: LLMEngine | Any):
         self.engine = engine
+        self.runner_type: str = getattr(engine, "runner_type", "generate")
         self.config: EngineConfig = engine.config
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
@@ -46,9 +68,9 @@ class AsyncLLM:
     @classmethod
     def from_config(cls, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()
                     ) -> "AsyncLLM":
-        """Load the model and size the KV cache (blocking). Raises ConfigError for what a user
-        can fix."""
-        return cls(LLMEngine(config, stat_loggers))
+        """Load the model and, for a generator, size the KV cache (blocking). Raises ConfigError
+        for what a user can fix."""
+        return cls(make_engine(config, stat_loggers))
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -68,8 +90,8 @@ class AsyncLLM:
         self.engine.shutdown()
 
     # ---- requests ------------------------------------------------------------------------------
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput | EmbeddingOutput]:
         """Yield deltas for each of the params.n samples until all have finished.
 
         Raises RequestError before the first yield if the engine cannot take the request. Closing the
@@ -99,14 +121,33 @@ class AsyncLLM:
             if not done:
                 self._inbox.put(("abort", request_id))
 
+    def prepare_embedding_input(self, prompt: str | list[int], params: PoolingParams,
+                                truncate_prompt_tokens: int | None = None,
+                                add_special_tokens: bool = True, label: str = "input") -> list[int]:
+        """One embedding input (text or token ids) -> the token ids to encode, truncated as asked
+        and checked against the model's limits; RequestError otherwise."""
+        return self.engine.prepare_input(prompt, params, truncate_prompt_tokens,
+                                         add_special_tokens, label)
+
+    async def encode(self, prompt_token_ids: list[int], params: PoolingParams,
+                     request_id: str) -> EmbeddingOutput:
+        """The embedding of one input (pooling runner). Raises RequestError for an input the model
+        cannot take; cancelling the caller aborts the request."""
+        out = None
+        async with contextlib.aclosing(self.generate(prompt_token_ids, params, request_id)) as gen:
+            async for out in gen:
+                pass
+        return out
+
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
     def kv_cache_free_blocks(self) -> int:
-        return self.engine.kv.num_free_blocks
+        kv = getattr(self.engine, "kv", None)  # an embedding engine keeps no KV cache
+        return kv.num_free_blocks if kv is not None else 0
 
     def kv_cache_num_blocks(self) -> int:
-        return self.engine.num_blocks
+        return getattr(self.engine, "num_blocks", 0)
 
     def num_unfinished_requests(self) -> int:
         return self.engine.num_unfinished_requests

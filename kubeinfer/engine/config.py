@@ -31,6 +31,8 @@ def parse_bytes(text: str | int) -> int:
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
+RUNNERS = ("auto", "generate", "pooling")
+POOLING_TYPES = ("MEAN", "CLS", "LAST")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 # generation_config.json keys that become default sampling parameters, as vLLM reads them
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
@@ -53,8 +55,25 @@ class ModelConfig:
     skip_tokenizer_init: bool = False
     generation_config: str = "auto"  # auto: sampling defaults from generation_config.json; vllm: none
     override_generation_config: tuple[tuple[str, float], ...] = ()
+    # auto: pooling (embeddings) for encoder-only architectures, generate otherwise, as vLLM's --runner
+    runner: str = "auto"
+    # the pooling runner's pooler, over the model folder's: (("pooling_type", "MEAN"), ("normalize", True))
+    pooler_config: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
+        pooler = dict(self.pooler_config)
+        unknown = sorted(set(pooler) - {"pooling_type", "normalize"})
+        if unknown:
+            raise ConfigError(f"--pooler-config has unknown keys {unknown}; allowed: pooling_type "
+                              "(MEAN, CLS or LAST), normalize (true or false)")
+        if "pooling_type" in pooler and str(pooler["pooling_type"]).upper() not in POOLING_TYPES:
+            raise ConfigError(f"--pooler-config pooling_type must be one of "
+                              f"{', '.join(POOLING_TYPES)}, got {pooler['pooling_type']!r}")
+        if "normalize" in pooler and not isinstance(pooler["normalize"], bool):
+            raise ConfigError(f"--pooler-config normalize must be true or false, got "
+                              f"{pooler['normalize']!r}")
+        if self.runner not in RUNNERS:
+            raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.generation_config not in ("auto", "vllm"):
             raise ConfigError(f"--generation-config must be auto or vllm, got {self.generation_config!r}")
         unknown = sorted({k for k, _ in self.override_generation_config} - set(GENERATION_KEYS))

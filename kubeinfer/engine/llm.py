@@ -8,8 +8,9 @@ from tqdm import tqdm
 
 from kubeinfer.engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
                                      ParallelConfig, SchedulerConfig, parse_bytes)
-from kubeinfer.engine.llm_engine import LLMEngine
-from kubeinfer.engine.outputs import CompletionOutput, FinishedRequest
+from kubeinfer.engine.async_engine import make_engine
+from kubeinfer.engine.outputs import CompletionOutput, EmbeddingOutput, FinishedRequest
+from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -32,7 +33,8 @@ class LLM:
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  device: str = "auto", enforce_eager: bool = False, chat_template: str | None = None,
                  generation_config: str = "auto",
-                 override_generation_config: dict[str, float] | None = None):
+                 override_generation_config: dict[str, float] | None = None,
+                 runner: str = "auto", pooler_config: dict | None = None):
         from kubeinfer.engine.arg_utils import DEFAULT_MODEL
 
         config = EngineConfig(
@@ -43,7 +45,9 @@ class LLM:
                               chat_template=chat_template, skip_tokenizer_init=skip_tokenizer_init,
                               generation_config=generation_config,
                               override_generation_config=tuple(sorted(
-                                  (override_generation_config or {}).items()))),
+                                  (override_generation_config or {}).items())),
+                              runner=runner,
+                              pooler_config=tuple(sorted((pooler_config or {}).items()))),
             cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                               kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching,
@@ -55,7 +59,8 @@ class LLM:
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size),
             device=DeviceConfig(device=device, enforce_eager=enforce_eager))
-        self.engine = LLMEngine(config)
+        self.engine = make_engine(config)
+        self.runner_type = getattr(self.engine, "runner_type", "generate")
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -77,6 +82,7 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[FinishedRequest]:
         """Run every prompt to completion with continuous batching; results in prompt order."""
+        self._check_runner("generate", "embed()")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None:
@@ -117,11 +123,44 @@ class LLM:
         bar.close()
         return [results[rid] for rid in order]
 
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
+              truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingOutput]:
+        """Embeddings of strings or token-id lists (pooling runner), batched as the server batches
+        them; results in prompt order. Raises RequestError for an input the model cannot take."""
+        self._check_runner("pooling", "generate() or chat()")
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = pooling_params or PoolingParams()
+        engine = self.engine
+        order = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, dict):
+                prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+            ids = engine.prepare_input(prompt, params, truncate_prompt_tokens, label=f"prompts[{i}]")
+            request_id = str(next(self._ids))
+            engine.add_request(request_id, ids, params)
+            order.append(request_id)
+        results: dict[str, EmbeddingOutput] = {}
+        with tqdm(total=len(order), desc="Embedded prompts", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    results[out.request_id] = out
+                    bar.update(1)
+        return [results[rid] for rid in order]
+
+    def _check_runner(self, wanted: str, instead: str) -> None:
+        if self.runner_type != wanted:
+            kind = "an embedding model" if self.runner_type == "pooling" else "a text generation model"
+            raise ValueError(f"{self.engine.config.model.model} is {kind} (runner "
+                             f"{self.runner_type!r}): use {instead}")
+
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              use_tqdm: bool = False) -> list[FinishedRequest]:
         """Apply the chat template to one conversation or a list of them, then generate."""
+        self._check_runner("generate", "embed()")
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer; this LLM was built with skip_tokenizer_init")

@@ -35,6 +35,8 @@ class RequestError(ValueError):
 
 
 class LLMEngine:
+    runner_type = "generate"  # EmbeddingEngine's is "pooling"; self.runner is the ModelRunner
+
     def __init__(self, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()):
         self.device = torch.device(config.device.resolve())
         if config.scheduler.async_scheduling is None:

@@ -78,3 +78,19 @@ class FinishedRequest:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    """One input's embedding from the pooling runner; it arrives whole, so `finished` is always
+    true (the field lets the async front treat it as a request's last output)."""
+
+    request_id: str
+    embedding: list[float]
+    prompt_token_ids: list[int]
+    index: int = 0
+    finished: bool = True
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)

@@ -220,3 +220,46 @@ def test_tensor_parallel_server_answers_and_stops_its_workers_on_sigterm(tiny_mo
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_an_embedding_model(minilm_dir):
+    from tests.fixtures.tiny_bert import reference
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        serve_cmd(str(minilm_dir), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
+                  "--served-model-name", "minilm"),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_healthy(proc, base)
+        resp = httpx.post(base + "/v1/embeddings", timeout=60,
+                          json={"model": "minilm", "input": ["Hello world", "a cat"]})
+        assert resp.status_code == 200, resp.text
+        got = [d["embedding"] for d in resp.json()["data"]]
+        expected = reference(minilm_dir, ["Hello world", "a cat"]).tolist()
+        assert all(abs(a - b) < 1e-5 for g, e in zip(got, expected) for a, b in zip(g, e))
+        chat = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": "minilm", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "/v1/embeddings" in chat.json()["error"]["message"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        out = proc.stdout.read()
+        assert "Traceback" not in out and "pooling runner: MEAN pooling, normalize=True" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_generate_runner_on_an_embedding_model_is_refused_clearly(minilm_dir):
+    proc = run_serve(str(minilm_dir), "--device", "cpu", "--runner", "generate",
+                     "--port", str(free_port()))
+    assert_clean_failure(proc, 1, "error: BertModel is an encoder-only embedding model",
+                         "--runner pooling")
+
+
+def test_pooler_config_bad_json_is_a_usage_error():
+    proc = run_serve("--pooler-config", "{pooling_type: MEAN")
+    assert_clean_failure(proc, 2, "not valid JSON", '"pooling_type": "MEAN"')

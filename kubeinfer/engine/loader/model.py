@@ -53,7 +53,7 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(model_config: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               path: Path | None = None) -> tuple[nn.Module, Any]:
+               path: Path | None = None, runner: str = "generate") -> tuple[nn.Module, Any]:
     """Resolve, build and load the model; returns (model in eval mode on `device`, hf_config).
 
     Args:
@@ -61,10 +61,11 @@ def load_model(model_config: Any, device: str | torch.device = "cpu", dtype: tor
         device: where parameters are created; weights stream from CPU shard by shard.
         dtype: overrides model_config.dtype when given.
         path: the already-resolved model folder, to skip resolve_model.
+        runner: "generate" (decoders, the default) or "pooling" (encoder-only embedding models).
     """
     path = Path(path) if path is not None else resolve_model(model_config)
     hf_config = load_hf_config(path, model_config)
-    model_cls = get_model_class(hf_config)
+    model_cls = get_model_class(hf_config, runner)
     if dtype is None:
         dtype = resolve_dtype(model_config.dtype, hf_config, device)
     with _default_dtype(dtype), torch.device(device):

@@ -75,7 +75,7 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             if gen is None:
                 gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
             param.normal_(0.0, 0.02, generator=gen)
-        elif "norm" in name.rsplit(".", 2)[-2]:
+        elif "norm" in name.rsplit(".", 2)[-2].lower():  # RMSNorm's `norm`, BERT's `LayerNorm`
             param.fill_(1.0)
         else:
             param.zero_()

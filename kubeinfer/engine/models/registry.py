@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.config import RUNNERS, ConfigError
 
 # architecture -> (module under kubeinfer.engine.models, class); imported lazily so that listing
 # architectures stays cheap.
@@ -17,23 +17,58 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
 }
 
+# Encoder-only architectures, served by the pooling runner (embeddings), never by the generator.
+_POOLING_MODELS: dict[str, tuple[str, str]] = {
+    "BertModel": ("bert", "BertModel"),
+}
+
 # Configs converted from GGUF, or written by hand, may name only a model_type.
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    return sorted([*_MODELS, *_POOLING_MODELS])
 
 
-def get_model_class(hf_config: Any) -> type[nn.Module]:
-    """The class for the config's architecture; ConfigError naming the supported ones otherwise."""
+def _architectures(hf_config: Any) -> list[str]:
     names = list(getattr(hf_config, "architectures", None) or [])
     if not names and getattr(hf_config, "model_type", None) in _MODEL_TYPES:
         names = [_MODEL_TYPES[hf_config.model_type]]
+    return names
+
+
+def resolve_runner(runner: str, hf_config: Any) -> str:
+    """--runner auto|generate|pooling -> "generate" or "pooling", as vLLM picks: auto is pooling for
+    the encoder-only architectures (BertModel), generate otherwise. A runner the architecture
+    cannot do is a ConfigError saying which one it can."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    names = _architectures(hf_config)
+    is_pooling = any(n in _POOLING_MODELS for n in names)
+    shown = ", ".join(names) or "this model"
+    if runner == "auto":
+        return "pooling" if is_pooling else "generate"
+    if runner == "generate" and is_pooling:
+        raise ConfigError(f"{shown} is an encoder-only embedding model and cannot generate text: "
+                          "serve it with --runner pooling (or auto) and call /v1/embeddings.")
+    if runner == "pooling" and not is_pooling:
+        raise ConfigError(f"--runner pooling supports the embedding architectures "
+                          f"{', '.join(sorted(_POOLING_MODELS))}; {shown} is served with "
+                          "--runner generate (or auto).")
+    return runner
+
+
+def get_model_class(hf_config: Any, runner: str = "generate") -> type[nn.Module]:
+    """The class for the config's architecture under a resolved runner ("generate" or "pooling");
+    ConfigError naming the supported ones otherwise."""
+    names = _architectures(hf_config)
+    if runner == "generate":
+        resolve_runner("generate", hf_config)  # an embedding model gets the --runner hint
+    table = _POOLING_MODELS if runner == "pooling" else _MODELS
     for name in names:
-        if name in _MODELS:
-            module, cls = _MODELS[name]
+        if name in table:
+            module, cls = table[name]
             return getattr(importlib.import_module(f"kubeinfer.engine.models.{module}"), cls)
     shown = ", ".join(names) or f"none (model_type {getattr(hf_config, 'model_type', None)!r})"
     raise ConfigError(f"model architecture {shown} is not supported by kubeinfer. Supported "

@@ -17,10 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kubeinfer.engine.server.auth import APIKeyMiddleware
 from kubeinfer.engine.server.errors import APIError, error_response, install_error_handlers
 from kubeinfer.engine.server.protocol import (ChatCompletionRequest, CompletionRequest,
-                                              DetokenizeRequest, TokenizeRequest)
+                                              DetokenizeRequest, EmbeddingRequest,
+                                              TokenizeRequest)
 from kubeinfer.engine.server.serving_chat import create_chat_completion, render_chat
 from kubeinfer.engine.server.serving_common import check_token_ids, now
 from kubeinfer.engine.server.serving_completion import create_completion
+from kubeinfer.engine.server.serving_embedding import create_embedding
 from kubeinfer.engine.server.state import ServerState
 
 
@@ -96,6 +98,10 @@ def build_app(state: ServerState, allowed_origins: list[str] | None = None) -> F
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(state, body, raw)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
+        return await create_embedding(state, body, raw)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:

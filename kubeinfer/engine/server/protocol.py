@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      field_validator)
 
 from kubeinfer.engine.sampling_params import SamplingParams, SamplingParamsError
 
@@ -156,3 +157,34 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int] = Field(...)
+
+
+class EmbeddingRequest(_Body):
+    """OpenAI's embeddings body, with vLLM's extras (truncate_prompt_tokens, add_special_tokens,
+    normalize). Strict types, so true is no token id and "1" is no number."""
+
+    model: str | None = None
+    # a string, a batch of strings, token ids, or a batch of token-id lists
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: str | None = None
+    # vLLM extras
+    truncate_prompt_tokens: StrictInt | None = None
+    add_special_tokens: StrictBool = True
+    normalize: StrictBool | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        # one message instead of pydantic's per-union-member list
+        def is_id(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        ok = isinstance(value, str) or (isinstance(value, list) and (
+            all(isinstance(x, str) for x in value) or all(is_id(x) for x in value)
+            or all(isinstance(x, list) and all(is_id(t) for t in x) for x in value)))
+        if not ok:
+            raise ValueError("must be a string, a list of strings, a list of token ids "
+                             "(integers) or a list of token-id lists")
+        return value

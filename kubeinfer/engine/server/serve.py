@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
-                    "/v1/chat/completions, /v1/models, /health, /metrics).",
+                    "/v1/chat/completions, /v1/embeddings, /v1/models, /health, /metrics).",
         # the full usage line lists every flag; an error message should stay readable
         usage="kubeinfer serve [MODEL] [options]  (kubeinfer serve --help lists them)")
     add_engine_args(p)

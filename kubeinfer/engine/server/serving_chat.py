@@ -15,6 +15,7 @@ from kubeinfer.engine.server.serving_common import (SSEResponse, TokenText, chat
                                                     check_token_ids, context_budget, generate, now,
                                                     prompt_logprobs_json, random_id,
                                                     until_disconnect, usage)
+from kubeinfer.engine.server.serving_embedding import check_generate_runner
 from kubeinfer.engine.server.state import ServerState
 
 logger = logging.getLogger("kubeinfer.server")
@@ -77,6 +78,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     engine = state.ready_engine()
     model = state.resolve_model(req.model)
+    check_generate_runner(engine, model)
     params = req.to_sampling_params(engine.default_sampling)
     prompt_ids = render_chat(engine, state.config.model.chat_template, req.messages,
                              add_generation_prompt=req.add_generation_prompt,

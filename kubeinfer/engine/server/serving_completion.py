@@ -17,6 +17,7 @@ from kubeinfer.engine.server.serving_common import (CompletionLogprobs, SSERespo
                                                     generate, merge, merge_logprobs, now,
                                                     prompt_logprobs_json, random_id,
                                                     until_disconnect, usage)
+from kubeinfer.engine.server.serving_embedding import check_generate_runner
 from kubeinfer.engine.server.state import ServerState
 
 logger = logging.getLogger("kubeinfer.server")
@@ -59,6 +60,7 @@ def _prompts(req: CompletionRequest, engine: Any, params: SamplingParams) -> lis
 async def create_completion(state: ServerState, req: CompletionRequest, raw: Request) -> Response:
     engine = state.ready_engine()
     model = state.resolve_model(req.model)
+    check_generate_runner(engine, model)
     params = req.to_sampling_params(engine.default_sampling)
     prompts = _prompts(req, engine, params)
     request_id = random_id("cmpl")
