@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kubeinfer.engine import model_runner as mr  # noqa: E402
 from kubeinfer.engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,  # noqa: E402
-                                     SchedulerConfig)
+                                     ParallelConfig, SchedulerConfig)
 from kubeinfer.engine.llm_engine import LLMEngine  # noqa: E402
 from kubeinfer.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -51,14 +51,17 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--trace", default=None, help="write a chrome trace of the profiled steps here")
     ap.add_argument("--kernels", action="store_true", help="record kernels with torch.profiler")
     a = ap.parse_args()
     cfg = EngineConfig(
         model=ModelConfig(model=a.model, load_format="dummy", max_model_len=a.max_model_len,
                           skip_tokenizer_init=True),
-        cache=CacheConfig(), scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs),
-        device=DeviceConfig())
+        cache=CacheConfig(),
+        # phase timers synchronise the GPU, which async scheduling would only hide behind
+        scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs, async_scheduling=False),
+        parallel=ParallelConfig(tensor_parallel_size=a.tensor_parallel_size), device=DeviceConfig())
     engine = LLMEngine(cfg)
     runner = engine.runner
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
