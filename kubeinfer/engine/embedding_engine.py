@@ -179,14 +179,15 @@ class EmbeddingEngine:
         vectors = self.embed([w.prompt_token_ids for w in batch],
                              [w.params.normalize for w in batch])
         now = time.monotonic()
-        stats = IterationStats(num_prompt_tokens=sum(len(w.prompt_token_ids) for w in batch))
+        num_tokens = sum(len(w.prompt_token_ids) for w in batch)
+        stats = IterationStats(num_prompt_tokens=num_tokens, num_scheduled_tokens=num_tokens)
         outputs = []
         for w, vec in zip(batch, vectors.tolist()):
             outputs.append(EmbeddingOutput(w.request_id, vec, w.prompt_token_ids))
             stats.finished_requests.append(FinishedRequestStats(
                 finish_reason="stop", e2e_latency=now - w.arrival_time,
                 queue_time=start - w.arrival_time, num_prompt_tokens=len(w.prompt_token_ids),
-                num_generation_tokens=0))
+                num_generation_tokens=0, prefill_time=now - start, max_tokens=None))
         sched = SchedulerStats(num_running_reqs=0, num_waiting_reqs=len(self._waiting))
         for stat_logger in self.stat_loggers:
             stat_logger.record(sched, stats)

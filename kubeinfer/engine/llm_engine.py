@@ -231,6 +231,7 @@ class LLMEngine:
     def _count_prompt_tokens(sched_out, stats: IterationStats) -> None:
         for req, n in sched_out.scheduled:
             stats.num_prompt_tokens += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
+            stats.num_scheduled_tokens += n
 
     def _process(self, updates, stats: IterationStats) -> list[RequestOutput]:
         """Token updates -> outputs: latency stats, text and stop strings, finished requests."""
@@ -257,10 +258,15 @@ class LLMEngine:
     def _finish(self, req: Request, stats: IterationStats) -> None:
         self.runner.free_request(req.req_id)
         now = time.monotonic()
+        scheduled = req.first_scheduled_time or now
+        first_token = req.first_token_time or now
+        params = req.sampling_params
         stats.finished_requests.append(FinishedRequestStats(
             finish_reason=req.status.finish_reason or "abort", e2e_latency=now - req.arrival_time,
-            queue_time=(req.first_scheduled_time or now) - req.arrival_time,
-            num_prompt_tokens=req.num_prompt_tokens, num_generation_tokens=req.num_output_tokens))
+            queue_time=scheduled - req.arrival_time,
+            num_prompt_tokens=req.num_prompt_tokens, num_generation_tokens=req.num_output_tokens,
+            prefill_time=max(0.0, first_token - scheduled), decode_time=max(0.0, now - first_token),
+            max_tokens=params.max_tokens, n=params.n))
 
     def _record(self, stats: IterationStats) -> None:
         if not self.stat_loggers:

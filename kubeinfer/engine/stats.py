@@ -24,12 +24,19 @@ class FinishedRequestStats:
     queue_time: float  # seconds from arrival to first schedule
     num_prompt_tokens: int
     num_generation_tokens: int
+    # the phases of a request that ran (vLLM's request_{prefill,decode,inference}_time_seconds):
+    # first schedule -> first token -> finish; zero where a phase did not happen
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
+    max_tokens: int | None = None  # as the request asked
+    n: int = 1
 
 
 @dataclass
 class IterationStats:
     num_prompt_tokens: int = 0  # prompt tokens computed this step (cached ones not counted)
     num_generation_tokens: int = 0  # tokens sampled this step
+    num_scheduled_tokens: int = 0  # tokens the step computed, prompt and decode (0: none ran)
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)

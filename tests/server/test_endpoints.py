@@ -67,7 +67,14 @@ def test_metrics_carry_vllm_names_after_a_request(client, http):
                  "vllm:generation_tokens_total", "vllm:num_preemptions_total",
                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
                  "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
-                 "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket"):
+                 "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
+                 "vllm:gpu_cache_usage_perc", "vllm:iteration_tokens_total_bucket",
+                 "vllm:time_per_output_token_seconds_bucket",
+                 "vllm:request_time_per_output_token_seconds_bucket",
+                 "vllm:request_inference_time_seconds_bucket",
+                 "vllm:request_prefill_time_seconds_bucket",
+                 "vllm:request_decode_time_seconds_bucket", "vllm:request_params_n_bucket",
+                 "vllm:request_params_max_tokens_bucket"):
         assert f'{name}{{' in text, name
     success = [line for line in text.splitlines() if line.startswith("vllm:request_success_total{")
                and 'finished_reason="length"' in line and f'model_name="{MODEL_NAME}"' in line]

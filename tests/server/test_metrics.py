@@ -18,10 +18,13 @@ def test_records_vllm_series():
     logger.record(
         SchedulerStats(num_running_reqs=3, num_waiting_reqs=2, kv_cache_usage=0.25,
                        prefix_cache_queries=100, prefix_cache_hits=40, num_preemptions=1),
-        IterationStats(num_prompt_tokens=50, num_generation_tokens=3, time_to_first_tokens=[0.03],
+        IterationStats(num_prompt_tokens=50, num_generation_tokens=3, num_scheduled_tokens=53,
+                       time_to_first_tokens=[0.03],
                        inter_token_latencies=[0.02, 0.04], finished_requests=[
-                           FinishedRequestStats("stop", 1.2, 0.1, 10, 5),
-                           FinishedRequestStats("length", 2.0, 0.2, 10, 16),
+                           FinishedRequestStats("stop", 1.2, 0.1, 10, 5, prefill_time=0.3,
+                                                decode_time=0.8, max_tokens=5, n=2),
+                           FinishedRequestStats("length", 2.0, 0.2, 10, 16, prefill_time=0.1,
+                                                decode_time=1.5, max_tokens=16),
                            FinishedRequestStats("abort", 0.5, 0.1, 10, 2)]))
     logger.record(SchedulerStats(num_running_reqs=1, kv_cache_usage=0.5, prefix_cache_queries=10),
                   IterationStats(num_generation_tokens=1))
@@ -42,6 +45,18 @@ def test_records_vllm_series():
     assert sample(registry, "vllm:request_queue_time_seconds_sum") == 0.1 + 0.2
     assert sample(registry, "vllm:time_to_first_token_seconds_bucket", le="0.04") == 1
     assert sample(registry, "vllm:time_to_first_token_seconds_bucket", le="0.02") == 0
+    # the series vLLM added later or kept under old names
+    assert sample(registry, "vllm:gpu_cache_usage_perc") == 0.5
+    assert sample(registry, "vllm:iteration_tokens_total_count") == 1  # the second step ran no tokens
+    assert sample(registry, "vllm:iteration_tokens_total_sum") == 53
+    assert sample(registry, "vllm:time_per_output_token_seconds_count") == 2
+    assert sample(registry, "vllm:request_prefill_time_seconds_sum") == 0.3 + 0.1
+    assert sample(registry, "vllm:request_decode_time_seconds_sum") == 0.8 + 1.5
+    assert abs(sample(registry, "vllm:request_inference_time_seconds_sum") - 2.7) < 1e-9
+    assert abs(sample(registry, "vllm:request_time_per_output_token_seconds_sum")
+               - (0.8 / 4 + 1.5 / 15)) < 1e-9
+    assert sample(registry, "vllm:request_params_n_sum") == 3
+    assert sample(registry, "vllm:request_params_max_tokens_sum") == 21
 
 
 def test_vllm_bucket_choices():

@@ -14,6 +14,7 @@ TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
 ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                10.0, 20.0, 40.0, 80.0]
+ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 
@@ -54,6 +55,10 @@ class PrometheusStatLogger:
                              "Number of requests waiting to be processed.").labels(m)
         self.kv_usage = gauge("vllm:kv_cache_usage_perc",
                               "KV-cache usage. 1 means 100 percent usage.").labels(m)
+        # the name before vLLM 0.10, still read by older dashboards and inference gateways
+        self.gpu_cache_usage = gauge("vllm:gpu_cache_usage_perc",
+                                     "GPU KV-cache usage. 1 means 100 percent usage. Deprecated: "
+                                     "use vllm:kv_cache_usage_perc.").labels(m)
         self.prompt_tokens = counter("vllm:prompt_tokens",
                                      "Number of prefill tokens processed.").labels(m)
         self.generation_tokens = counter("vllm:generation_tokens",
@@ -73,12 +78,32 @@ class PrometheusStatLogger:
                               "Histogram of time to first token in seconds.", TTFT_BUCKETS).labels(m)
         self.itl = histogram("vllm:inter_token_latency_seconds",
                              "Histogram of inter-token latency in seconds.", ITL_BUCKETS).labels(m)
+        self.tpot = histogram("vllm:time_per_output_token_seconds",
+                              "Histogram of time per output token in seconds. Deprecated: use "
+                              "vllm:inter_token_latency_seconds.", ITL_BUCKETS).labels(m)
+        self.request_tpot = histogram("vllm:request_time_per_output_token_seconds",
+                                      "Histogram of time_per_output_token_seconds per request.",
+                                      ITL_BUCKETS).labels(m)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total",
+                                          "Histogram of number of tokens per engine_step.",
+                                          ITERATION_TOKEN_BUCKETS).labels(m)
         self.e2e = histogram("vllm:e2e_request_latency_seconds",
                              "Histogram of e2e request latency in seconds.",
                              REQUEST_LATENCY_BUCKETS).labels(m)
         self.queue_time = histogram("vllm:request_queue_time_seconds",
                                     "Histogram of time spent in WAITING phase for request.",
                                     REQUEST_LATENCY_BUCKETS).labels(m)
+        self.inference_time = histogram("vllm:request_inference_time_seconds",
+                                        "Histogram of time spent in RUNNING phase for request.",
+                                        REQUEST_LATENCY_BUCKETS).labels(m)
+        self.prefill_time = histogram("vllm:request_prefill_time_seconds",
+                                      "Histogram of time spent in PREFILL phase for request.",
+                                      REQUEST_LATENCY_BUCKETS).labels(m)
+        self.decode_time = histogram("vllm:request_decode_time_seconds",
+                                     "Histogram of time spent in DECODE phase for request.",
+                                     REQUEST_LATENCY_BUCKETS).labels(m)
+        self.params_n = histogram("vllm:request_params_n", "Histogram of the n request parameter.",
+                                  [1, 2, 5, 10, 20]).labels(m)
         token_buckets = build_1_2_5_buckets(max_model_len)
         self.request_prompt_tokens = histogram("vllm:request_prompt_tokens",
                                                "Number of prefill tokens processed.",
@@ -86,6 +111,9 @@ class PrometheusStatLogger:
         self.request_generation_tokens = histogram("vllm:request_generation_tokens",
                                                    "Number of generation tokens processed.",
                                                    token_buckets).labels(m)
+        self.params_max_tokens = histogram("vllm:request_params_max_tokens",
+                                           "Histogram of the max_tokens request parameter.",
+                                           token_buckets).labels(m)
 
     def record(self, scheduler_stats: SchedulerStats | None,
                iteration_stats: IterationStats | None) -> None:
@@ -93,6 +121,7 @@ class PrometheusStatLogger:
             self.running.set(scheduler_stats.num_running_reqs)
             self.waiting.set(scheduler_stats.num_waiting_reqs)
             self.kv_usage.set(scheduler_stats.kv_cache_usage)
+            self.gpu_cache_usage.set(scheduler_stats.kv_cache_usage)
             self.prefix_queries.inc(scheduler_stats.prefix_cache_queries)
             self.prefix_hits.inc(scheduler_stats.prefix_cache_hits)
             self.preemptions.inc(scheduler_stats.num_preemptions)
@@ -102,8 +131,11 @@ class PrometheusStatLogger:
         self.generation_tokens.inc(iteration_stats.num_generation_tokens)
         for t in iteration_stats.time_to_first_tokens:
             self.ttft.observe(t)
+        if iteration_stats.num_scheduled_tokens:
+            self.iteration_tokens.observe(iteration_stats.num_scheduled_tokens)
         for t in iteration_stats.inter_token_latencies:
             self.itl.observe(t)
+            self.tpot.observe(t)
         for req in iteration_stats.finished_requests:
             if req.finish_reason == "abort":
                 continue  # a client that went away is not a success, nor a latency sample
@@ -116,3 +148,11 @@ class PrometheusStatLogger:
             self.queue_time.observe(req.queue_time)
             self.request_prompt_tokens.observe(req.num_prompt_tokens)
             self.request_generation_tokens.observe(req.num_generation_tokens)
+            self.inference_time.observe(req.prefill_time + req.decode_time)
+            self.prefill_time.observe(req.prefill_time)
+            self.decode_time.observe(req.decode_time)
+            if req.num_generation_tokens > 1:
+                self.request_tpot.observe(req.decode_time / (req.num_generation_tokens - 1))
+            self.params_n.observe(req.n)
+            if req.max_tokens is not None:
+                self.params_max_tokens.observe(req.max_tokens)
