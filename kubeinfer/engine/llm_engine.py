@@ -266,7 +266,7 @@ class LLMEngine:
             queue_time=scheduled - req.arrival_time,
             num_prompt_tokens=req.num_prompt_tokens, num_generation_tokens=req.num_output_tokens,
             prefill_time=max(0.0, first_token - scheduled), decode_time=max(0.0, now - first_token),
-            max_tokens=params.max_tokens, n=params.n))
+            max_tokens=params.max_tokens))
 
     def _record(self, stats: IterationStats) -> None:
         if not self.stat_loggers:

@@ -29,7 +29,6 @@ class FinishedRequestStats:
     prefill_time: float = 0.0
     decode_time: float = 0.0
     max_tokens: int | None = None  # as the request asked
-    n: int = 1
 
 
 @dataclass

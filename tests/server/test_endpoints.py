@@ -73,8 +73,7 @@ def test_metrics_carry_vllm_names_after_a_request(client, http):
                  "vllm:request_time_per_output_token_seconds_bucket",
                  "vllm:request_inference_time_seconds_bucket",
                  "vllm:request_prefill_time_seconds_bucket",
-                 "vllm:request_decode_time_seconds_bucket", "vllm:request_params_n_bucket",
-                 "vllm:request_params_max_tokens_bucket"):
+                 "vllm:request_decode_time_seconds_bucket", "vllm:request_params_max_tokens_bucket"):
         assert f'{name}{{' in text, name
     success = [line for line in text.splitlines() if line.startswith("vllm:request_success_total{")
                and 'finished_reason="length"' in line and f'model_name="{MODEL_NAME}"' in line]

@@ -22,7 +22,7 @@ def test_records_vllm_series():
                        time_to_first_tokens=[0.03],
                        inter_token_latencies=[0.02, 0.04], finished_requests=[
                            FinishedRequestStats("stop", 1.2, 0.1, 10, 5, prefill_time=0.3,
-                                                decode_time=0.8, max_tokens=5, n=2),
+                                                decode_time=0.8, max_tokens=5),
                            FinishedRequestStats("length", 2.0, 0.2, 10, 16, prefill_time=0.1,
                                                 decode_time=1.5, max_tokens=16),
                            FinishedRequestStats("abort", 0.5, 0.1, 10, 2)]))
@@ -55,7 +55,6 @@ def test_records_vllm_series():
     assert abs(sample(registry, "vllm:request_inference_time_seconds_sum") - 2.7) < 1e-9
     assert abs(sample(registry, "vllm:request_time_per_output_token_seconds_sum")
                - (0.8 / 4 + 1.5 / 15)) < 1e-9
-    assert sample(registry, "vllm:request_params_n_sum") == 3
     assert sample(registry, "vllm:request_params_max_tokens_sum") == 21
 
 

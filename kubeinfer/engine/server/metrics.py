@@ -102,8 +102,6 @@ class PrometheusStatLogger:
         self.decode_time = histogram("vllm:request_decode_time_seconds",
                                      "Histogram of time spent in DECODE phase for request.",
                                      REQUEST_LATENCY_BUCKETS).labels(m)
-        self.params_n = histogram("vllm:request_params_n", "Histogram of the n request parameter.",
-                                  [1, 2, 5, 10, 20]).labels(m)
         token_buckets = build_1_2_5_buckets(max_model_len)
         self.request_prompt_tokens = histogram("vllm:request_prompt_tokens",
                                                "Number of prefill tokens processed.",
@@ -153,6 +151,5 @@ class PrometheusStatLogger:
             self.decode_time.observe(req.decode_time)
             if req.num_generation_tokens > 1:
                 self.request_tpot.observe(req.decode_time / (req.num_generation_tokens - 1))
-            self.params_n.observe(req.n)
             if req.max_tokens is not None:
                 self.params_max_tokens.observe(req.max_tokens)
