@@ -145,6 +145,10 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is out of vocabulary [0, {self.vocab_size})", "prompt")
+        bad = next((t for t in params.logit_bias or () if t >= self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"logit_bias names token id {bad}, outside the vocabulary "
+                               f"[0, {self.vocab_size})", "logit_bias")
         max_tokens = params.max_tokens
         if max_tokens is None:
             if num_prompt >= self.max_model_len:

@@ -47,6 +47,10 @@ class SamplingMetadata:
     # min_tokens: (row, token) pairs to mask to -inf
     stop_mask_rows: torch.Tensor | None = None  # [M] int64
     stop_mask_token_ids: torch.Tensor | None = None  # [M] int64
+    # logit_bias: (row, token, bias) triples added to the logits
+    bias_rows: torch.Tensor | None = None  # [K] int64
+    bias_token_ids: torch.Tensor | None = None  # [K] int64
+    bias_values: torch.Tensor | None = None  # [K] float32
     # (row, req_id, seed) of every non-greedy row with a seed; each draws from its own generator
     seeded_rows: list[tuple[int, str, int]] = field(default_factory=list)
     num_logprobs: list[int | None] = field(default_factory=list)  # per row, as asked
@@ -117,6 +121,12 @@ class SamplingMetadata:
             pairs = _to_device(np.array([rows, ids], dtype=np.int64), device)
             meta.stop_mask_rows, meta.stop_mask_token_ids = pairs[0], pairs[1]
 
+        biases = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+        if biases:
+            triples = np.array(biases, dtype=np.float64).T
+            meta.bias_rows, meta.bias_token_ids = _to_device(triples[:2].astype(np.int64), device)
+            meta.bias_values = _to_device(triples[2].astype(np.float32), device)
+
         meta.seeded_rows = [(i, r.req_id, p.seed) for i, (r, p, g) in
                             enumerate(zip(reqs, params, is_greedy)) if p.seed is not None and not g]
         meta.num_logprobs = [p.logprobs for p in params]
@@ -165,6 +175,9 @@ class Sampler:
         raw_logprobs = None if meta.max_num_logprobs is None else logits.log_softmax(dim=-1)
         if meta.stop_mask_rows is not None:
             logits = mask_tokens(logits, meta.stop_mask_rows, meta.stop_mask_token_ids)
+        if meta.bias_rows is not None:
+            logits = logits.index_put((meta.bias_rows, meta.bias_token_ids), meta.bias_values,
+                                      accumulate=True)
         if meta.presence_penalty is not None:
             logits = apply_penalties(logits, meta)
         greedy = None if meta.all_random else logits.argmax(dim=-1)

@@ -40,6 +40,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # token id -> a bias added to its logit before sampling (OpenAI's logit_bias, in [-100, 100])
+    logit_bias: dict[int, float] | None = None
 
     MAX_LOGPROBS = 20
 
@@ -87,6 +89,14 @@ class SamplingParams:
                 raise bad(name, f"must be an integer between 0 and {self.MAX_LOGPROBS}{whole}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise SamplingParamsError(f"logit_bias keys must be token ids (non-negative "
+                                          f"integers), got {token!r}.", "logit_bias")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) \
+                    or not -100 <= bias <= 100:
+                raise SamplingParamsError(f"logit_bias values must be numbers in [-100, 100], got "
+                                          f"{bias!r} for token {token}.", "logit_bias")
 
     @property
     def is_greedy(self) -> bool:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from kubeinfer.engine.request import Request
 from kubeinfer.engine.sampler import Sampler, SamplingMetadata, apply_top_k_top_p
-from kubeinfer.engine.sampling_params import SamplingParams
+from kubeinfer.engine.sampling_params import SamplingParams, SamplingParamsError
 
 EOS = 3
 
@@ -243,3 +244,29 @@ def test_prompt_logprobs_rank_ties_and_per_request_top_k():
         if i != 1:  # the tied row may list the two best in either order
             assert [t for t, _ in top] == ref[i].topk(k).indices.tolist()
     assert rows[1][1] == 2  # tied for best: both count, as vLLM ranks ties
+
+
+def test_logit_bias_moves_greedy_and_draws_but_not_raw_logprobs():
+    logits = torch.randn(3, 50)
+    top = logits.argmax(dim=-1).tolist()
+    reqs = [make_req("a", temperature=0.0, logit_bias={7: 100.0}, logprobs=1),
+            make_req("b", temperature=0.0, logit_bias={top[1]: -100.0}),
+            make_req("c", temperature=0.0)]  # no bias: unchanged
+    out = sample(logits.clone(), reqs)
+    assert out.sampled_token_ids[0] == 7
+    assert out.sampled_token_ids[1] != top[1]
+    assert out.sampled_token_ids[1] == logits[1].topk(2).indices[1].item()
+    assert out.sampled_token_ids[2] == top[2]
+    # logprobs stay those of the raw model distribution (vLLM's raw_logprobs)
+    assert out.logprobs[0][0] == pytest.approx(logits[0].log_softmax(-1)[7].item(), abs=1e-5)
+    drawn = empirical(torch.zeros(20), 500, temperature=1.0, logit_bias={4: 100.0, 9: 100.0})
+    assert drawn[4] + drawn[9] == 500 and drawn[4] > 150 and drawn[9] > 150
+
+
+@pytest.mark.parametrize("bias,says", [({"1": 5.0}, "token ids"), ({-1: 5.0}, "token ids"),
+                                       ({True: 1.0}, "token ids"), ({1: 101.0}, "[-100, 100]"),
+                                       ({1: "x"}, "[-100, 100]")])
+def test_logit_bias_bad_values(bias, says):
+    with pytest.raises(SamplingParamsError, match=re.escape(says)) as e:
+        SamplingParams(logit_bias=bias)
+    assert e.value.param == "logit_bias"

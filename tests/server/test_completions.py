@@ -122,3 +122,10 @@ def test_batch_streamed(client):
                 for c in chunks if c.choices and c.choices[0].finish_reason}
     assert finished == {0: "length", 1: "length"}
     assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_logit_bias_forces_a_token(http):
+    body = {"model": MODEL_NAME, "prompt": "Once upon", "max_tokens": 4, "temperature": 0.8,
+            "logit_bias": {"42": 100}, "logprobs": 0, "return_tokens_as_token_ids": True}
+    choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["logprobs"]["tokens"] == ["token_id:42"] * 4

@@ -169,3 +169,55 @@ def test_form_encoded_json_is_still_read(http):
     r = http.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}',
                   headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("bias,says", [({"abc": 1}, "token ids"), ({"-4": 1}, "token ids"),
+                                       ({"5": 300}, "[-100, 100]"), ({"5": "high"}, "logit_bias"),
+                                       ({str(10**9): 1}, "outside the vocabulary")])
+def test_logit_bias_bad_keys_and_values(http, path, bias, says):
+    body = {"model": MODEL_NAME, "logit_bias": bias, "max_tokens": 2,
+            **({"prompt": "x"} if path == "/v1/completions" else {"messages": USER})}
+    err = error_of(http.post(path, json=body), 400)
+    assert "logit_bias" in (err["param"] or "") and says in err["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("field,value,param", [
+    ("response_format", {"type": "json_object"}, "response_format"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+     "response_format"),
+    ("guided_json", {"type": "object"}, "guided_json"), ("guided_regex", "a+", "guided_regex"),
+    ("guided_choice", ["yes", "no"], "guided_choice"),
+    ("structured_outputs", {"choice": ["a"]}, "structured_outputs")])
+def test_structured_outputs_are_refused_not_ignored(http, path, field, value, param):
+    body = {"model": MODEL_NAME, field: value, "max_tokens": 2,
+            **({"prompt": "x"} if path == "/v1/completions" else {"messages": USER})}
+    err = error_of(http.post(path, json=body), 400)
+    assert err["param"] == param and "not supported" in err["message"]
+
+
+def test_text_response_format_is_fine(http):
+    assert post_chat(http, response_format={"type": "text"}, max_tokens=2).status_code == 200
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("choice", [None, "auto", "required",
+                                    {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_calling_is_refused_with_what_works(http, choice):
+    body = {"tools": TOOLS, "max_tokens": 2, **({} if choice is None else {"tool_choice": choice})}
+    err = error_of(post_chat(http, **body), 400)
+    assert err["param"] == "tool_choice" and 'tool_choice "none"' in err["message"]
+
+
+def test_tools_with_tool_choice_none_reach_the_template_and_answer_in_text(http):
+    r = post_chat(http, tools=TOOLS, tool_choice="none", max_tokens=2)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_tool_choice_without_tools(http):
+    assert error_of(post_chat(http, tool_choice="required"), 400)["param"] == "tool_choice"

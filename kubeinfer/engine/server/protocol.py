@@ -48,6 +48,14 @@ class _SamplingFields(_Body):
     return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:123"
     # logprobs of the prompt tokens (and the top-N at each position); strict, so true is no 1
     prompt_logprobs: StrictInt | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias
+    # Structured outputs are not built: these are read only to refuse them, never to ignore them
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          defaults: dict[str, float] | None = None,
@@ -55,6 +63,7 @@ class _SamplingFields(_Body):
         if self.stream_options is not None and not self.stream:
             raise SamplingParamsError("stream_options can only be set when stream is true.",
                                       "stream_options")
+        self._refuse_structured_outputs()
         if self.stream and self.prompt_logprobs is not None and self.prompt_logprobs > 0:
             # as vLLM: a stream has no place for them
             raise SamplingParamsError("`prompt_logprobs` are not available when `stream=True`: "
@@ -75,7 +84,34 @@ class _SamplingFields(_Body):
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, **kw)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=self._logit_bias(), **kw)
+
+    def _refuse_structured_outputs(self) -> None:
+        """A constraint the server would silently drop is a wrong answer, so it is an error."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise SamplingParamsError(
+                f"response_format type {kind!r} is not supported: this server does not constrain "
+                "output to JSON or a schema yet. Leave response_format out (or use "
+                "{\"type\": \"text\"}) and ask for the format in the prompt.", "response_format")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs"):
+            if getattr(self, name) is not None:
+                raise SamplingParamsError(f"{name} is not supported: this server does not "
+                                          "constrain output (structured outputs) yet.", name)
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            try:
+                out[int(key)] = bias
+            except ValueError:
+                raise SamplingParamsError(f"logit_bias keys must be token ids, like \"50256\"; got "
+                                          f"{key!r}.", "logit_bias") from None
+        return out
 
     @property
     def include_usage(self) -> bool:
@@ -123,8 +159,19 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: StrictBool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def to_sampling_params(self, defaults: dict[str, float] | None = None) -> SamplingParams:
+        if self.tools and self.tool_choice != "none":
+            # vLLM without --enable-auto-tool-choice refuses these too
+            raise SamplingParamsError(
+                f"tool_choice {self.tool_choice or 'auto'!r} is not supported: this server does "
+                "not parse tool calls yet. Send tool_choice \"none\" (the tools are then shown to "
+                "the model through its chat template, and its reply is plain text) or no tools.",
+                "tool_choice")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise SamplingParamsError("tool_choice needs tools.", "tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise SamplingParamsError("top_logprobs can only be set when logprobs is true.",
                                       "top_logprobs")

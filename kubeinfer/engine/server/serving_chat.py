@@ -48,7 +48,7 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
 
 def render_chat(engine: Any, chat_template: str | None, messages: list[ChatMessage], *,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                template_kwargs: dict | None = None) -> list[int]:
+                template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[int]:
     """Token ids of the conversation rendered by the model's (or --chat-template's) template."""
     if not messages:
         raise APIError("messages is empty: send at least one message.", 400, param="messages")
@@ -60,7 +60,7 @@ def render_chat(engine: Any, chat_template: str | None, messages: list[ChatMessa
         text = tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, chat_template=chat_template,
-            **(template_kwargs or {}))
+            tools=tools or None, **(template_kwargs or {}))
     except Exception as e:  # noqa: BLE001 - template errors are the request's (or the setup's) fault
         name = type(e).__name__
         if "chat_template" in str(e) or "chat template" in str(e):
@@ -83,7 +83,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     prompt_ids = render_chat(engine, state.config.model.chat_template, req.messages,
                              add_generation_prompt=req.add_generation_prompt,
                              continue_final_message=req.continue_final_message,
-                             template_kwargs=req.chat_template_kwargs)
+                             template_kwargs=req.chat_template_kwargs, tools=req.tools)
     max_tokens = context_budget(len(prompt_ids), params.max_tokens, engine.max_model_len,
                                 "messages")
     params = dataclasses.replace(params, max_tokens=max_tokens)
