@@ -125,11 +125,9 @@ def test_prompt_logprobs_under_tensor_parallelism_equal_one_device(tiny_model_di
                   for d in o.prompt_logprobs]) for o in outs]
 
     expected = run(LLM(path, async_scheduling=async_sched, **KW))
-    llm = LLM(path, tensor_parallel_size=2, async_scheduling=async_sched, **KW)
-    try:
+    with LLM(path, tensor_parallel_size=2, async_scheduling=async_sched, **KW) as llm:
         got = run(llm)
-    finally:
-        llm.engine.shutdown()
+    assert not multiprocessing.active_children()
     assert [g[0] for g in got] == [e[0] for e in expected]
     for (_, g), (_, e) in zip(got, expected):
         assert len(g) == len(e) and g[0] is None
