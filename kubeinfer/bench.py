@@ -1,4 +1,5 @@
-"""`kubeinfer bench throughput | latency`: offline benchmarks in the shape of vLLM's.
+"""`kubeinfer bench throughput | latency`: offline benchmarks in the shape of vLLM's
+(`kubeinfer bench serve`, the online one against a running server, is in bench_serve.py).
 
 Prompts are random token ids and EOS is ignored, so a config-only model folder with
 `--load-format dummy` is enough (no tokenizer is loaded: vLLM's --skip-tokenizer-init).
@@ -15,7 +16,9 @@ import time
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from kubeinfer.engine.arg_utils import add_engine_args
 
-    p = sub.add_parser("bench", help="offline throughput and latency benchmarks")
+    from kubeinfer.bench_serve import add_parser as add_serve_parser
+
+    p = sub.add_parser("bench", help="throughput, latency and serving benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     t = bsub.add_parser("throughput", help="many requests at once; prints one JSON line")
     add_engine_args(t, model_positional=False)
@@ -34,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--num-iters", type=int, default=5)
     lat.add_argument("--num-iters-warmup", type=int, default=2)
     lat.set_defaults(func=run_latency)
+    add_serve_parser(bsub)
 
 
 def _check(args: argparse.Namespace, names: tuple[str, ...]) -> None:
