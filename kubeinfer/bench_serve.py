@@ -46,6 +46,9 @@ def add_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600, help="seconds for one request")
+    p.add_argument("--return-token-ids", action="store_true",
+                   help="ask for token ids in every chunk (vLLM's return_token_ids): a server "
+                        "started with --skip-tokenizer-init streams no text to time")
     p.set_defaults(func=run_serve)
 
 
@@ -72,6 +75,8 @@ def _lengths(rng: random.Random, n: int, length: int, ratio: float) -> list[int]
 async def _one(client, args: argparse.Namespace, prompt: list[int], max_tokens: int) -> RequestResult:
     body = {"model": args.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if args.return_token_ids:
+        body["return_token_ids"] = True
     result = RequestResult(prompt_len=len(prompt))
     start = last = time.perf_counter()
     try:

@@ -44,3 +44,11 @@ def test_bad_flags_get_one_clear_line(args, message):
     with pytest.raises(SystemExit) as e:
         main(["bench", "serve", "--model", "m", *args])
     assert str(e.value) == f"error: {message}"
+
+
+def test_a_server_without_a_tokenizer_is_timed_through_token_ids(server_factory, capsys):
+    bare = server_factory(skip_tokenizer_init=True)
+    rc, report = bench(capsys, "--base-url", bare.base_url, "--model", MODEL_NAME,
+                       "--num-prompts", "4", "--return-token-ids")
+    assert rc == 0 and report["completed"] == 4 and report["total_output_tokens"] == 4 * 5
+    assert 0 < report["mean_ttft_ms"] < report["mean_e2el_ms"] and report["mean_itl_ms"] > 0

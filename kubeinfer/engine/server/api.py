@@ -26,6 +26,12 @@ from kubeinfer.engine.server.serving_embedding import create_embedding
 from kubeinfer.engine.server.state import ServerState
 
 
+
+def _need_tokenizer(engine: Any) -> None:
+    if engine.tokenizer is None:
+        raise APIError("this server was started with --skip-tokenizer-init and has no tokenizer "
+                       "to (de)tokenize with; restart it without that flag.", 400)
+
 def version() -> str:
     import kubeinfer
 
@@ -109,6 +115,7 @@ def build_app(state: ServerState, allowed_origins: list[str] | None = None) -> F
         state.resolve_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError("send either `prompt` or `messages`.", 400, param="prompt")
+        _need_tokenizer(engine)
         if body.messages is not None:
             ids = render_chat(engine, state.config.model.chat_template, body.messages,
                               add_generation_prompt=body.add_generation_prompt,
@@ -129,6 +136,7 @@ def build_app(state: ServerState, allowed_origins: list[str] | None = None) -> F
     async def detokenize(body: DetokenizeRequest) -> dict:
         engine = state.ready_engine()
         state.resolve_model(body.model)
+        _need_tokenizer(engine)
         if body.tokens:
             check_token_ids(body.tokens, len(engine.tokenizer), "tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}

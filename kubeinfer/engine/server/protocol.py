@@ -46,6 +46,7 @@ class _SamplingFields(_Body):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:123"
+    return_token_ids: StrictBool = False  # vLLM's: prompt_token_ids and token_ids in the response
     # logprobs of the prompt tokens (and the top-N at each position); strict, so true is no 1
     prompt_logprobs: StrictInt | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias

@@ -52,6 +52,10 @@ def render_chat(engine: Any, chat_template: str | None, messages: list[ChatMessa
     """Token ids of the conversation rendered by the model's (or --chat-template's) template."""
     if not messages:
         raise APIError("messages is empty: send at least one message.", 400, param="messages")
+    if engine.tokenizer is None:
+        raise APIError("chat needs the model's tokenizer and chat template, and this server was "
+                       "started with --skip-tokenizer-init: use /v1/completions with token ids.",
+                       400, param="messages")
     conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
     if continue_final_message and add_generation_prompt:
         add_generation_prompt = False  # continuing the last message means no new turn
@@ -95,16 +99,17 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
     if req.stream:
         header["object"] = "chat.completion.chunk"
-        return SSEResponse(_stream(req, len(prompt_ids), outputs, header, text))
-    result = await until_disconnect(raw, _collect(req, len(prompt_ids), outputs, header, text))
+        return SSEResponse(_stream(req, prompt_ids, outputs, header, text))
+    result = await until_disconnect(raw, _collect(req, prompt_ids, outputs, header, text))
     if result is None:
         return Response(status_code=499)  # nobody is listening
     return JSONResponse(result)
 
 
-async def _collect(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: AsyncIterator,
+async def _collect(req: ChatCompletionRequest, prompt_ids: list[int], outputs: AsyncIterator,
                    header: dict, text: TokenText) -> dict:
     texts: dict[int, list[str]] = {i: [] for i in range(req.n)}
+    token_ids: dict[int, list[int]] = {i: [] for i in range(req.n)}
     lps: dict[int, list[dict]] = {i: [] for i in range(req.n)}
     final: dict[int, Any] = {}
     cached = 0
@@ -114,6 +119,7 @@ async def _collect(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: 
             if out.prompt_logprobs is not None:
                 prompt_logprobs = out.prompt_logprobs
             texts[out.index].append(out.new_text)
+            token_ids[out.index].extend(out.new_token_ids)
             if req.logprobs and out.new_logprobs:
                 lps[out.index].extend(chat_logprobs(out.new_token_ids, out.new_logprobs, text))
             cached = out.num_cached_tokens
@@ -128,18 +134,26 @@ async def _collect(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: 
             "logprobs": {"content": lps[i]} if req.logprobs else None,
             "finish_reason": out.finish_reason if out else None,
             "stop_reason": out.stop_reason if out else None,
+            **({"token_ids": token_ids[i]} if req.return_token_ids else {}),
         })
     num_completion = sum(o.num_output_tokens for o in final.values())
-    return {**header, "choices": choices, "usage": usage(num_prompt_tokens, num_completion, cached),
+    body = {**header, "choices": choices,
+            "usage": usage(len(prompt_ids), num_completion, cached),
             "prompt_logprobs": prompt_logprobs_json(prompt_logprobs)}
+    if req.return_token_ids:
+        body["prompt_token_ids"] = prompt_ids
+    return body
 
 
-async def _stream(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: AsyncIterator,
+async def _stream(req: ChatCompletionRequest, prompt_ids: list[int], outputs: AsyncIterator,
                   header: dict, text: TokenText) -> AsyncIterator[dict]:
     # OpenAI opens each choice with a role-only delta
     for i in range(req.n):
-        yield {**header, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}]}
+        opening = {**header, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]}
+        if req.return_token_ids:
+            opening["prompt_token_ids"] = prompt_ids
+        yield opening
     num_tokens: dict[int, int] = {}
     cached = 0
     async with contextlib.aclosing(outputs):
@@ -149,15 +163,17 @@ async def _stream(req: ChatCompletionRequest, num_prompt_tokens: int, outputs: A
             lp = None
             if req.logprobs and out.new_logprobs:
                 lp = {"content": chat_logprobs(out.new_token_ids, out.new_logprobs, text)}
-            if not out.new_text and not out.finished and lp is None:
+            if not out.new_text and not out.finished and lp is None and not req.return_token_ids:
                 continue  # the detokenizer is holding back part of a character
             choice = {"index": out.index,
                       "delta": {"content": out.new_text} if out.new_text else {},
                       "logprobs": lp,
                       "finish_reason": out.finish_reason if out.finished else None}
+            if req.return_token_ids:
+                choice["token_ids"] = list(out.new_token_ids)
             if out.finished:
                 choice["stop_reason"] = out.stop_reason
             yield {**header, "choices": [choice]}
     if req.include_usage:
         yield {**header, "choices": [],
-               "usage": usage(num_prompt_tokens, sum(num_tokens.values()), cached)}
+               "usage": usage(len(prompt_ids), sum(num_tokens.values()), cached)}

@@ -69,7 +69,8 @@ class TokenText:
 
     def __init__(self, tokenizer: Any, as_ids: bool = False):
         self._tokenizer = tokenizer
-        self._as_ids = as_ids  # vLLM's return_tokens_as_token_ids: "token_id:123"
+        # vLLM's return_tokens_as_token_ids: "token_id:123"; the only choice with no tokenizer
+        self._as_ids = as_ids or tokenizer is None
         self._cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:

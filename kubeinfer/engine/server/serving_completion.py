@@ -42,6 +42,10 @@ def _prompts(req: CompletionRequest, engine: Any, params: SamplingParams) -> lis
         raise APIError("prompt is empty: send a string, a list of strings or a list of token ids.",
                        400, param="prompt")
     tokenizer = engine.tokenizer
+    if tokenizer is None and any(isinstance(p, str) for p in batch):
+        raise APIError("this server was started with --skip-tokenizer-init, so it takes token ids "
+                       "only: send `prompt` as a list of token ids (or a list of such lists).",
+                       400, param="prompt")
     out = []
     for p in batch:
         if isinstance(p, str):
@@ -51,7 +55,7 @@ def _prompts(req: CompletionRequest, engine: Any, params: SamplingParams) -> lis
         else:
             ids = list(p)
             check_token_ids(ids, engine.vocab_size, "prompt")  # the model's, which may be padded
-            text = tokenizer.decode(ids) if req.echo else ""
+            text = tokenizer.decode(ids) if req.echo and tokenizer is not None else ""
         max_tokens = context_budget(len(ids), params.max_tokens, engine.max_model_len, "prompt")
         out.append(_Prompt(ids, text, dataclasses.replace(params, max_tokens=max_tokens)))
     return out
@@ -132,6 +136,7 @@ async def _collect(req: CompletionRequest, prompts: list[_Prompt], outputs: Asyn
                    header: dict, text: TokenText) -> dict:
     choices = _choices(req, prompts, text)
     texts: dict[int, list[str]] = {i: [] for i in choices}
+    token_ids: dict[int, list[int]] = {i: [] for i in choices}
     lps: dict[int, dict | None] = {i: None for i in choices}
     final: dict[int, Any] = {}
     async with contextlib.aclosing(outputs):
@@ -139,6 +144,7 @@ async def _collect(req: CompletionRequest, prompts: list[_Prompt], outputs: Asyn
             idx = tag * req.n + out.index
             t, lp = choices[idx].delta(out)
             texts[idx].append(t)
+            token_ids[idx].extend(out.new_token_ids)
             if lp is not None:
                 lps[idx] = merge_logprobs(lps[idx], lp)
             if out.finished:
@@ -149,6 +155,8 @@ async def _collect(req: CompletionRequest, prompts: list[_Prompt], outputs: Asyn
         "finish_reason": final[i].finish_reason if i in final else None,
         "stop_reason": final[i].stop_reason if i in final else None,
         "prompt_logprobs": prompt_logprobs_json(choices[i].prompt_logprobs),
+        **({"prompt_token_ids": choices[i].prompt.token_ids, "token_ids": token_ids[i]}
+           if req.return_token_ids else {}),
     } for i in sorted(choices)]
     body["usage"] = _usage(prompts, choices, req.n)
     return body
@@ -160,12 +168,17 @@ async def _stream(req: CompletionRequest, prompts: list[_Prompt], outputs: Async
     async with contextlib.aclosing(outputs):
         async for tag, out in outputs:
             idx = tag * req.n + out.index
+            first = not choices[idx].started
             t, lp = choices[idx].delta(out)
-            if not t and not out.finished and lp is None:
+            if not t and not out.finished and lp is None and not req.return_token_ids:
                 continue
-            yield {**header, "choices": [{
-                "index": idx, "text": t, "logprobs": lp,
-                "finish_reason": out.finish_reason if out.finished else None,
-                "stop_reason": out.stop_reason if out.finished else None}]}
+            choice = {"index": idx, "text": t, "logprobs": lp,
+                      "finish_reason": out.finish_reason if out.finished else None,
+                      "stop_reason": out.stop_reason if out.finished else None}
+            if req.return_token_ids:
+                choice["token_ids"] = list(out.new_token_ids)
+                if first:
+                    choice["prompt_token_ids"] = choices[idx].prompt.token_ids
+            yield {**header, "choices": [choice]}
     if req.include_usage:
         yield {**header, "choices": [], "usage": _usage(prompts, choices, req.n)}
