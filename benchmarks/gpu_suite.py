@@ -29,6 +29,32 @@ print(json.dumps(dict(step="ceilings", gpu=torch.cuda.get_device_name(),
 """
 
 
+# The online benchmark: `kubeinfer serve` on the dummy Llama shape, loaded by `kubeinfer bench serve`.
+# Needs fastapi and uvicorn on the device (carry wheels: the device tool's README says how).
+SERVE = r"""
+import os, subprocess, sys, time, urllib.request
+model, port = sys.argv[1], "8011"
+srv = subprocess.Popen([sys.executable, "-m", "kubeinfer.cli", "serve", model, "--load-format",
+                        "dummy", "--skip-tokenizer-init", "--port", port, "--max-model-len", "1024",
+                        "--served-model-name", "llama", "--disable-log-requests"])
+try:
+    for _ in range(600):
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    for rate in ("8", "inf"):
+        subprocess.run([sys.executable, "-m", "kubeinfer.cli", "bench", "serve", "--base-url",
+                        f"http://127.0.0.1:{port}", "--model", "llama", "--num-prompts", "256",
+                        "--input-len", "512", "--output-len", "256", "--request-rate", rate,
+                        "--vocab-size", "128256", "--return-token-ids"], check=False)
+finally:
+    srv.terminate()
+    srv.wait(60)
+"""
+
+
 def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     py = sys.executable
     llama = os.path.join(a.models, "llama-3.1-8b-shape")
@@ -61,6 +87,7 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                                  "--batch-size", "1", "--input-len", "512", "--output-len", "256",
                                  "--num-iters", "3", "--num-iters-warmup", "1", "--max-model-len",
                                  "1024", "--max-num-seqs", "8", "--tensor-parallel-size", "2"], 100),
+        "llama_serve": ([py, "-c", SERVE, llama], 300),
         "llama_peer": ([py, a.peer, "--model", llama, "--mode", "static", "--prompts", "256",
                         "--input-len", "512", "--output-len", "256"], 150),
         "latency": (bench + ["latency", "--model", llama, "--load-format", "dummy",
