@@ -32,23 +32,26 @@ print(json.dumps(dict(step="ceilings", gpu=torch.cuda.get_device_name(),
 # The online benchmark: `kubeinfer serve` on the dummy Llama shape, loaded by `kubeinfer bench serve`.
 # Needs fastapi and uvicorn on the device (carry wheels: the device tool's README says how).
 SERVE = r"""
-import os, subprocess, sys, time, urllib.request
-model, port = sys.argv[1], "8011"
+import subprocess, sys, time, urllib.request
+model, prompts, in_len, out_len, vocab, max_len = sys.argv[1:7]
+port = "8011"
 srv = subprocess.Popen([sys.executable, "-m", "kubeinfer.cli", "serve", model, "--load-format",
-                        "dummy", "--skip-tokenizer-init", "--port", port, "--max-model-len", "1024",
+                        "dummy", "--skip-tokenizer-init", "--port", port, "--max-model-len", max_len,
                         "--served-model-name", "llama", "--disable-log-requests"])
 try:
-    for _ in range(600):
+    while srv.poll() is None:
         try:
             if urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200:
                 break
         except OSError:
             time.sleep(0.5)
+    if srv.poll() is not None:
+        sys.exit(f"the server exited with code {srv.returncode} before it was healthy")
     for rate in ("8", "inf"):
         subprocess.run([sys.executable, "-m", "kubeinfer.cli", "bench", "serve", "--base-url",
-                        f"http://127.0.0.1:{port}", "--model", "llama", "--num-prompts", "256",
-                        "--input-len", "512", "--output-len", "256", "--request-rate", rate,
-                        "--vocab-size", "128256", "--return-token-ids"], check=False)
+                        f"http://127.0.0.1:{port}", "--model", "llama", "--num-prompts", prompts,
+                        "--input-len", in_len, "--output-len", out_len, "--request-rate", rate,
+                        "--vocab-size", vocab, "--return-token-ids"], check=False)
 finally:
     srv.terminate()
     srv.wait(60)
@@ -87,7 +90,7 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                                  "--batch-size", "1", "--input-len", "512", "--output-len", "256",
                                  "--num-iters", "3", "--num-iters-warmup", "1", "--max-model-len",
                                  "1024", "--max-num-seqs", "8", "--tensor-parallel-size", "2"], 100),
-        "llama_serve": ([py, "-c", SERVE, llama], 300),
+        "llama_serve": ([py, "-c", SERVE, llama, "256", "512", "256", "128256", "1024"], 300),
         "llama_peer": ([py, a.peer, "--model", llama, "--mode", "static", "--prompts", "256",
                         "--input-len", "512", "--output-len", "256"], 150),
         "latency": (bench + ["latency", "--model", llama, "--load-format", "dummy",
