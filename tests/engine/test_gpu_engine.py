@@ -54,3 +54,26 @@ def test_gpu_tensor_parallel_2_matches_hf(tiny_model_dir):
         assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
     finally:
         llm.engine.shutdown()
+
+
+def test_gpu_prompt_logprobs_and_logit_bias_match_cpu(tiny_model_dir):
+    """The paths that only run their device copies on a GPU (pinned prompt-logprob rows read with
+    the step's event, async scheduling, graphs for the decode steps) give the CPU engine's values."""
+    path = str(tiny_model_dir("llama"))
+    prompts = make_prompts(300)
+    params = SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=3, logit_bias={7: 5.0})
+
+    def run(llm):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        return [(o.outputs[0].token_ids,
+                 [None if d is None else {t: (lp.logprob, lp.rank) for t, lp in d.items()}
+                  for d in o.prompt_logprobs]) for o in outs]
+
+    kw = dict(dtype="float32", max_model_len=256, max_num_batched_tokens=64)
+    gpu = run(LLM(path, device="cuda", gpu_memory_utilization=0.3, **kw))
+    cpu = run(LLM(path, device="cpu", **kw))
+    assert [g[0] for g in gpu] == [c[0] for c in cpu]
+    for (_, g), (_, c) in zip(gpu, cpu):
+        for gd, cd in zip(g[1:], c[1:]):
+            assert gd.keys() == cd.keys()
+            assert all(abs(gd[t][0] - cd[t][0]) < 1e-3 and gd[t][1] == cd[t][1] for t in gd)
