@@ -153,6 +153,8 @@ async def _stream(req: ChatCompletionRequest, prompt_ids: list[int], outputs: As
                                           "logprobs": None, "finish_reason": None}]}
         if req.return_token_ids:
             opening["prompt_token_ids"] = prompt_ids
+        if req.continuous_usage:
+            opening["usage"] = usage(len(prompt_ids), 0, 0)
         yield opening
     num_tokens: dict[int, int] = {}
     cached = 0
@@ -173,7 +175,10 @@ async def _stream(req: ChatCompletionRequest, prompt_ids: list[int], outputs: As
                 choice["token_ids"] = list(out.new_token_ids)
             if out.finished:
                 choice["stop_reason"] = out.stop_reason
-            yield {**header, "choices": [choice]}
+            chunk = {**header, "choices": [choice]}
+            if req.continuous_usage:
+                chunk["usage"] = usage(len(prompt_ids), sum(num_tokens.values()), cached)
+            yield chunk
     if req.include_usage:
         yield {**header, "choices": [],
                "usage": usage(len(prompt_ids), sum(num_tokens.values()), cached)}

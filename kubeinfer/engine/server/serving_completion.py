@@ -179,6 +179,9 @@ async def _stream(req: CompletionRequest, prompts: list[_Prompt], outputs: Async
                 choice["token_ids"] = list(out.new_token_ids)
                 if first:
                     choice["prompt_token_ids"] = choices[idx].prompt.token_ids
-            yield {**header, "choices": [choice]}
+            chunk = {**header, "choices": [choice]}
+            if req.continuous_usage:
+                chunk["usage"] = _usage(prompts, choices, req.n)
+            yield chunk
     if req.include_usage:
         yield {**header, "choices": [], "usage": _usage(prompts, choices, req.n)}

@@ -1,4 +1,4 @@
-"""vLLM's `return_token_ids`, and a server started with --skip-tokenizer-init: token ids in and
+"""vLLM's `return_token_ids` and `continuous_usage_stats`, and a server started with
 out, and a clear 400 (never a 500) for everything that needs the tokenizer."""
 from __future__ import annotations
 
@@ -72,3 +72,18 @@ def test_without_a_tokenizer_text_is_a_clear_400(no_tokenizer, path, body, param
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert "--skip-tokenizer-init" in err["message"] and err["param"] == param
+
+
+@pytest.mark.parametrize("path,extra", [("/v1/completions", {"prompt": "Once upon a time"}),
+                                        ("/v1/chat/completions", {"messages": USER})])
+def test_continuous_usage_stats_count_up_on_every_chunk(http, path, extra):
+    body = {"model": MODEL_NAME, "max_tokens": 6, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, **extra}
+    chunks = sse(http, path, body)
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all("usage" in c for c in chunks) and counts == sorted(counts)
+    assert counts[-1] == 6 and chunks[-1]["choices"] == []  # the closing usage chunk
+    prompt = {c["usage"]["prompt_tokens"] for c in chunks}
+    assert len(prompt) == 1 and prompt.pop() > 0
+    plain = sse(http, path, {**body, "stream_options": {"include_usage": True}})
+    assert all("usage" not in c for c in plain[:-1])  # only the last one, as before
