@@ -1,5 +1,6 @@
 """vLLM's `return_token_ids` and `continuous_usage_stats`, and a server started with
-out, and a clear 400 (never a 500) for everything that needs the tokenizer."""
+--skip-tokenizer-init: token ids in and out, and a clear 400 (never a 500) for everything that
+needs the tokenizer."""
 from __future__ import annotations
 
 import json
