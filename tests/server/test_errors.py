@@ -221,3 +221,10 @@ def test_tools_with_tool_choice_none_reach_the_template_and_answer_in_text(http)
 
 def test_tool_choice_without_tools(http):
     assert error_of(post_chat(http, tool_choice="required"), 400)["param"] == "tool_choice"
+
+
+@pytest.mark.parametrize("body", [{"functions": TOOLS[:1]}, {"function_call": "auto"},
+                                  {"function_call": {"name": "get_weather"}}])
+def test_legacy_function_calling_is_refused(http, body):
+    err = error_of(post_chat(http, max_tokens=2, **body), 400)
+    assert err["param"] == "functions" and "not supported" in err["message"]

@@ -167,6 +167,8 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated tools: refused as they are
+    function_call: str | dict[str, Any] | None = None
 
     def to_sampling_params(self, defaults: dict[str, float] | None = None) -> SamplingParams:
         if self.tools and self.tool_choice != "none":
@@ -178,6 +180,10 @@ class ChatCompletionRequest(_SamplingFields):
                 "tool_choice")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise SamplingParamsError("tool_choice needs tools.", "tool_choice")
+        if self.functions or self.function_call not in (None, "none"):
+            raise SamplingParamsError("functions and function_call (OpenAI's deprecated tool "
+                                      "calling) are not supported: this server does not parse "
+                                      "tool calls yet.", "functions")
         if self.top_logprobs is not None and not self.logprobs:
             raise SamplingParamsError("top_logprobs can only be set when logprobs is true.",
                                       "top_logprobs")
