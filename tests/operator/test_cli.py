@@ -27,6 +27,7 @@ def render(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize("example,kinds", [
     ("inferenceservice.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
     ("cpu.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
+    ("embeddings.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
     ("multi-gpu.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
     ("multi-node.yaml", ["StatefulSet", "Service", "Service", "PodDisruptionBudget"]),
 ])

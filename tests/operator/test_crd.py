@@ -52,7 +52,8 @@ def test_schema_is_structural():
     assert _structural(schema.load_schema()) == []
 
 
-@pytest.mark.parametrize("example", ["inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml", "multi-node.yaml"])
+@pytest.mark.parametrize("example", ["inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml", "multi-node.yaml",
+                                     "embeddings.yaml"])
 def test_examples_pass_the_schema(example):
     for doc in example_docs(example):
         defaulted, problems = schema.validate(doc)
@@ -94,7 +95,8 @@ def test_schema_rejects(spec, field):
 
 def _all_renders():
     cases = [(f, doc["spec"], False) for f in ("inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml",
-                                               "multi-node.yaml") for doc in example_docs(f)]
+                                               "multi-node.yaml", "embeddings.yaml")
+             for doc in example_docs(f)]
     cases += [("pvc", {"model": {"uri": "pvc://weights/m"}, "apiKeySecretRef": {"name": "k"}}, False),
               ("pipeline+lws", {"parallelism": {"tensor": 2, "pipeline": 2}, "replicas": 2}, True)]
     return cases
@@ -117,4 +119,4 @@ def test_rendered_manifests_pass_kubernetes_validate(name, spec, lws):
 
 def test_examples_are_what_render_reads():
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == \
-        ["cpu.yaml", "inferenceservice.yaml", "multi-gpu.yaml", "multi-node.yaml"]
+        ["cpu.yaml", "embeddings.yaml", "inferenceservice.yaml", "multi-gpu.yaml", "multi-node.yaml"]
