@@ -88,3 +88,13 @@ def test_continuous_usage_stats_count_up_on_every_chunk(http, path, extra):
     assert len(prompt) == 1 and prompt.pop() > 0
     plain = sse(http, path, {**body, "stream_options": {"include_usage": True}})
     assert all("usage" not in c for c in plain[:-1])  # only the last one, as before
+
+
+@pytest.mark.parametrize("path,extra", [("/v1/completions", {"prompt": "hi"}),
+                                        ("/v1/chat/completions", {"messages": USER})])
+def test_unknown_fields_are_named_in_the_log(http, caplog, path, extra):
+    with caplog.at_level("WARNING", logger="kubeinfer.server"):
+        r = http.post(path, json={"model": MODEL_NAME, "max_tokens": 2, "frobnicate": 1,
+                                  "best_guess": True, **extra})
+    assert r.status_code == 200
+    assert "present in the request but ignored: ['best_guess', 'frobnicate']" in caplog.text

@@ -23,7 +23,12 @@ class StreamOptions(_Body):
 
 
 class _SamplingFields(_Body):
-    """Fields that completions and chat share, OpenAI's then vLLM's."""
+    """Fields that completions and chat share, OpenAI's then vLLM's.
+
+    Unknown fields are kept (not validated) only so that `ignored_fields` can name them in the log,
+    as vLLM does: a parameter this server does not know is then visible, not silently lost."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     n: int = 1
@@ -113,6 +118,10 @@ class _SamplingFields(_Body):
                 raise SamplingParamsError(f"logit_bias keys must be token ids, like \"50256\"; got "
                                           f"{key!r}.", "logit_bias") from None
         return out
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or ())
 
     @property
     def include_usage(self) -> bool:

@@ -84,6 +84,9 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     model = state.resolve_model(req.model)
     check_generate_runner(engine, model)
     params = req.to_sampling_params(engine.default_sampling)
+    if req.ignored_fields:
+        logger.warning("The following fields were present in the request but ignored: %s",
+                       req.ignored_fields)
     prompt_ids = render_chat(engine, state.config.model.chat_template, req.messages,
                              add_generation_prompt=req.add_generation_prompt,
                              continue_final_message=req.continue_final_message,

@@ -66,6 +66,9 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     model = state.resolve_model(req.model)
     check_generate_runner(engine, model)
     params = req.to_sampling_params(engine.default_sampling)
+    if req.ignored_fields:
+        logger.warning("The following fields were present in the request but ignored: %s",
+                       req.ignored_fields)
     prompts = _prompts(req, engine, params)
     request_id = random_id("cmpl")
     if state.log_requests:
