@@ -119,6 +119,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the GPU runs this one (default: on for CUDA, "
                         "off for CPU)")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="priority: requests with a lower `priority` value go first")
     g = p.add_argument_group("parallelism and device")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
@@ -152,7 +154,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           num_gpu_blocks_override=args.num_gpu_blocks_override),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs,
-                                  async_scheduling=args.async_scheduling),
+                                  async_scheduling=args.async_scheduling,
+                                  scheduling_policy=args.scheduling_policy),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
                                 pipeline_parallel_size=args.pipeline_parallel_size),
         device=DeviceConfig(device=args.device, enforce_eager=args.enforce_eager),

@@ -91,7 +91,8 @@ class AsyncLLM:
 
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput | EmbeddingOutput]:
+                       request_id: str, priority: int = 0
+                       ) -> AsyncIterator[RequestOutput | EmbeddingOutput]:
         """Yield deltas for each of the params.n samples until all have finished.
 
         Raises RequestError before the first yield if the engine cannot take the request. Closing the
@@ -102,11 +103,13 @@ class AsyncLLM:
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         self.engine.validate_request(prompt_token_ids, params)
+        if priority:
+            self.engine.validate_priority(priority)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         done = False
         try:
-            self._inbox.put(("add", request_id, prompt_token_ids, params))
+            self._inbox.put(("add", request_id, prompt_token_ids, params, priority))
             remaining = params.n
             while remaining:
                 item = await stream.get()
@@ -164,9 +167,12 @@ class AsyncLLM:
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "add":
-            _, request_id, prompt_token_ids, params = msg
+            _, request_id, prompt_token_ids, params, priority = msg
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params)
+                if priority:
+                    self.engine.add_request(request_id, prompt_token_ids, params, priority)
+                else:  # the embedding engine takes no priority
+                    self.engine.add_request(request_id, prompt_token_ids, params)
             except RequestError as e:
                 self._post(request_id, e)
         elif kind == "abort":

@@ -129,8 +129,14 @@ class SchedulerConfig:
     # --async-scheduling); EOS and stop conditions are then seen one step late. None: on for CUDA
     # (measured faster, docs/benchmarks.md), off for CPU, where nothing runs in parallel to overlap
     async_scheduling: bool | None = None
+    # fcfs: arrival order; priority: lower `priority` first (then arrival), and the running request
+    # with the highest value (the latest among equals) is the one preempted (vLLM's policies)
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError(f"--scheduling-policy must be fcfs or priority, got "
+                              f"{self.scheduling_policy!r}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -29,7 +29,7 @@ class LLM:
                  kv_cache_memory: int | str | None = None, enable_prefix_caching: bool = True,
                  num_gpu_blocks_override: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_chunked_prefill: bool = True,
-                 async_scheduling: bool | None = None,
+                 async_scheduling: bool | None = None, scheduling_policy: str = "fcfs",
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  device: str = "auto", enforce_eager: bool = False, chat_template: str | None = None,
                  generation_config: str = "auto",
@@ -55,7 +55,8 @@ class LLM:
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                       max_num_seqs=max_num_seqs,
                                       enable_chunked_prefill=enable_chunked_prefill,
-                                      async_scheduling=async_scheduling),
+                                      async_scheduling=async_scheduling,
+                                      scheduling_policy=scheduling_policy),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size),
             device=DeviceConfig(device=device, enforce_eager=enforce_eager))
@@ -90,8 +91,10 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[FinishedRequest]:
-        """Run every prompt to completion with continuous batching; results in prompt order."""
+                 use_tqdm: bool = False, priority: Sequence[int] | None = None
+                 ) -> list[FinishedRequest]:
+        """Run every prompt to completion with continuous batching; results in prompt order.
+        `priority` (one per prompt) needs scheduling_policy="priority"."""
         self._check_runner("generate", "embed()")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -101,12 +104,15 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+        priority = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priority) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(priority)} priorities")
         results: dict[str, FinishedRequest] = {}
         order = []
-        for prompt, params in zip(prompts, sampling_params):
+        for prompt, params, prio in zip(prompts, sampling_params, priority):
             text, ids = self._to_ids(prompt)
             request_id = str(next(self._ids))
-            self.engine.add_request(request_id, ids, params)
+            self.engine.add_request(request_id, ids, params, prio)
             results[request_id] = FinishedRequest(
                 request_id, text, ids,
                 [CompletionOutput(i, "", [], [] if params.logprobs is not None else None, None)

@@ -123,18 +123,25 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, priority: int = 0) -> None:
         """Queue a request (params.n samples of it). Raises RequestError for what the caller sent."""
         if request_id in self.output_processor.parent_to_children:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+        self.validate_priority(priority)
         max_tokens = self.validate_request(prompt_token_ids, params)
         for i in range(params.n):
             child = params.clone_for_child(i)
             child.max_tokens = max_tokens
             req_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(req_id, list(prompt_token_ids), child, self.eos_token_ids)
+            req = Request(req_id, list(prompt_token_ids), child, self.eos_token_ids,
+                          priority=priority)
             self.output_processor.add(request_id, i, req, params.prompt_logprobs is not None)
             self.scheduler.add_request(req)
+
+    def validate_priority(self, priority: int) -> None:
+        if priority and self.config.scheduler.scheduling_policy != "priority":
+            raise RequestError(f"priority={priority} needs a server started with "
+                               "--scheduling-policy priority; leave it out or 0.", "priority")
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model's limits; returns its max_tokens (the rest of the

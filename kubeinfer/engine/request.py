@@ -52,6 +52,11 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # with --scheduling-policy priority: lower goes first
+
+    @property
+    def priority_key(self) -> tuple[int, float]:
+        return self.priority, self.arrival_time
 
     output_token_ids: list[int] = field(default_factory=list)
     # logprobs per output token: (sampled logprob, [(token_id, logprob), ...] top-N), when asked for

@@ -50,7 +50,25 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         self.requests[req.req_id] = req
-        self.waiting.append(req)
+        self._enqueue(req, front=False)
+
+    def _enqueue(self, req: Request, front: bool) -> None:
+        """FCFS: new requests at the back, preempted ones at the front. Priority: by
+        (priority, arrival), so a preempted request goes back before later arrivals of its rank."""
+        if self.config.scheduling_policy == "fcfs":
+            self.waiting.appendleft(req) if front else self.waiting.append(req)
+            return
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].priority_key > req.priority_key:
+            i -= 1
+        self.waiting.insert(i, req)
+
+    def _pick_victim(self) -> int:
+        """Index in `running` of the request to preempt: the newest (FCFS), or the lowest priority,
+        latest among equals (priority)."""
+        if self.config.scheduling_policy == "fcfs":
+            return len(self.running) - 1
+        return max(range(len(self.running)), key=lambda k: self.running[k].priority_key)
 
     def finish_request(self, req_id: str, status: RequestStatus) -> Request | None:
         """Finish (stop string, abort) a request wherever it is; its blocks go back to the pool."""
@@ -79,9 +97,11 @@ class Scheduler:
         Invariant: there is no prefill phase and no decode phase. Each request has
         num_computed_tokens, and gets up to num_tokens - num_computed_tokens more tokens; a long
         prompt is chunked by the budget, a cached prefix simply starts it further along, and a decode
-        is the case of one token. Running requests go first (FCFS); if one cannot get blocks, the
-        newest running request is preempted (its blocks freed, recomputed later) until it fits.
-        Waiting requests are admitted, in arrival order, only in a step with no preemption.
+        is the case of one token. Running requests go first, in admission order; if one cannot get
+        blocks, a running request is preempted (its blocks freed, recomputed later) until it fits:
+        the newest (fcfs) or the lowest priority (priority; one already scheduled this step loses
+        its place in the step). Waiting requests are admitted in queue order (arrival, or priority
+        then arrival) only in a step with no preemption.
         """
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -95,11 +115,19 @@ class Scheduler:
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
-                victim = self.running.pop()
+                k = self._pick_victim()
+                victim = self.running.pop(k)
                 self._preempt(victim)
                 out.preempted_req_ids.append(victim.req_id)
                 if victim is req:
                     break
+                if k < i:  # priority: a request already passed this step (scheduled, or capped)
+                    i -= 1
+                    for j, (r, n) in enumerate(out.scheduled):
+                        if r is victim:
+                            del out.scheduled[j]
+                            budget += n
+                            break
             else:
                 out.scheduled.append((req, num_new))
                 budget -= num_new
@@ -136,7 +164,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self._num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._enqueue(req, front=True)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int],
                logprobs: dict[str, tuple] | None = None,

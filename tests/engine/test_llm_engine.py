@@ -146,3 +146,26 @@ def test_default_model_uses_its_model_card_sampling():
 
     llm = LLM(dtype="float32", max_model_len=256)
     assert llm.engine.default_sampling == DEFAULT_MODEL_SAMPLING
+
+
+@pytest.mark.parametrize("async_sched", [False, True], ids=["sync", "async"])
+def test_priority_scheduling_with_preemption_gives_the_same_tokens(tiny_model_dir, async_sched):
+    """Who waits and who is preempted changes with priority; what each request generates must not."""
+    path = str(tiny_model_dir("llama"))
+    kw = dict(dtype="float32", max_model_len=80, num_gpu_blocks_override=8, max_num_seqs=6,
+              async_scheduling=async_sched)
+    prompts = [{"prompt_token_ids": [5 + i] * (9 + 3 * i)} for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    fcfs = LLM(path, **kw).generate(prompts, params)
+    llm = LLM(path, scheduling_policy="priority", **kw)
+    ranked = llm.generate(prompts, params, priority=[3, -1, 0, 2, -1, 1])
+    assert [o.outputs[0].token_ids for o in ranked] == [o.outputs[0].token_ids for o in fcfs]
+    assert llm.engine.scheduler._num_preemptions > 0  # the small cache forced some
+    assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+
+
+def test_priority_needs_the_priority_policy(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", max_model_len=64)
+    with pytest.raises(RequestError, match="--scheduling-policy priority") as e:
+        llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2), priority=[1])
+    assert e.value.param == "priority"

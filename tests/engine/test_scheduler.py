@@ -144,3 +144,66 @@ def test_stats_report_queue_and_usage():
     step(s)
     st = s.make_stats()
     assert (st.num_running_reqs, st.num_waiting_reqs) == (1, 1) and 0 < st.kv_cache_usage <= 1
+
+
+def make_priority(**kw):
+    s = make(**kw)
+    s.config = SchedulerConfig(max_num_batched_tokens=s.config.max_num_batched_tokens,
+                               max_num_seqs=s.config.max_num_seqs, scheduling_policy="priority")
+    return s
+
+
+def prio_req(rid, n_prompt, priority, arrival, **kw):
+    r = req(rid, n_prompt, **kw)
+    r.priority, r.arrival_time = priority, arrival
+    return r
+
+
+def test_priority_policy_admits_lower_values_first_then_by_arrival():
+    s = make_priority(max_seqs=2)
+    for rid, prio, t in (("late-low", 5, 1.0), ("urgent", -1, 3.0), ("early-mid", 0, 0.5),
+                         ("later-mid", 0, 2.0)):
+        s.add_request(prio_req(rid, 4, prio, t))
+    assert [r.req_id for r in s.waiting] == ["urgent", "early-mid", "later-mid", "late-low"]
+    out, _ = step(s)
+    assert [r.req_id for r, _ in out.scheduled] == ["urgent", "early-mid"]
+
+
+def test_fcfs_ignores_priority_values():
+    s = make(max_seqs=2)
+    for rid, prio, t in (("a", 5, 1.0), ("b", -1, 2.0)):
+        s.add_request(prio_req(rid, 4, prio, t))
+    assert [r.req_id for r in s.waiting] == ["a", "b"]
+
+
+def test_priority_preempts_the_lowest_even_when_it_was_scheduled_earlier_in_the_step():
+    s = make_priority(num_blocks=5, block_size=4, caching=False)
+    s.add_request(prio_req("low", 8, 9, 0.0, max_tokens=8))
+    step(s)                                   # low: 8 prompt tokens, 2 blocks
+    s.add_request(prio_req("high", 8, 0, 1.0, max_tokens=8))
+    out, _ = step(s)                          # low decodes (3rd block), high prefills (2 blocks)
+    assert [r.req_id for r, _ in out.scheduled] == ["low", "high"] and s.kv.num_free_blocks == 0
+    out, _ = step(s)  # low fits its 3rd block; high needs a 3rd: low is preempted after all
+    assert out.preempted_req_ids == ["low"]
+    assert [(r.req_id, n) for r, n in out.scheduled] == [("high", 1)]
+    assert [r.req_id for r in s.running] == ["high"] and [r.req_id for r in s.waiting] == ["low"]
+    assert s.kv.num_free_blocks == 2  # low's 3 blocks back, one of them now high's
+
+
+def test_fcfs_preempts_the_newest_in_the_same_situation():
+    s = make(num_blocks=5, block_size=4, caching=False)
+    s.add_request(prio_req("first", 8, 9, 0.0, max_tokens=8))
+    step(s)
+    s.add_request(prio_req("second", 8, 0, 1.0, max_tokens=8))
+    step(s)
+    out, _ = step(s)
+    assert out.preempted_req_ids == ["second"]
+    assert [(r.req_id, n) for r, n in out.scheduled] == [("first", 1)]
+
+
+def test_bad_policy_is_a_config_error():
+    import pytest
+
+    from kubeinfer.engine.config import ConfigError
+    with pytest.raises(ConfigError, match="--scheduling-policy must be fcfs or priority"):
+        SchedulerConfig(scheduling_policy="lottery")

@@ -100,13 +100,14 @@ def start_server(state: ServerState, *, wait_ready: bool = True) -> RunningServe
     return running
 
 
-def tiny_config(model_dir: str, **model_kw) -> EngineConfig:
+def tiny_config(model_dir: str, scheduling_policy: str = "fcfs", **model_kw) -> EngineConfig:
     model_kw.setdefault("served_model_name", (MODEL_NAME,))
     model_kw.setdefault("max_model_len", MAX_MODEL_LEN)
     return EngineConfig(
         model=ModelConfig(model=str(model_dir), **model_kw),
         cache=CacheConfig(block_size=16, kv_cache_memory=None, num_gpu_blocks_override=256),
-        scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64),
+        scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64,
+                                  scheduling_policy=scheduling_policy),
         device=DeviceConfig(device="cpu"))
 
 

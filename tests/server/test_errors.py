@@ -228,3 +228,19 @@ def test_tool_choice_without_tools(http):
 def test_legacy_function_calling_is_refused(http, body):
     err = error_of(post_chat(http, max_tokens=2, **body), 400)
     assert err["param"] == "functions" and "not supported" in err["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("value,says", [(1, "--scheduling-policy priority"), ("high", "integer")])
+def test_priority_without_the_priority_policy_or_not_an_integer(http, path, value, says):
+    body = {"model": MODEL_NAME, "priority": value, "max_tokens": 2,
+            **({"prompt": "x"} if path == "/v1/completions" else {"messages": USER})}
+    err = error_of(http.post(path, json=body), 400)
+    assert err["param"] == "priority" and says in err["message"]
+
+
+def test_priority_is_taken_by_a_priority_server(server_factory):
+    with server_factory(scheduling_policy="priority").http() as http:
+        r = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2,
+                                               "priority": -5})
+        assert r.status_code == 200, r.text

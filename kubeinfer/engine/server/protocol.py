@@ -55,6 +55,7 @@ class _SamplingFields(_Body):
     # logprobs of the prompt tokens (and the top-N at each position); strict, so true is no 1
     prompt_logprobs: StrictInt | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias
+    priority: StrictInt = 0  # vLLM's: with --scheduling-policy priority, lower goes first
     # Structured outputs are not built: these are read only to refuse them, never to ignore them
     response_format: dict[str, Any] | None = None
     guided_json: Any = None

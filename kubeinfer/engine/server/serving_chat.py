@@ -97,7 +97,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     request_id = random_id("chatcmpl")
     if state.log_requests:
         logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_ids), params)
-    outputs = generate(engine, prompt_ids, params, request_id)
+    outputs = generate(engine, prompt_ids, params, request_id, priority=req.priority)
     header = {"id": request_id, "object": "chat.completion", "created": now(), "model": model}
     text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
     if req.stream:

@@ -181,7 +181,7 @@ def _engine_error_types() -> tuple[type[BaseException], type[BaseException]]:
 
 
 async def generate(engine: Any, prompt_token_ids: list[int], params: Any, request_id: str,
-                   tag: int = 0) -> AsyncIterator[tuple[int, RequestOutput]]:
+                   tag: int = 0, priority: int = 0) -> AsyncIterator[tuple[int, RequestOutput]]:
     """The engine's outputs tagged with `tag`; a per-request engine error becomes a 400.
 
     `aclosing` makes sure the engine's generator is closed (and so the request aborted) however
@@ -189,7 +189,8 @@ async def generate(engine: Any, prompt_token_ids: list[int], params: Any, reques
     """
     request_error, engine_dead = _engine_error_types()
     try:
-        async with contextlib.aclosing(engine.generate(prompt_token_ids, params, request_id)) as gen:
+        async with contextlib.aclosing(engine.generate(prompt_token_ids, params, request_id,
+                                                       priority)) as gen:
             async for out in gen:
                 yield tag, out
     except request_error as e:

@@ -75,7 +75,8 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
         logger.info("request %s: %d prompt(s), %s prompt tokens, %s", request_id, len(prompts),
                     [len(p.token_ids) for p in prompts], prompts[0].params)
     streams = [generate(engine, p.token_ids, p.params,
-                        request_id if len(prompts) == 1 else f"{request_id}-{i}", tag=i)
+                        request_id if len(prompts) == 1 else f"{request_id}-{i}", tag=i,
+                        priority=req.priority)
                for i, p in enumerate(prompts)]
     header = {"id": request_id, "object": "text_completion", "created": now(), "model": model}
     text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
