@@ -10,11 +10,13 @@ Calls, all JSON over the official client's connection (kubeconfig or in-cluster,
     DELETE OBJECT_PATH   (propagationPolicy=Background)                  orphans, immutable changes
     GET    inferenceservices/NAME, merge PATCH inferenceservices/NAME/status (with
            metadata.resourceVersion: 409 when it changed since the GET)  status refresh on pod events
+    merge PATCH inferenceservices/NAME {"spec": {"replicas": N}} (with
+           metadata.resourceVersion)                                     spec.autoscaling
 
 Idempotent: AlreadyExists on create fetches the object and updates it (when it is ours), NotFound on
 update creates it, NotFound on delete is success. The RBAC rules in charts/kubeinfer grant exactly
 these verbs (get, list, watch, create, update, delete) on these resources, and patch on
-inferenceservices/status.
+inferenceservices and inferenceservices/status.
 """
 from __future__ import annotations
 
@@ -157,6 +159,14 @@ class KubeApi:
         (409 Conflict otherwise): a status computed from an older read never overwrites a newer one."""
         return self.request("PATCH", _path(kind, namespace, name) + "/status",
                             body={"metadata": {"resourceVersion": resource_version}, "status": status},
+                            content_type="application/merge-patch+json")
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict, resource_version: str | None) -> dict:
+        """Merge-patch the object (the autoscaler's spec.replicas); with `resource_version`, only if
+        the object is still at it (409 Conflict otherwise)."""
+        body = {**patch, "metadata": {**patch.get("metadata", {}), "resourceVersion": resource_version}} \
+            if resource_version else patch
+        return self.request("PATCH", _path(kind, namespace, name), body=body,
                             content_type="application/merge-patch+json")
 
     def serves_leaderworkerset(self) -> bool:

@@ -17,6 +17,14 @@ What it watches
     --resync-seconds that re-runs the same reconcile (drift correction and status refresh). kopf
     adds the finalizer kubeinfer.io/finalizer (timers need one) and keeps its progress in
     kubeinfer.io/* annotations.
+    Autoscaling: a timer "autoscale" ticking every second, only on InferenceServices with
+    spec.autoscaling (kopf `when` filter; it stops when the field goes), acting once per
+    spec.autoscaling.intervalSeconds: GET of the ready pods (the selector below; pipeline > 1: rank
+    0 only), GET http://POD_IP:8000/metrics of each (2 s timeout; unreadable = load 0, logged once
+    per failure streak), the rule in autoscale.py, and when the result differs a merge PATCH of
+    inferenceservices/NAME {"spec": {"replicas": N}} with metadata.resourceVersion (409 -> next
+    interval) plus a Normal ScaledUp/ScaledDown event; the reconcile then resizes the workload.
+    The scale-down window is kept in memory per namespace/name: a restart restarts the delay.
     Children labelled app.kubernetes.io/managed-by=kubeinfer-operator (Deployments, StatefulSets,
     Services, PodDisruptionBudgets): a DELETED event reconciles the owner at once.
     Pods labelled app.kubernetes.io/managed-by=kubeinfer-operator (a server-side label selector on
@@ -57,11 +65,12 @@ Status (patched through the status subresource)
     observedGeneration, phase (Pending | Loading | Ready | Degraded | Failed), replicas, readyReplicas,
     selector, url (http://NAME.NS.svc:8000/v1), conditions Ready / Progressing / Degraded. Readiness
     is counted from pods matching the selector (condition Ready=True), see status.py.
-    Events: Normal Created/Updated/Deleted/Recreated/Ready/Loading, Warning DriftCorrected,
-    InvalidSpec, InsufficientGPU, ImagePullFailed, CrashLoop, ModelLoadFailed, ...
+    Events: Normal Created/Updated/Deleted/Recreated/Ready/Loading/ScaledUp/ScaledDown,
+    Warning DriftCorrected, InvalidSpec, InsufficientGPU, ImagePullFailed, CrashLoop, ModelLoadFailed, ...
 
 API calls made: see apply.py (the operator's own, including the status refresh's GET of the
-InferenceService and its merge PATCH of inferenceservices/status); kopf adds discovery (/api, /apis,
+InferenceService and its merge PATCH of inferenceservices/status, the autoscaler's merge PATCH of
+inferenceservices spec.replicas); kopf adds discovery (/api, /apis,
 /apis/G/V), list+watch of inferenceservices, of the child kinds and of pods
 (labelSelector=app.kubernetes.io/managed-by=kubeinfer-operator), merge PATCH of inferenceservices (its
 kubeinfer.io/* progress annotations) and of inferenceservices/status, POST of core v1 events.
@@ -74,6 +83,7 @@ import logging
 import kopf
 
 from kubeinfer.operator.apply import ApiError, KubeApi
+from kubeinfer.operator.autoscale import Autoscaler
 from kubeinfer.operator.reconcile import LwsDiscovery, reconcile, refresh
 from kubeinfer.operator.render import LABEL_IS, LABEL_MANAGED_BY, MANAGER
 from kubeinfer.operator.settings import OperatorSettings
@@ -85,6 +95,7 @@ CHILDREN = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"),
 STATUS_SOURCES = (("", "v1", "pods"), ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"))
 STATUS_WINDOW = 0.3      # seconds: the events of one InferenceService within it make one refresh
 CONFLICT_RETRIES = 3
+AUTOSCALE_TICK = 1.0     # seconds: the autoscale timer's tick; each object acts every intervalSeconds
 
 
 class StatusFollower:
@@ -173,7 +184,13 @@ def retry_delay(retry: int) -> float:
     return float(min(60, 2 ** min(retry, 6)))
 
 
-def build_registry(settings: OperatorSettings, api: KubeApi | None = None) -> kopf.OperatorRegistry:
+def has_autoscaling(spec, **_) -> bool:
+    """kopf `when` filter: the autoscale timer runs (and stops) with spec.autoscaling."""
+    return isinstance((spec or {}).get("autoscaling"), dict)
+
+
+def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
+                   autoscaler: Autoscaler | None = None) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     api = api or KubeApi()
     lws = LwsDiscovery(settings.leaderworkerset)
@@ -212,6 +229,27 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None) -> ko
                 initial_delay=settings.resync_seconds, registry=registry)
     def resync(body, patch, logger, retry, **_):
         run_reconcile(body, patch, logger, retry, user_change=False)
+
+    autoscaler = autoscaler or Autoscaler(api, settings.engine_image, use_lws=lambda: lws(api))
+
+    @kopf.timer(*resource, id="autoscale", interval=AUTOSCALE_TICK, when=has_autoscaling, registry=registry)
+    def autoscale(body, logger, **_):
+        meta = body.get("metadata", {})
+        try:
+            tick = autoscaler.tick(dict(body))
+        except ApiError as e:
+            # 409: spec changed since kopf's read (a user, a reconcile): the next tick reads again
+            logger.warning(f"autoscaling {meta.get('namespace')}/{meta.get('name')}: {e}; trying again "
+                           "next interval")
+            return
+        except Exception:
+            logger.exception(f"autoscaling {meta.get('namespace')}/{meta.get('name')} failed")
+            return
+        event = tick.event() if tick else None
+        if event is not None:
+            type_, reason, message = event
+            logger.info(message)
+            kopf.event(body, type=type_, reason=reason, message=message)
 
     def on_child_event(type, body, logger, **_):
         if type != "DELETED":

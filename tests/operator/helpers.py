@@ -108,6 +108,19 @@ class FakeApi(KubeApi):
             obj["status"] = {**(obj.get("status") or {}), **body["status"]}
             obj["metadata"]["resourceVersion"] = str(next(self._rv))
             return copy.deepcopy(obj)
+        if method == "PATCH" and content_type == "application/merge-patch+json":
+            if key not in self.objects:
+                raise ApiError(404, "NotFound", f"{kind} {key[2]} not found")
+            obj = self.objects[key]
+            if (body.get("metadata") or {}).get("resourceVersion") not in (None, obj["metadata"]["resourceVersion"]):
+                raise ApiError(409, "Conflict", "the object has been modified")
+            for part, values in body.items():
+                if part != "metadata":
+                    obj[part] = {**(obj.get(part) or {}), **values}
+            obj["metadata"]["resourceVersion"] = str(next(self._rv))
+            if "spec" in body:
+                obj["metadata"]["generation"] = obj["metadata"].get("generation", 0) + 1
+            return copy.deepcopy(obj)
         raise AssertionError(f"unexpected {method} {path}")
 
     def put_object(self, obj: dict) -> None:

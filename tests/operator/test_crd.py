@@ -83,6 +83,12 @@ REJECTED = [
     ({"probes": {"startup": {"failureThreshold": 0}}}, "spec.probes.startup.failureThreshold"),
     ({"accelerator": "GPU please"}, "spec.accelerator"),
     ({"replica": 2}, "spec.replica"),
+    ({"autoscaling": {"minReplicas": 1}}, "spec.autoscaling.maxReplicas"),
+    ({"autoscaling": {"minReplicas": 0, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
+    ({"autoscaling": {"maxReplicas": 0}}, "spec.autoscaling.maxReplicas"),
+    ({"autoscaling": {"maxReplicas": 2, "targetRequests": 0}}, "spec.autoscaling.targetRequests"),
+    ({"autoscaling": {"maxReplicas": 2, "scaleDownDelaySeconds": -1}}, "spec.autoscaling.scaleDownDelaySeconds"),
+    ({"autoscaling": {"maxReplicas": 2, "intervalSeconds": 0}}, "spec.autoscaling.intervalSeconds"),
 ]
 
 

@@ -38,8 +38,9 @@ def test_registered_handlers():
     assert {h.id for h in changing} == {"reconcile"}
     assert {h.reason for h in changing} == {"create", "update", None}   # None: resume
     assert [h.id for h in registry._activities.get_all_handlers()] == ["login"]   # no default login otherwise
-    timers = registry._spawning.get_all_handlers()
-    assert [t.interval for t in timers] == [2]
+    timers = {t.id: t for t in registry._spawning.get_all_handlers()}
+    assert {i: t.interval for i, t in timers.items()} == {"resync": 2, "autoscale": handlers.AUTOSCALE_TICK}
+    assert timers["autoscale"].when is handlers.has_autoscaling
     watched = {(h.id, h.selector.group, h.selector.any_name) for h in registry._watching.get_all_handlers()}
     assert watched == {
         ("child-deployments", "apps", "deployments"), ("child-statefulsets", "apps", "statefulsets"),
@@ -250,3 +251,62 @@ def test_a_failed_refresh_is_logged_and_the_next_event_refreshes_again(caplog):
     asyncio.run(asyncio.wait_for(scenario(), 10))
     assert "etcd timeout" in caplog.text and "resync timer" in caplog.text
     assert [m for m, p in api.calls if p.endswith("/inferenceservices/llm")] == ["GET", "GET"]
+
+
+# --- the autoscale timer -----------------------------------------------------------------------
+
+def _engine_pod(name: str, ip: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns",
+                         "labels": {"app.kubernetes.io/name": "kubeinfer", "kubeinfer.io/inferenceservice": "llm"}},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def _autoscale_setup(spec: dict, load: float):
+    from kubeinfer.operator.autoscale import Autoscaler
+
+    api, scraped = FakeApi(), []
+    api.put_object(inference_service(spec))
+    api.put_object(_engine_pod("llm-a", "10.0.0.1"))
+
+    def scrape(ip):
+        scraped.append(ip)
+        return load
+
+    scaler = Autoscaler(api, "img", scrape=scrape)
+    registry = handlers.build_registry(make_settings(), api=api, autoscaler=scaler)
+    return api, scraped, handler(registry, "autoscale")
+
+
+def test_autoscale_timer_patches_spec_replicas_and_posts_the_event(monkeypatch):
+    posted = []
+    monkeypatch.setattr(kopf, "event", lambda body, *, type, reason, message: posted.append((type, reason, message)))
+    api, scraped, autoscale = _autoscale_setup(
+        {"replicas": 1, "autoscaling": {"maxReplicas": 3, "targetRequests": 4}}, load=10)
+    body = api.objects[("InferenceService", "ns", "llm")]
+    autoscale(body=dict(body), logger=logging.getLogger())
+    assert scraped == ["10.0.0.1"]
+    assert api.objects[("InferenceService", "ns", "llm")]["spec"]["replicas"] == 3
+    [(type_, reason, message)] = posted
+    assert (type_, reason) == ("Normal", "ScaledUp")
+    assert "load 10 requests, target 4 per replica" in message
+
+
+def test_autoscale_timer_runs_only_with_autoscaling(events):
+    assert handlers.has_autoscaling(spec={"autoscaling": {"maxReplicas": 2}})
+    assert not handlers.has_autoscaling(spec={"replicas": 2})
+    assert not handlers.has_autoscaling(spec={})
+    api, scraped, autoscale = _autoscale_setup({"replicas": 2}, load=100)
+    # kopf's `when` filter keeps the timer off; called anyway, it reads and writes nothing
+    autoscale(body=dict(api.objects[("InferenceService", "ns", "llm")]), logger=logging.getLogger())
+    assert scraped == [] and events == []
+    assert not any(m == "PATCH" for m, _ in api.calls)
+
+
+def test_autoscale_timer_survives_api_errors(events, caplog):
+    api, scraped, autoscale = _autoscale_setup(
+        {"replicas": 1, "autoscaling": {"maxReplicas": 3, "targetRequests": 1}}, load=10)
+    api.fail[("GET", "Pod")] = ApiError(503, "ServiceUnavailable", "try later")
+    with caplog.at_level(logging.WARNING):
+        autoscale(body=dict(api.objects[("InferenceService", "ns", "llm")]), logger=logging.getLogger("t"))
+    assert "try later" in caplog.text and events == []

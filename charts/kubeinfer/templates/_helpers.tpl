@@ -41,7 +41,7 @@ The operator's permissions: exactly the verbs kubeinfer/operator/apply.py and ko
 {{- define "kubeinfer.rules" -}}
 - apiGroups: ["kubeinfer.io"]
   resources: ["inferenceservices"]
-  verbs: ["get", "list", "watch", "patch"]     # patch: kopf's progress annotations
+  verbs: ["get", "list", "watch", "patch"]     # patch: kopf's progress annotations, autoscaling's spec.replicas
 - apiGroups: ["kubeinfer.io"]
   resources: ["inferenceservices/status"]
   verbs: ["patch"]
