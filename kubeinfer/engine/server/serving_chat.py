@@ -14,8 +14,8 @@ from kubeinfer.engine.server.protocol import ChatCompletionRequest, ChatMessage
 from kubeinfer.engine.server.serving_common import (SSEResponse, TokenText, chat_logprobs,
                                                     check_token_ids, context_budget, generate, now,
                                                     prompt_logprobs_json, random_id,
+                                                    start_generation,
                                                     until_disconnect, usage)
-from kubeinfer.engine.server.serving_embedding import check_generate_runner
 from kubeinfer.engine.server.state import ServerState
 
 logger = logging.getLogger("kubeinfer.server")
@@ -80,13 +80,7 @@ def render_chat(engine: Any, chat_template: str | None, messages: list[ChatMessa
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
-    engine = state.ready_engine()
-    model = state.resolve_model(req.model)
-    check_generate_runner(engine, model)
-    params = req.to_sampling_params(engine.default_sampling)
-    if req.ignored_fields:
-        logger.warning("The following fields were present in the request but ignored: %s",
-                       req.ignored_fields)
+    engine, model, params = start_generation(state, req)
     prompt_ids = render_chat(engine, state.config.model.chat_template, req.messages,
                              add_generation_prompt=req.add_generation_prompt,
                              continue_final_message=req.continue_final_message,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -15,6 +16,8 @@ from fastapi.responses import StreamingResponse
 
 from kubeinfer.engine.outputs import PromptLogprobs, RequestOutput, SampleLogprobs
 from kubeinfer.engine.server.errors import APIError, error_body
+
+logger = logging.getLogger("kubeinfer.server")
 
 
 def random_id(prefix: str) -> str:
@@ -164,6 +167,22 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens:
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
             "total_tokens": num_prompt_tokens + num_completion_tokens,
             "prompt_tokens_details": {"cached_tokens": max(num_cached_tokens, 0)}}
+
+
+def start_generation(state: Any, req: Any) -> tuple[Any, str, Any]:
+    """What /v1/completions and /v1/chat/completions do first: the ready engine, the model name the
+    response carries, the request's SamplingParams; a 400 on an embedding model, and a warning that
+    names the request fields this server ignored (as vLLM logs them)."""
+    engine = state.ready_engine()
+    model = state.resolve_model(req.model)
+    if getattr(engine, "runner_type", "generate") == "pooling":
+        raise APIError(f"The model `{model}` is an embedding model and does not generate text: "
+                       "use /v1/embeddings.", 400, param="model")
+    params = req.to_sampling_params(engine.default_sampling)
+    if req.ignored_fields:
+        logger.warning("The following fields were present in the request but ignored: %s",
+                       req.ignored_fields)
+    return engine, model, params
 
 
 # ---- engine driving --------------------------------------------------------------------------------

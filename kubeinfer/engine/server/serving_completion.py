@@ -16,8 +16,8 @@ from kubeinfer.engine.server.serving_common import (CompletionLogprobs, SSERespo
                                                     check_token_ids, context_budget, echo_logprobs,
                                                     generate, merge, merge_logprobs, now,
                                                     prompt_logprobs_json, random_id,
+                                                    start_generation,
                                                     until_disconnect, usage)
-from kubeinfer.engine.server.serving_embedding import check_generate_runner
 from kubeinfer.engine.server.state import ServerState
 
 logger = logging.getLogger("kubeinfer.server")
@@ -62,13 +62,7 @@ def _prompts(req: CompletionRequest, engine: Any, params: SamplingParams) -> lis
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, raw: Request) -> Response:
-    engine = state.ready_engine()
-    model = state.resolve_model(req.model)
-    check_generate_runner(engine, model)
-    params = req.to_sampling_params(engine.default_sampling)
-    if req.ignored_fields:
-        logger.warning("The following fields were present in the request but ignored: %s",
-                       req.ignored_fields)
+    engine, model, params = start_generation(state, req)
     prompts = _prompts(req, engine, params)
     request_id = random_id("cmpl")
     if state.log_requests:

@@ -28,13 +28,6 @@ def is_pooling(engine: Any) -> bool:
     return getattr(engine, "runner_type", "generate") == "pooling"
 
 
-def check_generate_runner(engine: Any, model: str) -> None:
-    """The 400 that /v1/completions and /v1/chat/completions answer on an embedding model."""
-    if is_pooling(engine):
-        raise APIError(f"The model `{model}` is an embedding model and does not generate text: "
-                       "use /v1/embeddings.", 400, param="model")
-
-
 def _inputs(req: EmbeddingRequest) -> list[str | list[int]]:
     value = req.input
     if isinstance(value, str):
