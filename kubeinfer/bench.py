@@ -52,7 +52,7 @@ def _check(args: argparse.Namespace, names: tuple[str, ...]) -> None:
 
 def _make_llm(args: argparse.Namespace):
     from kubeinfer.engine.arg_utils import engine_config_from_args
-    from kubeinfer.engine.config import ConfigError
+    from kubeinfer.engine.errors import ConfigError
     from kubeinfer.engine.llm_engine import LLMEngine
 
     if not (args.model_flag):

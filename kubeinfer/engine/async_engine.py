@@ -15,19 +15,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kubeinfer.engine.config import EngineConfig
-from kubeinfer.engine.llm_engine import LLMEngine, RequestError
+from kubeinfer.engine.errors import EngineDeadError, RequestError
+from kubeinfer.engine.llm_engine import LLMEngine
 from kubeinfer.engine.outputs import EmbeddingOutput, RequestOutput
 from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.stats import StatLogger
 
-__all__ = ["AsyncLLM", "RequestError", "EngineDeadError"]
-
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an error; requests in flight end with it."""
 
 
 def make_engine(config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()) -> Any:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-
-class ConfigError(ValueError):
-    """A setting a user chose cannot work. The message says which and what to change."""
+from kubeinfer.engine.errors import ConfigError
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)

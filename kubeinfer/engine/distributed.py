@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kubeinfer.engine.config import ConfigError, EngineConfig
+from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.input_batch import InputBatch
 from kubeinfer.engine.layers.linear import set_tp_group
 

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from kubeinfer.engine import model_loader
-from kubeinfer.engine.config import ConfigError, EngineConfig
-from kubeinfer.engine.llm_engine import RequestError
+from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.errors import ConfigError
+from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.outputs import EmbeddingOutput
 from kubeinfer.engine.pooling import load_pooler_config, pool
 from kubeinfer.engine.pooling_params import PoolingParams

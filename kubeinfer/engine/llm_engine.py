@@ -11,7 +11,8 @@ import torch
 
 from kubeinfer.engine import model_loader
 from kubeinfer.engine.arg_utils import DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING
-from kubeinfer.engine.config import GENERATION_KEYS, ConfigError, EngineConfig
+from kubeinfer.engine.config import GENERATION_KEYS, EngineConfig
+from kubeinfer.engine.errors import ConfigError, RequestError
 from kubeinfer.engine.distributed import TPWorkers, check_tensor_parallel
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
 from kubeinfer.engine.model_runner import GiB, ModelRunner, PendingStep
@@ -23,15 +24,6 @@ from kubeinfer.engine.scheduler import Scheduler
 from kubeinfer.engine.stats import FinishedRequestStats, IterationStats, StatLogger
 
 logger = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A request the engine cannot take, e.g. a prompt longer than the model allows. `param` names
-    the request field at fault."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 class LLMEngine:

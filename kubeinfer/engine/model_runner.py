@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from kubeinfer.engine.config import ConfigError, EngineConfig
+from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.cuda_graphs import CUDAGraphRunner
 from kubeinfer.engine.distributed import StepMessage, TPWorkers, broadcast_from_driver
 from kubeinfer.engine.forward_context import AttentionMetadata, set_forward_context

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kubeinfer.engine.config import POOLING_TYPES, ConfigError
+from kubeinfer.engine.config import POOLING_TYPES
+from kubeinfer.engine.errors import ConfigError
 # sentence-transformers Pooling config key -> our pooling type
 _ST_MODES = {"pooling_mode_mean_tokens": "MEAN", "pooling_mode_cls_token": "CLS",
              "pooling_mode_lasttoken": "LAST"}

@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 
-from kubeinfer.engine.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig
+from kubeinfer.engine.config import EngineConfig, ModelConfig, SchedulerConfig
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.embedding_engine import EmbeddingEngine
 from kubeinfer.engine.llm import LLM
-from kubeinfer.engine.llm_engine import RequestError
+from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.models.registry import resolve_runner
 from kubeinfer.engine.pooling import PoolerConfig, load_pooler_config
 from kubeinfer.engine.pooling_params import PoolingParams

@@ -4,8 +4,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from kubeinfer import LLM, SamplingParams
-from kubeinfer.engine.config import ConfigError
-from kubeinfer.engine.llm_engine import RequestError
+from kubeinfer.engine.errors import ConfigError
+from kubeinfer.engine.errors import RequestError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kubeinfer.engine.arg_utils import DEFAULT_MODEL
-from kubeinfer.engine.config import ConfigError, ModelConfig
+from kubeinfer.engine.config import ModelConfig
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.loader import gguf as gguf_mod
 from kubeinfer.engine.loader import resolve as resolve_mod
 from kubeinfer.engine.model_loader import (convert_gguf, get_eos_token_ids, get_max_model_len,

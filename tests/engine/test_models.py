@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kubeinfer.engine.config import ConfigError, ModelConfig
+from kubeinfer.engine.config import ModelConfig
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.layers.rotary import get_rope
 from kubeinfer.engine.model_loader import load_model
 from kubeinfer.engine.models.registry import get_model_class, supported_architectures

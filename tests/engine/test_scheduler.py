@@ -204,6 +204,6 @@ def test_fcfs_preempts_the_newest_in_the_same_situation():
 def test_bad_policy_is_a_config_error():
     import pytest
 
-    from kubeinfer.engine.config import ConfigError
+    from kubeinfer.engine.errors import ConfigError
     with pytest.raises(ConfigError, match="--scheduling-policy must be fcfs or priority"):
         SchedulerConfig(scheduling_policy="lottery")

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from kubeinfer import LLM, SamplingParams
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.distributed import check_tensor_parallel
 from tests.engine.test_consistency import NUM_OUT, hf_greedy, make_prompts
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 from tests.server.conftest import MODEL_NAME
 
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Tell me a long story."}]}

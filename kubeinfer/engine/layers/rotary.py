@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.kernels import ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

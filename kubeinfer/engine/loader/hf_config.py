@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.layers.rotary import scaled_max_position
 
 # Config keys that bound the context, as vLLM reads them; the smallest one present wins.

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.loader.hf_config import load_hf_config
 from kubeinfer.engine.loader.resolve import resolve_model
 from kubeinfer.engine.loader.weights import init_dummy_weights, iterate_weights

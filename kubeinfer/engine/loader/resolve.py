@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeinfer.engine.arg_utils import DEFAULT_MODEL
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.loader.gguf import convert_gguf
 
 logger = logging.getLogger(__name__)

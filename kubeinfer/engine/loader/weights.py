@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 
 
 def weight_files(folder: Path, load_format: str = "auto") -> tuple[list[Path], str]:

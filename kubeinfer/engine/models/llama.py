@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.layers.activation import SiluAndMul
 from kubeinfer.engine.layers.attention import Attention
 from kubeinfer.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding

@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from kubeinfer.engine.config import RUNNERS, ConfigError
+from kubeinfer.engine.config import RUNNERS
+from kubeinfer.engine.errors import ConfigError
 
 # architecture -> (module under kubeinfer.engine.models, class); imported lazily so that listing
 # architectures stays cheap.

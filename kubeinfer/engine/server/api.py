@@ -164,7 +164,7 @@ def _install_engine_error_handler(app: FastAPI) -> None:
     """The engine's per-request errors are the client's to fix: 400 with the engine's words; a
     dead engine loop is a 503 (the liveness probe restarts the pod)."""
     try:
-        from kubeinfer.engine.async_engine import EngineDeadError, RequestError
+        from kubeinfer.engine.errors import EngineDeadError, RequestError
     except ImportError:
         return
 

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from kubeinfer.engine.arg_utils import add_engine_args, engine_config_from_args, int_arg
-from kubeinfer.engine.config import ConfigError
+from kubeinfer.engine.errors import ConfigError
 
 API_KEY_ENV = "KUBEINFER_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")

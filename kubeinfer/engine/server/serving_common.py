@@ -189,7 +189,7 @@ def start_generation(state: Any, req: Any) -> tuple[Any, str, Any]:
 
 def _engine_error_types() -> tuple[type[BaseException], type[BaseException]]:
     try:
-        from kubeinfer.engine.async_engine import EngineDeadError, RequestError
+        from kubeinfer.engine.errors import EngineDeadError, RequestError
     except ImportError:  # engine not importable; nothing to translate
         class RequestError(Exception):  # type: ignore[no-redef]
             pass

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 
-from kubeinfer.engine.config import ConfigError, EngineConfig
+from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.server.errors import APIError, model_not_found
 from kubeinfer.engine.server.metrics import PrometheusStatLogger
 
