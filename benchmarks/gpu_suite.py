@@ -62,6 +62,8 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     py = sys.executable
     llama = os.path.join(a.models, "llama-3.1-8b-shape")
     qwen = os.path.join(a.models, "qwen3-0.6b-shape")
+    gemma2 = os.path.join(a.models, "gemma-2-9b-shape")
+    phi3 = os.path.join(a.models, "phi-3-mini-shape")
     bench = [py, "-m", "kubeinfer.bench"]
     return {
         "ceilings": ([py, "-c", CEILINGS], 60),
@@ -100,6 +102,16 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "qwen": (bench + ["throughput", "--model", qwen, "--load-format", "dummy",
                           "--num-prompts", "256", "--input-len", "562", "--output-len", "562",
                           "--random-range-ratio", "0.822", "--max-model-len", "2048"], 400),
+        # Native Gemma 2 / Phi-3 next to "llama" (same prompts): their roofline fraction is the
+        # number to compare with Llama's.
+        "tests_native": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                          "tests/engine/test_native_models.py"], 200),
+        "gemma2": (bench + ["throughput", "--model", gemma2, "--load-format", "dummy",
+                            "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
+                            "--max-model-len", "1024"], 300),
+        "phi3": (bench + ["throughput", "--model", phi3, "--load-format", "dummy",
+                          "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
+                          "--max-model-len", "1024"], 220),
         "qwen_peer": ([py, a.peer, "--model", qwen, "--mode", "static", "--prompts", "64",
                        "--input-len", "562", "--output-len", "562"], 300),
     }

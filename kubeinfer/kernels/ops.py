@@ -92,3 +92,8 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     impl = _triton_module("activation") if use_triton(x) else reference
     return impl.silu_and_mul(x)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    impl = _triton_module("activation") if use_triton(x) else reference
+    return impl.gelu_tanh_and_mul(x)

@@ -105,3 +105,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [T, 2N] = [gate | up] -> silu(gate) * up, [T, N]."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2N] = [gate | up] -> gelu(gate, approximate="tanh") * up, [T, N] (Gemma's GeGLU; HF's
+    gelu_pytorch_tanh)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

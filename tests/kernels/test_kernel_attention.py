@@ -103,6 +103,27 @@ def test_softcap(dtype, device):
     check(batch, dtype, softcap=2.0)
 
 
+@pytest.mark.parametrize("head_size,num_heads,num_kv_heads", [(80, 6, 2), (96, 8, 1), (64, 3, 3)])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("cap", [0.5, 50.0])
+def test_softcap_odd_shapes(head_size, num_heads, num_kv_heads, window, cap, device):
+    # Gemma 2's capping (50) and a tight one (0.5), with odd head sizes, MQA, a sliding window and
+    # a batch of odd chunk lengths past several key tiles.
+    batch = make_batch([(3, 45), (1, 1), (1, 70), (17, 17), (9, 130)], num_heads, num_kv_heads,
+                       head_size, 16, torch.float32, device)
+    batch["q"] = batch["q"] * 6
+    batch["scale"] = 0.37  # Gemma's query_pre_attn_scalar ** -0.5 need not be head_size ** -0.5
+    check(batch, torch.float32, softcap=cap, sliding_window=window)
+
+
+def test_softcap_changes_reference():
+    # The reference applies the cap: capped and uncapped results differ on large scores.
+    batch = make_batch([(4, 20)], 4, 2, 64, 16, torch.float32, "cpu")
+    batch["q"] = batch["q"] * 8
+    capped = reference.unified_attention(**batch, softcap=1.0)
+    assert not torch.allclose(capped, reference.unified_attention(**batch), atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_size", [64, 96])
 def test_decode_only(head_size, dtype, device):

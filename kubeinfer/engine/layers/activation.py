@@ -12,3 +12,10 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.silu_and_mul(x)
+
+
+class GeluTanhAndMul(nn.Module):
+    """[T, 2N] = [gate | up] -> gelu_tanh(gate) * up, [T, N]: Gemma's GeGLU (HF gelu_pytorch_tanh)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.gelu_tanh_and_mul(x)

@@ -1,4 +1,4 @@
-"""RMSNorm over the last dimension, optionally fused with the residual add."""
+"""RMSNorm over the last dimension, optionally fused with the residual add; Gemma's (1 + w) variant."""
 from __future__ import annotations
 
 import torch
@@ -23,3 +23,24 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm scales by (1 + w), with w stored in the checkpoint (zeros = identity).
+
+    The loader stores 1 + w (added in float32), so the forward is the plain fused kernel. HF
+    multiplies by (1 + w) in float32 before rounding, the kernel rounds the normed x first and then
+    multiplies in the model dtype: identical in float32, within one rounding in bf16/fp16.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps)
+        self.weight.weight_loader = self.weight_loader
+
+    @staticmethod
+    def weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        if tuple(loaded_weight.shape) != tuple(param.shape):
+            raise ValueError(f"checkpoint norm weight of shape {tuple(loaded_weight.shape)} does not fit "
+                             f"{tuple(param.shape)}; is the config.json the one this checkpoint was "
+                             "saved with?")
+        param.data.copy_(loaded_weight.float() + 1.0)

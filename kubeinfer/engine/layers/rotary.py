@@ -17,16 +17,25 @@ from kubeinfer.kernels import ops
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
-def rope_parameters(hf_config: Any) -> dict:
+def _is_per_layer_type(params: dict) -> bool:
+    return bool(params) and all(isinstance(v, dict) for v in params.values())
+
+
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict:
     """The config's RoPE settings as one flat dict with at least rope_type and rope_theta.
 
-    transformers 5 keeps them in `rope_parameters`; 4.x in `rope_scaling` plus `rope_theta`.
+    transformers 5 keeps them in `rope_parameters`; 4.x in `rope_scaling` plus `rope_theta`. Configs
+    with settings per layer type (Gemma 3: {"sliding_attention": {...}, "full_attention": {...}})
+    need `layer_type`.
     """
     params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
     params = dict(params or {})
-    if params and all(isinstance(v, dict) for v in params.values()):
-        raise ConfigError("per-layer-type RoPE settings (as in Gemma 3) are not supported by kubeinfer's "
-                          "native models; use a Llama/Mistral/Qwen2/Qwen3 checkpoint")
+    if _is_per_layer_type(params):
+        if layer_type not in params:
+            raise ConfigError(f"config.json sets RoPE per layer type ({', '.join(sorted(params))}); "
+                              f"this model asked for {layer_type!r}. Serve it with its native model "
+                              "class (e.g. Gemma3ForCausalLM), which builds one rotary table per type.")
+        params = dict(params[layer_type])
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
     params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     return params
@@ -37,8 +46,12 @@ def scaled_max_position(hf_config: Any, max_position: int) -> int:
 
     linear and yarn extend the trained length by `factor` (vLLM's rule); llama3 configs already state
     the extended length; dynamic stays at the trained length because beyond it HF recomputes the
-    frequencies per sequence length, which one static table cannot reproduce.
+    frequencies per sequence length, which one static table cannot reproduce. Per-layer-type
+    settings (Gemma 3) already state the extended length too.
     """
+    raw = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+    if _is_per_layer_type(dict(raw or {})):
+        return max_position
     params = rope_parameters(hf_config)
     factor = float(params.get("factor") or 1.0)
     if params["rope_type"] == "linear":
@@ -49,8 +62,9 @@ def scaled_max_position(hf_config: Any, max_position: int) -> int:
     return max_position
 
 
-def _inv_freq_and_scaling(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
-    params = rope_parameters(hf_config)
+def _inv_freq_and_scaling(hf_config: Any, head_dim: int,
+                          layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"RoPE type {rope_type!r} in config.json is not supported; kubeinfer "
@@ -62,7 +76,8 @@ def _inv_freq_and_scaling(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, 
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     # HF's init functions read head_dim from the config; models like Qwen3 state it explicitly.
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     return inv_freq.float().cpu(), float(scaling)
 
 
@@ -100,9 +115,11 @@ class RotaryEmbedding(nn.Module):
         return f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, max_position={self.max_position}"
 
 
-def get_rope(hf_config: Any, head_size: int, max_position: int | None = None) -> RotaryEmbedding:
-    """The model's rotary embedding; `max_position` defaults to the scaled max_position_embeddings."""
+def get_rope(hf_config: Any, head_size: int, max_position: int | None = None,
+             layer_type: str | None = None) -> RotaryEmbedding:
+    """The model's rotary embedding (of one layer type, for configs that set RoPE per type);
+    `max_position` defaults to the scaled max_position_embeddings."""
     if max_position is None:
         max_position = scaled_max_position(hf_config, hf_config.max_position_embeddings)
-    inv_freq, scaling = _inv_freq_and_scaling(hf_config, head_size)
+    inv_freq, scaling = _inv_freq_and_scaling(hf_config, head_size, layer_type)
     return RotaryEmbedding(head_size, inv_freq, max_position, scaling)

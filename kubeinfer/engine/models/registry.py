@@ -16,6 +16,18 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
+    "GemmaForCausalLM": ("gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM"),
+    # Llama under another name (their config.json needs --trust-remote-code, except internlm3).
+    # Yi and Solar 10.7B checkpoints already say LlamaForCausalLM; Orion (LayerNorm) and Solar Pro
+    # (SolarForCausalLM, extra skip connections) are not Llama and are not mapped.
+    "AquilaModel": ("llama", "LlamaForCausalLM"),
+    "AquilaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "XverseForCausalLM": ("llama", "LlamaForCausalLM"),
+    "InternLMForCausalLM": ("internlm", "InternLMForCausalLM"),
+    "InternLM3ForCausalLM": ("internlm", "InternLM3ForCausalLM"),
 }
 
 # Encoder-only architectures, served by the pooling runner (embeddings), never by the generator.
@@ -25,7 +37,10 @@ _POOLING_MODELS: dict[str, tuple[str, str]] = {
 
 # Configs converted from GGUF, or written by hand, may name only a model_type.
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                "internlm3": "InternLM3ForCausalLM"}
 
 
 def supported_architectures() -> list[str]:
