@@ -125,8 +125,7 @@ def test_phi3_fused_qkv_of_wrong_size_is_refused():
         model.load_weights([("model.layers.0.self_attn.qkv_proj.weight", bad)])
 
 
-@pytest.mark.parametrize("arch,bias", [("AquilaForCausalLM", False), ("XverseForCausalLM", False),
-                                       ("InternLMForCausalLM", True), ("InternLM3ForCausalLM", False)])
+@pytest.mark.parametrize("arch,bias", [("InternLM3ForCausalLM", False), ("InternLM3ForCausalLM", True)])
 def test_llama_aliases(arch, bias):
     # The remote configs have no attention_bias, only their own names for it.
     config = SimpleNamespace(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

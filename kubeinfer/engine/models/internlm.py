@@ -1,10 +1,9 @@
-"""InternLM (v1) and InternLM3: Llama with their own names for the attention bias switches.
+"""InternLM3: Llama with its own names for the attention bias switches.
 
-Their config.json files need --trust-remote-code (transformers has no InternLM v1 config; it serves
-model_type internlm3 with its Llama model). InternLM v1 sets `bias` for q/k/v and o_proj together;
-InternLM3's remote config sets `qkv_bias` (q/k/v) and `bias` (o_proj and the MLP), which the Llama
-layout can follow only when they agree, as transformers also requires. Both map to Llama's
-`attention_bias` (and `mlp_bias`) before the Llama model is built.
+transformers serves model_type internlm3 with its Llama model. InternLM3's remote config sets
+`qkv_bias` (q/k/v) and `bias` (o_proj and the MLP), which the Llama layout can follow only when they
+agree, as transformers also requires; they map to Llama's `attention_bias` and `mlp_bias` before the
+Llama model is built. (InternLM v1 is not served: transformers has no implementation to check it by.)
 """
 from __future__ import annotations
 
@@ -12,16 +11,6 @@ from typing import Any
 
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.models.llama import LlamaForCausalLM
-
-
-class InternLMForCausalLM(LlamaForCausalLM):
-    def __init__(self, config: Any):
-        if not hasattr(config, "attention_bias"):
-            config.attention_bias = bool(getattr(config, "bias", False))
-        rotary = getattr(config, "rotary", None)  # later v1 configs: {"base": 10000, "type": ...}
-        if isinstance(rotary, dict) and "base" in rotary and not getattr(config, "rope_theta", None):
-            config.rope_theta = float(rotary["base"])
-        super().__init__(config)
 
 
 class InternLM3ForCausalLM(LlamaForCausalLM):
