@@ -120,8 +120,8 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", default="ceilings,tests,kernels,llama,llama_peer,latency,qwen,qwen_peer")
-    ap.add_argument("--peer", default="shared/bench/hf_peer.py")
-    ap.add_argument("--models", default="shared/models")
+    ap.add_argument("--peer", default="benchmarks/hf_peer.py")
+    ap.add_argument("--models", default="benchmarks/models")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -13,15 +13,19 @@ import sys
 import time
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from kubeinfer.engine.arg_utils import add_engine_args
+# the full usage line lists every engine flag; an error message should stay readable
+_USAGE = "kubeinfer bench {0} MODEL [options]  (kubeinfer bench {0} --help lists them)"
 
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
     from kubeinfer.bench_serve import add_parser as add_serve_parser
+    from kubeinfer.engine.args import EngineArgs
 
     p = sub.add_parser("bench", help="throughput, latency and serving benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    t = bsub.add_parser("throughput", help="many requests at once; prints one JSON line")
-    add_engine_args(t, model_positional=False)
+    t = bsub.add_parser("throughput", help="many requests at once; prints one JSON line",
+                        usage=_USAGE.format("throughput"))
+    EngineArgs.add_cli_args(t)
     t.add_argument("--num-prompts", type=int, default=256)
     t.add_argument("--input-len", type=int, default=512)
     t.add_argument("--output-len", type=int, default=256)
@@ -29,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="lengths uniform in [len*(1-r), len*(1+r)], as vLLM's random dataset")
     t.add_argument("--greedy", action="store_true", help="temperature 0 instead of vLLM's 1.0")
     t.set_defaults(func=run_throughput)
-    lat = bsub.add_parser("latency", help="one batch: time to first token, time per output token")
-    add_engine_args(lat, model_positional=False)
+    lat = bsub.add_parser("latency", help="one batch: time to first token, time per output token",
+                          usage=_USAGE.format("latency"))
+    EngineArgs.add_cli_args(lat)
     lat.add_argument("--batch-size", type=int, default=1)
     lat.add_argument("--input-len", type=int, default=512)
     lat.add_argument("--output-len", type=int, default=128)
@@ -51,15 +56,17 @@ def _check(args: argparse.Namespace, names: tuple[str, ...]) -> None:
 
 
 def _make_llm(args: argparse.Namespace):
-    from kubeinfer.engine.arg_utils import engine_config_from_args
+    from kubeinfer.engine.args import EngineArgs
     from kubeinfer.engine.errors import ConfigError
     from kubeinfer.engine.llm_engine import LLMEngine
 
-    if not (args.model_flag):
-        raise SystemExit("error: kubeinfer bench needs --model DIR (a folder with config.json)")
+    if not (args.model or args.model_flag):
+        raise SystemExit(f"error: kubeinfer bench {args.bench_command} needs a model: a folder "
+                         "with config.json, e.g. benchmarks/models/qwen3-0.6b-shape (as MODEL or "
+                         "--model)")
     args.skip_tokenizer_init = True
     try:
-        return LLMEngine(engine_config_from_args(args))
+        return LLMEngine(EngineArgs.from_cli_args(args).create_engine_config())
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 

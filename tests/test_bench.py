@@ -16,7 +16,8 @@ def config_only(tiny_model_dir, tmp_path_factory):
 
 
 def test_throughput_on_config_only_folder(config_only, capsys):
-    assert main(["bench", "throughput", "--model", str(config_only), "--load-format", "dummy",
+    # the model as the positional MODEL, as `kubeinfer serve MODEL` takes it
+    assert main(["bench", "throughput", str(config_only), "--load-format", "dummy",
                  "--num-prompts", "6", "--input-len", "20", "--output-len", "5",
                  "--random-range-ratio", "0.5", "--max-model-len", "128"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -40,9 +41,35 @@ def test_latency_on_config_only_folder(config_only, capsys):
 def test_bad_flags_get_one_clear_line(config_only, args, message):
     base = ["bench", "throughput", "--load-format", "dummy"]
     if message is None:
-        message, args = "kubeinfer bench needs --model DIR", []
+        message, args = "kubeinfer bench throughput needs a model: a folder with config.json", []
     else:
         base += ["--model", str(config_only)]
     with pytest.raises(SystemExit) as e:
         main(base + args)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["throughput", "latency"])
+def test_help_describes_the_model_argument_that_exists(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"kubeinfer bench {command} MODEL" in out and "MODEL_FLAG" not in out
+    assert "--model MODEL         same as the positional MODEL" in out
+
+
+def test_positional_and_flag_name_the_same_model(config_only):
+    from kubeinfer.cli import build_parser
+    from kubeinfer.engine.args import EngineArgs
+
+    parser = build_parser()
+    configs = [EngineArgs.from_cli_args(parser.parse_args(["bench", "latency", *argv]))
+               .create_engine_config() for argv in ([str(config_only)], ["--model", str(config_only)])]
+    assert configs[0] == configs[1] and configs[0].model.model == str(config_only)
+
+
+def test_a_bad_engine_setting_is_one_clear_line(config_only):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "latency", str(config_only), "--model", "elsewhere"])
+    assert str(e.value).startswith("error: the model is given twice")

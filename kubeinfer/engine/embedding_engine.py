@@ -139,13 +139,19 @@ class EmbeddingEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: PoolingParams | None = None) -> None:
+                    params: PoolingParams | None = None, priority: int = 0) -> None:
+        self.validate_priority(priority)
         params = params or PoolingParams()
         if any(w.request_id == request_id for w in self._waiting):
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         self.validate_request(prompt_token_ids, params)
         self._waiting.append(_Waiting(request_id, list(prompt_token_ids), params,
                                       time.monotonic()))
+
+    def validate_priority(self, priority: int) -> None:
+        if priority:  # every batch takes the oldest inputs; there is no order to change
+            raise RequestError(f"priority={priority} is not supported for embedding models; leave "
+                               "it out or 0.", "priority")
 
     def abort_request(self, request_id: str) -> list:
         self._waiting = deque(w for w in self._waiting if w.request_id != request_id)
@@ -157,6 +163,9 @@ class EmbeddingEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._waiting)
+
+    def kv_cache_usage(self) -> tuple[int, int]:
+        return 0, 0  # no KV cache: every batch runs whole
 
     # ---- the step ------------------------------------------------------------------------------
     def _take_batch(self) -> list[_Waiting]:

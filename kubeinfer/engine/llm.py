@@ -1,67 +1,40 @@
-"""Offline API, as vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))` and `.chat(...)`."""
+"""Offline API, as vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))`, `.chat(...)`
+and `.embed(...)`. It drives a synchronous `Engine` (from `engine_factory.make_engine`) in the
+caller's thread; nothing here depends on the asyncio front the server uses.
+"""
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from tqdm import tqdm
 
-from kubeinfer.engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
-                                     ParallelConfig, SchedulerConfig, parse_bytes)
-from kubeinfer.engine.async_engine import make_engine
+from kubeinfer.engine.args import EngineArgs
+from kubeinfer.engine.engine_factory import make_engine
 from kubeinfer.engine.outputs import CompletionOutput, EmbeddingOutput, FinishedRequest
 from kubeinfer.engine.pooling_params import PoolingParams
+from kubeinfer.engine.protocol import Engine, RunnerType
 from kubeinfer.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kubeinfer.engine.embedding_engine import EmbeddingEngine
+    from kubeinfer.engine.llm_engine import LLMEngine
 
 Prompt = str | list[int] | dict
 
 
 class LLM:
-    """Keyword arguments take vLLM's names: dtype, max_model_len, gpu_memory_utilization,
-    kv_cache_memory, enable_prefix_caching, block_size, max_num_seqs, max_num_batched_tokens,
-    load_format, seed, enforce_eager, tensor_parallel_size, device, ..."""
+    """`LLM(model, **kwargs)`: the keywords are the engine's settings by vLLM's names, the flags of
+    `kubeinfer serve` with _ for - (dtype, max_model_len, gpu_memory_utilization, kv_cache_memory,
+    enable_prefix_caching, block_size, max_num_seqs, tensor_parallel_size, device, ...; see
+    `args.ENGINE_FIELDS`). An unknown keyword or a bad value raises ConfigError saying which.
+    With no model, the default model (config.DEFAULT_MODEL) runs."""
 
-    def __init__(self, model: str | None = None, *, tokenizer: str | None = None,
-                 dtype: str = "auto", load_format: str = "auto", max_model_len: int | None = None,
-                 seed: int = 0, trust_remote_code: bool = False, revision: str | None = None,
-                 served_model_name: str | None = None, skip_tokenizer_init: bool = False,
-                 block_size: int = 16, gpu_memory_utilization: float = 0.9,
-                 kv_cache_memory: int | str | None = None, enable_prefix_caching: bool = True,
-                 num_gpu_blocks_override: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, enable_chunked_prefill: bool = True,
-                 async_scheduling: bool | None = None, scheduling_policy: str = "fcfs",
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 device: str = "auto", enforce_eager: bool = False, chat_template: str | None = None,
-                 generation_config: str = "auto",
-                 override_generation_config: dict[str, float] | None = None,
-                 runner: str = "auto", pooler_config: dict | None = None):
-        from kubeinfer.engine.arg_utils import DEFAULT_MODEL
-
-        config = EngineConfig(
-            model=ModelConfig(model=model or DEFAULT_MODEL, tokenizer=tokenizer, revision=revision,
-                              dtype=dtype, load_format=load_format, max_model_len=max_model_len,
-                              seed=seed, trust_remote_code=trust_remote_code,
-                              served_model_name=(served_model_name,) if served_model_name else (),
-                              chat_template=chat_template, skip_tokenizer_init=skip_tokenizer_init,
-                              generation_config=generation_config,
-                              override_generation_config=tuple(sorted(
-                                  (override_generation_config or {}).items())),
-                              runner=runner,
-                              pooler_config=tuple(sorted((pooler_config or {}).items()))),
-            cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-                              kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
-                              enable_prefix_caching=enable_prefix_caching,
-                              num_gpu_blocks_override=num_gpu_blocks_override),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                                      max_num_seqs=max_num_seqs,
-                                      enable_chunked_prefill=enable_chunked_prefill,
-                                      async_scheduling=async_scheduling,
-                                      scheduling_policy=scheduling_policy),
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
-                                    pipeline_parallel_size=pipeline_parallel_size),
-            device=DeviceConfig(device=device, enforce_eager=enforce_eager))
-        self.engine = make_engine(config)
-        self.runner_type = getattr(self.engine, "runner_type", "generate")
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        config = EngineArgs(model=model, **kwargs).create_engine_config()
+        self.engine: Engine = make_engine(config)
+        self.runner_type: RunnerType = self.engine.runner_type
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
@@ -99,7 +72,7 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None:
-            sampling_params = self.engine.default_sampling_params()
+            sampling_params = cast("LLMEngine", self.engine).default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
@@ -148,7 +121,7 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = pooling_params or PoolingParams()
-        engine = self.engine
+        engine = cast("EmbeddingEngine", self.engine)  # the pooling runner's engine
         order = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, dict):

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from kubeinfer.engine import model_loader
-from kubeinfer.engine.arg_utils import DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING
-from kubeinfer.engine.config import GENERATION_KEYS, EngineConfig
+from kubeinfer.engine.config import (DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING, GENERATION_KEYS,
+                                     EngineConfig)
 from kubeinfer.engine.errors import ConfigError, RequestError
 from kubeinfer.engine.distributed import TPWorkers, check_tensor_parallel
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
@@ -181,6 +181,10 @@ class LLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return self.scheduler.num_unfinished_requests
+
+    def kv_cache_usage(self) -> tuple[int, int]:
+        """(free blocks, total blocks) of the KV cache."""
+        return self.kv.num_free_blocks, self.num_blocks
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -34,6 +34,9 @@ class Engine(Protocol):
                          params: "SamplingParams | PoolingParams") -> Any:
         """Raise RequestError for what the caller sent; any thread may call it."""
 
+    def validate_priority(self, priority: int) -> None:
+        """Raise RequestError for a priority this engine cannot honour."""
+
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: "SamplingParams | PoolingParams", priority: int = 0) -> None: ...
 

@@ -73,13 +73,13 @@ def test_aborts_and_preemption_keep_the_pool_whole(llms):
 def test_default_is_on_for_cuda_off_for_cpu_and_the_flag_overrides_it(llms):
     import argparse
 
-    from kubeinfer.engine.arg_utils import add_engine_args, engine_config_from_args
+    from kubeinfer.engine.args import EngineArgs
 
     sync, async_ = llms
     assert sync.engine.config.scheduler.async_scheduling is False  # default on a CPU engine
     assert async_.engine.config.scheduler.async_scheduling is True
     p = argparse.ArgumentParser()
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     for argv, want in (([], None), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
-        cfg = engine_config_from_args(p.parse_args(["m", *argv]))
+        cfg = EngineArgs.from_cli_args(p.parse_args(["m", *argv])).create_engine_config()
         assert cfg.scheduler.async_scheduling is want

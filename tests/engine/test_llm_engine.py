@@ -142,7 +142,7 @@ def test_generation_config_defaults_and_overrides(tiny_model_dir):
 
 
 def test_default_model_uses_its_model_card_sampling():
-    from kubeinfer.engine.arg_utils import DEFAULT_MODEL_SAMPLING
+    from kubeinfer.engine.config import DEFAULT_MODEL_SAMPLING
 
     llm = LLM(dtype="float32", max_model_len=256)
     assert llm.engine.default_sampling == DEFAULT_MODEL_SAMPLING

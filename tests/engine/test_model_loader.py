@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubeinfer.engine.arg_utils import DEFAULT_MODEL
+from kubeinfer.engine.config import DEFAULT_MODEL
 from kubeinfer.engine.config import ModelConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.loader import gguf as gguf_mod

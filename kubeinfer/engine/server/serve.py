@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from kubeinfer.engine.arg_utils import add_engine_args, engine_config_from_args, int_arg
+from kubeinfer.engine.args import EngineArgs, int_arg
 from kubeinfer.engine.errors import ConfigError
 
 API_KEY_ENV = "KUBEINFER_API_KEY"
@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "/v1/chat/completions, /v1/embeddings, /v1/models, /health, /metrics).",
         # the full usage line lists every flag; an error message should stay readable
         usage="kubeinfer serve [MODEL] [options]  (kubeinfer serve --help lists them)")
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     g.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
@@ -58,7 +58,7 @@ def _fail(message: str) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        config = engine_config_from_args(args)
+        config = EngineArgs.from_cli_args(args).create_engine_config()
     except ConfigError as e:
         return _fail(str(e))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
