@@ -66,11 +66,10 @@ class StructuredOutputCompiler:
             if future is not None:
                 self._cache.move_to_end(key)
                 return future
-            future = self._pool.submit(self._compile, params)
+            future = self._pool.submit(self._compile_or_forget, params)
             self._cache[key] = future
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        future.add_done_callback(lambda f: self._forget_failed(key, f))
         return future
 
     def compile(self, params: StructuredOutputsParams, timeout: float | None = None) -> Any:
@@ -80,12 +79,15 @@ class StructuredOutputCompiler:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _forget_failed(self, key: tuple, future: Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            return
-        with self._lock:
-            if self._cache.get(key) is future:
-                del self._cache[key]
+    def _compile_or_forget(self, params: StructuredOutputsParams) -> Any:
+        try:
+            return self._compile(params)
+        except BaseException:
+            # Forget before the Future completes, so a caller who saw the error and submits again
+            # gets a fresh attempt, never the cached failure.
+            with self._lock:
+                self._cache.pop(params.key(), None)
+            raise
 
     def _compile(self, params: StructuredOutputsParams) -> Any:
         kind, param = params.kind, params.param
