@@ -74,7 +74,7 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[rows, words] int32 -> [rows, vocab_size] bool, True where allowed."""
     shifts = torch.arange(BITS, device=bitmask.device, dtype=torch.int32)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    return bits.reshape(bitmask.shape[0], bitmask.shape[1] * BITS)[:, :vocab_size].bool()
 
 
 def _check(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
