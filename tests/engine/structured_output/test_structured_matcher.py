@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from kubeinfer.engine.reasoning.registry import get_reasoning_parser
 from kubeinfer.engine.structured_output.bitmask import allocate_bitmask
 from kubeinfer.engine.structured_output.matcher import StructuredOutputMatcher
 from kubeinfer.engine.structured_output.params import StructuredOutputsParams
@@ -225,36 +226,32 @@ def test_rollback_restores_masks(compiler, smollm2_tokenizer, bonus):
         matcher.rollback(1)
 
 
-class _ThinkEnd:
-    """A reasoning parser stand-in: token END ends reasoning, token START starts it."""
+class _Vocab:
+    """The part of a tokenizer a reasoning parser reads: two unused special ids stand for the tags."""
 
-    START, END = 1, 2
-
-    def is_reasoning_end(self, token_ids):
-        for t in reversed(token_ids):
-            if t in (self.START, self.END):
-                return t == self.END
-        return False
+    def get_vocab(self):
+        return {"<think>": 7, "</think>": 8}
 
 
 def test_constraint_starts_after_reasoning(compiler, smollm2_tokenizer):
     tok = smollm2_tokenizer
     params = StructuredOutputsParams(choice=("yes", "no"))
-    reasoning = _ThinkEnd()
-    matcher = StructuredOutputMatcher(compiler.compile(params), reasoning, prompt_token_ids=[5, 1])
+    reasoning = get_reasoning_parser("qwen3")(_Vocab())
+    END = reasoning.end_token_id
+    matcher = StructuredOutputMatcher(compiler.compile(params), reasoning, prompt_token_ids=[5, 7])
     bitmask = allocate_bitmask(1, len(tok))
     thought = tok.encode("hmm, maybe 42")
     assert matcher.accept_tokens(thought)  # anything goes while reasoning
     matcher.fill_bitmask_row(bitmask, 0)
     assert bool((bitmask == -1).all())
-    assert matcher.accept_tokens([reasoning.END])
+    assert matcher.accept_tokens([END])
     assert not matcher.accept_tokens(tok.encode("maybe"))
     assert matcher.accept_tokens(tok.encode("yes") + [tok.eos_token_id])
     assert matcher.is_terminated()
     # Rolling back past the end marker turns the constraint off again.
     matcher.rollback(len(tok.encode("yes")) + 2)
     assert not matcher.is_reasoning_ended and not matcher.is_terminated()
-    assert matcher.accept_tokens(tok.encode("more thought") + [reasoning.END] + tok.encode("no"))
+    assert matcher.accept_tokens(tok.encode("more thought") + [END] + tok.encode("no"))
     # A prompt that already closed the reasoning constrains from the first token.
-    closed = StructuredOutputMatcher(compiler.compile(params), reasoning, prompt_token_ids=[1, 9, 2])
+    closed = StructuredOutputMatcher(compiler.compile(params), reasoning, prompt_token_ids=[7, 9, 8])
     assert closed.is_reasoning_ended and not closed.accept_tokens(tok.encode("maybe"))
