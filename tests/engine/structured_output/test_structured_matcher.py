@@ -255,3 +255,42 @@ def test_constraint_starts_after_reasoning(compiler, smollm2_tokenizer):
     # A prompt that already closed the reasoning constrains from the first token.
     closed = StructuredOutputMatcher(compiler.compile(params), reasoning, prompt_token_ids=[7, 9, 8])
     assert closed.is_reasoning_ended and not closed.accept_tokens(tok.encode("maybe"))
+
+
+def test_a_batched_step_as_the_runner_runs_it(compiler, smollm2_tokenizer, bonus):
+    """Three constrained requests in logits rows 3, 0 and 1 of four (row 2 is free): each step
+    fills the bitmask, applies it, samples every row and advances each matcher; all end valid."""
+    import torch
+
+    from kubeinfer.engine.structured_output.bitmask import apply_bitmask, fill_bitmask
+
+    tok, vocab = smollm2_tokenizer, len(smollm2_tokenizer)
+    schema = SCHEMAS["required"]
+    constraints = [StructuredOutputsParams(json=schema), StructuredOutputsParams(regex="[a-f]{2,6}"),
+                   StructuredOutputsParams(choice=("left", "right"))]
+    futures = [compiler.submit(p) for p in constraints]  # compiled on the pool, side by side
+    matchers = [StructuredOutputMatcher(f.result(timeout=60)) for f in futures]
+    rows = [3, 0, 1]
+    outputs: list[list[int]] = [[] for _ in matchers]
+    bitmask = allocate_bitmask(len(matchers), vocab)
+    gen = torch.Generator().manual_seed(0)
+    bonus_t = torch.from_numpy(bonus).float()
+    for _ in range(MAX_STEPS):
+        live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+        if not live:
+            break
+        logits = torch.randn(4, vocab, generator=gen) + bonus_t
+        free_row = logits[2].clone()
+        fill_bitmask([matchers[i] for i in live], bitmask)
+        apply_bitmask(logits, bitmask[:len(live)], [rows[i] for i in live])
+        assert torch.equal(logits[2], free_row)
+        sampled = logits.argmax(-1)  # greedy over fresh random logits: a random walk
+        for i in live:
+            token = int(sampled[rows[i]])
+            assert matchers[i].accept_tokens([token])
+            if token != tok.eos_token_id:
+                outputs[i].append(token)
+    assert all(m.is_terminated() for m in matchers)
+    texts = [tok.decode(ids) for ids in outputs]
+    jsonschema.validate(json.loads(texts[0]), schema)
+    assert re.fullmatch("[a-f]{2,6}", texts[1]) and texts[2] in ("left", "right")
