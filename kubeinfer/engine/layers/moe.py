@@ -58,8 +58,9 @@ class FusedMoE(nn.Module):
         if shard_id not in SHARD_IDS:
             raise ValueError(f"expert shard id must be one of {SHARD_IDS}, got {shard_id!r}")
         if not 0 <= expert_id < self.num_experts:
-            raise ValueError(f"checkpoint has expert {expert_id} but config.json says "
-                             f"{self.num_experts} experts; is the config the checkpoint's own?")
+            raise ValueError(f"the checkpoint has a tensor of expert {expert_id}, but config.json "
+                             f"says {self.num_experts} experts (0 to {self.num_experts - 1}); is "
+                             "the config the checkpoint's own?")
         inter = self.intermediate_size
         if shard_id == "w2":
             target, dim = param.data[expert_id], 1
