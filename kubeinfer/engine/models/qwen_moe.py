@@ -60,7 +60,8 @@ class QwenMoeSparseMoeBlock(nn.Module):
             return out
         # The gate is a per-token scalar, so scaling this rank's partial sum commutes with the
         # all-reduce.
-        shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+        gate = torch.sigmoid(self.shared_expert_gate(hidden_states))
+        shared = gate * self.shared_expert(hidden_states)
         return tp_all_reduce(out + shared)
 
 
