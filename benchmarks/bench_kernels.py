@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
-from kubeinfer.kernels import activation, attention, cache, norm, reference, rotary  # noqa: E402
+from kubeinfer.kernels import (activation, attention, cache, moe, moe_reference, norm,  # noqa: E402
+                               reference, rotary)
 
 DTYPE = torch.bfloat16
 ROWS: list[dict] = []
@@ -202,6 +203,35 @@ def bench_elementwise(copy_gbs: float) -> None:
                                                          slots)))
 
 
+def bench_moe(copy_gbs: float) -> None:
+    """One MoE layer of Qwen3-30B-A3B (/work/shared/models/qwen3-30b-a3b-shape: 128 experts,
+    top-8, hidden 2048, expert intermediate 768): routing plus both grouped GEMMs. Decode batches
+    are bound by reading the experts they hit (GB/s over those weights); prefill by the GEMMs
+    (TFLOP/s over the routed tokens)."""
+    num_experts, top_k, hidden, inter = 128, 8, 2048, 768
+    w13 = torch.randn(num_experts, 2 * inter, hidden, device="cuda", dtype=DTYPE) / hidden ** 0.5
+    w2 = torch.randn(num_experts, hidden, inter, device="cuda", dtype=DTYPE) / inter ** 0.5
+
+    def layer(impl, x, logits):
+        weights, ids = impl.moe_topk(logits, top_k, True)
+        return impl.fused_experts(x, w13, w2, weights, ids)
+
+    for num_tokens in (1, 16, 64, 512, 4096):
+        x = torch.randn(num_tokens, hidden, device="cuda", dtype=DTYPE)
+        logits = torch.randn(num_tokens, num_experts, device="cuda", dtype=DTYPE)
+        check(f"moe T{num_tokens}", layer(moe, x, logits), layer(moe_reference, x, logits),
+              3e-2, 3e-2)
+        name = f"moe qwen3-30b-a3b T{num_tokens} E128 top8"
+        ms = timed(lambda: layer(moe, x, logits), graph=num_tokens <= 64)
+        ref_ms = timed(lambda: layer(moe_reference, x, logits))
+        if num_tokens <= 64:
+            hit = moe.moe_topk(logits, top_k, True)[1].unique().numel()
+            record(name, ms, nbytes=hit * 3 * hidden * inter * 2, copy_gbs=copy_gbs, ref_ms=ref_ms,
+                   experts_hit=hit)
+        else:
+            record(name, ms, flops=2 * num_tokens * top_k * 3 * hidden * inter, ref_ms=ref_ms)
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -212,6 +242,7 @@ def main() -> None:
     bench_split(copy_gbs)
     bench_prefill()
     bench_elementwise(copy_gbs)
+    bench_moe(copy_gbs)
     print(f"\n{'kernel':46} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'TFLOP/s':>8} {'vs torch':>9}")
     for r in ROWS:
         print(f"{r['name']:46} {r['ms']:9.4f} {r.get('GB/s', ''):>8} {r.get('of_copy', ''):>8} "

@@ -63,12 +63,17 @@ def check_tensor_parallel(hf_config: Any, tp: int, device_type: str, num_gpus: i
                           "(nvidia.com/gpu) or lower --tensor-parallel-size")
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    # MLP widths split over the ranks: the dense MLP's and, in mixture-of-experts models, each
+    # expert's and the shared expert's.
+    mlp = [(n, getattr(hf_config, n)) for n in ("intermediate_size", "moe_intermediate_size",
+                                               "shared_expert_intermediate_size")
+           if getattr(hf_config, n, None)]
     checks = [("num_attention_heads", heads, heads % tp == 0),
               ("num_key_value_heads", kv_heads, kv_heads % tp == 0 or tp % kv_heads == 0),
-              ("intermediate_size", hf_config.intermediate_size, hf_config.intermediate_size % tp == 0)]
+              *[(name, size, size % tp == 0) for name, size in mlp]]
     for name, value, ok in checks:
         if not ok:
-            fits = [d for d in range(1, 9) if heads % d == 0 and hf_config.intermediate_size % d == 0
+            fits = [d for d in range(1, 9) if heads % d == 0 and all(s % d == 0 for _, s in mlp)
                     and (kv_heads % d == 0 or d % kv_heads == 0)]
             raise ConfigError(f"--tensor-parallel-size={tp} does not divide the model's {name} "
                               f"({value}); use one of {fits}")

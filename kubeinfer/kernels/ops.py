@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from kubeinfer.kernels import reference
+from kubeinfer.kernels import moe_reference, reference
 
 BACKENDS = ("auto", "triton", "torch")
 backend = os.environ.get("KUBEINFER_KERNELS", "auto").strip().lower() or "auto"
@@ -97,3 +97,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     impl = _triton_module("activation") if use_triton(x) else reference
     return impl.gelu_tanh_and_mul(x)
+
+
+def moe_topk(router_logits: torch.Tensor, top_k: int,
+             renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _triton_module("moe") if use_triton(router_logits) else moe_reference
+    return impl.moe_topk(router_logits, top_k, renormalize)
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    impl = _triton_module("moe") if use_triton(x) else moe_reference
+    return impl.fused_experts(x, w13, w2, topk_weights, topk_ids)

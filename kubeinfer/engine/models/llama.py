@@ -8,7 +8,7 @@ forward context.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -67,15 +67,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, intermediate_size: int | None = None, reduce_results: bool = True):
         super().__init__()
         if config.hidden_act != "silu":
             raise ConfigError(f"hidden_act {config.hidden_act!r} in config.json is not supported by the "
                               "native Llama-family model; only 'silu' is")
         bias = getattr(config, "mlp_bias", False)
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias,
+                                           reduce_results=reduce_results)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,10 +85,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool,
-                 qk_norm: bool):
+                 qk_norm: bool, mlp: nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -103,13 +104,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool,
+                 make_mlp: Callable[[Any, int], nn.Module] = lambda config, _: LlamaMLP(config)):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # One table shared by all layers: for Llama 3.1 it is 131072 x 128 float32 (64 MiB).
         rotary_emb = get_rope(config, head_dim)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm,
+                                                      make_mlp(config, i))
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -138,11 +141,16 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         qkv_bias = self.qkv_bias_always or getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, qkv_bias, self.qk_norm)
+        self.model = LlamaModel(config, qkv_bias, self.qk_norm, self.make_mlp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    def make_mlp(self, config: Any, layer_idx: int) -> nn.Module:
+        """The feed-forward block of layer `layer_idx`: forward(hidden [T, H]) -> [T, H]. The
+        mixture-of-experts families return their sparse block here."""
+        return LlamaMLP(config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

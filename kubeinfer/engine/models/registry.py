@@ -25,6 +25,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     # their tokens could not be checked against a reference; Orion (LayerNorm) and Solar Pro
     # (SolarForCausalLM, extra skip connections) are not Llama.
     "InternLM3ForCausalLM": ("internlm", "InternLM3ForCausalLM"),
+    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwen_moe", "Qwen3MoeForCausalLM"),
 }
 
 # Encoder-only architectures, served by the pooling runner (embeddings), never by the generator.
