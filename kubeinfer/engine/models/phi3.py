@@ -27,7 +27,7 @@ from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kubeinfer.engine.layers.norm import RMSNorm
 from kubeinfer.engine.layers.rotary import RotaryEmbedding, get_rope, rope_parameters
-from kubeinfer.engine.models.llama import LlamaDecoderLayer
+from kubeinfer.engine.models.llama import LlamaDecoderLayer, LlamaMLP
 from kubeinfer.engine.models.stacked_weights import STACKED_QKV_GATE_UP, load_stacked_weights
 
 
@@ -64,7 +64,8 @@ class Phi3Model(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary_emb = get_phi3_rope(config, head_dim)
         bias = bool(getattr(config, "attention_bias", False))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb, qkv_bias=bias, qk_norm=False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb, qkv_bias=bias, qk_norm=False,
+                                                      mlp=LlamaMLP(config))
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
