@@ -107,6 +107,10 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -
                    help="pooling runner: override the model's pooler, e.g. "
                         '\'{"pooling_type": "MEAN", "normalize": true}\' (types MEAN, CLS, LAST; '
                         "default: the sentence-transformers config, else CLS, normalized)")
+    g.add_argument("--model-impl", default="auto", choices=["auto", "native", "transformers", "vllm"],
+                   help="auto: kubeinfer's native model class when there is one, else the transformers "
+                        "backend; native (or vllm): native only; transformers: the backend even where "
+                        "a native class exists. `kubeinfer serve --help` lists the architectures")
     g = p.add_argument_group("KV cache")
     g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128])
     g.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
@@ -147,7 +151,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             override_generation_config=tuple(sorted(
                 (getattr(args, "override_generation_config", None) or {}).items())),
             runner=getattr(args, "runner", "auto"),
-            pooler_config=tuple(sorted((getattr(args, "pooler_config", None) or {}).items()))),
+            pooler_config=tuple(sorted((getattr(args, "pooler_config", None) or {}).items())),
+            model_impl=getattr(args, "model_impl", "auto")),
         cache=CacheConfig(block_size=args.block_size,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory=args.kv_cache_memory,

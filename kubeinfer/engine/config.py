@@ -30,6 +30,8 @@ def parse_bytes(text: str | int) -> int:
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
 RUNNERS = ("auto", "generate", "pooling")
+# vLLM's --model-impl; "vllm" is accepted as vLLM spells native
+MODEL_IMPLS = ("auto", "native", "transformers", "vllm")
 POOLING_TYPES = ("MEAN", "CLS", "LAST")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 # generation_config.json keys that become default sampling parameters, as vLLM reads them
@@ -57,8 +59,13 @@ class ModelConfig:
     runner: str = "auto"
     # the pooling runner's pooler, over the model folder's: (("pooling_type", "MEAN"), ("normalize", True))
     pooler_config: tuple[tuple[str, object], ...] = ()
+    # auto: a native class when there is one, else the transformers backend (as vLLM's --model-impl)
+    model_impl: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.model_impl not in MODEL_IMPLS:
+            raise ConfigError(f"--model-impl must be one of {', '.join(MODEL_IMPLS)}, got "
+                              f"{self.model_impl!r}")
         pooler = dict(self.pooler_config)
         unknown = sorted(set(pooler) - {"pooling_type", "normalize"})
         if unknown:

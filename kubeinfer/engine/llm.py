@@ -34,7 +34,7 @@ class LLM:
                  device: str = "auto", enforce_eager: bool = False, chat_template: str | None = None,
                  generation_config: str = "auto",
                  override_generation_config: dict[str, float] | None = None,
-                 runner: str = "auto", pooler_config: dict | None = None):
+                 runner: str = "auto", pooler_config: dict | None = None, model_impl: str = "auto"):
         from kubeinfer.engine.arg_utils import DEFAULT_MODEL
 
         config = EngineConfig(
@@ -47,7 +47,8 @@ class LLM:
                               override_generation_config=tuple(sorted(
                                   (override_generation_config or {}).items())),
                               runner=runner,
-                              pooler_config=tuple(sorted((pooler_config or {}).items()))),
+                              pooler_config=tuple(sorted((pooler_config or {}).items())),
+                              model_impl=model_impl),
             cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                               kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching,

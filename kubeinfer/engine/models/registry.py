@@ -1,13 +1,23 @@
-"""Architecture name (config.json `architectures`) -> native model class."""
+"""Architecture name (config.json `architectures`) -> the model class that runs it.
+
+Native classes (one family a file in this package) come first; any other decoder-only architecture
+that transformers implements with its attention interface runs on the transformers backend
+(models/transformers.py), as vLLM's `--model-impl auto` picks. `_TRANSFORMERS_MODELS` lists the
+architectures the backend is verified on (tests/engine/test_model_registry.py tests every entry);
+`_REFUSED` those it cannot run, with the reason.
+"""
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from torch import nn
 
-from kubeinfer.engine.config import RUNNERS
+from kubeinfer.engine.config import MODEL_IMPLS, RUNNERS
 from kubeinfer.engine.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # architecture -> (module under kubeinfer.engine.models, class); imported lazily so that listing
 # architectures stays cheap.
@@ -16,6 +26,53 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
+}
+
+# Served through the transformers backend; each is checked token for token against transformers.
+_TRANSFORMERS_MODELS: tuple[str, ...] = (
+    "CohereForCausalLM",
+    "Cohere2ForCausalLM",
+    "DbrxForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "GlmForCausalLM",
+    "GPT2LMHeadModel",
+    "GPTBigCodeForCausalLM",
+    "GPTJForCausalLM",
+    "GPTNeoXForCausalLM",
+    "GraniteForCausalLM",
+    "GraniteMoeForCausalLM",
+    "MiniCPM3ForCausalLM",
+    "MixtralForCausalLM",
+    "NemotronForCausalLM",
+    "OlmoForCausalLM",
+    "Olmo2ForCausalLM",
+    "OlmoeForCausalLM",
+    "OPTForCausalLM",
+    "PersimmonForCausalLM",
+    "PhiForCausalLM",
+    "Phi3ForCausalLM",
+    "PhimoeForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "StableLmForCausalLM",
+    "Starcoder2ForCausalLM",
+)
+
+# Architectures transformers implements that no implementation here can run, and why.
+_ALIBI = "a model with ALiBi position biases, which kubeinfer's attention kernels do not implement"
+_SSM = "a state-space model (no attention, no KV cache)"
+_REFUSED: dict[str, str] = {
+    "BloomForCausalLM": _ALIBI,
+    "MptForCausalLM": _ALIBI,
+    "FalconForCausalLM": "a model whose transformers attention does not go through the attention "
+                         "interface (and some Falcon checkpoints use ALiBi)",
+    "BartForConditionalGeneration": "an encoder-decoder model; kubeinfer serves decoder-only models",
+    "MambaForCausalLM": _SSM,
+    "FalconMambaForCausalLM": _SSM,
+    "JambaForCausalLM": "a hybrid of attention and Mamba state-space layers; kubeinfer has no state "
+                        "cache for the Mamba layers",
 }
 
 # Encoder-only architectures, served by the pooling runner (embeddings), never by the generator.
@@ -29,7 +86,19 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 
 
 def supported_architectures() -> list[str]:
-    return sorted([*_MODELS, *_POOLING_MODELS])
+    return sorted([*_MODELS, *_TRANSFORMERS_MODELS, *_POOLING_MODELS])
+
+
+def architecture_table() -> list[tuple[str, str]]:
+    """(architecture, implementation) for every supported architecture; implementation is "native",
+    "transformers" (the backend) or "native (pooling)"."""
+    rows = [(a, "native") for a in _MODELS] + [(a, "transformers") for a in _TRANSFORMERS_MODELS]
+    rows += [(a, "native (pooling)") for a in _POOLING_MODELS]
+    return sorted(rows, key=lambda r: r[0].lower())
+
+
+def refused_architectures() -> dict[str, str]:
+    return dict(_REFUSED)
 
 
 def _architectures(hf_config: Any) -> list[str]:
@@ -60,18 +129,61 @@ def resolve_runner(runner: str, hf_config: Any) -> str:
     return runner
 
 
-def get_model_class(hf_config: Any, runner: str = "generate") -> type[nn.Module]:
-    """The class for the config's architecture under a resolved runner ("generate" or "pooling");
-    ConfigError naming the supported ones otherwise."""
+def get_model_class(hf_config: Any, runner: str = "generate",
+                    model_impl: str = "auto") -> type[nn.Module]:
+    """The class for the config's architecture under a resolved runner ("generate" or "pooling")
+    and --model-impl (auto: native when there is one, else the transformers backend; native;
+    transformers). ConfigError saying why and what runs otherwise."""
+    if model_impl not in MODEL_IMPLS:
+        raise ConfigError(f"--model-impl must be one of {', '.join(MODEL_IMPLS)}, got {model_impl!r}")
     names = _architectures(hf_config)
     if runner == "generate":
         resolve_runner("generate", hf_config)  # an embedding model gets the --runner hint
-    table = _POOLING_MODELS if runner == "pooling" else _MODELS
+    shown = ", ".join(names) or f"none (model_type {getattr(hf_config, 'model_type', None)!r})"
+    if runner == "pooling":
+        return _native(names, _POOLING_MODELS) or _unsupported(shown)
+    if model_impl != "transformers":
+        native = _native(names, _MODELS)
+        if native is not None:
+            return native
+        if model_impl in ("native", "vllm"):
+            raise ConfigError(f"model architecture {shown} has no native implementation in kubeinfer "
+                              f"(native: {', '.join(sorted(_MODELS))}). Use --model-impl auto or "
+                              "transformers to run it on the transformers backend.")
+    return _transformers_backend(hf_config, names, shown, explicit=model_impl == "transformers")
+
+
+def _native(names: list[str], table: dict[str, tuple[str, str]]) -> type[nn.Module] | None:
     for name in names:
         if name in table:
             module, cls = table[name]
             return getattr(importlib.import_module(f"kubeinfer.engine.models.{module}"), cls)
-    shown = ", ".join(names) or f"none (model_type {getattr(hf_config, 'model_type', None)!r})"
+    return None
+
+
+def _transformers_backend(hf_config: Any, names: list[str], shown: str,
+                          explicit: bool) -> type[nn.Module]:
+    from kubeinfer.engine.models.transformers_support import hf_causal_lm_class, unsupported_reason
+
+    refused = next((_REFUSED[n] for n in names if n in _REFUSED), None)
+    if refused:
+        raise ConfigError(f"model architecture {shown} is not supported by kubeinfer: it is {refused}. "
+                          f"Supported architectures: {', '.join(supported_architectures())}.")
+    if hf_causal_lm_class(hf_config) is None:
+        _unsupported(shown)
+    reason = unsupported_reason(hf_config)
+    if reason:
+        raise ConfigError(f"model architecture {shown} is not supported by kubeinfer: {reason}. "
+                          f"Supported architectures: {', '.join(supported_architectures())}.")
+    if not explicit and not any(n in _TRANSFORMERS_MODELS for n in names):
+        logger.warning("%s has no native kubeinfer implementation and has not been verified on the "
+                       "transformers backend; running it there.", shown)
+    from kubeinfer.engine.models.transformers import TransformersForCausalLM
+
+    return TransformersForCausalLM
+
+
+def _unsupported(shown: str):
     raise ConfigError(f"model architecture {shown} is not supported by kubeinfer. Supported "
                       f"architectures: {', '.join(supported_architectures())}. Serve a model of one of "
                       "these architectures (its config.json `architectures` field names it).")
