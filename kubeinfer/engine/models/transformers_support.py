@@ -30,14 +30,18 @@ _ROUTES_ATTENTION_UNFLAGGED = {"stablelm"}
 
 
 def hf_causal_lm_class(hf_config: Any) -> type | None:
-    """The transformers class named by config.json `architectures`, else the causal-LM class
-    registered for its model_type; None when transformers has neither."""
+    """The transformers class named by config.json `architectures`; for a config that names none,
+    the causal-LM class registered for its model_type. None when transformers has no such class (an
+    unknown name is never swapped for its model_type's class: it may be custom code of another shape)."""
     import transformers
 
-    for name in getattr(hf_config, "architectures", None) or []:
+    names = getattr(hf_config, "architectures", None) or []
+    for name in names:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type):
             return cls
+    if names:
+        return None
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
