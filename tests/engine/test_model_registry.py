@@ -7,6 +7,8 @@ with prefix caching and with chunked prefill. A registry entry without a tiny co
 """
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 
@@ -207,3 +209,11 @@ def test_logits_match_hf(arch_case, arch):
     # float32 sums in another order (DBRX differs as much between HF's own sdpa and eager); a wrong
     # scale is off by far more
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max()))
+
+
+def test_tensor_parallel_refused_before_workers_start(arch_case):
+    path, _, _ = arch_case("GPT2LMHeadModel")
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel runs on the transformers backend.*"
+                                          "--tensor-parallel-size 1"):
+        _llm(path, tensor_parallel_size=2, device="cpu")
+    assert not multiprocessing.active_children()

@@ -134,6 +134,17 @@ def write_readme_table(readme: str) -> str:
     return readme[:begin] + architectures_markdown() + readme[end:]
 
 
+def tensor_parallel_refusal(hf_config: Any) -> str | None:
+    """Why --tensor-parallel-size > 1 cannot run this config, checked before any worker starts: an
+    architecture with no native class runs on the transformers backend, which has no tensor
+    parallelism yet (--model-impl transformers is refused when the backend is built)."""
+    if any(n in _MODELS or n in _POOLING_MODELS for n in _architectures(hf_config)):
+        return None
+    names = ", ".join(getattr(hf_config, "architectures", None) or []) or "this model"
+    return (f"{names} runs on the transformers backend, which does not support tensor parallelism "
+            "yet; serve it with --tensor-parallel-size 1.")
+
+
 def _architectures(hf_config: Any) -> list[str]:
     names = list(getattr(hf_config, "architectures", None) or [])
     if not names and getattr(hf_config, "model_type", None) in _MODEL_TYPES:

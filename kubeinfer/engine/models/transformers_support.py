@@ -68,3 +68,4 @@ def unsupported_reason(hf_config: Any) -> str | None:
                 "AttentionInterface (`_supports_attention_backend` is False), so kubeinfer's paged "
                 "attention cannot take its place")
     return None
+
