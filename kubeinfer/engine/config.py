@@ -28,6 +28,8 @@ DEFAULT_MODEL_SAMPLING = {"temperature": 0.0, "max_new_tokens": 1024}
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32")
 RUNNERS = ("auto", "generate", "pooling")
+# vLLM's --model-impl; "vllm" is accepted as vLLM spells native
+MODEL_IMPLS = ("auto", "native", "transformers", "vllm")
 POOLING_TYPES = ("MEAN", "CLS", "LAST")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 GENERATION_CONFIG_SOURCES = ("auto", "vllm")
@@ -202,6 +204,11 @@ class ModelConfig:
         (), f"pooling runner: override the model's pooler, e.g. {_POOLER_EXAMPLE} (types MEAN, "
             "CLS, LAST; default: the sentence-transformers config, else CLS, normalized)",
         parse=pooler_json, convert=_items, metavar="JSON")
+    model_impl: str = setting("auto", "auto: kubeinfer's native model class when there is one, else "
+                                      "the transformers backend; native (or vllm): native only; "
+                                      "transformers: the backend even where a native class exists. "
+                                      "`kubeinfer serve --help` lists the architectures",
+                              choices=MODEL_IMPLS)
 
     def __post_init__(self) -> None:
         pooler = dict(self.pooler_config)

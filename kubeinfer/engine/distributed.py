@@ -61,6 +61,11 @@ def check_tensor_parallel(hf_config: Any, tp: int, device_type: str, num_gpus: i
         raise ConfigError(f"--tensor-parallel-size={tp} needs {tp} GPUs but {num_gpus} "
                           f"{'is' if num_gpus == 1 else 'are'} visible; ask for {tp} GPUs "
                           "(nvidia.com/gpu) or lower --tensor-parallel-size")
+    from kubeinfer.engine.models.registry import tensor_parallel_refusal
+
+    refusal = tensor_parallel_refusal(hf_config)
+    if refusal:
+        raise ConfigError(refusal)
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     # MLP widths split over the ranks: the dense MLP's and, in mixture-of-experts models, each

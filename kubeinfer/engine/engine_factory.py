@@ -16,7 +16,7 @@ def make_engine(config: EngineConfig, stat_loggers: list[StatLogger] | tuple = (
     from kubeinfer.engine import model_loader
     from kubeinfer.engine.models.registry import resolve_runner
 
-    path = model_loader.resolve_model(config.model)
+    path = model_loader.resolve_model(config.model, config.device.resolve())  # GGUF: for its dtype
     runner = resolve_runner(config.model.runner, model_loader.load_hf_config(path, config.model))
     if runner == "pooling":
         from kubeinfer.engine.embedding_engine import EmbeddingEngine

@@ -37,7 +37,7 @@ class LLMEngine:
         self.config = config
         self.stat_loggers = list(stat_loggers)
         torch.manual_seed(config.model.seed)
-        path = model_loader.resolve_model(config.model)
+        path = model_loader.resolve_model(config.model, self.device.type)  # GGUF: dequantized for it
         self.workers: TPWorkers | None = None
         tp = config.parallel.tensor_parallel_size
         if tp > 1:

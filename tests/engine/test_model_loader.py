@@ -266,7 +266,7 @@ def test_gguf_cache_is_reused_and_keyed_by_file(tiny_gguf, tmp_path, monkeypatch
 
 
 def test_gguf_crash_mid_conversion_leaves_no_cache(tiny_gguf, tmp_path, monkeypatch):
-    def crash(gguf_path, out):
+    def crash(gguf_path, out, dtype):
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
@@ -282,6 +282,40 @@ def test_gguf_crash_mid_conversion_leaves_no_cache(tiny_gguf, tmp_path, monkeypa
     monkeypatch.undo()
     assert convert_gguf(tiny_gguf[0], tmp_path) == final
     assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+def test_gguf_dequantizes_to_the_engine_dtype(tmp_path, monkeypatch):
+    """A GGUF whose values bf16 cannot hold: converted for float32 (CPU's auto, or --dtype float32)
+    it keeps them exactly and greedy ids equal transformers' on the model the F32 file was written
+    from; a bf16 engine gets its own cache folder."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from kubeinfer import LLM, SamplingParams
+    from kubeinfer.engine.loader.resolve import gguf_dtype
+
+    gguf_path, hf_dir = build_tiny_gguf(tmp_path / "src", bf16_exact=False)
+    monkeypatch.setenv("KUBEINFER_CACHE_DIR", str(tmp_path / "cache"))
+    assert gguf_dtype("auto", "cpu") == torch.float32 and gguf_dtype("auto", "cuda") == torch.bfloat16
+    assert gguf_dtype("bfloat16", "cpu") == torch.bfloat16
+    f32 = resolve_model(ModelConfig(model=str(gguf_path), dtype="float32"))
+    assert resolve_model(ModelConfig(model=str(gguf_path)), device="cpu") == f32
+    bf16 = convert_gguf(gguf_path, tmp_path / "cache", torch.bfloat16)
+    assert bf16 != f32 and "bfloat16" in bf16.name and "float32" in f32.name
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ours, rounded = load_file(f32 / "model.safetensors"), load_file(bf16 / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"  # permuted by llama.cpp, restored exactly
+    assert ours[name].dtype == torch.float32 and torch.equal(ours[name], hf.state_dict()[name])
+    assert not torch.equal(rounded[name].float(), ours[name])
+    prompt = PROMPT * 3
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                               dtype=torch.long), do_sample=False, max_new_tokens=12,
+                               min_new_tokens=12, pad_token_id=0)[0, len(prompt):].tolist()
+    llm = LLM(str(gguf_path), dtype="float32", num_gpu_blocks_override=16)
+    out = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12))
+    assert out[0].outputs[0].token_ids == expected
 
 
 def test_default_model_resolves_to_packaged_gguf(smollm2_dir):

@@ -2,8 +2,11 @@
 
 transformers reads GGUF (`load_gguf_checkpoint` dequantizes with the gguf package and undoes
 llama.cpp's q/k row permutation for llama-arch models); we store the result as a normal HF folder so
-every later start is a plain safetensors load. The cache key is the file's path, size and mtime, and
-the folder appears by an atomic rename, so a crash mid-conversion never leaves a half cache.
+every later start is a plain safetensors load. The weights are dequantized straight to the dtype the
+engine runs in (float32 on CPU), never through a narrower one: a bf16 store would change most values
+of a 4-bit file (134M of SmolLM2 Q4_1's 163M) and greedy output would drift from transformers' on the
+same file. The cache key is the file's path, size, mtime and that dtype, and the folder appears by an
+atomic rename, so a crash mid-conversion never leaves a half cache.
 """
 from __future__ import annotations
 
@@ -22,9 +25,7 @@ from kubeinfer.engine.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# GGUF files are nearly always quantized below 16 bits, so bf16 keeps what they hold at half the disk
-# of float32, and matches the dtype most hub originals (SmolLM2 included) were published in.
-STORAGE_DTYPE = torch.bfloat16
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def cache_dir() -> Path:
@@ -32,17 +33,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KUBEINFER_CACHE_DIR") or "~/.cache/kubeinfer").expanduser()
 
 
-def gguf_cache_path(gguf_path: Path, root: Path | None = None) -> Path:
-    """The folder a GGUF file converts into; a new file, or the same path rewritten, gets a new one."""
+def gguf_cache_path(gguf_path: Path, root: Path | None = None,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """The folder a GGUF file converts into at `dtype`; a new file, the same path rewritten, or
+    another dtype gets a new one."""
     real = Path(gguf_path).resolve()
     st = real.stat()
-    key = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return (root or cache_dir()) / "gguf" / f"{real.stem}-{key}"
+    name = _DTYPE_NAMES[dtype]
+    key = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}|{name}".encode()).hexdigest()[:16]
+    return (root or cache_dir()) / "gguf" / f"{real.stem}-{name}-{key}"
 
 
-def convert_gguf(gguf_path: Path, root: Path | None = None) -> Path:
-    """The HF-layout folder for `gguf_path`, converting it on first use."""
-    final = gguf_cache_path(gguf_path, root)
+def convert_gguf(gguf_path: Path, root: Path | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """The HF-layout folder for `gguf_path` dequantized to `dtype`, converting it on first use."""
+    final = gguf_cache_path(gguf_path, root, dtype)
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,7 @@ def convert_gguf(gguf_path: Path, root: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         logger.info("converting %s to safetensors in %s (once; later starts reuse it)", gguf_path, final)
-        write_hf_folder(Path(gguf_path).resolve(), tmp)
+        write_hf_folder(Path(gguf_path).resolve(), tmp, dtype)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -72,8 +76,9 @@ def _remove_stale_temps(final: Path, max_age_s: float = 3600.0) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_hf_folder(gguf_path: Path, out: Path) -> None:
-    """Write config.json, model.safetensors, tokenizer files and generation_config.json to `out`."""
+def write_hf_folder(gguf_path: Path, out: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write config.json, model.safetensors (at `dtype`), tokenizer files and generation_config.json
+    to `out`."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -85,7 +90,7 @@ def write_hf_folder(gguf_path: Path, out: Path) -> None:
         with torch.device("meta"):
             hf_model = AutoModelForCausalLM.from_config(config)
         parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=hf_model,
-                                      torch_dtype=STORAGE_DTYPE)
+                                      torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as e:
         raise ConfigError(f"cannot convert GGUF file {gguf_path}: {e}. kubeinfer reads GGUF through "
@@ -101,7 +106,7 @@ def write_hf_folder(gguf_path: Path, out: Path) -> None:
                           f"{type(hf_model).__name__} needs (e.g. {', '.join(missing[:3])}); the file is "
                           "incomplete or of an unsupported layout. Pass a Hugging Face folder instead.")
     config.architectures = [type(hf_model).__name__]
-    config.dtype = STORAGE_DTYPE
+    config.dtype = dtype
     config.save_pretrained(out)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})

