@@ -223,6 +223,7 @@ class ModelConfig:
             raise ConfigError(f"--pooler-config normalize must be true or false, got "
                               f"{pooler['normalize']!r}")
         _check_choice("--runner", self.runner, RUNNERS)
+        _check_choice("--model-impl", self.model_impl, MODEL_IMPLS)
         if self.generation_config not in GENERATION_CONFIG_SOURCES:
             raise ConfigError(f"--generation-config must be auto or vllm, got {self.generation_config!r}")
         unknown = sorted({k for k, _ in self.override_generation_config} - set(GENERATION_KEYS))

@@ -93,7 +93,8 @@ def test_greedy_matches_hf(arch_case, arch, variant):
     assert _generate(llm, prompts) == expected
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM",
+                                  *registry.backend_verified_natives()])
 def test_backend_runs_native_architectures_too(arch_case, arch):
     path, prompts, expected = arch_case(arch)
     llm = _llm(path, model_impl="transformers", max_num_batched_tokens=7)

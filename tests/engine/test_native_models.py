@@ -125,18 +125,6 @@ def test_phi3_fused_qkv_of_wrong_size_is_refused():
         model.load_weights([("model.layers.0.self_attn.qkv_proj.weight", bad)])
 
 
-@pytest.mark.parametrize("arch,bias", [("InternLM3ForCausalLM", False), ("InternLM3ForCausalLM", True)])
-def test_llama_aliases(arch, bias):
-    # The remote configs have no attention_bias, only their own names for it.
-    config = SimpleNamespace(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2, hidden_act="silu",
-                             rms_norm_eps=1e-6, max_position_embeddings=128, architectures=[arch],
-                             bias=bias, qkv_bias=bias)
-    model = get_model_class(config)(config)
-    attn = model.model.layers[0].self_attn
-    assert (attn.qkv_proj.bias is not None) == bias and (attn.o_proj.bias is not None) == bias
-
-
 @pytest.mark.parametrize("arch", ["gemma3", "phi3_longrope"])
 def test_tensor_parallel_2_matches_hf(cases, arch):
     # gloo on CPU: each rank holds half the heads (Gemma 3's per-head q/k norms, Phi-3's fused

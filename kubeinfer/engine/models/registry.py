@@ -31,11 +31,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
     "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM"),
-    # Llama under another name. Yi and Solar 10.7B checkpoints already say LlamaForCausalLM.
-    # Aquila, Xverse and InternLM v1 are not mapped: transformers has no implementation of them, so
-    # their tokens could not be checked against a reference; Orion (LayerNorm) and Solar Pro
-    # (SolarForCausalLM, extra skip connections) are not Llama.
-    "InternLM3ForCausalLM": ("internlm", "InternLM3ForCausalLM"),
+    # Yi and Solar 10.7B checkpoints say LlamaForCausalLM. Aquila, Xverse and InternLM 1/2/3 are not
+    # mapped onto Llama: transformers has no model class of theirs to check their tokens against.
     "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("qwen_moe", "Qwen3MoeForCausalLM"),
@@ -97,18 +94,23 @@ _POOLING_MODELS: dict[str, tuple[str, str]] = {
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                "internlm3": "InternLM3ForCausalLM"}
+                "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 def supported_architectures() -> list[str]:
-    return sorted([*_MODELS, *_TRANSFORMERS_MODELS, *_POOLING_MODELS])
+    return sorted({*_MODELS, *_TRANSFORMERS_MODELS, *_POOLING_MODELS})
+
+
+def backend_verified_natives() -> list[str]:
+    """Native architectures also verified on the transformers backend (--model-impl transformers)."""
+    return sorted(set(_MODELS) & set(_TRANSFORMERS_MODELS))
 
 
 def architecture_table() -> list[tuple[str, str]]:
-    """(architecture, implementation) for every supported architecture; implementation is "native",
-    "transformers" (the backend) or "native (pooling)"."""
-    rows = [(a, "native") for a in _MODELS] + [(a, "transformers") for a in _TRANSFORMERS_MODELS]
+    """(architecture, implementation) for every supported architecture, as --model-impl auto picks
+    it; implementation is "native", "transformers" (the backend) or "native (pooling)"."""
+    rows = [(a, "native") for a in _MODELS]
+    rows += [(a, "transformers") for a in _TRANSFORMERS_MODELS if a not in _MODELS]
     rows += [(a, "native (pooling)") for a in _POOLING_MODELS]
     return sorted(rows, key=lambda r: r[0].lower())
 
