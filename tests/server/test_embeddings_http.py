@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kubeinfer.engine.config import (DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig)
-from kubeinfer.engine.server.state import ServerState
+from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
 from tests.fixtures.tiny_bert import SENTENCES, reference
 from tests.server.conftest import API_KEY, MODEL_NAME, start_server
 from tests.server.test_errors import error_of
@@ -28,7 +28,7 @@ def minilm_config(path, **model_kw) -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def embed_server(minilm_dir):
-    running = start_server(ServerState(minilm_config(minilm_dir), log_requests=False))
+    running = start_server(ModelLifecycle(minilm_config(minilm_dir), log_requests=False))
     yield running
     running.stop()
 
@@ -203,7 +203,7 @@ def test_metrics_count_embedding_requests_and_tokens(embed_server, ehttp):
 
 
 def test_api_key_applies_to_embeddings(minilm_dir):
-    running = start_server(ServerState(minilm_config(minilm_dir), api_key=API_KEY,
+    running = start_server(ModelLifecycle(minilm_config(minilm_dir), api_key=API_KEY,
                                        log_requests=False))
     try:
         with running.http() as h:
