@@ -126,16 +126,18 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server_factory(tiny_model, engine_factory):
-    """start(api_key=..., engine_factory=..., wait_ready=..., **ModelConfig fields) -> a running
+    """start(api_key=..., engine_factory=..., wait_ready=..., trust_request_chat_template=...,
+    **ModelConfig fields) -> a running
     server on the tiny model; every server started is stopped at the end of the module."""
     started: list[RunningServer] = []
     default_factory = engine_factory
 
     def start(*, api_key: str | None = None, engine_factory=None, wait_ready: bool = True,
-              **model_kw) -> RunningServer:
+              trust_request_chat_template: bool = False, **model_kw) -> RunningServer:
         engine_factory = engine_factory or default_factory
         state = ModelLifecycle(tiny_config(tiny_model, **model_kw), api_key=api_key,
-                            engine_factory=engine_factory, log_requests=False)
+                               engine_factory=engine_factory, log_requests=False,
+                               trust_request_chat_template=trust_request_chat_template)
         running = start_server(state, wait_ready=wait_ready)
         started.append(running)
         return running

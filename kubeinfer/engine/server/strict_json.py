@@ -18,13 +18,9 @@ from fastapi.routing import APIRoute
 from kubeinfer.engine.server.errors import APIError, error_response
 
 
-def _reject_constant(name: str) -> float:
-    raise APIError(f"The request body is not valid JSON: {name} is not a JSON number; send a "
-                   "finite number.", 400)
-
-
 def _path(parts: list) -> str:
-    return ".".join(str(p) for p in parts)
+    # a field name may be the invalid text itself: escaped, so the error body can be encoded
+    return ".".join(str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in parts)
 
 
 def check_value(value: Any) -> None:
@@ -39,9 +35,10 @@ def check_value(value: Any) -> None:
             _check_text(item, where)
         elif isinstance(item, float):
             if not math.isfinite(item):
-                raise APIError(f"{_path(where) or 'the body'}: numbers must be finite (got "
-                               f"{item!r}, from a literal too large for a float).", 400,
-                               param=_path(where) or None)
+                raise APIError(f"{_path(where) or 'the body'}: numbers must be finite, got "
+                               f"{'NaN' if math.isnan(item) else 'an infinity'} (JSON has no "
+                               "NaN or Infinity, and a literal like 1e400 overflows a float).",
+                               400, param=_path(where) or None)
         elif isinstance(item, dict):
             for k, v in item.items():
                 _check_text(k, where + [k])
@@ -55,8 +52,7 @@ def _check_text(text: str, where: list) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         field = _path(where) or "the body"
-        shown = "a field name" if where and where[-1] is text else field
-        raise APIError(f"{shown}: the text is not valid Unicode (a lone UTF-16 surrogate "
+        raise APIError(f"{field}: the text is not valid Unicode (a lone UTF-16 surrogate "
                        f"{text[e.start]!r} at character {e.start}); send UTF-8 text, and "
                        "\\ud800-\\udfff escapes only as surrogate pairs.", 400,
                        param=_path(where) or None) from None
@@ -65,9 +61,7 @@ def _check_text(text: str, where: list) -> None:
 def parse_body(body: bytes) -> Any:
     """The body as JSON, or a 400 that says what is wrong with it."""
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
-    except APIError:
-        raise
+        value = json.loads(body)  # NaN and Infinity load as floats, which check_value refuses
     except UnicodeDecodeError as e:
         raise APIError(f"The request body is not valid UTF-8 (byte {e.start}).", 400) from None
     except json.JSONDecodeError as e:
