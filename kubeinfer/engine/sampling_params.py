@@ -9,6 +9,7 @@ server: seeds to int64, token ids and top_k to int32 (and to the model's vocabul
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 INT32_MAX = 2**31 - 1
@@ -18,18 +19,19 @@ MAX_N = 128  # OpenAI's cap on the samples of one request
 
 def _shown(value: object) -> str:
     """repr, short: a 5,000-digit integer is not worth quoting (and Python refuses to print it)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+    if _is_int(value) and abs(value) > 10**30:
         return f"an integer of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numbers.Integral: numpy integers too (benchmarks draw lengths with numpy)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class SamplingParamsError(ValueError):
