@@ -19,7 +19,7 @@ import uvicorn
 from kubeinfer.engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
                                      SchedulerConfig)
 from kubeinfer.engine.server.api import build_app
-from kubeinfer.engine.server.state import ServerState
+from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
 
 MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 256
@@ -34,7 +34,7 @@ def free_port() -> int:
 
 @dataclass
 class RunningServer:
-    state: ServerState
+    state: ModelLifecycle
     server: uvicorn.Server
     thread: threading.Thread
     base_url: str
@@ -82,7 +82,7 @@ class RunningServer:
         self.thread.join(timeout=30)
 
 
-def start_server(state: ServerState, *, wait_ready: bool = True) -> RunningServer:
+def start_server(state: ModelLifecycle, *, wait_ready: bool = True) -> RunningServer:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on",
@@ -114,7 +114,7 @@ def tiny_config(model_dir: str, scheduling_policy: str = "fcfs", **model_kw) -> 
 @pytest.fixture(scope="session")
 def engine_factory():
     """The real engine's loader, as `kubeinfer serve` uses it."""
-    from kubeinfer.engine.server.state import default_engine_factory
+    from kubeinfer.engine.server.model_lifecycle import default_engine_factory
 
     return default_engine_factory
 
@@ -126,16 +126,18 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server_factory(tiny_model, engine_factory):
-    """start(api_key=..., engine_factory=..., wait_ready=..., **ModelConfig fields) -> a running
+    """start(api_key=..., engine_factory=..., wait_ready=..., trust_request_chat_template=...,
+    **ModelConfig fields) -> a running
     server on the tiny model; every server started is stopped at the end of the module."""
     started: list[RunningServer] = []
     default_factory = engine_factory
 
     def start(*, api_key: str | None = None, engine_factory=None, wait_ready: bool = True,
-              **model_kw) -> RunningServer:
+              trust_request_chat_template: bool = False, **model_kw) -> RunningServer:
         engine_factory = engine_factory or default_factory
-        state = ServerState(tiny_config(tiny_model, **model_kw), api_key=api_key,
-                            engine_factory=engine_factory, log_requests=False)
+        state = ModelLifecycle(tiny_config(tiny_model, **model_kw), api_key=api_key,
+                               engine_factory=engine_factory, log_requests=False,
+                               trust_request_chat_template=trust_request_chat_template)
         running = start_server(state, wait_ready=wait_ready)
         started.append(running)
         return running

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from kubeinfer.engine.config import (DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig)
-from kubeinfer.engine.server.state import ServerState
+from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
 from tests.fixtures.tiny_bert import SENTENCES, reference
 from tests.server.conftest import API_KEY, MODEL_NAME, start_server
 from tests.server.test_errors import error_of
+from tests.server.test_openapi import response_schema, validate
 
 EMBED_NAME = "minilm"
 
@@ -28,7 +29,7 @@ def minilm_config(path, **model_kw) -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def embed_server(minilm_dir):
-    running = start_server(ServerState(minilm_config(minilm_dir), log_requests=False))
+    running = start_server(ModelLifecycle(minilm_config(minilm_dir), log_requests=False))
     yield running
     running.stop()
 
@@ -77,6 +78,15 @@ def test_base64_decodes_to_the_same_floats(ehttp):
     for f, b in zip(floats, b64):
         decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
         assert decoded.tolist() == np.asarray(f["embedding"], dtype=np.float32).tolist()
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64"])
+def test_responses_match_the_openapi_document(ehttp, encoding_format):
+    doc = ehttp.get("/openapi.json").json()
+    r = post(ehttp, input=SENTENCES[:2], encoding_format=encoding_format)
+    validate(doc, response_schema(doc, "post", "/v1/embeddings", 200), r.json())
+    r = post(ehttp, input="")
+    validate(doc, response_schema(doc, "post", "/v1/embeddings", r.status_code), r.json())
 
 
 def test_token_ids_equal_strings(embed_server, ehttp):
@@ -203,7 +213,7 @@ def test_metrics_count_embedding_requests_and_tokens(embed_server, ehttp):
 
 
 def test_api_key_applies_to_embeddings(minilm_dir):
-    running = start_server(ServerState(minilm_config(minilm_dir), api_key=API_KEY,
+    running = start_server(ModelLifecycle(minilm_config(minilm_dir), api_key=API_KEY,
                                        log_requests=False))
     try:
         with running.http() as h:

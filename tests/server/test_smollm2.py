@@ -5,7 +5,7 @@ import pytest
 
 from kubeinfer.engine.config import DEFAULT_MODEL
 from kubeinfer.engine.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig
-from kubeinfer.engine.server.state import ServerState
+from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
 from tests.server.conftest import start_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -17,7 +17,7 @@ def smollm2_server(smollm2_dir):
         model=ModelConfig(model=str(smollm2_dir), served_model_name=(DEFAULT_MODEL,),
                           max_model_len=512),
         cache=CacheConfig(kv_cache_memory=64 << 20), device=DeviceConfig(device="cpu"))
-    running = start_server(ServerState(config, log_requests=False))
+    running = start_server(ModelLifecycle(config, log_requests=False))
     yield running
     running.stop()
 

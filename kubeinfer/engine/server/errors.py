@@ -13,7 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kubeinfer.engine.errors import EngineDeadError, RequestError, RequestFailedError
 from kubeinfer.engine.sampling_params import SamplingParamsError
+from kubeinfer.engine.server.drain import CUT_MESSAGE, RETRY_AFTER_S, DrainExpired
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +30,22 @@ _TYPES = {
 }
 
 
+# What a client reads when the engine failed on its request: the exception's own text may name
+# internals (paths, tensor shapes), so it goes to the log only.
+REQUEST_FAILED_MESSAGE = "The server had an error while processing your request."
+
+
 class APIError(Exception):
     """An error with the HTTP status and OpenAI error body it should become."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.type = type or _TYPES.get(status, "APIError")
+        self.headers = headers
 
 
 def error_body(message: str, status: int, param: str | None = None,
@@ -104,7 +112,26 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.message, exc.status, exc.param, exc.type)
+        return error_response(exc.message, exc.status, exc.param, exc.type, exc.headers)
+
+    # The engine's per-request errors are the client's to fix: 400 with the engine's words.
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return error_response(str(exc.args[0] if exc.args else exc), 400, exc.param)
+
+    @app.exception_handler(RequestFailedError)
+    async def _request_failed(request: Request, exc: RequestFailedError) -> JSONResponse:
+        logger.error("%s %s failed in the engine: %s", request.method, request.url.path, exc)
+        return error_response(REQUEST_FAILED_MESSAGE, 500)
+
+    @app.exception_handler(DrainExpired)
+    async def _drain_expired(_: Request, exc: DrainExpired) -> JSONResponse:
+        return error_response(CUT_MESSAGE, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    # A dead engine loop: the liveness probe restarts the pod.
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(str(exc), 503)
 
     @app.exception_handler(SamplingParamsError)
     async def _sampling_error(_: Request, exc: SamplingParamsError) -> JSONResponse:
@@ -124,4 +151,4 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The traceback goes to the log, never to the client.
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response("The server had an error while processing your request.", 500)
+        return error_response(REQUEST_FAILED_MESSAGE, 500)

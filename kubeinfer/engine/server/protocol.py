@@ -1,20 +1,31 @@
 """Request bodies of the OpenAI-compatible API, with vLLM's extra sampling fields.
 
-Unknown fields are ignored, as OpenAI's and vLLM's servers do. Ranges are checked by `SamplingParams`
-(one place), so these models only fix the types; `to_sampling_params` maps names across.
+Unknown fields are ignored, as OpenAI's and vLLM's servers do. Types are strict (`true` is no token
+id, `"1"` no number) and every number is bounded here, so a value that could not fit the engine's
+arrays is a 400 naming the field before anything else runs: integers to the range their use
+allows (seeds int64, token ids and counts int32, n to `MAX_N`), floats to finite values.
+`SamplingParams` checks the same bounds again, and the finer ranges, for the offline API;
+`to_sampling_params` maps names across.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
                       field_validator)
 
-from kubeinfer.engine.sampling_params import SamplingParams, SamplingParamsError
+from kubeinfer.engine.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, MAX_N,
+                                              SamplingParams, SamplingParamsError)
+
+Int32 = Annotated[int, Field(strict=True, ge=-INT32_MAX - 1, le=INT32_MAX)]
+Count = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+Seed = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # allow_inf_nan=False: NaN and Infinity are not numbers a request can mean
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -31,10 +42,10 @@ class _SamplingFields(_Body):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    n: int = 1
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_N)] = 1
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -42,20 +53,20 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = None
+    top_k: Int32 | None = None  # and at most the vocabulary size (request_prologue)
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: StrictBool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Count = 0
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:123"
     return_token_ids: StrictBool = False  # vLLM's: prompt_token_ids and token_ids in the response
     # logprobs of the prompt tokens (and the top-N at each position); strict, so true is no 1
-    prompt_logprobs: StrictInt | None = None
+    prompt_logprobs: Int32 | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias
-    priority: StrictInt = 0  # vLLM's: with --scheduling-policy priority, lower goes first
+    priority: Int32 = 0  # vLLM's: with --scheduling-policy priority, lower goes first
     # Structured outputs are not built: these are read only to refuse them, never to ignore them
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
@@ -136,11 +147,11 @@ class _SamplingFields(_Body):
 
 class CompletionRequest(_SamplingFields):
     # a string, a batch of strings, token ids, or a batch of token-id lists
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: Int32 | None = 16
     echo: StrictBool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Int32 | None = None
+    best_of: Int32 | None = None
     suffix: str | None = None
 
     def to_sampling_params(self, defaults: dict[str, float] | None = None) -> SamplingParams:
@@ -166,10 +177,10 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int32 | None = None
+    max_completion_tokens: Int32 | None = None
     logprobs: StrictBool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int32 | None = None
     # vLLM extras
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
@@ -219,13 +230,14 @@ class TokenizeRequest(_Body):
     add_special_tokens: StrictBool | None = None
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: StrictBool = False
 
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int] = Field(...)
+    tokens: list[StrictInt] = Field(...)
 
 
 class EmbeddingRequest(_Body):
@@ -236,10 +248,10 @@ class EmbeddingRequest(_Body):
     # a string, a batch of strings, token ids, or a batch of token-id lists
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: StrictInt | None = None
+    dimensions: Int32 | None = None
     user: str | None = None
     # vLLM extras
-    truncate_prompt_tokens: StrictInt | None = None
+    truncate_prompt_tokens: Int32 | None = None
     add_special_tokens: StrictBool = True
     normalize: StrictBool | None = None
 

@@ -2,8 +2,10 @@
 
 The server listens at once and loads the model in a thread: /health answers 503 until the engine
 runs, so a kubelet startup probe can tell "loading" from "dead". A model that fails to load ends the
-process with the reason on stderr and exit status 1. SIGTERM stops accepting connections, lets
-running requests finish for up to --timeout-graceful-shutdown seconds, then stops the engine.
+process with the reason on stderr and exit status 1. SIGTERM turns /health to 503 at once, stops
+accepting connections, lets running requests finish for up to --timeout-graceful-shutdown seconds,
+answers those still open with an error (`drain.py`), then stops the engine; the exit status is 0
+after a clean drain and 1 when requests had to be cut.
 """
 from __future__ import annotations
 
@@ -48,7 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--disable-log-requests", action="store_true", default=False,
                    help="do not log a line per request")
     g.add_argument("--timeout-graceful-shutdown", type=_seconds, default=30,
-                   help="on SIGTERM, seconds to let running requests finish (default: 30)")
+                   help="on SIGTERM, seconds to let running requests finish; those still open "
+                        "then get an error (a stream an error event and [DONE], a request a 503 "
+                        "with Retry-After) and the process exits 1 (default: 30)")
+    g.add_argument("--trust-request-chat-template", action="store_true", default=False,
+                   help="render a request's own `chat_template` (in jinja2's sandbox, which "
+                        "bounds neither time nor memory); without it such a request is a 400")
     p.set_defaults(func=run_serve)
     return p
 
@@ -68,17 +75,22 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kubeinfer.engine.server.api import build_app
-    from kubeinfer.engine.server.state import ServerState
+    from kubeinfer.engine.server.drain import CUT_GRACE_S, DrainingServer
+    from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
 
     level = "INFO" if args.uvicorn_log_level == "trace" else args.uvicorn_log_level.upper()
     logging.basicConfig(level=level, format="%(levelname)s %(asctime)s %(name)s: %(message)s",
                         datefmt="%m-%d %H:%M:%S")
-    state = ServerState(config, api_key=api_key, log_requests=not args.disable_log_requests)
-    app = build_app(state, allowed_origins=args.allowed_origins)
-    server = uvicorn.Server(uvicorn.Config(
+    lifecycle = ModelLifecycle(config, api_key=api_key, log_requests=not args.disable_log_requests,
+                               drain_timeout_s=args.timeout_graceful_shutdown,
+                               trust_request_chat_template=args.trust_request_chat_template)
+    app = build_app(lifecycle, allowed_origins=args.allowed_origins)
+    # uvicorn's own deadline comes after the drain's, which answers what is still open
+    server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
         access_log=not args.disable_uvicorn_access_log, root_path=args.root_path,
-        timeout_graceful_shutdown=args.timeout_graceful_shutdown, lifespan="on"))
+        timeout_graceful_shutdown=args.timeout_graceful_shutdown + CUT_GRACE_S, lifespan="on"),
+        lifecycle.drain)
 
     def on_load_failure(message: str) -> None:
         _fail(message)
@@ -92,8 +104,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    state.on_load_failure = on_load_failure
+    lifecycle.on_load_failure = on_load_failure
     server.run()
-    if state.load_error is not None:
+    if lifecycle.load_error is not None or lifecycle.drain.cut_count:
         return 1
     return 0 if server.started else 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 from typing import Any, AsyncIterator
 
@@ -11,12 +12,15 @@ from fastapi.responses import JSONResponse
 
 from kubeinfer.engine.server.errors import APIError
 from kubeinfer.engine.server.protocol import ChatCompletionRequest, ChatMessage
-from kubeinfer.engine.server.serving_common import (SSEResponse, TokenText, chat_logprobs,
-                                                    check_token_ids, context_budget, generate, now,
-                                                    prompt_logprobs_json, random_id,
-                                                    start_generation,
-                                                    until_disconnect, usage)
-from kubeinfer.engine.server.state import ServerState
+from kubeinfer.engine.protocol import EngineClient
+from kubeinfer.engine.server.drain import first_of
+from kubeinfer.engine.server.engine_stream import generate, until_disconnect
+from kubeinfer.engine.server.logprobs_format import TokenText, chat_logprobs, prompt_logprobs_json
+from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
+from kubeinfer.engine.server.request_prologue import (check_token_ids, context_budget,
+                                                      start_generation)
+from kubeinfer.engine.server.response_parts import now, random_id, usage
+from kubeinfer.engine.server.sse import SSEResponse
 
 logger = logging.getLogger("kubeinfer.server")
 
@@ -46,10 +50,42 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
     return d
 
 
-def render_chat(engine: Any, chat_template: str | None, messages: list[ChatMessage], *,
+def chat_template_for(lifecycle: ModelLifecycle, requested: str | None) -> str | None:
+    """The template to render with: the server's (the model's or --chat-template), or the
+    request's `chat_template` (vLLM's field) when the server trusts request templates.
+
+    A request template is code the server runs; transformers renders it in jinja2's immutable
+    sandbox, but a sandbox does not bound time or memory, so it takes an explicit opt-in (as
+    vLLM's --trust-request-chat-template). Refused, never silently replaced by the model's.
+    """
+    if requested is None:
+        return lifecycle.config.model.chat_template
+    if not lifecycle.trust_request_chat_template:
+        raise APIError("chat_template in the request is refused: this server renders only its own "
+                       "chat template (the model's, or --chat-template). Leave chat_template out, "
+                       "or start the server with --trust-request-chat-template.", 400,
+                       param="chat_template")
+    return requested
+
+
+def _template_kwargs(tokenizer: Any, template_kwargs: dict | None) -> dict:
+    """chat_template_kwargs, less any that would change apply_chat_template itself (tokenize,
+    return_dict, chat_template, ...): those are the server's to set, not template variables."""
+    kwargs = dict(template_kwargs or {})
+    reserved = sorted(set(kwargs) & set(inspect.signature(tokenizer.apply_chat_template).parameters))
+    if reserved:
+        raise APIError(f"chat_template_kwargs may not set {', '.join(reserved)}: these are "
+                       "parameters of the renderer, not template variables.", 400,
+                       param="chat_template_kwargs")
+    return kwargs
+
+
+def render_chat(engine: EngineClient, chat_template: str | None, messages: list[ChatMessage], *,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[int]:
-    """Token ids of the conversation rendered by the model's (or --chat-template's) template."""
+                template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                from_request: bool = False) -> list[int]:
+    """Token ids of the conversation rendered by `chat_template` (None: the model's).
+    `from_request`: the template is the request's own, so its failures name `chat_template`."""
     if not messages:
         raise APIError("messages is empty: send at least one message.", 400, param="messages")
     if engine.tokenizer is None:
@@ -60,44 +96,53 @@ def render_chat(engine: Any, chat_template: str | None, messages: list[ChatMessa
     if continue_final_message and add_generation_prompt:
         add_generation_prompt = False  # continuing the last message means no new turn
     tokenizer = engine.tokenizer
+    kwargs = _template_kwargs(tokenizer, template_kwargs)
     try:
         text = tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, chat_template=chat_template,
-            tools=tools or None, **(template_kwargs or {}))
+            tools=tools or None, **kwargs)
     except Exception as e:  # noqa: BLE001 - template errors are the request's (or the setup's) fault
         name = type(e).__name__
+        if from_request:
+            raise APIError(f"the chat_template in the request could not render these messages: "
+                           f"{name}: {e}", 400, param="chat_template") from None
         if "chat_template" in str(e) or "chat template" in str(e):
             raise APIError("this model has no chat template: start the server with "
                            "--chat-template FILE, or use /v1/completions.", 400,
                            param="messages") from None
         raise APIError(f"the chat template could not render these messages: {name}: {e}", 400,
                        param="messages") from None
+    if not isinstance(text, str):
+        raise APIError("the chat template did not render to text.", 400,
+                       param="chat_template" if from_request else "messages")
     ids = tokenizer.encode(text, add_special_tokens=False)
     check_token_ids(ids, len(tokenizer), "messages")
     return ids
 
 
-async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
+async def create_chat_completion(lifecycle: ModelLifecycle, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
-    engine, model, params = start_generation(state, req)
-    prompt_ids = render_chat(engine, state.config.model.chat_template, req.messages,
+    engine, model, params = start_generation(lifecycle, req)
+    prompt_ids = render_chat(engine, chat_template_for(lifecycle, req.chat_template), req.messages,
                              add_generation_prompt=req.add_generation_prompt,
                              continue_final_message=req.continue_final_message,
-                             template_kwargs=req.chat_template_kwargs, tools=req.tools)
+                             template_kwargs=req.chat_template_kwargs, tools=req.tools,
+                             from_request=req.chat_template is not None)
     max_tokens = context_budget(len(prompt_ids), params.max_tokens, engine.max_model_len,
                                 "messages")
     params = dataclasses.replace(params, max_tokens=max_tokens)
     request_id = random_id("chatcmpl")
-    if state.log_requests:
+    if lifecycle.log_requests:
         logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_ids), params)
     outputs = generate(engine, prompt_ids, params, request_id, priority=req.priority)
     header = {"id": request_id, "object": "chat.completion", "created": now(), "model": model}
     text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
     if req.stream:
         header["object"] = "chat.completion.chunk"
-        return SSEResponse(_stream(req, prompt_ids, outputs, header, text))
-    result = await until_disconnect(raw, _collect(req, prompt_ids, outputs, header, text))
+        return SSEResponse(_stream(req, prompt_ids, outputs, header, text), lifecycle.drain)
+    result = await until_disconnect(raw, first_of(_collect(req, prompt_ids, outputs, header, text),
+                                                  lifecycle.drain))
     if result is None:
         return Response(status_code=499)  # nobody is listening
     return JSONResponse(result)

@@ -12,13 +12,16 @@ from fastapi.responses import JSONResponse
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.server.errors import APIError
 from kubeinfer.engine.server.protocol import CompletionRequest
-from kubeinfer.engine.server.serving_common import (CompletionLogprobs, SSEResponse, TokenText,
-                                                    check_token_ids, context_budget, echo_logprobs,
-                                                    generate, merge, merge_logprobs, now,
-                                                    prompt_logprobs_json, random_id,
-                                                    start_generation,
-                                                    until_disconnect, usage)
-from kubeinfer.engine.server.state import ServerState
+from kubeinfer.engine.protocol import EngineClient
+from kubeinfer.engine.server.drain import first_of
+from kubeinfer.engine.server.engine_stream import generate, merge, until_disconnect
+from kubeinfer.engine.server.logprobs_format import (CompletionLogprobs, TokenText, echo_logprobs,
+                                                     merge_logprobs, prompt_logprobs_json)
+from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
+from kubeinfer.engine.server.request_prologue import (check_token_ids, context_budget,
+                                                      start_generation)
+from kubeinfer.engine.server.response_parts import now, random_id, usage
+from kubeinfer.engine.server.sse import SSEResponse
 
 logger = logging.getLogger("kubeinfer.server")
 
@@ -30,7 +33,7 @@ class _Prompt:
     params: SamplingParams
 
 
-def _prompts(req: CompletionRequest, engine: Any, params: SamplingParams) -> list[_Prompt]:
+def _prompts(req: CompletionRequest, engine: EngineClient, params: SamplingParams) -> list[_Prompt]:
     prompt = req.prompt
     if isinstance(prompt, str):
         batch: list = [prompt]
@@ -61,11 +64,12 @@ def _prompts(req: CompletionRequest, engine: Any, params: SamplingParams) -> lis
     return out
 
 
-async def create_completion(state: ServerState, req: CompletionRequest, raw: Request) -> Response:
-    engine, model, params = start_generation(state, req)
+async def create_completion(lifecycle: ModelLifecycle, req: CompletionRequest,
+                            raw: Request) -> Response:
+    engine, model, params = start_generation(lifecycle, req)
     prompts = _prompts(req, engine, params)
     request_id = random_id("cmpl")
-    if state.log_requests:
+    if lifecycle.log_requests:
         logger.info("request %s: %d prompt(s), %s prompt tokens, %s", request_id, len(prompts),
                     [len(p.token_ids) for p in prompts], prompts[0].params)
     streams = [generate(engine, p.token_ids, p.params,
@@ -75,8 +79,9 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     header = {"id": request_id, "object": "text_completion", "created": now(), "model": model}
     text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
     if req.stream:
-        return SSEResponse(_stream(req, prompts, merge(streams), header, text))
-    result = await until_disconnect(raw, _collect(req, prompts, merge(streams), header, text))
+        return SSEResponse(_stream(req, prompts, merge(streams), header, text), lifecycle.drain)
+    result = await until_disconnect(raw, first_of(_collect(req, prompts, merge(streams), header,
+                                                           text), lifecycle.drain))
     if result is None:
         return Response(status_code=499)  # nobody is listening
     return JSONResponse(result)

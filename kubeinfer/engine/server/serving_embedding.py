@@ -15,17 +15,16 @@ import numpy as np
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
+from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.server.errors import APIError
 from kubeinfer.engine.server.protocol import EmbeddingRequest
-from kubeinfer.engine.server.serving_common import generate, merge, now, random_id, until_disconnect
-from kubeinfer.engine.server.state import ServerState
+from kubeinfer.engine.server.drain import first_of
+from kubeinfer.engine.server.engine_stream import generate, merge, until_disconnect
+from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
+from kubeinfer.engine.server.response_parts import now, random_id
 
 logger = logging.getLogger("kubeinfer.server")
-
-
-def is_pooling(engine: Any) -> bool:
-    return getattr(engine, "runner_type", "generate") == "pooling"
 
 
 def _inputs(req: EmbeddingRequest) -> list[str | list[int]]:
@@ -46,10 +45,11 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
-async def create_embedding(state: ServerState, req: EmbeddingRequest, raw: Request) -> Response:
-    engine = state.ready_engine()
-    model = state.resolve_model(req.model)
-    if not is_pooling(engine):
+async def create_embedding(lifecycle: ModelLifecycle, req: EmbeddingRequest,
+                           raw: Request) -> Response:
+    engine = lifecycle.ready_engine()
+    model = lifecycle.resolve_model(req.model)
+    if engine.runner_type != "pooling":
         raise APIError(f"The model `{model}` is a text generation model and has no embeddings: "
                        "use /v1/completions or /v1/chat/completions with it, or serve an "
                        "embedding model (such as a BertModel sentence-transformers model, "
@@ -62,10 +62,10 @@ async def create_embedding(state: ServerState, req: EmbeddingRequest, raw: Reque
         try:
             prompts.append(engine.prepare_embedding_input(
                 item, params, req.truncate_prompt_tokens, req.add_special_tokens, label))
-        except ValueError as e:  # the engine's RequestError
-            raise APIError(str(e), 400, param=getattr(e, "param", "input")) from None
+        except RequestError as e:
+            raise APIError(str(e), 400, param=e.param or "input") from None
     request_id = random_id("embd")
-    if state.log_requests:
+    if lifecycle.log_requests:
         logger.info("request %s: %d embedding input(s), %s tokens", request_id, len(prompts),
                     [len(p) for p in prompts])
     streams = [generate(engine, ids, params,
@@ -79,7 +79,7 @@ async def create_embedding(state: ServerState, req: EmbeddingRequest, raw: Reque
                 results[tag] = out
         return results
 
-    results = await until_disconnect(raw, collect())
+    results = await until_disconnect(raw, first_of(collect(), lifecycle.drain))
     if results is None:
         return Response(status_code=499)  # nobody is listening
     num_tokens = sum(len(p) for p in prompts)

@@ -1,4 +1,5 @@
-"""What one server holds: its config, its engine once loaded, its metrics registry, its API key.
+"""The model's lifecycle in one server: loading (in a thread), serving, draining, closing; and what
+a request handler needs beside the engine (config, served names, metrics registry, API key).
 
 The server listens before the model is loaded (kubelet's startup probe and clients get 503 rather
 than "connection refused"), so the engine arrives later, from a loader thread, and may never arrive.
@@ -9,21 +10,23 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from prometheus_client import CollectorRegistry
 
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
+from kubeinfer.engine.protocol import EngineClient
+from kubeinfer.engine.server.drain import Drain
 from kubeinfer.engine.server.errors import APIError, model_not_found
 from kubeinfer.engine.server.metrics import PrometheusStatLogger
 
 logger = logging.getLogger("kubeinfer.server")
 
-EngineFactory = Callable[[EngineConfig, list], Any]
+EngineFactory = Callable[[EngineConfig, list], EngineClient]
 
 
-def default_engine_factory(config: EngineConfig, stat_loggers: list) -> Any:
+def default_engine_factory(config: EngineConfig, stat_loggers: list) -> EngineClient:
     from kubeinfer.engine.async_engine import AsyncLLM
 
     return AsyncLLM.from_config(config, stat_loggers=stat_loggers)
@@ -38,28 +41,32 @@ def describe_load_error(config: EngineConfig, exc: BaseException) -> str:
     return f"could not load model {config.model.model!r}: {type(exc).__name__}: {exc}"
 
 
-class ServerState:
+class ModelLifecycle:
     """The engine (None while loading) and everything a request handler needs besides it."""
 
     def __init__(self, config: EngineConfig, *, api_key: str | None = None,
                  engine_factory: EngineFactory | None = None, log_requests: bool = True,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, drain_timeout_s: float = 30,
+                 trust_request_chat_template: bool = False):
         self.config = config
         self.api_key = api_key or None
         self.engine_factory = engine_factory or default_engine_factory
         self.log_requests = log_requests
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.engine: Any = None
+        self.engine: EngineClient | None = None
         self.load_error: str | None = None
         # called on the event loop with the message when loading fails; serve.py stops the server
         self.on_load_failure: Callable[[str], None] | None = None
         self._load_task: asyncio.Task | None = None
+        self.drain = Drain(drain_timeout_s)
+        # render a request's own chat_template (vLLM's --trust-request-chat-template)
+        self.trust_request_chat_template = trust_request_chat_template
 
     @property
     def served_names(self) -> tuple[str, ...]:
         return self.config.model.served_names
 
-    def ready_engine(self) -> Any:
+    def ready_engine(self) -> EngineClient:
         """The engine, or a 503 that says why there is none yet."""
         if self.engine is not None and self.engine.is_alive():
             return self.engine
@@ -83,6 +90,7 @@ class ServerState:
     # ---- lifecycle, driven by the app's lifespan -------------------------------------------------
 
     def start_loading(self) -> None:
+        self.drain.bind(asyncio.get_running_loop())
         self._load_task = asyncio.get_running_loop().create_task(self._load())
 
     async def _load(self) -> None:
@@ -92,7 +100,7 @@ class ServerState:
         stat_logger = PrometheusStatLogger(self.served_names[0], self.registry,
                                            max_model_len=config.model.max_model_len or 32768)
 
-        def settle(engine: Any, exc: BaseException | None) -> None:
+        def settle(engine: EngineClient | None, exc: BaseException | None) -> None:
             if done.done():
                 return
             if exc is not None:
