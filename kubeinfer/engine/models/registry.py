@@ -20,6 +20,13 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
     "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM"),
+    "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
+    "GPTBigCodeForCausalLM": ("gpt_bigcode", "GPTBigCodeForCausalLM"),
+    "GPTNeoXForCausalLM": ("gpt_neox", "GPTNeoXForCausalLM"),
+    "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
+    "MPTForCausalLM": ("mpt", "MptForCausalLM"),  # mosaicml's remote-code name
+    "MptForCausalLM": ("mpt", "MptForCausalLM"),
+    "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
     # Llama under another name. Yi and Solar 10.7B checkpoints already say LlamaForCausalLM.
     # Aquila, Xverse and InternLM v1 are not mapped: transformers has no implementation of them, so
     # their tokens could not be checked against a reference; Orion (LayerNorm) and Solar Pro
