@@ -52,6 +52,17 @@ class StepMessage:
     broadcast: bool = False  # the driver broadcasts this step's sampled ids after sampling
 
 
+def _intermediate_size(hf_config: Any) -> int:
+    """The MLP width under each family's name for it: intermediate_size (Llama, NeoX),
+    ffn_hidden_size (Falcon), n_inner (GPT-2, GPTBigCode), expansion_ratio x d_model (MPT);
+    4 x hidden where the config leaves it implicit (Bloom, GPT-2's default)."""
+    for key in ("intermediate_size", "ffn_hidden_size", "n_inner"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int):
+            return value
+    return int(getattr(hf_config, "expansion_ratio", 4) * hf_config.hidden_size)
+
+
 def check_tensor_parallel(hf_config: Any, tp: int, device_type: str, num_gpus: int) -> None:
     """Refuse a --tensor-parallel-size the model or the machine cannot take, before any process
     starts, with what to do instead."""
@@ -63,12 +74,13 @@ def check_tensor_parallel(hf_config: Any, tp: int, device_type: str, num_gpus: i
                           "(nvidia.com/gpu) or lower --tensor-parallel-size")
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    inter = _intermediate_size(hf_config)
     checks = [("num_attention_heads", heads, heads % tp == 0),
               ("num_key_value_heads", kv_heads, kv_heads % tp == 0 or tp % kv_heads == 0),
-              ("intermediate_size", hf_config.intermediate_size, hf_config.intermediate_size % tp == 0)]
+              ("intermediate_size", inter, inter % tp == 0)]
     for name, value, ok in checks:
         if not ok:
-            fits = [d for d in range(1, 9) if heads % d == 0 and hf_config.intermediate_size % d == 0
+            fits = [d for d in range(1, 9) if heads % d == 0 and inter % d == 0
                     and (kv_heads % d == 0 or d % kv_heads == 0)]
             raise ConfigError(f"--tensor-parallel-size={tp} does not divide the model's {name} "
                               f"({value}); use one of {fits}")
