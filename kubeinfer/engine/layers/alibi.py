@@ -3,7 +3,8 @@
 Bloom and MPT write the same ALiBi slopes in two different formulas (MPT's generalises the 8 to
 `alibi_bias_max`); from 11 heads up they differ in float32 rounding, so each family gets its own
 function computing them as its HF model does. Both return all heads' slopes in float32, and
-`rank_slopes` cuts the heads this tensor-parallel rank holds (QKVParallelLinear gives rank r the heads [r * H/tp, (r + 1) * H/tp)).
+`rank_slopes` cuts the heads this tensor-parallel rank holds (QKVParallelLinear gives rank r the
+heads [r * H/tp, (r + 1) * H/tp)).
 
 - Bloom and Falcon (HF `build_alibi_tensor`): 2^(-8/n) to the powers 1..n for the nearest power of
   2 n below H, then the odd powers of 2^(-4/n) for the remaining heads.

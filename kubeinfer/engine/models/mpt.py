@@ -1,8 +1,8 @@
 """MPT decoder (MptForCausalLM; mosaicml's remote-code MPTForCausalLM has the same tensors).
 
 What sets it apart, all explicit here: ALiBi with slopes computed by MPT's formula
-(`alibi_bias_max`; layers/alibi.py), no positions otherwise, bias-free LayerNorms and linears (`no_bias`, true in every released
-checkpoint), a contiguous [q | k | v] `Wqkv` whose output may be clamped to +-`clip_qkv` before the
+(`alibi_bias_max`; layers/alibi.py), no positions otherwise, bias-free LayerNorms and linears
+(`no_bias`, true in every released checkpoint), a contiguous [q | k | v] `Wqkv` whose output may be clamped to +-`clip_qkv` before the
 heads are split, an optional `softmax_scale`, an exact-GELU MLP of `expansion_ratio` x d_model, and
 an lm_head tied to the embeddings. MPT's learned-position variant (alibi false) and q/k LayerNorm
 (`qk_ln`) are refused: transformers implements neither, so their tokens could not be checked.
