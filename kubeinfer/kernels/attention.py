@@ -78,16 +78,19 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
                       scale: float, sliding_window: int | None = None,
-                      softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                      softcap: float | None = None, out: torch.Tensor | None = None,
+                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `reference.unified_attention` (same arguments and result)."""
     return launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_lens,
                                     block_tables, max_query_len, max_seq_len, scale,
-                                    sliding_window=sliding_window, softcap=softcap, out=out)
+                                    sliding_window=sliding_window, softcap=softcap, out=out,
+                                    alibi_slopes=alibi_slopes)
 
 
 def launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_lens, block_tables,
                              max_query_len, max_seq_len, scale, sliding_window=None, softcap=None,
-                             out=None, num_segments: int | None = None) -> torch.Tensor:
+                             out=None, num_segments: int | None = None,
+                             alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """`unified_attention` with the split-KV choice exposed: num_segments=None picks from the
     shapes; an int > 1 forces the split-KV path (all-decode batches only)."""
     num_tokens, num_heads, head_size = q.shape
@@ -95,6 +98,9 @@ def launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_len
     assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
     assert block_size & (block_size - 1) == 0, "cache block size must be a power of 2"
     assert q.stride(2) == 1 and key_cache.stride(3) == 1 and value_cache.stride(3) == 1
+    if alibi_slopes is not None:
+        assert (alibi_slopes.shape == (num_heads,) and alibi_slopes.dtype == torch.float32
+                and alibi_slopes.is_contiguous()), "alibi_slopes must be [num_heads] float32"
     if out is None:
         out = torch.empty_like(q)
     num_reqs = seq_lens.shape[0]
@@ -138,7 +144,9 @@ def launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_len
         out_ptr=out, q_ptr=q, key_cache_ptr=key_cache, value_cache_ptr=value_cache,
         block_tables_ptr=block_tables, seq_lens_ptr=seq_lens,
         query_start_loc_ptr=query_start_loc, segm_out_ptr=segm_out, segm_max_ptr=segm_max,
-        segm_sum_ptr=segm_sum, qk_scale=qk_scale, softcap_scale=softcap_scale,
+        segm_sum_ptr=segm_sum,
+        alibi_slopes_ptr=alibi_slopes if alibi_slopes is not None else segm_max,  # unused if None
+        qk_scale=qk_scale, softcap_scale=softcap_scale,
         num_reqs=num_reqs,
         stride_q_t=q.stride(0), stride_q_h=q.stride(1),
         stride_o_t=out.stride(0), stride_o_h=out.stride(1),
@@ -151,6 +159,7 @@ def launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_len
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
         DECODE_BLOCK_M=decode_cfg[1], DECODE_TILE_N=decode_cfg[2],
         SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=bool(softcap),
+        USE_ALIBI=alibi_slopes is not None,
         DECODE_ONLY=decode_only, NUM_SEGMENTS=num_segments,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

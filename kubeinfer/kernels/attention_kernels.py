@@ -4,6 +4,8 @@
 Q tile over the paged cache with an online softmax in float32 (log2 domain: scores are scaled by
 scale * log2(e) and exponentiated with exp2). With NUM_SEGMENTS > 1 it covers one slice of the
 context and writes partial (max, sum, acc) that `_reduce_segments_kernel` merges (split-KV).
+With USE_ALIBI each row adds slope[head] * (key_pos - q_pos) to its scores (in the log2 domain, so
+the slope is scaled by log2(e) once per program).
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, q_pos, tile_lo, tile_hi, key_end, block_row, k_base, v_base,
-                  stride_k_b, stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale,
+def _attend_tiles(acc, m_i, l_i, q, q_pos, alibi, tile_lo, tile_hi, key_end, block_row, k_base,
+                  v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale,
                   HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-                  USE_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, MASKED: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_lo, tile_hi). MASKED=False
     is for tiles every row sees whole: no key or score masks."""
     offs_n = tl.arange(0, TILE_N)
@@ -70,6 +73,9 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, tile_lo, tile_hi, key_end, block_row,
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if USE_SOFTCAP:
             s = _tanh(s) * softcap_scale
+        if USE_ALIBI:
+            # alibi [BLOCK_M] = slope * log2(e); the bias is <= 0 on every key a row may see.
+            s += alibi[:, None] * (key_pos[None, :] - q_pos[:, None]).to(tl.float32)
         if MASKED:
             mask = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
             if SLIDING_WINDOW > 0:
@@ -97,14 +103,16 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, tile_lo, tile_hi, key_end, block_row,
 
 @triton.jit
 def _attend_chunk(out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, segm_out_ptr,
-                  segm_max_ptr, segm_sum_ptr, qk_scale, softcap_scale, req, kv_head, segment,
+                  segm_max_ptr, segm_sum_ptr, alibi_slopes_ptr, qk_scale, softcap_scale, req,
+                  kv_head, segment,
                   q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h, stride_o_t,
                   stride_o_h, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s,
                   stride_v_h, stride_bt_r,
                   GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                   TILE_N: tl.constexpr, SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                  NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  USE_ALIBI: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """Attention of query tokens [local_q0, local_q0 + BLOCK_Q) of request `req` (x the GROUP
     heads of `kv_head`) over its cache, or over one split-KV segment of it."""
     context_len = seq_len - q_len
@@ -119,6 +127,10 @@ def _attend_chunk(out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_p
     token = (q_start + q_local).to(tl.int64)
     q = tl.load(q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if USE_ALIBI:
+        alibi = tl.load(alibi_slopes_ptr + head, mask=row_valid, other=0.0) * 1.4426950408889634
+    else:
+        alibi = tl.zeros([BLOCK_M], tl.float32)
 
     # Keys [first_tile * TILE_N, key_end) cover every row's causal (and window) range.
     key_end = tl.minimum(context_len + local_q0 + BLOCK_Q, seq_len)
@@ -151,17 +163,20 @@ def _attend_chunk(out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_p
     v_base = value_cache_ptr + kv_head * stride_v_h
     if SLIDING_WINDOW > 0:
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, q_pos, lo, a, key_end, block_row, k_base, v_base, stride_k_b,
+            acc, m_i, l_i, q, q_pos, alibi, lo, a, key_end, block_row, k_base, v_base, stride_k_b,
             stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale, HEAD_SIZE,
-            HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION)
+            HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, True,
+            DOT_PRECISION)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, q_pos, a, b, key_end, block_row, k_base, v_base, stride_k_b,
+        acc, m_i, l_i, q, q_pos, alibi, a, b, key_end, block_row, k_base, v_base, stride_k_b,
         stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale, HEAD_SIZE,
-        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, False, DOT_PRECISION)
+        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, False,
+        DOT_PRECISION)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, q_pos, b, hi, key_end, block_row, k_base, v_base, stride_k_b,
+        acc, m_i, l_i, q, q_pos, alibi, b, hi, key_end, block_row, k_base, v_base, stride_k_b,
         stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale, HEAD_SIZE,
-        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION)
+        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, True,
+        DOT_PRECISION)
 
     if NUM_SEGMENTS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -190,6 +205,7 @@ def _unified_attention_kernel(
     segm_out_ptr,  # [T, H, NUM_SEGMENTS, HEAD_SIZE_PADDED] float32 (split-KV only)
     segm_max_ptr,  # [T, H, NUM_SEGMENTS] float32, log2 domain (split-KV only)
     segm_sum_ptr,  # [T, H, NUM_SEGMENTS] float32 (split-KV only)
+    alibi_slopes_ptr,  # [H] float32 (ALiBi only)
     qk_scale,  # float32: scale * log2(e); scale / softcap when soft-capping
     softcap_scale,  # float32: softcap * log2(e) (soft-capping only)
     num_reqs,
@@ -209,6 +225,7 @@ def _unified_attention_kernel(
     DECODE_TILE_N: tl.constexpr,  # keys per iteration for a 1-token request
     SLIDING_WINDOW: tl.constexpr,  # 0: no window
     USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,  # add slope[head] * (key_pos - q_pos) to the scores
     DECODE_ONLY: tl.constexpr,  # every request has <= 1 query token: program 0 index = request
     NUM_SEGMENTS: tl.constexpr,  # 1: write out; > 1: write split-KV partials
     DOT_PRECISION: tl.constexpr,
@@ -234,20 +251,20 @@ def _unified_attention_kernel(
         if q_len == 1:
             _attend_chunk(
                 out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, segm_out_ptr,
-                segm_max_ptr, segm_sum_ptr, qk_scale, softcap_scale, req, kv_head, segment,
-                q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h, stride_o_t,
-                stride_o_h, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s,
+                segm_max_ptr, segm_sum_ptr, alibi_slopes_ptr, qk_scale, softcap_scale, req,
+                kv_head, segment, q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h,
+                stride_o_t, stride_o_h, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s,
                 stride_v_h, stride_bt_r, GROUP, HEAD_SIZE, HEAD_SIZE_PADDED, BLOCK_SIZE, 1,
-                DECODE_BLOCK_M, DECODE_TILE_N, SLIDING_WINDOW, USE_SOFTCAP, NUM_SEGMENTS,
-                DOT_PRECISION)
+                DECODE_BLOCK_M, DECODE_TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI,
+                NUM_SEGMENTS, DOT_PRECISION)
             return
     _attend_chunk(
         out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, segm_out_ptr,
-        segm_max_ptr, segm_sum_ptr, qk_scale, softcap_scale, req, kv_head, segment,
-        q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h, stride_o_t,
+        segm_max_ptr, segm_sum_ptr, alibi_slopes_ptr, qk_scale, softcap_scale, req, kv_head,
+        segment, q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h, stride_o_t,
         stride_o_h, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s,
         stride_v_h, stride_bt_r, GROUP, HEAD_SIZE, HEAD_SIZE_PADDED, BLOCK_SIZE, BLOCK_Q,
-        BLOCK_M, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, NUM_SEGMENTS, DOT_PRECISION)
+        BLOCK_M, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, NUM_SEGMENTS, DOT_PRECISION)
 
 
 @triton.jit

@@ -65,11 +65,13 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
                       scale: float, sliding_window: int | None = None,
-                      softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                      softcap: float | None = None, out: torch.Tensor | None = None,
+                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     impl = _triton_module("attention") if use_triton(q) else reference
     return impl.unified_attention(q, key_cache, value_cache, query_start_loc, seq_lens,
                                   block_tables, max_query_len, max_seq_len, scale,
-                                  sliding_window=sliding_window, softcap=softcap, out=out)
+                                  sliding_window=sliding_window, softcap=softcap, out=out,
+                                  alibi_slopes=alibi_slopes)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

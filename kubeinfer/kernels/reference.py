@@ -24,13 +24,17 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
                       scale: float, sliding_window: int | None = None,
-                      softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                      softcap: float | None = None, out: torch.Tensor | None = None,
+                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each request's query tokens over its paged context.
 
     q [T, H, D]; caches [NB, BS, KVH, D]; query_start_loc [R+1]; seq_lens [R]; block_tables [R, MB].
     Query token i of request r sits at position seq_lens[r] - query_len[r] + i and sees keys at
     positions <= its own (and > its own - sliding_window when a window is set). softcap, when set,
-    applies softcap * tanh(score / softcap) before the softmax. Returns [T, H, D] in q's dtype.
+    applies softcap * tanh(score / softcap) before the softmax. alibi_slopes [H] float32, when set,
+    adds slope[h] * (key_pos - query_pos) to head h's scores after the scale (and the cap): ALiBi
+    in its relative form, which differs from Bloom's slope * key_pos by a constant per query row
+    and so gives the same softmax. Returns [T, H, D] in q's dtype.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     bs, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -56,6 +60,8 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
             scores = softcap * torch.tanh(scores / softcap)
         qpos = torch.arange(seq_len - qlen, seq_len, device=q.device).unsqueeze(1)
         kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.float()[:, None, None] * (kpos - qpos)
         mask = kpos <= qpos
         if sliding_window:
             mask &= kpos > qpos - sliding_window

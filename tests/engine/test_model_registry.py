@@ -103,7 +103,7 @@ def test_backend_runs_native_architectures_too(arch_case, arch):
 
 
 def test_dummy_weights_run_on_the_backend(arch_case):
-    path, prompts, _ = arch_case("GPT2LMHeadModel")
+    path, prompts, _ = arch_case("GPTJForCausalLM")
     outs = _generate(_llm(path, load_format="dummy"), prompts[:2])
     assert all(len(o) == NUM_OUT and all(0 <= t < VOCAB_SIZE for t in o) for o in outs)
 
@@ -113,13 +113,13 @@ def test_incomplete_checkpoint_is_a_config_error(arch_case, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    path, _, _ = arch_case("GPT2LMHeadModel")
+    path, _, _ = arch_case("GPTJForCausalLM")
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     tensors = load_file(broken / "model.safetensors")
-    del tensors["transformer.h.1.mlp.c_fc.weight"]
+    del tensors["transformer.h.1.mlp.fc_in.weight"]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ConfigError, match="lacks 1 weights.*c_fc"):
+    with pytest.raises(ConfigError, match="lacks 1 weights.*fc_in"):
         _llm(broken)
 
 
@@ -146,10 +146,10 @@ def test_backend_refuses_unflagged_attention_and_unknown_models():
 
 
 def test_model_impl_choices():
-    gpt2 = tiny_arch_config("GPT2LMHeadModel")
+    gptj = tiny_arch_config("GPTJForCausalLM")
     with pytest.raises(ConfigError, match="no native implementation.*--model-impl auto or transformers"):
-        registry.get_model_class(gpt2, model_impl="native")
-    assert registry.get_model_class(gpt2).__name__ == "TransformersForCausalLM"
+        registry.get_model_class(gptj, model_impl="native")
+    assert registry.get_model_class(gptj).__name__ == "TransformersForCausalLM"
     llama = tiny_arch_config("LlamaForCausalLM")
     assert registry.get_model_class(llama).__name__ == "LlamaForCausalLM"
     assert registry.get_model_class(llama, model_impl="transformers").__name__ == "TransformersForCausalLM"
@@ -162,7 +162,7 @@ def test_tensor_parallel_is_refused_for_the_backend(monkeypatch):
 
     monkeypatch.setattr(backend, "tp_size", lambda: 2)
     with pytest.raises(ConfigError, match="transformers backend.*--tensor-parallel-size 1"):
-        backend.TransformersForCausalLM(tiny_arch_config("GPT2LMHeadModel"))
+        backend.TransformersForCausalLM(tiny_arch_config("GPTJForCausalLM"))
 
 
 def test_attention_sinks_are_refused_not_ignored():
@@ -213,8 +213,8 @@ def test_logits_match_hf(arch_case, arch):
 
 
 def test_tensor_parallel_refused_before_workers_start(arch_case):
-    path, _, _ = arch_case("GPT2LMHeadModel")
-    with pytest.raises(ConfigError, match="GPT2LMHeadModel runs on the transformers backend.*"
+    path, _, _ = arch_case("GPTJForCausalLM")
+    with pytest.raises(ConfigError, match="GPTJForCausalLM runs on the transformers backend.*"
                                           "--tensor-parallel-size 1"):
         _llm(path, tensor_parallel_size=2, device="cpu")
     assert not multiprocessing.active_children()

@@ -3,6 +3,9 @@
 The model runner allocates one (k_cache, v_cache) pair per layer, each [num_blocks, block_size,
 num_kv_heads, head_dim], and binds them with `bind_kv_cache`; the step's `AttentionMetadata` comes from
 the forward context, so model code passes only q, k and v.
+
+ALiBi models (Bloom, MPT, Falcon's alibi variant) pass this rank's per-head slopes; the kernels add
+slope[h] * (key_pos - query_pos) to the scores (layers/alibi.py computes the slopes).
 """
 from __future__ import annotations
 
@@ -16,12 +19,19 @@ from kubeinfer.kernels import ops
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
-                 sliding_window: int | None = None, softcap: float | None = None):
+                 sliding_window: int | None = None, softcap: float | None = None,
+                 alibi_slopes: torch.Tensor | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale, self.sliding_window, self.softcap = scale, sliding_window, softcap
+        if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
+            raise ValueError(f"alibi_slopes of shape {tuple(alibi_slopes.shape)} do not fit a layer "
+                             f"with {num_heads} query heads; pass this rank's slopes, one per head")
+        # A float32 buffer: model.to(device) moves it, and CUDA graphs read it from a fixed address.
+        self.register_buffer("alibi_slopes", None if alibi_slopes is None else
+                             alibi_slopes.float().contiguous(), persistent=False)
         # Plain attributes, not buffers: the cache belongs to the runner, is never saved, and must not
         # be moved or cast by model.to().
         self.k_cache = self.v_cache = torch.tensor([])
@@ -53,7 +63,8 @@ class Attention(nn.Module):
                 q, self.k_cache, self.v_cache, query_start_loc=meta.query_start_loc,
                 seq_lens=meta.seq_lens, block_tables=meta.block_tables,
                 max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, scale=self.scale,
-                sliding_window=self.sliding_window, softcap=self.softcap)
+                sliding_window=self.sliding_window, softcap=self.softcap,
+                alibi_slopes=self.alibi_slopes)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _forward_no_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -63,6 +74,9 @@ class Attention(nn.Module):
         if self.sliding_window:
             mask &= pos[None, :] > pos[:, None] - self.sliding_window
         qh, kh, vh = (x.transpose(0, 1) for x in (q, k, v))  # [heads, T, D]
+        if self.alibi_slopes is not None:
+            bias = self.alibi_slopes[:, None, None] * (pos[None, :] - pos[:, None]).float()
+            mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)  # [H, T, T]
         if self.softcap is None:
             # SDPA keeps a long profiling prompt from materialising [H, T, T] float32 scores.
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
@@ -72,12 +86,17 @@ class Attention(nn.Module):
         kh, vh = kh.repeat_interleave(group, dim=0).float(), vh.repeat_interleave(group, dim=0).float()
         scores = torch.matmul(qh.float(), kh.transpose(1, 2)) * self.scale
         scores = self.softcap * torch.tanh(scores / self.softcap)
-        probs = F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+        probs = F.softmax(scores, dim=-1)
         return torch.matmul(probs, vh).transpose(0, 1).to(q.dtype)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"scale={self.scale:.4g}, sliding_window={self.sliding_window}, softcap={self.softcap}")
+                f"scale={self.scale:.4g}, sliding_window={self.sliding_window}, softcap={self.softcap}, "
+                f"alibi={self.alibi_slopes is not None}")
 
 
 def get_attention_layers(model: nn.Module) -> list[Attention]:

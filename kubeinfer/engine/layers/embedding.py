@@ -1,7 +1,8 @@
 """Token embedding and LM head, split over the vocabulary when tensor parallel.
 
 Rank r holds rows [r * V_per_rank, (r + 1) * V_per_rank) of the padded vocabulary; the last rank's
-padding rows are zero and their logits are cut off after the gather.
+padding rows are zero and their logits are cut off after the gather. `PositionEmbedding` is GPT-2's
+learned absolute position table, small enough to keep whole on every rank.
 """
 from __future__ import annotations
 
@@ -72,3 +73,18 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.tp_size > 1:
             logits = tp_all_gather(logits)[:, : self.num_embeddings]
         return logits
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute positions (GPT-2's wpe), replicated on every rank: [max_position, hidden].
+    Positions never exceed it: the engine's max_model_len comes from the same config field."""
+
+    def __init__(self, max_position: int, embedding_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(max_position, embedding_dim), requires_grad=False)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(positions, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"positions={self.weight.shape[0]}, dim={self.weight.shape[1]}"

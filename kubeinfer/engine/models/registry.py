@@ -36,6 +36,12 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("qwen_moe", "Qwen3MoeForCausalLM"),
+    "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
+    "GPTBigCodeForCausalLM": ("gpt_bigcode", "GPTBigCodeForCausalLM"),
+    "GPTNeoXForCausalLM": ("gpt_neox", "GPTNeoXForCausalLM"),
+    "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
+    "MptForCausalLM": ("mpt", "MptForCausalLM"),
+    "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
 }
 
 # Served through the transformers backend; each is checked token for token against transformers.
@@ -71,13 +77,8 @@ _TRANSFORMERS_MODELS: tuple[str, ...] = (
 )
 
 # Architectures transformers implements that no implementation here can run, and why.
-_ALIBI = "a model with ALiBi position biases, which kubeinfer's attention kernels do not implement"
 _SSM = "a state-space model (no attention, no KV cache)"
 _REFUSED: dict[str, str] = {
-    "BloomForCausalLM": _ALIBI,
-    "MptForCausalLM": _ALIBI,
-    "FalconForCausalLM": "a model whose transformers attention does not go through the attention "
-                         "interface (and some Falcon checkpoints use ALiBi)",
     "BartForConditionalGeneration": "an encoder-decoder model; kubeinfer serves decoder-only models",
     "MambaForCausalLM": _SSM,
     "FalconMambaForCausalLM": _SSM,

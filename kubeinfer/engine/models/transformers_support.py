@@ -11,10 +11,10 @@ from typing import Any
 # model_type -> why the backend refuses it, for families whose reason is more specific than
 # "no attention interface".
 _REASONS = {
-    "bloom": "it adds ALiBi position biases to the attention scores, which kubeinfer's attention "
-             "kernels do not implement",
-    "mpt": "it adds ALiBi position biases to the attention scores, which kubeinfer's attention "
-           "kernels do not implement",
+    "bloom": "transformers' Bloom adds its ALiBi biases outside the attention interface (kubeinfer "
+             "serves Bloom natively: use --model-impl auto)",
+    "mpt": "transformers' MPT adds its ALiBi biases outside the attention interface (kubeinfer "
+           "serves MPT natively: use --model-impl auto)",
     "mamba": "it is a state-space model (no attention, no KV cache)",
     "mamba2": "it is a state-space model (no attention, no KV cache)",
     "falcon_mamba": "it is a state-space model (no attention, no KV cache)",
