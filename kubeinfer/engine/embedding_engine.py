@@ -214,16 +214,20 @@ class EmbeddingEngine:
         start = time.monotonic()
         ids = [w.prompt_token_ids for w in batch]
         if self.task == "classify":
-            vectors, output_cls = self.classify(ids), ClassificationOutput
+            vectors = self.classify(ids)
+            labels = [self.label_of(int(i)) for i in vectors.argmax(-1)]
         else:
             vectors = self.embed(ids, [w.params.normalize for w in batch])
-            output_cls = EmbeddingOutput
         now = time.monotonic()
         num_tokens = sum(len(w.prompt_token_ids) for w in batch)
         stats = IterationStats(num_prompt_tokens=num_tokens, num_scheduled_tokens=num_tokens)
-        outputs = []
-        for w, vec in zip(batch, vectors.tolist()):
-            outputs.append(output_cls(w.request_id, vec, w.prompt_token_ids))
+        outputs: list[EmbeddingOutput | ClassificationOutput] = []
+        for i, (w, vec) in enumerate(zip(batch, vectors.tolist())):
+            if self.task == "classify":
+                outputs.append(ClassificationOutput(w.request_id, vec, w.prompt_token_ids,
+                                                    labels[i]))
+            else:
+                outputs.append(EmbeddingOutput(w.request_id, vec, w.prompt_token_ids))
             stats.finished_requests.append(FinishedRequestStats(
                 finish_reason="stop", e2e_latency=now - w.arrival_time,
                 queue_time=start - w.arrival_time, num_prompt_tokens=len(w.prompt_token_ids),
@@ -243,6 +247,11 @@ class EmbeddingEngine:
             mask[i, :len(ids)] = True
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         return self.model(input_ids, mask), mask
+
+    def label_of(self, index: int) -> str:
+        """A class's name from config.json's id2label (keys may be ints or strings), as vLLM."""
+        id2label = getattr(self.hf_config, "id2label", None) or {}
+        return str(id2label.get(index, id2label.get(str(index), f"LABEL_{index}")))
 
     @torch.inference_mode()
     def classify(self, batch: list[list[int]]) -> torch.Tensor:

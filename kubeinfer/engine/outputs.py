@@ -99,17 +99,15 @@ class EmbeddingOutput:
 @dataclass
 class ClassificationOutput:
     """One input's class probabilities from a sequence classifier (pooling runner), as vLLM's
-    ClassificationOutput; `label_index` is the most likely class. Always whole, as EmbeddingOutput."""
+    ClassificationOutput; `label` names the most likely class (config.json's id2label). Always
+    whole, as EmbeddingOutput."""
 
     request_id: str
     probs: list[float]
     prompt_token_ids: list[int]
+    label: str = ""
     index: int = 0
     finished: bool = True
-
-    @property
-    def label_index(self) -> int:
-        return max(range(len(self.probs)), key=self.probs.__getitem__)
 
     @property
     def num_prompt_tokens(self) -> int:

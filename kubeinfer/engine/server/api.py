@@ -20,6 +20,8 @@ from kubeinfer.engine.server.protocol import (ChatCompletionRequest, CompletionR
                                               DetokenizeRequest, EmbeddingRequest,
                                               TokenizeRequest)
 from kubeinfer.engine.server.serving_chat import create_chat_completion, render_chat
+from kubeinfer.engine.server.serving_classification import (ClassificationRequest,
+                                                            create_classification)
 from kubeinfer.engine.server.serving_common import check_token_ids, now
 from kubeinfer.engine.server.serving_completion import create_completion
 from kubeinfer.engine.server.serving_embedding import create_embedding
@@ -108,6 +110,11 @@ def build_app(state: ServerState, allowed_origins: list[str] | None = None) -> F
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
         return await create_embedding(state, body, raw)
+
+    @app.post("/classify")
+    @app.post("/v1/classify")  # vLLM serves /classify; SGLang /v1/classify
+    async def classify(body: ClassificationRequest, raw: Request) -> Response:
+        return await create_classification(state, body, raw)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
