@@ -29,7 +29,8 @@ from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.outputs import ClassificationOutput, EmbeddingOutput
-from kubeinfer.engine.pooling import class_probabilities, load_pooler_config, pool
+from kubeinfer.engine.pooling import (PoolerConfig, class_probabilities, load_pooler_config,
+                                     pool)
 from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.stats import (FinishedRequestStats, IterationStats, SchedulerStats,
                                     StatLogger)
@@ -69,8 +70,15 @@ class EmbeddingEngine:
         self.vocab_size = self.hf_config.vocab_size
         self.hidden_size = self.hf_config.hidden_size
         self.pad_token_id = getattr(self.hf_config, "pad_token_id", None) or 0
-        self.pooler = load_pooler_config(path, dict(config.model.pooler_config),
-                                         getattr(self.model, "default_pooling_type", "CLS"))
+        # a classifier pools in its own head; sentence-transformers files describe embeddings
+        self.pooler = (load_pooler_config(path, dict(config.model.pooler_config),
+                                          getattr(self.model, "default_pooling_type", "CLS"))
+                       if self.task == "embed" else PoolerConfig())
+        reserve_cache = getattr(self.model, "reserve_cache", None)
+        if reserve_cache is not None:  # a decoder's scratch KV cache, sized for the largest step
+            limits = config.scheduler
+            reserve_cache(max(limits.max_num_batched_tokens, self.max_model_len),
+                          limits.max_num_seqs)
         self.default_sampling: dict[str, float] = {}
         self._waiting: deque[_Waiting] = deque()
         if self.task == "classify":

@@ -10,6 +10,7 @@ import torch
 from kubeinfer.engine.errors import ConfigError, RequestError
 from kubeinfer.engine.llm import LLM
 from kubeinfer.engine.pooling_params import PoolingParams
+from tests.fixtures.tiny_natives import build_native_model
 from tests.fixtures.tiny_pooling import (TEXTS, build_tiny_decoder, build_tiny_encoder,
                                          class_probs, decoder_last_token, encoder_embeddings)
 
@@ -25,15 +26,19 @@ def vectors(outs) -> torch.Tensor:
 def build(tmp_path_factory):
     """build(kind, arch, **kw) -> a tiny model folder, built once per module. kind: "encoder"
     (arch an HF class name), "classify" or "model" (a decoder classifier or bare decoder; arch a
-    tests/fixtures/tiny_models.py name)."""
+    tests/fixtures/tiny_models.py name), "native" (a tiny_natives.py causal LM)."""
     built = {}
 
     def make(kind: str, arch: str, **kw):
         key = (kind, arch, tuple(sorted(kw.items())))
         if key not in built:
             out = tmp_path_factory.mktemp(f"{kind}-{arch}")
-            built[key] = (build_tiny_encoder(out, arch, **kw) if kind == "encoder"
-                          else build_tiny_decoder(out, arch, kind, **kw))
+            if kind == "encoder":
+                built[key] = build_tiny_encoder(out, arch, **kw)
+            elif kind == "native":
+                built[key] = build_native_model(arch, out)
+            else:
+                built[key] = build_tiny_decoder(out, arch, kind, **kw)
         return built[key]
 
     return make
@@ -76,9 +81,10 @@ def test_roberta_cls_pooling_by_override(build):
                                atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_decoder_as_embedder_is_the_normalized_last_hidden_state(tiny_model_dir, arch):
-    path = tiny_model_dir(arch)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_decoder_as_embedder_is_the_normalized_last_hidden_state(tiny_model_dir, build, arch):
+    # gemma2: soft-capped attention and sliding windows through the same scratch-cache path
+    path = build("native", arch) if arch == "gemma2" else tiny_model_dir(arch)
     llm = LLM(str(path), device="cpu", runner="pooling")
     assert llm.runner_type == "pooling"
     assert (llm.engine.pooler.pooling_type, llm.engine.pooler.normalize) == ("LAST", True)
@@ -145,3 +151,14 @@ def test_runner_errors_name_the_way_out(build, tiny_model_dir):
             device="cpu", runner="generate")
     # a decoder stays a generator unless asked
     assert LLM(str(tiny_model_dir("qwen2")), device="cpu").runner_type == "generate"
+
+
+def test_a_decoder_cache_that_does_not_fit_is_a_start_up_error(tiny_model_dir, monkeypatch):
+    from kubeinfer.engine.models import decoder_pooling
+
+    def out_of_memory(self, num_blocks, device):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(decoder_pooling._DecoderEmbedder, "_ensure_cache", out_of_memory)
+    with pytest.raises(ConfigError, match="does not fit.*Lower --max-model-len"):
+        LLM(str(tiny_model_dir("llama")), device="cpu", runner="pooling")

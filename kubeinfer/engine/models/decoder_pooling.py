@@ -8,8 +8,9 @@ bias-free `score` layer instead). The pooling runner hands every model a right-p
 [B, L] and a mask; a decoder reads it causally, each row on its own. Rather than a second
 attention path, the rows' real tokens are laid end to end and run as one step of fresh prefills
 over a scratch paged KV cache, the same attention metadata and kernels the generate runner uses
-(Triton on CUDA, the torch reference elsewhere). The cache holds nothing between batches; it only
-grows, to the largest batch seen.
+(Triton on CUDA, the torch reference elsewhere). The cache holds nothing between batches; the
+engine reserves it at start-up for its largest step (`reserve_cache`), so a cache that cannot fit
+is a start-up error rather than a failed batch.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.forward_context import AttentionMetadata, set_forward_context
 from kubeinfer.engine.layers.attention import get_attention_layers
 from kubeinfer.engine.layers.linear import default_weight_loader
@@ -87,10 +89,28 @@ class _DecoderEmbedder(nn.Module):
                                  seq_lens=lens.to(torch.int32), block_tables=block_tables,
                                  max_query_len=longest, max_seq_len=longest)
 
+    def reserve_cache(self, num_tokens: int, num_rows: int) -> None:
+        """Size the scratch cache for steps of up to `num_tokens` real tokens in `num_rows` rows
+        (each row rounds up to whole blocks). ConfigError when it does not fit."""
+        param = next(self.parameters())
+        num_blocks = -(-num_tokens // _BLOCK_SIZE) + num_rows
+        try:
+            self._ensure_cache(num_blocks, param.device)
+        except torch.OutOfMemoryError:
+            layers = get_attention_layers(self)
+            per_block = sum(2 * _BLOCK_SIZE * a.num_kv_heads * a.head_dim for a in layers)
+            need = num_blocks * per_block * param.element_size() / 2**30
+            raise ConfigError(
+                f"the KV cache a decoder needs to embed {num_tokens} tokens per step "
+                f"({need:.1f} GiB) does not fit on {param.device}. Lower --max-model-len or "
+                "--max-num-batched-tokens (and --max-num-seqs).") from None
+
     def _ensure_cache(self, num_blocks: int, device: torch.device) -> None:
         if num_blocks <= self._num_cache_blocks:
             return
         dtype = next(self.parameters()).dtype
+        for layer in get_attention_layers(self):
+            layer.k_cache = layer.v_cache = torch.tensor([])  # free the old one before growing
         for layer in get_attention_layers(self):
             shape = (num_blocks, _BLOCK_SIZE, layer.num_kv_heads, layer.head_dim)
             layer.bind_kv_cache(torch.empty(shape, dtype=dtype, device=device),
