@@ -263,7 +263,7 @@ class EmbeddingEngine:
 
     @torch.inference_mode()
     def classify(self, batch: list[list[int]]) -> torch.Tensor:
-        """Token-id lists -> float32 class probabilities [B, num_labels] on the CPU (classifiers)."""
+        """Token-id lists -> float32 class probabilities [B, num_labels] on the CPU."""
         hidden, mask = self._forward(batch)
         return class_probabilities(self.model.classify(hidden, mask)).cpu()
 

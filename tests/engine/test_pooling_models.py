@@ -56,7 +56,8 @@ def test_roberta_encoders_match_transformers(build, arch):
     llm = LLM(str(path), device="cpu")
     assert llm.runner_type == "pooling" and llm.engine.task == "embed"
     pooler = llm.engine.pooler
-    assert (pooler.pooling_type, pooler.normalize) == ("MEAN", True)  # the sentence-transformers files
+    # from the sentence-transformers files
+    assert (pooler.pooling_type, pooler.normalize) == ("MEAN", True)
     texts = [*TEXTS, LONG]
     torch.testing.assert_close(vectors(llm.embed(texts)), encoder_embeddings(path, texts),
                                atol=1e-5, rtol=0)

@@ -60,7 +60,6 @@ class _DecoderEmbedder(nn.Module):
         """input_ids [B, L] right-padded, attention_mask [B, L] bool -> hidden [B, L, hidden]
         (zeros at padding). Each row attends causally over its own tokens only."""
         batch, length = input_ids.shape
-        device = input_ids.device
         lens = attention_mask.sum(1)
         positions = (torch.cumsum(attention_mask.long(), dim=1) - 1)[attention_mask]
         meta = self._prefill_metadata(lens, positions)
@@ -109,6 +108,7 @@ class _DecoderEmbedder(nn.Module):
         if num_blocks <= self._num_cache_blocks:
             return
         dtype = next(self.parameters()).dtype
+        self._num_cache_blocks = 0  # until the new one is bound everywhere
         for layer in get_attention_layers(self):
             layer.k_cache = layer.v_cache = torch.tensor([])  # free the old one before growing
         for layer in get_attention_layers(self):
