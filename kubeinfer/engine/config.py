@@ -196,9 +196,11 @@ class ModelConfig:
         (), 'default sampling parameters, e.g. \'{"temperature": 0.2}\'', parse=generation_json,
         convert=_items, metavar="JSON")
     # auto: pooling (embeddings) for encoder-only architectures, generate otherwise, as vLLM's --runner
-    runner: str = setting("auto", "auto: pooling (embeddings, /v1/embeddings) for encoder-only "
-                                  "architectures such as BertModel, generate (completions and chat) "
-                                  "otherwise", choices=RUNNERS)
+    runner: str = setting("auto", "auto: pooling (/v1/embeddings, /classify) for embedding and "
+                                  "classification architectures such as BertModel, XLMRobertaModel "
+                                  "and *ForSequenceClassification, generate (completions and chat) "
+                                  "otherwise; pooling on a decoder such as Qwen2ForCausalLM serves "
+                                  "it as an embedder (last token, normalized)", choices=RUNNERS)
     # the pooling runner's pooler, over the model folder's: (("pooling_type", "MEAN"), ("normalize", True))
     pooler_config: tuple[tuple[str, object], ...] = setting(
         (), f"pooling runner: override the model's pooler, e.g. {_POOLER_EXAMPLE} (types MEAN, "

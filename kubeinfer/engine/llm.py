@@ -1,6 +1,7 @@
-"""Offline API, as vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))`, `.chat(...)`
-and `.embed(...)`. It drives a synchronous `Engine` (from `engine_factory.make_engine`) in the
-caller's thread; nothing here depends on the asyncio front the server uses.
+"""Offline API, as vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))`, `.chat(...)`,
+`.embed(...)` and `.classify(...)`. It drives a synchronous `Engine` (from
+`engine_factory.make_engine`) in the caller's thread; nothing here depends on the asyncio front
+the server uses.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from tqdm import tqdm
 
 from kubeinfer.engine.args import EngineArgs
 from kubeinfer.engine.engine_factory import make_engine
-from kubeinfer.engine.outputs import CompletionOutput, EmbeddingOutput, FinishedRequest
+from kubeinfer.engine.outputs import (ClassificationOutput, CompletionOutput, EmbeddingOutput,
+                                     FinishedRequest)
 from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.protocol import Engine, RunnerType
 from kubeinfer.engine.sampling_params import SamplingParams
@@ -137,6 +139,13 @@ class LLM:
                     results[out.request_id] = out
                     bar.update(1)
         return [results[rid] for rid in order]
+
+    def classify(self, prompts: Prompt | Sequence[Prompt], truncate_prompt_tokens: int | None = None,
+                 use_tqdm: bool = False) -> list[ClassificationOutput]:
+        """Class probabilities of strings or token-id lists from a sequence classifier
+        (*ForSequenceClassification), as vLLM's `LLM.classify`; results in prompt order."""
+        return self.embed(prompts, PoolingParams(task="classify"), truncate_prompt_tokens,
+                          use_tqdm)
 
     def _check_runner(self, wanted: str, instead: str) -> None:
         if self.runner_type != wanted:

@@ -94,3 +94,21 @@ class EmbeddingOutput:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+
+@dataclass
+class ClassificationOutput:
+    """One input's class probabilities from a sequence classifier (pooling runner), as vLLM's
+    ClassificationOutput; `label` names the most likely class (config.json's id2label). Always
+    whole, as EmbeddingOutput."""
+
+    request_id: str
+    probs: list[float]
+    prompt_token_ids: list[int]
+    label: str = ""
+    index: int = 0
+    finished: bool = True
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)

@@ -3,8 +3,12 @@
 The pooling method and whether to L2-normalize come, as vLLM reads them, from the model folder's
 sentence-transformers files: `modules.json` lists Transformer -> Pooling [-> Normalize] and the
 Pooling module's `config.json` says which mode (`pooling_mode_mean_tokens`, `_cls_token`,
-`_lasttoken`). A folder without them gets vLLM's default for an encoder (BertModel): the [CLS]
-token, normalized. `--pooler-config` overrides either.
+`_lasttoken`). A folder without them gets the model's default, as vLLM's: the [CLS] token for an
+encoder (BertModel, XLMRobertaModel), the last token for a decoder (gte-Qwen2, e5-mistral), both
+normalized. `--pooler-config` overrides either.
+
+A sequence classifier pools inside its own head (as HF's); `class_probabilities` turns its logits
+into what /classify returns.
 """
 from __future__ import annotations
 
@@ -37,11 +41,14 @@ class PoolerConfig:
                               f"{', '.join(POOLING_TYPES)}")
 
 
-def load_pooler_config(path: Path, overrides: dict | None = None) -> PoolerConfig:
-    """The model folder's pooler (sentence-transformers config, else CLS + normalize), with
-    `overrides` ({"pooling_type": ..., "normalize": ...}, from --pooler-config) on top."""
+def load_pooler_config(path: Path, overrides: dict | None = None,
+                       default_pooling_type: str = "CLS") -> PoolerConfig:
+    """The model folder's pooler (sentence-transformers config, else `default_pooling_type` +
+    normalize), with `overrides` ({"pooling_type": ..., "normalize": ...}, from --pooler-config)
+    on top."""
     overrides = overrides or {}
-    config = _from_sentence_transformers(Path(path), "pooling_type" in overrides) or PoolerConfig()
+    config = (_from_sentence_transformers(Path(path), "pooling_type" in overrides)
+              or PoolerConfig(pooling_type=default_pooling_type))
     if overrides:
         config = PoolerConfig(pooling_type=str(overrides.get("pooling_type",
                                                              config.pooling_type)).upper(),
@@ -97,3 +104,10 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolerConfig) -> torc
         last = mask.sum(1) - 1
         out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return F.normalize(out, p=2, dim=-1) if config.normalize else out
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Classifier logits [B, num_labels] -> float32 probabilities: softmax over the labels, or, for
+    a single-logit head (a reward model, a cross-encoder score), its sigmoid, as vLLM does."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, dim=-1)

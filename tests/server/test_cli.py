@@ -256,7 +256,7 @@ def test_serve_an_embedding_model(minilm_dir):
 def test_generate_runner_on_an_embedding_model_is_refused_clearly(minilm_dir):
     proc = run_serve(str(minilm_dir), "--device", "cpu", "--runner", "generate",
                      "--port", str(free_port()))
-    assert_clean_failure(proc, 1, "error: BertModel is an encoder-only embedding model",
+    assert_clean_failure(proc, 1, "error: BertModel is an embedding or classification model",
                          "--runner pooling")
 
 

@@ -1,5 +1,6 @@
 """BERT encoder (HF `BertModel`): the backbone of sentence-transformers embedding models such as
-all-MiniLM-L6-v2, bge and e5.
+all-MiniLM-L6-v2, bge and e5, and `BertForSequenceClassification` (the same encoder, HF's tanh
+pooler over [CLS] and a linear classifier). `roberta.py` builds RoBERTa/XLM-R on these classes.
 
 Encoder-only and bidirectional, so there is no KV cache and no paging: the embedding engine hands
 it a right-padded batch and a mask of the real tokens, and every layer attends over the whole
@@ -37,11 +38,14 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] -> [B, L, hidden]. One segment (token type 0), as embedding requests
-        are; positions count from 0 in every row."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        are."""
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(self.positions(input_ids))
              + self.token_type_embeddings.weight[0])
         return self.LayerNorm(x)
+
+    def positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Position ids, [L] or [B, L]: BERT counts from 0 in every row."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device)
 
 
 class BertSelfAttention(nn.Module):
@@ -117,13 +121,24 @@ class BertEncoder(nn.Module):
 
 class BertModel(nn.Module):
     """The pooling runner's interface: forward(input_ids [B, L], attention_mask [B, L] bool) ->
-    hidden states [B, L, hidden]; load_weights(HF names) -> the parameter names filled."""
+    hidden states [B, L, hidden]; load_weights(HF names) -> the parameter names filled;
+    `default_pooling_type`, the pooler without sentence-transformers files (vLLM's encoder
+    default); `position_offset`, positions the model reserves below its first token (the
+    context is max_position_embeddings minus it). Classifiers add classify() (below)."""
+
+    default_pooling_type = "CLS"
+    position_offset = 0
+    checkpoint_prefix = "bert."  # what task-head checkpoints put in front of the encoder's names
+    embeddings_cls = BertEmbeddings
+    # checkpoint tensors an embedding model does not use: HF's tanh pooler over [CLS] and the
+    # pre-training heads (`cls.` for BERT, `lm_head.` for RoBERTa)
+    skipped_prefixes: tuple[str, ...] = ("pooler.", "cls.", "lm_head.")
 
     def __init__(self, config: Any):
         super().__init__()
         _check_config(config)
         self.config = config
-        self.embeddings = BertEmbeddings(config)
+        self.embeddings = self.embeddings_cls(config)
         self.encoder = BertEncoder(config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -136,25 +151,51 @@ class BertModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors into this model; returns the parameter names filled.
 
-        The pooler (a tanh layer over [CLS] that embedding models do not use), task heads (`cls.`)
-        and buffers (`position_ids`) are skipped; TF-era `gamma`/`beta` LayerNorm names are read
-        as weight/bias.
+        `skipped_prefixes` and buffers (`position_ids`, `token_type_ids`) are skipped; TF-era
+        `gamma`/`beta` LayerNorm names are read as weight/bias.
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            name = name.removeprefix("bert.")
-            if name.startswith(("pooler.", "cls.")) or name.endswith(("position_ids",)):
+            name = name.removeprefix(self.checkpoint_prefix)
+            if (name.startswith(self.skipped_prefixes)
+                    or name.endswith(("position_ids", "token_type_ids"))):
                 continue
             name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
                 "LayerNorm.beta", "LayerNorm.bias")
             param = params.get(name)
             if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in BertModel; the "
-                                 "checkpoint does not match its config.json architecture")
+                raise ValueError(f"checkpoint tensor {name!r} has no place in "
+                                 f"{type(self).__name__}; the checkpoint does not match its "
+                                 "config.json architecture")
             default_weight_loader(param, tensor)
             loaded.add(name)
         return loaded
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: Any):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(cls_hidden))
+
+
+class BertForSequenceClassification(BertModel):
+    """HF `BertForSequenceClassification`: classify(hidden, mask) -> logits [B, num_labels] from
+    the tanh pooler over [CLS] and a linear classifier (dropout is off at inference)."""
+
+    skipped_prefixes = ("cls.",)
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.pooler = BertPooler(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooler(hidden[:, 0]))
 
 
 def _check_config(config: Any) -> None:

@@ -5,6 +5,10 @@ that transformers implements with its attention interface runs on the transforme
 (models/transformers.py), as vLLM's `--model-impl auto` picks. `_TRANSFORMERS_MODELS` lists the
 architectures the backend is verified on (tests/engine/test_model_registry.py tests every entry);
 `_REFUSED` those it cannot run, with the reason.
+
+Pooling architectures (encoders, bare decoders, sequence classifiers) are served by the pooling
+runner; a generative decoder in `_EMBEDDABLE` can be too, with `--runner pooling` (an embedder, as
+vLLM's `--convert embed`), through `decoder_pooling.as_pooling_model`.
 """
 from __future__ import annotations
 
@@ -86,10 +90,31 @@ _REFUSED: dict[str, str] = {
                         "cache for the Mamba layers",
 }
 
-# Encoder-only architectures, served by the pooling runner (embeddings), never by the generator.
-_POOLING_MODELS: dict[str, tuple[str, str]] = {
-    "BertModel": ("bert", "BertModel"),
+# Pooling architectures, served by the pooling runner, never by the generator: architecture ->
+# (module, class, task the decoder class is converted to; None for a class that pools as it is).
+_POOLING_MODELS: dict[str, tuple[str, str, str | None]] = {
+    "BertModel": ("bert", "BertModel", None),
+    "RobertaModel": ("roberta", "RobertaModel", None),
+    "XLMRobertaModel": ("roberta", "XLMRobertaModel", None),
+    "BertForSequenceClassification": ("bert", "BertForSequenceClassification", None),
+    "RobertaForSequenceClassification": ("roberta", "RobertaForSequenceClassification", None),
+    "XLMRobertaForSequenceClassification": ("roberta", "XLMRobertaForSequenceClassification",
+                                            None),
+    # bare decoders (e5-mistral-7b-instruct says MistralModel), embedders as they are saved
+    "LlamaModel": ("llama", "LlamaForCausalLM", "embed"),
+    "MistralModel": ("llama", "MistralForCausalLM", "embed"),
+    "Qwen2Model": ("llama", "Qwen2ForCausalLM", "embed"),
+    "Qwen3Model": ("llama", "Qwen3ForCausalLM", "embed"),
+    # decoder classifiers and reward models: HF's `score` over the last token
+    "LlamaForSequenceClassification": ("llama", "LlamaForCausalLM", "classify"),
+    "MistralForSequenceClassification": ("llama", "MistralForCausalLM", "classify"),
+    "Qwen2ForSequenceClassification": ("llama", "Qwen2ForCausalLM", "classify"),
+    "Qwen3ForSequenceClassification": ("llama", "Qwen3ForCausalLM", "classify"),
 }
+
+# Generative decoders that --runner pooling turns into embedders (each tested against HF).
+_EMBEDDABLE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+               "Gemma2ForCausalLM")
 
 # Configs converted from GGUF, or written by hand, may name only a model_type.
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -172,8 +197,9 @@ def _architectures(hf_config: Any) -> list[str]:
 
 def resolve_runner(runner: str, hf_config: Any) -> str:
     """--runner auto|generate|pooling -> "generate" or "pooling", as vLLM picks: auto is pooling for
-    the encoder-only architectures (BertModel), generate otherwise. A runner the architecture
-    cannot do is a ConfigError saying which one it can."""
+    the pooling architectures (BertModel, XLMRobertaModel, *ForSequenceClassification, ...),
+    generate otherwise; pooling on a generative decoder makes it an embedder. A runner the
+    architecture cannot do is a ConfigError saying which one it can."""
     if runner not in RUNNERS:
         raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     names = _architectures(hf_config)
@@ -182,12 +208,13 @@ def resolve_runner(runner: str, hf_config: Any) -> str:
     if runner == "auto":
         return "pooling" if is_pooling else "generate"
     if runner == "generate" and is_pooling:
-        raise ConfigError(f"{shown} is an encoder-only embedding model and cannot generate text: "
-                          "serve it with --runner pooling (or auto) and call /v1/embeddings.")
-    if runner == "pooling" and not is_pooling:
-        raise ConfigError(f"--runner pooling supports the embedding architectures "
-                          f"{', '.join(sorted(_POOLING_MODELS))}; {shown} is served with "
-                          "--runner generate (or auto).")
+        raise ConfigError(f"{shown} is an embedding or classification model and cannot generate "
+                          "text: serve it with --runner pooling (or auto) and call /v1/embeddings "
+                          "(or /classify for a classifier).")
+    if runner == "pooling" and not is_pooling and not any(n in _EMBEDDABLE for n in names):
+        raise ConfigError(f"--runner pooling supports the pooling architectures "
+                          f"{', '.join(sorted(_POOLING_MODELS))} and, as embedders, the decoders "
+                          f"{', '.join(_EMBEDDABLE)}; {shown} is none of them.")
     return runner
 
 
@@ -203,11 +230,16 @@ def get_model_class(hf_config: Any, runner: str = "generate",
         resolve_runner("generate", hf_config)  # an embedding model gets the --runner hint
     shown = ", ".join(names) or f"none (model_type {getattr(hf_config, 'model_type', None)!r})"
     if runner == "pooling":
-        return _native(names, _POOLING_MODELS) or _unsupported(shown)
+        embedders = {k: (*_MODELS[k], "embed") for k in _EMBEDDABLE}
+        for table in (_POOLING_MODELS, embedders):
+            for name in names:
+                if name in table:
+                    return _load_class(*table[name])
+        _unsupported(shown)
     if model_impl != "transformers":
-        native = _native(names, _MODELS)
+        native = next((n for n in names if n in _MODELS), None)
         if native is not None:
-            return native
+            return _load_class(*_MODELS[native])
         if model_impl in ("native", "vllm"):
             raise ConfigError(f"model architecture {shown} has no native implementation in kubeinfer "
                               f"(native: {', '.join(sorted(_MODELS))}). Use --model-impl auto or "
@@ -215,12 +247,13 @@ def get_model_class(hf_config: Any, runner: str = "generate",
     return _transformers_backend(hf_config, names, shown, explicit=model_impl == "transformers")
 
 
-def _native(names: list[str], table: dict[str, tuple[str, str]]) -> type[nn.Module] | None:
-    for name in names:
-        if name in table:
-            module, cls = table[name]
-            return getattr(importlib.import_module(f"kubeinfer.engine.models.{module}"), cls)
-    return None
+def _load_class(module: str, cls: str, task: str | None = None) -> type[nn.Module]:
+    model_cls = getattr(importlib.import_module(f"kubeinfer.engine.models.{module}"), cls)
+    if task is None:
+        return model_cls
+    from kubeinfer.engine.models.decoder_pooling import as_pooling_model
+
+    return as_pooling_model(model_cls, task)
 
 
 def _transformers_backend(hf_config: Any, names: list[str], shown: str,

@@ -25,13 +25,16 @@ from kubeinfer.engine.server.protocol import (ChatCompletionRequest, CompletionR
                                               DetokenizeRequest, EmbeddingRequest,
                                               TokenizeRequest)
 from kubeinfer.engine.server.request_prologue import check_token_ids
-from kubeinfer.engine.server.response_models import (ChatCompletionResponse, CompletionResponse,
+from kubeinfer.engine.server.response_models import (ChatCompletionResponse, ClassificationResponse,
+                                                     CompletionResponse,
                                                      DetokenizeResponse, EmbeddingResponse,
                                                      HealthError, HealthResponse, ModelCard,
                                                      ModelList, TokenizeResponse, VersionResponse)
 from kubeinfer.engine.server.response_parts import now
 from kubeinfer.engine.server.serving_chat import (chat_template_for, create_chat_completion,
                                                   render_chat)
+from kubeinfer.engine.server.serving_classification import (ClassificationRequest,
+                                                            create_classification)
 from kubeinfer.engine.server.serving_completion import create_completion
 from kubeinfer.engine.server.serving_embedding import create_embedding
 from kubeinfer.engine.server.strict_json import StrictJSONRoute
@@ -137,6 +140,13 @@ def _add_routes(app: FastAPI, lifecycle: ModelLifecycle) -> None:
               responses=responses_for(EmbeddingResponse, *generation_errors))
     async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
         return await create_embedding(lifecycle, body, raw)
+
+    @app.post("/classify", response_model=None,
+              responses=responses_for(ClassificationResponse, *generation_errors))
+    @app.post("/v1/classify", response_model=None,  # vLLM serves /classify; SGLang /v1/classify
+              responses=responses_for(ClassificationResponse, *generation_errors))
+    async def classify(body: ClassificationRequest, raw: Request) -> Response:
+        return await create_classification(lifecycle, body, raw)
 
     @app.post("/tokenize", response_model=None,
               responses=responses_for(TokenizeResponse, 400, 401, 404, 503))

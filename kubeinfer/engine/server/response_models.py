@@ -182,6 +182,31 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+class Classification(BaseModel):
+    index: int
+    label: str | None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+    prompt_tokens_details: None = None
+
+
+class ClassificationResponse(BaseModel):
+    """vLLM's ClassificationResponse (/classify)."""
+
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[Classification]
+    usage: ClassificationUsage
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
