@@ -7,7 +7,9 @@
 - `file://...` only under `--allowed-local-media-path`, after symlinks are resolved.
 
 Blocking: call it from a worker thread (preprocessor.py does), never from the engine loop. Every
-failure is a RequestError naming the field, raised within the time limit.
+failure is a RequestError naming the field. A fetch ends within about twice the time limit (the
+socket timeout bounds each read, the deadline is checked between reads); name resolution is the
+system resolver's and not bounded here.
 """
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ class MediaFetcher:
                 while True:
                     if time.monotonic() > deadline:
                         raise _timed_out(field, url, self.config.fetch_timeout_s)
-                    chunk = resp.read(_CHUNK)
+                    chunk = resp.read1(_CHUNK)  # one recv, so a server that drips bytes
+                    # still meets the deadline check
                     if not chunk:
                         break
                     size += len(chunk)

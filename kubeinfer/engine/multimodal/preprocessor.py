@@ -11,17 +11,20 @@ RequestError, so a caller needs no special case.
 """
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kubeinfer.engine.errors import RequestError
+from kubeinfer.engine.errors import RequestError, RequestFailedError
 from kubeinfer.engine.multimodal.chat_parts import ImageSource, extract_chat_media
 from kubeinfer.engine.multimodal.config import MultiModalConfig
 from kubeinfer.engine.multimodal.image_decoder import decode_image
 from kubeinfer.engine.multimodal.inputs import MultiModalInputs
 from kubeinfer.engine.multimodal.media_fetcher import MediaFetcher
 from kubeinfer.engine.multimodal.processor import MultiModalProcessor, is_multimodal_model
+
+logger = logging.getLogger(__name__)
 
 
 class MultiModalPreprocessor:
@@ -55,8 +58,8 @@ class MultiModalPreprocessor:
         """Future of `chat(...)`. Errors in the message structure are raised here, at once."""
         media = extract_chat_media(messages, self._max_images())
         self._check_accepts(media.images)
-        return self._executor().submit(self._chat, media.messages, media.images, chat_template,
-                                       add_generation_prompt)
+        return self._executor().submit(_guarded, self._chat, media.messages, media.images,
+                                       chat_template, add_generation_prompt)
 
     def chat(self, messages: list[Any], chat_template: str | None = None,
              add_generation_prompt: bool = True) -> MultiModalInputs:
@@ -70,7 +73,7 @@ class MultiModalPreprocessor:
         if not isinstance(prompt, str):
             raise RequestError("prompt: a prompt with multi_modal_data must be text (with the "
                                "model's image placeholder), not token ids", param="prompt")
-        return self._executor().submit(self._prompt, prompt, sources)
+        return self._executor().submit(_guarded, self._prompt, prompt, sources)
 
     def process_prompt(self, prompt: str, multi_modal_data: dict[str, Any] | None) -> MultiModalInputs:
         return self.submit_prompt(prompt, multi_modal_data).result()
@@ -145,3 +148,15 @@ class MultiModalPreprocessor:
         if self._pool is None:
             raise RuntimeError("the multimodal preprocessor is closed")
         return self._pool
+
+
+def _guarded(fn, *args):
+    """Run fn; an unexpected exception (a processor bug, not the client's input) becomes a
+    RequestFailedError whose message is safe to show, with the details in the log."""
+    try:
+        return fn(*args)
+    except (RequestError, RequestFailedError):
+        raise
+    except Exception:
+        logger.exception("multimodal preprocessing failed")
+        raise RequestFailedError("preprocessing the request's images failed") from None

@@ -17,16 +17,14 @@ position, and text tokens inside (Idefics3's row/column markers) have is_embed F
 from __future__ import annotations
 
 import json
-import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kubeinfer.engine.errors import ConfigError, RequestError
+from kubeinfer.engine.errors import ConfigError, RequestError, RequestFailedError
 from kubeinfer.engine.multimodal.hashing import hash_image
 from kubeinfer.engine.multimodal.inputs import ImageFeature, MultiModalInputs, PlaceholderRange
-
-logger = logging.getLogger(__name__)
 
 # Processor outputs that are per token, not encoder inputs.
 _TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -52,6 +50,9 @@ class MultiModalProcessor:
         self.model_name = model_name
         # the text a prompt or chat template writes for one image
         self.placeholder: str = getattr(hf_processor, "image_token")
+        # a fast tokenizer raises "Already borrowed" when two threads call it at once, so the
+        # preprocessor's threads fetch and decode in parallel and take turns here
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, model_name: str | None = None
@@ -94,14 +95,15 @@ class MultiModalProcessor:
             raise RequestError(f"{field}: the prompt has {found} image placeholder(s) "
                                f"{self.placeholder!r} but {len(images)} image(s) came with it; "
                                "write one placeholder per image", param=field)
-        try:
-            out = self.hf(text=[prompt], images=[list(images)] if images else None,
-                          add_special_tokens=add_special_tokens, return_tensors="pt")
-        except ValueError as e:
-            raise RequestError(f"{field}: the model's processor refused the input: {e}",
-                               param=field) from None
-        ids = out["input_ids"][0].tolist()
-        counts = self._tokens_per_image(ids, images)
+        with self._lock:
+            try:
+                out = self.hf(text=[prompt], images=[list(images)] if images else None,
+                              add_special_tokens=add_special_tokens, return_tensors="pt")
+            except ValueError as e:
+                raise RequestError(f"{field}: the model's processor refused the input: {e}",
+                                   param=field) from None
+            ids = out["input_ids"][0].tolist()
+            counts = self._tokens_per_image(ids, images)
         ranges = _placeholder_ranges(ids, self.image_token_id, counts)
         per_image = _split_encoder_inputs(
             {k: v for k, v in out.items() if k not in _TOKEN_KEYS}, len(images),
@@ -124,8 +126,8 @@ class MultiModalProcessor:
         if len(counts) != len(images) or sum(counts) != total:
             counts = [self._count_alone(img) for img in images]
         if sum(counts) != total:
-            raise RuntimeError(f"cannot attribute {total} image tokens to {len(images)} images "
-                               f"of {type(self.hf).__name__}")
+            raise RequestFailedError(f"cannot attribute {total} image tokens to {len(images)} "
+                                     f"images with {type(self.hf).__name__}")
         return counts
 
     def _patches_per_image(self, images: Sequence[Any]) -> list[int]:

@@ -169,7 +169,8 @@ def image_server():
 
 def test_http_fetch_from_an_allowed_host(image_server):
     base, body = image_server
-    fetcher = MediaFetcher(MultiModalConfig(allowed_media_domains=("127.0.0.1",), max_image_bytes=1000))
+    fetcher = MediaFetcher(MultiModalConfig(allowed_media_domains=("127.0.0.1",),
+                                            max_image_bytes=1000))
     assert fetcher.fetch(f"{base}/img.png", F) == body
     with pytest.raises(RequestError, match="larger than 1000 bytes"):
         fetcher.fetch(f"{base}/big.png", F)

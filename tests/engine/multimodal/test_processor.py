@@ -139,7 +139,8 @@ def test_bad_image_in_a_chat_surfaces_from_the_future(preprocessor):
         future.result(timeout=60)
     assert e.value.param == "messages.0.content.0.image_url.url"
     # the pool is still serving after a failed request
-    ok = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(make_image(8, 8, 1))}}]}]
+    url = png_data_url(make_image(8, 8, 1))
+    ok = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
     assert preprocessor.submit_chat(ok).result(timeout=60).features
 
 
@@ -155,5 +156,31 @@ def test_text_only_model_refuses_images(tiny_model_dir):
         assert e.value.param == "messages.0.content.0.image_url.url"
         with pytest.raises(RequestError, match="text-only"):
             pre.process_prompt("hi", {"image": make_image(4, 4, 0)})
+    finally:
+        pre.close()
+
+
+def test_concurrent_requests_each_get_their_own_result(preprocessor):
+    images = [make_image(11 + i, 13, 20 + i) for i in range(4)]
+    futures = [preprocessor.submit_prompt("USER: <image> ASSISTANT:", {"image": img})
+               for img in images]
+    hashes = [f.result(timeout=60).features[0].image_hash for f in futures]
+    assert hashes == [preprocessor.processor.process("<image>", [img]).features[0].image_hash
+                      for img in images]
+    assert len(set(hashes)) == 4
+
+
+def test_a_processor_bug_is_a_request_failure_not_a_crash():
+    from kubeinfer.engine.errors import RequestFailedError
+
+    class Broken:
+        def render_chat(self, *args):
+            raise KeyError("template variable")
+
+    pre = MultiModalPreprocessor(Broken(), model_name="broken")
+    try:
+        part = {"type": "image_url", "image_url": {"url": png_data_url(make_image(4, 4, 0))}}
+        with pytest.raises(RequestFailedError, match="preprocessing the request's images failed"):
+            pre.submit_chat([{"role": "user", "content": [part]}]).result(timeout=60)
     finally:
         pre.close()
