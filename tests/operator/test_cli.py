@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kubeinfer.operator import cli
+from kubeinfer.operator import spec as spec_module
 from tests.operator.helpers import EXAMPLES, ROOT
 
 
@@ -29,7 +30,6 @@ def render(argv: list[str], capsys) -> tuple[int, str, str]:
     ("cpu.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
     ("embeddings.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
     ("multi-gpu.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
-    ("multi-node.yaml", ["StatefulSet", "Service", "Service", "PodDisruptionBudget"]),
 ])
 def test_render_examples(example, kinds, capsys):
     rc, out, err = render(["-f", str(EXAMPLES / example)], capsys)
@@ -39,8 +39,27 @@ def test_render_examples(example, kinds, capsys):
     assert out.startswith("# kubeinfer render:")
 
 
-def test_render_leaderworkerset_flag(capsys):
-    rc, out, _ = render(["-f", str(EXAMPLES / "multi-node.yaml"), "--leaderworkerset"], capsys)
+MULTI_NODE = """\
+apiVersion: kubeinfer.io/v1alpha1
+kind: InferenceService
+metadata: {name: big}
+spec:
+  model: {uri: "hf://org/big"}
+  parallelism: {tensor: 8, pipeline: 2}
+"""
+
+
+def test_render_refuses_pipeline_parallelism(tmp_path, capsys):
+    (tmp_path / "mn.yaml").write_text(MULTI_NODE)
+    rc, out, err = render(["-f", str(tmp_path / "mn.yaml")], capsys)
+    assert rc == 1 and out == ""
+    assert "spec.parallelism.pipeline: got 2; pipeline parallelism is not supported" in err
+
+
+def test_render_leaderworkerset_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(spec_module, "PIPELINE_SUPPORTED", True)   # for when the engine runs it
+    (tmp_path / "mn.yaml").write_text(MULTI_NODE)
+    rc, out, _ = render(["-f", str(tmp_path / "mn.yaml"), "--leaderworkerset"], capsys)
     assert rc == 0 and next(yaml.safe_load_all(out))["kind"] == "LeaderWorkerSet"
 
 

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 
+from kubeinfer.operator import spec as spec_module
 from kubeinfer.operator.apply import ApiError, NotOurs, execute
 from kubeinfer.operator.plan import Action
 from kubeinfer.operator.reconcile import LwsDiscovery, reconcile
@@ -91,6 +92,20 @@ def test_pods_drive_the_status(fake_api):
     assert out.status["phase"] == "Ready" and out.status["readyReplicas"] == 1
 
 
+@pytest.fixture
+def pipeline_supported(monkeypatch):
+    """The engine refuses pipeline parallelism today; these keep the multi-pod path tested for when
+    it lands."""
+    monkeypatch.setattr(spec_module, "PIPELINE_SUPPORTED", True)
+
+
+def test_pipeline_is_an_invalid_spec_today(fake_api):
+    outcome = run(fake_api, inference_service({"parallelism": {"pipeline": 2}}))
+    assert outcome.invalid is not None and fake_api.kinds() == []
+    assert outcome.status["phase"] == "Failed" and "spec.parallelism.tensor" in str(outcome.invalid)
+
+
+@pytest.mark.usefixtures("pipeline_supported")
 def test_leaderworkerset_when_served_and_back_to_a_deployment():
     api = FakeApi(lws=True)
     body = inference_service({"parallelism": {"pipeline": 2}})
@@ -100,6 +115,7 @@ def test_leaderworkerset_when_served_and_back_to_a_deployment():
     assert ("LeaderWorkerSet", "llm-workers") not in api.kinds() and ("Deployment", "llm") in api.kinds()
 
 
+@pytest.mark.usefixtures("pipeline_supported")
 def test_statefulsets_without_leaderworkerset(fake_api):
     run(fake_api, inference_service({"parallelism": {"pipeline": 2}, "replicas": 2}))
     assert [n for k, n in fake_api.kinds() if k == "StatefulSet"] == ["llm-0", "llm-1"]
