@@ -56,6 +56,7 @@ OWNED_FLAGS = {
 OWNED_ENV = {
     "HF_TOKEN": "spec.model.credentialsSecretRef", "HF_HOME": "spec.model.cache",
     "KUBEINFER_API_KEY": "spec.apiKeySecretRef",
+    "KUBEINFER_TERMINATION_LOG": "nothing: the engine's start-up error goes to /dev/termination-log",
     "KUBEINFER_PP_SIZE": "spec.parallelism.pipeline", "KUBEINFER_PP_RANK": "spec.parallelism.pipeline",
     "KUBEINFER_LEADER_ADDRESS": "spec.parallelism.pipeline",
     "KUBEINFER_GROUP_INDEX": "spec.parallelism.pipeline", "KUBEINFER_DIST_PORT": "spec.parallelism.pipeline",
