@@ -13,6 +13,7 @@ A registry of its own, so that tests and an embedding process see only these.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -77,9 +78,17 @@ class PhaseTracker:
                 self._gauge.labels(p).set(n)
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> None:
-    """Start the /metrics HTTP server in a daemon thread (port 0: do nothing)."""
-    if port:
-        from prometheus_client import start_http_server
+def serve(port: int, addr: str = "0.0.0.0") -> bool:
+    """Start the /metrics HTTP server in a daemon thread (port 0: do nothing). A port in use is
+    logged, not fatal: the operator's work matters more than its metrics."""
+    if not port:
+        return False
+    from prometheus_client import start_http_server
 
+    try:
         start_http_server(port, addr=addr, registry=REGISTRY)
+    except OSError as e:
+        logging.getLogger(__name__).error(f"operator metrics not served: cannot listen on {addr}:{port} ({e}); "
+                                          "set --metrics-port (KUBEINFER_METRICS_PORT) to a free port, or 0")
+        return False
+    return True

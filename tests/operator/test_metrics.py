@@ -73,3 +73,18 @@ def test_api_errors_are_counted_by_code_but_not_404(monkeypatch):
     apply._failure(404, "NotFound", b"")
     assert value("kubeinfer_operator_api_errors_total", code="503") == before_503 + 1
     assert value("kubeinfer_operator_api_errors_total", code="404") == before_404
+
+
+def test_serve_answers_and_a_port_in_use_is_not_fatal(caplog):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert metrics.serve(port, addr="127.0.0.1")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "kubeinfer_operator_reconciles_total" in text
+    assert metrics.serve(port, addr="127.0.0.1") is False   # taken now: logged, the operator goes on
+    assert "set --metrics-port" in caplog.text
+    assert metrics.serve(0) is False
