@@ -144,3 +144,25 @@ def test_operator_settings_from_env(monkeypatch):
     assert cli._settings(parse(["operator", "-n", "z"])).namespaces == ("z",)   # flags win
     monkeypatch.setenv("KUBEINFER_RESYNC_SECONDS", "0")
     assert cli.run_operator(parse(["operator"])) == 2
+
+
+def test_hardening_flags_and_environment(monkeypatch, capsys):
+    s = cli._settings(parse(["operator", "--metrics-port", "9100", "--leader-election-namespace", "ops",
+                             "--scrape-via", "apiserver"]))
+    assert (s.metrics_port, s.leader_election_namespace, s.scrape_via) == (9100, "ops", "apiserver")
+    defaults = cli._settings(parse(["operator"]))
+    assert (defaults.metrics_port, defaults.leader_election_namespace, defaults.scrape_via) == (8081, "", "pod-ip")
+    monkeypatch.setenv("KUBEINFER_LEADER_ELECTION_NAMESPACE", "kubeinfer-system")
+    monkeypatch.setenv("KUBEINFER_METRICS_PORT", "0")
+    s = cli._settings(parse(["operator"]))
+    assert (s.leader_election_namespace, s.metrics_port) == ("kubeinfer-system", 0)
+    with pytest.raises(SystemExit):
+        parse(["operator", "--scrape-via", "carrier-pigeon"])
+    # errors a user can make get a message, not a traceback
+    monkeypatch.setenv("KUBEINFER_METRICS_PORT", "8080")
+    assert cli.run_operator(parse(["operator"])) == 2
+    assert "metrics port and the liveness port are both 8080" in capsys.readouterr().err
+    monkeypatch.setenv("KUBEINFER_METRICS_PORT", "0")
+    monkeypatch.setenv("KUBEINFER_SCRAPE_VIA", "smoke-signals")
+    assert cli.run_operator(parse(["operator"])) == 2
+    assert "scrape via must be one of pod-ip, apiserver" in capsys.readouterr().err
