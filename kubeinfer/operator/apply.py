@@ -12,6 +12,9 @@ Calls, all JSON over the official client's connection (kubeconfig or in-cluster,
            metadata.resourceVersion: 409 when it changed since the GET)  status refresh on pod events
     merge PATCH inferenceservices/NAME {"spec": {"replicas": N}} (with
            metadata.resourceVersion)                                     spec.autoscaling
+    GET    pods/NAME:8000/proxy/metrics                                  autoscaling's scrape through
+                                                                         the API server (--scrape-via)
+    GET, POST, PUT leases/NAME (in the operator's namespace)             leader election (leader.py)
 
 Idempotent: AlreadyExists on create fetches the object and updates it (when it is ours), NotFound on
 update creates it, NotFound on delete is success. The RBAC rules in charts/kubeinfer grant exactly
@@ -24,6 +27,7 @@ import json
 import threading
 from dataclasses import dataclass
 
+from kubeinfer.operator.metrics import API_ERRORS
 from kubeinfer.operator.plan import Action, is_controlled_by
 from kubeinfer.operator.render import LABEL_IS
 
@@ -36,10 +40,12 @@ RESOURCES = {
     "LeaderWorkerSet": ("/apis/leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
     "Pod": ("/api/v1", "pods"),
     "InferenceService": ("/apis/kubeinfer.io/v1alpha1", "inferenceservices"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 API_VERSIONS = {"Deployment": "apps/v1", "StatefulSet": "apps/v1", "Service": "v1",
                 "PodDisruptionBudget": "policy/v1", "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1",
-                "Pod": "v1", "InferenceService": "kubeinfer.io/v1alpha1"}
+                "Pod": "v1", "InferenceService": "kubeinfer.io/v1alpha1",
+                "Lease": "coordination.k8s.io/v1"}
 RETRYABLE = {0, 403, 404, 408, 409, 429, 500, 502, 503, 504}
 
 
@@ -62,6 +68,27 @@ class ApiError(Exception):
 
 class NotOurs(ApiError):
     """An object with a child's name exists and belongs to someone else."""
+
+
+def _failure(status: int, reason: str, data) -> ApiError:
+    """The ApiError of a failed answer, with reason and message from its Kubernetes Status body."""
+    if isinstance(data, bytes):
+        data = data.decode(errors="replace")
+    try:
+        payload = json.loads(data) if data else {}
+    except ValueError:
+        payload = {"message": str(data)[:200]}
+    if not isinstance(payload, dict):
+        payload = {"message": str(payload)[:200]}
+    return _counted(ApiError(status, str(payload.get("reason") or reason),
+                             str(payload.get("message") or payload or reason)))
+
+
+def _counted(error: ApiError) -> ApiError:
+    # 404 is an answer ("not there"), used by get/delete; every other failure is an error to count
+    if error.status != 404:
+        API_ERRORS.labels(str(error.status)).inc()
+    return error
 
 
 def _path(kind: str, namespace: str, name: str | None = None) -> str:
@@ -91,11 +118,25 @@ class KubeApi:
 
     def request(self, method: str, path: str, body: dict | None = None,
                 query: list[tuple[str, str]] | None = None, content_type: str = "application/json") -> dict:
+        data = self._call(method, path, body, query, content_type, "application/json")
+        try:
+            return json.loads(data) if data else {}
+        except ValueError:
+            raise _counted(ApiError(502, "BadResponse", f"not JSON: {data[:200].decode(errors='replace')}")) \
+                from None
+
+    def request_text(self, path: str) -> str:
+        """GET a text answer (a pod's /metrics through the API server's proxy)."""
+        return self._call("GET", path, None, None, "application/json", "text/plain, */*").decode(
+            "utf-8", errors="replace")
+
+    def _call(self, method: str, path: str, body: dict | None, query: list[tuple[str, str]] | None,
+              content_type: str, accept: str) -> bytes:
         import urllib3
         from kubernetes.client.exceptions import ApiException
 
         c = self._api_client()
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
         req = c.param_serialize(method, path, query_params=query or [], header_params=headers,
@@ -104,17 +145,12 @@ class KubeApi:
             resp = c.call_api(*req, _request_timeout=self.timeout)
             data = resp.read()
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise ApiError(0, "Unreachable", str(e)) from None
+            raise _counted(ApiError(0, "Unreachable", str(e))) from None
         except ApiException as e:
-            raise ApiError(e.status or 0, str(e.reason), str(e.body or e.reason)) from None
-        try:
-            payload = json.loads(data) if data else {}
-        except ValueError:
-            payload = {"message": data[:200].decode(errors="replace")}
+            raise _failure(e.status or 0, str(e.reason), e.body) from None
         if not 200 <= resp.status < 300:
-            raise ApiError(resp.status, payload.get("reason") or str(resp.reason),
-                           payload.get("message") or str(payload))
-        return payload
+            raise _failure(resp.status, str(resp.reason), data)
+        return data or b""
 
     # --- typed helpers ------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ engine pods), the spec, the scale-down window state and the time -> the replica 
                                                   busy period never scales below what it needed
 
 `Autoscaler` is the loop body the kopf timer calls (handlers.py): list the ready engine pods, scrape
-each pod's /metrics on port 8000 (vllm:num_requests_running + vllm:num_requests_waiting, summed over
+each pod's /metrics on port 8000, at POD_IP:8000 or (scrape_via "apiserver") through the API
+server's pod proxy, pods/NAME:8000/proxy/metrics (vllm:num_requests_running + vllm:num_requests_waiting, summed over
 model_name labels), decide, and merge-patch spec.replicas of the InferenceService when it changes;
 the reconcile then resizes the workload. The window state lives in memory keyed by namespace/name: an
 operator restart only restarts a pending scale-down delay (never scales down early).
@@ -98,6 +99,11 @@ def scrape_pod(ip: str, timeout: float = SCRAPE_TIMEOUT) -> float:
         return parse_load(resp.read().decode("utf-8", errors="replace"))
 
 
+def proxy_path(namespace: str, pod: str) -> str:
+    """The API server's proxy path of an engine pod's /metrics."""
+    return f"/api/v1/namespaces/{namespace}/pods/{pod}:{PORT}/proxy/metrics"
+
+
 def _ready(pod: dict) -> bool:
     return not pod.get("metadata", {}).get("deletionTimestamp") and any(
         c.get("type") == "Ready" and c.get("status") == "True"
@@ -128,9 +134,9 @@ class Autoscaler:
 
     def __init__(self, api: KubeApi, default_image: str = "", *,
                  scrape: Callable[[str], float] = scrape_pod, clock: Callable[[], float] = time.monotonic,
-                 use_lws: Callable[[], bool] = lambda: False):
+                 use_lws: Callable[[], bool] = lambda: False, scrape_via: str = "pod-ip"):
         self.api, self.default_image, self.scrape, self.clock = api, default_image, scrape, clock
-        self.use_lws = use_lws
+        self.use_lws, self.scrape_via = use_lws, scrape_via
         self._below: dict[tuple[str, str], Below] = {}
         self._last: dict[tuple[str, str], float] = {}
         self._failing: set[tuple[str, str, str]] = set()   # (namespace, pod, ip) in a failure streak
@@ -157,7 +163,7 @@ class Autoscaler:
             key = (spec.namespace, name, ip)
             seen.add(key)
             try:
-                total += float(self.scrape(ip))
+                total += self._scrape(spec.namespace, name, ip)
             except Exception as e:   # unreadable metrics count as no load; never stop the loop
                 if key not in self._failing:
                     self._failing.add(key)
@@ -167,6 +173,12 @@ class Autoscaler:
             self._failing.discard(key)
         self._failing = {k for k in self._failing if k[0] != spec.namespace or k in seen}
         return total, len(pods)
+
+    def _scrape(self, namespace: str, pod: str, ip: str) -> float:
+        if self.scrape_via == "apiserver":
+            # the API server reaches the pod for us: no NetworkPolicy hole for the operator
+            return parse_load(self.api.request_text(proxy_path(namespace, pod)))
+        return float(self.scrape(ip))
 
     def tick(self, body: dict) -> Tick | None:
         """One round for one InferenceService; None when it has no (valid) spec.autoscaling or its

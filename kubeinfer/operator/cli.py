@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import sys
 
-from kubeinfer.operator.settings import LWS_MODES, OperatorSettings
+from kubeinfer.operator.settings import LWS_MODES, SCRAPE_MODES, OperatorSettings
 from kubeinfer.operator.spec import API_VERSION, KIND, InvalidSpec, Problem
 
 
@@ -29,6 +29,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster-domain", default=None, help="e.g. cluster.local; default: none")
     p.add_argument("--leaderworkerset", choices=LWS_MODES, default=None,
                    help="use LeaderWorkerSet for pipeline > 1 (auto: when the API serves it)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve the operator's Prometheus /metrics on this port (default 8081, 0: off)")
+    p.add_argument("--leader-election-namespace", default=None, metavar="NS",
+                   help="elect a leader among operator replicas with the Lease kubeinfer-operator in "
+                        "this namespace (default: none, run one replica)")
+    p.add_argument("--scrape-via", choices=SCRAPE_MODES, default=None,
+                   help="how spec.autoscaling reads engine metrics: pod-ip (default) or apiserver "
+                        "(the API server's pod proxy; needs get on pods/proxy)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every API call and handler")
     p.set_defaults(func=run_operator)
 
@@ -54,10 +62,10 @@ def _settings(args: argparse.Namespace) -> OperatorSettings:
         overrides["namespaces"] = tuple(args.namespaces)
     if getattr(args, "all_namespaces", False):
         overrides["namespaces"] = ()
-    for flag, key in (("liveness_port", "liveness_port"), ("resync_seconds", "resync_seconds"),
-                      ("engine_image", "engine_image"), ("cluster_domain", "cluster_domain")):
-        if getattr(args, flag, None) is not None:
-            overrides[key] = getattr(args, flag)
+    for key in ("liveness_port", "resync_seconds", "engine_image", "cluster_domain", "metrics_port",
+                "leader_election_namespace", "scrape_via"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
     lws = getattr(args, "leaderworkerset", None)
     if isinstance(lws, str):
         overrides["leaderworkerset"] = lws
@@ -74,12 +82,12 @@ def run_operator(args: argparse.Namespace) -> int:
 
     from kubeinfer.operator import handlers
 
-    kopf.configure(verbose=args.verbose, log_prefix=False)
+    # log_prefix: kopf's lines about an object start with [namespace/name]
+    kopf.configure(verbose=args.verbose, log_prefix=True)
     scope = "all namespaces" if settings.all_namespaces else ", ".join(settings.namespaces)
     print(f"kubeinfer operator: watching {scope}; resync every {settings.resync_seconds:g} s; "
           f"default engine image {settings.engine_image}", file=sys.stderr, flush=True)
-    handlers.run(settings)
-    return 0
+    return handlers.run(settings)
 
 
 def _read(filename: str) -> str:

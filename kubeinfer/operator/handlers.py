@@ -7,26 +7,35 @@ Start
                        [--resync-seconds S] [--engine-image IMAGE] [--cluster-domain D]
                        [--leaderworkerset auto|on|off] [--verbose]
     No --namespace -> all namespaces. Kube config as kopf finds it: in-cluster service account, else
-    KUBECONFIG / ~/.kube/config. Runs kopf standalone: no peering CRD, no leader election (run one
-    replica). Liveness: GET http://0.0.0.0:P/healthz (default 8080; 0 disables). In-process:
-    `handlers.run(settings)` or `await handlers.operator(settings, stop_flag=..., ready_flag=...)`.
+    KUBECONFIG / ~/.kube/config. kopf runs standalone (no peering CRD); with
+    --leader-election-namespace NS the replicas elect a leader through Lease NS/kubeinfer-operator
+    (leader.py) and only the leader runs kopf, so several replicas are safe; without it run one.
+    Liveness: GET http://0.0.0.0:P/healthz (default 8080; 0 disables), answered by a standby too.
+    Metrics: GET http://0.0.0.0:M/metrics (default 8081; 0 disables; see metrics.py). Log lines
+    about an object start with [namespace/name]. In-process: `handlers.run(settings)` or
+    `await handlers.operator(settings, stop_flag=..., ready_flag=...)`.
     Environment equivalents: see kubeinfer/operator/settings.py (KUBEINFER_RESYNC_SECONDS=1 for tests).
 
 What it watches
     kubeinfer.io/v1alpha1 inferenceservices: create, update, resume, plus a timer every
     --resync-seconds that re-runs the same reconcile (drift correction and status refresh). kopf
     adds the finalizer kubeinfer.io/finalizer (timers need one) and keeps its progress in
-    kubeinfer.io/* annotations.
+    kubeinfer.io/* annotations. API errors never abort a reconcile: what can be applied is, and
+    the handler then raises kopf.TemporaryError with a delay of 1, 2, 4, then 5 s (retry_delay), so
+    a spec changed during an API outage is applied within seconds of its end. One reconcile,
+    restore or status refresh of an InferenceService runs at a time (locks.py).
     Autoscaling: a timer "autoscale" ticking every second, only on InferenceServices with
     spec.autoscaling (kopf `when` filter; it stops when the field goes), acting once per
     spec.autoscaling.intervalSeconds: GET of the ready pods (the selector below; pipeline > 1: rank
-    0 only), GET http://POD_IP:8000/metrics of each (2 s timeout; unreadable = load 0, logged once
-    per failure streak), the rule in autoscale.py, and when the result differs a merge PATCH of
+    0 only), GET http://POD_IP:8000/metrics of each, or with --scrape-via apiserver GET
+    pods/NAME:8000/proxy/metrics (2 s timeout; unreadable = load 0, logged once per failure streak), the rule in autoscale.py, and when the result differs a merge PATCH of
     inferenceservices/NAME {"spec": {"replicas": N}} with metadata.resourceVersion (409 -> next
     interval) plus a Normal ScaledUp/ScaledDown event; the reconcile then resizes the workload.
     The scale-down window is kept in memory per namespace/name: a restart restarts the delay.
     Children labelled app.kubernetes.io/managed-by=kubeinfer-operator (Deployments, StatefulSets,
-    Services, PodDisruptionBudgets): a DELETED event reconciles the owner at once.
+    Services, PodDisruptionBudgets, and LeaderWorkerSets unless --leaderworkerset off; the label is
+    a server-side selector on each watch): a DELETED event reconciles the owner at once and posts
+    its events and status (with metadata.resourceVersion) like any reconcile.
     Pods labelled app.kubernetes.io/managed-by=kubeinfer-operator (a server-side label selector on
     the watch), and the Deployments and StatefulSets above: any event after the initial listing
     refreshes the status of the InferenceService named by the kubeinfer.io/inferenceservice label
@@ -38,7 +47,8 @@ What it watches
 
 Children of InferenceService NAME in namespace NS (owner reference: controller, blockOwnerDeletion)
     pipeline == 1: Deployment NAME, Service NAME (ClusterIP, port 8000 "http"), PodDisruptionBudget NAME
-    pipeline > 1:  LeaderWorkerSet NAME-workers when leaderworkerset.x-k8s.io/v1 is served, else
+    pipeline > 1 (refused by spec.py until the engine runs pipeline parallelism):
+                   LeaderWorkerSet NAME-workers when leaderworkerset.x-k8s.io/v1 is served, else
                    StatefulSet NAME-G per replica G plus headless Service NAME-workers; Service NAME
                    and PodDisruptionBudget NAME as above.
     Labels on every child and pod: app.kubernetes.io/name=kubeinfer, app.kubernetes.io/instance=NAME,
@@ -53,11 +63,12 @@ The engine container ("engine")
     "--served-model-name", SERVED, "--tensor-parallel-size", T, "--pipeline-parallel-size", P,
     "--timeout-graceful-shutdown", S, ("--revision", REV for hf://), "--device", cuda|cpu,
     *spec.engine.args]. MODEL: hf://ORG/NAME -> ORG/NAME; pvc://CLAIM/PATH -> /models/CLAIM/PATH
-    (PVC mounted read-only); /abs/path -> as is; "default" (or no uri) -> omitted, the engine's
-    default model (SmolLM2, shipped in the image). SERVED: spec.model.servedName or NAME.
+    (PVC mounted read-only); /abs/path -> as is; "default" -> omitted, the engine's default
+    model (SmolLM2, shipped in the image); spec.model.uri is required. SERVED: spec.model.servedName or NAME.
     env: HF_HOME=/var/cache/kubeinfer/huggingface (emptyDir, or spec.model.cache.claimName),
     HF_TOKEN (secretKeyRef spec.model.credentialsSecretRef, key "token"), KUBEINFER_API_KEY
-    (secretKeyRef spec.apiKeySecretRef, key "api-key"), for pipeline > 1 KUBEINFER_PP_SIZE,
+    (secretKeyRef spec.apiKeySecretRef, key "api-key"), KUBEINFER_TERMINATION_LOG=/dev/termination-log
+    (the engine writes its fatal start-up error there), for pipeline > 1 KUBEINFER_PP_SIZE,
     KUBEINFER_PP_RANK, KUBEINFER_LEADER_ADDRESS, KUBEINFER_DIST_PORT; then spec.engine.env.
     Probes: GET /health on port "http" (startup 10 s x 180, readiness 5 s, liveness 20 s).
 
@@ -70,7 +81,7 @@ Status (patched through the status subresource)
 
 API calls made: see apply.py (the operator's own, including the status refresh's GET of the
 InferenceService and its merge PATCH of inferenceservices/status, the autoscaler's merge PATCH of
-inferenceservices spec.replicas); kopf adds discovery (/api, /apis,
+inferenceservices spec.replicas, leader election's Lease); kopf adds discovery (/api, /apis,
 /apis/G/V), list+watch of inferenceservices, of the child kinds and of pods
 (labelSelector=app.kubernetes.io/managed-by=kubeinfer-operator), merge PATCH of inferenceservices (its
 kubeinfer.io/* progress annotations) and of inferenceservices/status, POST of core v1 events.
@@ -82,106 +93,31 @@ import logging
 
 import kopf
 
+from kubeinfer.operator import metrics
 from kubeinfer.operator.apply import ApiError, KubeApi
 from kubeinfer.operator.autoscale import Autoscaler
-from kubeinfer.operator.reconcile import LwsDiscovery, reconcile, refresh
+from kubeinfer.operator.leader import LeaderElector
+from kubeinfer.operator.locks import ObjectLocks
+from kubeinfer.operator.reconcile import LwsDiscovery, Outcome, reconcile
 from kubeinfer.operator.render import LABEL_IS, LABEL_MANAGED_BY, MANAGER
 from kubeinfer.operator.settings import OperatorSettings
 from kubeinfer.operator.spec import GROUP, PLURAL, VERSION
+from kubeinfer.operator.status_follower import StatusFollower, publish
 
 CHILDREN = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"),
             ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"))
+LWS = ("leaderworkerset.x-k8s.io", "v1", "leaderworkersets")
 # whose events refresh the owner's status: pods (readiness, crashes), workloads (rollout conditions)
 STATUS_SOURCES = (("", "v1", "pods"), ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"))
-STATUS_WINDOW = 0.3      # seconds: the events of one InferenceService within it make one refresh
-CONFLICT_RETRIES = 3
 AUTOSCALE_TICK = 1.0     # seconds: the autoscale timer's tick; each object acts every intervalSeconds
-
-
-class StatusFollower:
-    """Pod and workload events -> the status of the InferenceService they belong to.
-
-    `follow` returns at once (so kopf goes on with the next event) and refreshes in a task of its own,
-    coalesced per InferenceService: the first event waits STATUS_WINDOW and refreshes; events that
-    come meanwhile only ask for one more round after it (the state they brought is read then), so a
-    burst costs one or two refreshes and one refresh per InferenceService runs at a time. A refresh
-    (reconcile.refresh, in a thread: KubeApi blocks) reads the InferenceService, its workloads and
-    pods, and patches the status only when the status would change, only for a generation the
-    reconcile handler has handled (that handler writes the status of a new spec), and only if the
-    InferenceService is unchanged since it was read (metadata.resourceVersion; a 409 reads again).
-    """
-
-    def __init__(self, api: KubeApi, settings: OperatorSettings, lws: LwsDiscovery,
-                 window: float = STATUS_WINDOW):
-        self.api, self.settings, self.lws, self.window = api, settings, lws, window
-        self._busy: set[tuple[str, str]] = set()    # a refresh is due or running
-        self._again: set[tuple[str, str]] = set()   # ... and an event came while it ran
-        self._tasks: set[asyncio.Task] = set()
-
-    def follow(self, namespace: str, name: str, logger) -> None:
-        """Ask for a refresh of InferenceService NAME's status (in the running event loop)."""
-        key = (namespace, name)
-        if not name:
-            return
-        if key in self._busy:
-            self._again.add(key)
-            return
-        self._busy.add(key)
-        task = asyncio.get_running_loop().create_task(self._refresh(key, logger))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def settle(self) -> None:
-        """Wait for the refreshes asked for so far (tests)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks)
-
-    async def _refresh(self, key: tuple[str, str], logger) -> None:
-        try:
-            while True:
-                await asyncio.sleep(self.window)
-                self._again.discard(key)   # the refresh below reads what those events brought
-                try:
-                    await asyncio.to_thread(self.refresh, *key)
-                except ApiError as e:
-                    logger.warning(f"could not refresh the status of InferenceService {key[0]}/{key[1]}: "
-                                   f"{e}; the resync timer will try again")
-                except Exception:
-                    logger.exception(f"status refresh of InferenceService {key[0]}/{key[1]} failed")
-                if key not in self._again:
-                    return
-        finally:
-            self._busy.discard(key)
-            self._again.discard(key)
-
-    def refresh(self, namespace: str, name: str) -> bool:
-        """One status refresh; True when it patched the status."""
-        for _ in range(CONFLICT_RETRIES):
-            body = self.api.get("InferenceService", namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return False
-            meta, current = body["metadata"], body.get("status") or {}
-            if current.get("observedGeneration") != meta.get("generation"):
-                return False   # the reconcile handler has this generation to do, and writes its status
-            outcome = refresh(self.api, body, self.settings, self.lws)
-            if {**current, **outcome.status} == current:
-                return False   # what a merge patch would leave unchanged is not sent
-            try:
-                self.api.patch_status("InferenceService", namespace, name, outcome.status,
-                                      meta["resourceVersion"])
-            except ApiError as e:
-                if e.status == 409:
-                    continue   # written since the GET (a reconcile, kopf's annotations): read again
-                raise
-            for type_, reason, message in outcome.events:
-                kopf.event(body, type=type_, reason=reason, message=message)
-            return True
-        return False
+MANAGED = f"{LABEL_MANAGED_BY}={MANAGER}"
+log = logging.getLogger(__name__)
 
 
 def retry_delay(retry: int) -> float:
-    """Exponential backoff for API errors that may pass: 1, 2, 4 ... 60 s."""
-    return float(min(60, 2 ** min(retry, 6)))
+    """Seconds before retrying a reconcile that met API errors: 1, 2, 4, then 5. Short on purpose:
+    an outage must not leave a spec change waiting a minute once the API answers again."""
+    return float(min(5, 2 ** min(retry, 3)))
 
 
 def has_autoscaling(spec, **_) -> bool:
@@ -189,11 +125,25 @@ def has_autoscaling(spec, **_) -> bool:
     return isinstance((spec or {}).get("autoscaling"), dict)
 
 
+def child_resources(settings: OperatorSettings) -> tuple[tuple[str, str, str], ...]:
+    """The child kinds whose deletion is put back at once (LeaderWorkerSets unless turned off)."""
+    return CHILDREN + ((LWS,) if settings.leaderworkerset != "off" else ())
+
+
+def _failed_message(name: str, outcome: Outcome) -> str:
+    shown = "; ".join(str(f) for f in outcome.failed[:3])
+    more = f" (and {len(outcome.failed) - 3} more)" if len(outcome.failed) > 3 else ""
+    return f"InferenceService {name}: {len(outcome.failed)} Kubernetes API call(s) failed: {shown}{more}"
+
+
 def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
-                   autoscaler: Autoscaler | None = None) -> kopf.OperatorRegistry:
+                   autoscaler: Autoscaler | None = None, locks: ObjectLocks | None = None,
+                   phases: metrics.PhaseTracker | None = None) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     api = api or KubeApi()
     lws = LwsDiscovery(settings.leaderworkerset)
+    locks = ObjectLocks() if locks is None else locks
+    phases = phases or metrics.PhaseTracker()
     resource = (GROUP, VERSION, PLURAL)
 
     @kopf.on.login(id="login", registry=registry)
@@ -201,20 +151,31 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
         # a plain OperatorRegistry has no default login: in-cluster token, else KUBECONFIG
         return kopf.login_via_client(**kwargs)
 
-    def run_reconcile(body, patch, logger, retry: int, *, user_change: bool) -> None:
-        if body.get("metadata", {}).get("deletionTimestamp"):
+    def run_reconcile(body, patch, logger, retry: int, *, trigger: str) -> None:
+        meta = body.get("metadata", {})
+        if meta.get("deletionTimestamp"):
             return  # owner references take the children with it
-        try:
+        user_change = trigger == "change"
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        with locks.hold(namespace, name), metrics.reconciling(trigger) as timed:
             outcome = reconcile(api, dict(body), settings, lws)
-        except ApiError as e:
-            raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=retry_delay(retry)) from None
-        events = list(outcome.events)
-        if outcome.invalid and user_change and not any(r == "InvalidSpec" for _, r, _ in events):
-            events.append(("Warning", "InvalidSpec", str(outcome.invalid)))
-        for type_, reason, message in events:
-            kopf.event(body, type=type_, reason=reason, message=message)
-        if outcome.status != dict(body.get("status") or {}):
-            patch.status.update(outcome.status)
+            events = list(outcome.events)
+            if outcome.invalid and user_change and not any(r == "InvalidSpec" for _, r, _ in events):
+                events.append(("Warning", "InvalidSpec", str(outcome.invalid)))
+            for type_, reason, message in events:
+                kopf.event(body, type=type_, reason=reason, message=message)
+            if outcome.status != dict(body.get("status") or {}):
+                patch.status.update(outcome.status)
+            if outcome.status.get("phase"):   # no phase: the pods could not be read
+                phases.set(namespace, name, outcome.status["phase"])
+            if outcome.invalid:
+                timed.result = "invalid"
+            elif outcome.failed:
+                timed.result = "partial"
+        if outcome.failed:
+            # applied what could be applied; the rest soon, not after a minute of backoff
+            raise kopf.TemporaryError(_failed_message(f"{namespace}/{name}", outcome) +
+                                      f"; retrying in {retry_delay(retry):g} s", delay=retry_delay(retry))
         if outcome.invalid and user_change:
             # the status says what to fix; retrying the same spec cannot help
             raise kopf.PermanentError(f"invalid spec: {outcome.invalid}")
@@ -223,27 +184,33 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
     @kopf.on.create(*resource, id="reconcile", registry=registry)
     @kopf.on.update(*resource, id="reconcile", registry=registry)
     def on_change(body, patch, logger, retry, **_):
-        run_reconcile(body, patch, logger, retry, user_change=True)
+        run_reconcile(body, patch, logger, retry, trigger="change")
 
     @kopf.timer(*resource, id="resync", interval=settings.resync_seconds,
                 initial_delay=settings.resync_seconds, registry=registry)
     def resync(body, patch, logger, retry, **_):
-        run_reconcile(body, patch, logger, retry, user_change=False)
+        run_reconcile(body, patch, logger, retry, trigger="resync")
 
-    autoscaler = autoscaler or Autoscaler(api, settings.engine_image, use_lws=lambda: lws(api))
+    autoscaler = autoscaler or Autoscaler(api, settings.engine_image, use_lws=lambda: lws(api),
+                                          scrape_via=settings.scrape_via)
+
+    @kopf.on.delete(*resource, id="forget", optional=True, registry=registry)
+    def forget(name, namespace, **_):
+        # optional: no finalizer of its own; it only drops what this process keeps about the object
+        phases.set(namespace, name, None)
+        autoscaler.forget(namespace, name)
+        locks.forget(namespace, name)
 
     @kopf.timer(*resource, id="autoscale", interval=AUTOSCALE_TICK, when=has_autoscaling, registry=registry)
     def autoscale(body, logger, **_):
-        meta = body.get("metadata", {})
         try:
             tick = autoscaler.tick(dict(body))
         except ApiError as e:
             # 409: spec changed since kopf's read (a user, a reconcile): the next tick reads again
-            logger.warning(f"autoscaling {meta.get('namespace')}/{meta.get('name')}: {e}; trying again "
-                           "next interval")
+            logger.warning(f"autoscaling: {e}; trying again next interval")
             return
         except Exception:
-            logger.exception(f"autoscaling {meta.get('namespace')}/{meta.get('name')} failed")
+            logger.exception("autoscaling failed")
             return
         event = tick.event() if tick else None
         if event is not None:
@@ -256,19 +223,38 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
             return  # edits are found by the resync timer; deletions are put back at once
         meta = body.get("metadata", {})
         namespace, owner_name = meta.get("namespace", ""), (meta.get("labels") or {}).get(LABEL_IS, "")
+        if not owner_name:
+            return
+        child = f"{body.get('kind', 'child')} {meta.get('name')}"
+        where = f"InferenceService {namespace}/{owner_name}"
         try:
-            owner = api.get("InferenceService", namespace, owner_name)
-            if owner is not None and not owner.get("metadata", {}).get("deletionTimestamp"):
-                reconcile(api, owner, settings, lws)
+            with locks.hold(namespace, owner_name), metrics.reconciling("restore") as timed:
+                owner = api.get("InferenceService", namespace, owner_name)
+                if owner is None or owner.get("metadata", {}).get("deletionTimestamp"):
+                    return
+                outcome = reconcile(api, owner, settings, lws)
+                if outcome.failed:
+                    timed.result = "partial"
+                try:
+                    publish(api, owner, outcome, phases)
+                except ApiError as e:
+                    if e.status != 409:
+                        raise
+                    # changed since the read: kopf's handlers have a newer version to write
+                    for type_, reason, message in outcome.events:
+                        kopf.event(owner, type=type_, reason=reason, message=message)
         except ApiError as e:
-            logger.warning(f"could not restore {body.get('kind')} {meta.get('name')}: {e}; "
-                           "the resync timer will try again")
+            log.warning(f"{where}: could not restore the deleted {child}: {e}; the resync timer will try again")
+            return
+        if outcome.failed:
+            log.warning(f"{where}: restoring the deleted {child}: {_failed_message(where, outcome)}; "
+                        "the resync timer will try again")
 
-    for group, version, plural in CHILDREN:
+    for group, version, plural in child_resources(settings):
         kopf.on.event(group, version, plural, id=f"child-{plural}", labels={LABEL_MANAGED_BY: MANAGER},
                       registry=registry)(on_child_event)
 
-    follower = StatusFollower(api, settings, lws)
+    follower = StatusFollower(api, settings, lws, locks=locks, phases=phases)
 
     async def on_status_event(type, body, logger, **_):
         if type is None:
@@ -284,7 +270,7 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
 
 def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     s = kopf.OperatorSettings()
-    s.peering.standalone = True            # one replica; no KopfPeering CRD needed
+    s.peering.standalone = True            # leader election, when on, is leader.py's Lease
     s.scanning.disabled = True             # no cluster-wide CRD/namespace watch: least privilege
     s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -296,8 +282,13 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     s.posting.reporting_component = MANAGER
     s.watching.server_timeout = 300        # re-list now and then instead of trusting one long watch
     s.watching.client_timeout = 330
-    # only our engine pods, filtered by the API server: not every pod of the cluster
-    s.watching.label_selectors["", "v1", "pods"] = f"{LABEL_MANAGED_BY}={MANAGER}"
+    # kopf's own calls (progress annotations, status, events) retry sooner than its default
+    # 1..21 s ladder: under a flaky API server the operator keeps moving
+    s.networking.error_backoffs = (0.5, 1, 1, 2, 3, 5)
+    # only our engine pods and our children, filtered by the API server: not every object of the
+    # cluster
+    for resource in (*STATUS_SOURCES, *CHILDREN, LWS):
+        s.watching.label_selectors[resource] = MANAGED
     s.execution.max_workers = 16
     return s
 
@@ -313,13 +304,49 @@ def _run_kwargs(settings: OperatorSettings) -> dict:
     return kwargs
 
 
-async def operator(settings: OperatorSettings, **kwargs) -> None:
-    """Run in the current event loop (stop_flag=, ready_flag= as kopf.operator takes them)."""
-    await kopf.operator(registry=build_registry(settings), settings=kopf_settings(settings),
-                        **_run_kwargs(settings), **kwargs)
+async def _standby_health(port: int):
+    """/healthz of a replica waiting for the lease (kopf serves it once it runs); None when off."""
+    if not port:
+        return None
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get("/healthz", lambda _: web.json_response({"standby": True}))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
 
 
-def run(settings: OperatorSettings) -> None:
-    """Block until SIGINT/SIGTERM."""
-    kopf.run(registry=build_registry(settings), settings=kopf_settings(settings),
-             **_run_kwargs(settings))
+async def operator(settings: OperatorSettings, *, api: KubeApi | None = None,
+                   stop_flag: asyncio.Event | None = None, **kwargs) -> int:
+    """Run in the current event loop (ready_flag= as kopf.operator takes it) until `stop_flag` or a
+    signal; 1 when the leader lease was lost, else 0."""
+    api = api or KubeApi()
+    metrics.serve(settings.metrics_port)
+    stop = stop_flag or asyncio.Event()
+    elector = keeper = None
+    if settings.leader_election_namespace:
+        elector = LeaderElector(api, settings.leader_election_namespace)
+        health = await _standby_health(settings.liveness_port)
+        try:
+            await elector.acquire()
+        finally:
+            if health is not None:
+                await health.cleanup()   # kopf binds the port next
+        keeper = asyncio.get_running_loop().create_task(elector.keep(stop))
+    try:
+        await kopf.operator(registry=build_registry(settings, api=api), settings=kopf_settings(settings),
+                            stop_flag=stop, **_run_kwargs(settings), **kwargs)
+    finally:
+        if keeper is not None:
+            stop.set()
+            await keeper
+        if elector is not None and not elector.lost:
+            await asyncio.to_thread(elector.release)
+    return 1 if elector is not None and elector.lost else 0
+
+
+def run(settings: OperatorSettings) -> int:
+    """Block until SIGINT/SIGTERM (kopf handles them); the process's exit status."""
+    return asyncio.run(operator(settings))

@@ -2,7 +2,8 @@
 
 The contract with the engine image: `kubeinfer serve [MODEL] --host 0.0.0.0 --port 8000 ...` serves
 /health (200 once the model is loaded), /metrics and the OpenAI API on port 8000, writes its fatal
-error last on stderr (read back through terminationMessagePolicy FallbackToLogsOnError) and drains
+start-up error to $KUBEINFER_TERMINATION_LOG (the termination message file, marked by its first
+line; for other exits terminationMessagePolicy FallbackToLogsOnError gives the log's tail) and drains
 running requests on SIGTERM for --timeout-graceful-shutdown seconds.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 from kubeinfer.operator.spec import InferenceServiceSpec
 
 PORT = 8000
+TERMINATION_LOG = "/dev/termination-log"
 DIST_PORT = 29500               # torch.distributed rendezvous of multi-pod (pipeline) groups
 CACHE_DIR = "/var/cache/kubeinfer"
 HF_HOME = f"{CACHE_DIR}/huggingface"
@@ -100,7 +102,8 @@ def _secret_env(name: str, ref) -> dict:
 
 
 def engine_env(spec: InferenceServiceSpec, extra_env: list[dict]) -> list[dict]:
-    env = [{"name": "HF_HOME", "value": HF_HOME}]
+    env = [{"name": "HF_HOME", "value": HF_HOME},
+           {"name": "KUBEINFER_TERMINATION_LOG", "value": TERMINATION_LOG}]
     if spec.model.credentials is not None:
         env.append(_secret_env("HF_TOKEN", spec.model.credentials))
     if spec.api_key is not None:
@@ -142,6 +145,7 @@ def container(spec: InferenceServiceSpec, extra_env: list[dict]) -> dict:
         "resources": resources(spec),
         "volumeMounts": mounts,
         **probes(spec),
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
                             "capabilities": {"drop": ["ALL"]}},

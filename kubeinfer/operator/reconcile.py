@@ -1,6 +1,11 @@
 """One reconcile of one InferenceService: parse -> render -> observe -> plan -> apply -> status.
 `refresh` is the status step alone, for pod and workload events between reconciles.
 
+API failures do not abort a reconcile: what can be applied is applied and each failed call is an
+`Outcome.failed` entry, which the handler turns into a retry within seconds. A kind whose listing
+failed is left alone this round (not knowing what exists, neither created nor deleted); when the
+pods cannot be read the previous status is kept.
+
 No kopf here: handlers.py calls `reconcile` and turns its Outcome into a status patch, events and
 kopf errors, so the whole loop runs in tests against a fake API.
 """
@@ -24,12 +29,24 @@ LWS_DISCOVERY_TTL = 60.0
 Event = tuple[str, str, str]   # (type, reason, message)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """One API call that failed and is worth retrying: what it was for, and the error."""
+
+    what: str
+    error: ApiError
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.error}"
+
+
 @dataclass
 class Outcome:
     status: dict
     events: list[Event] = field(default_factory=list)
     invalid: InvalidSpec | None = None
     done: list[Done] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
 
 
 class LwsDiscovery:
@@ -42,7 +59,10 @@ class LwsDiscovery:
         if self.mode != "auto":
             return self.mode == "on"
         if time.monotonic() - self._at >= LWS_DISCOVERY_TTL:
-            self._value, self._at = api.serves_leaderworkerset(), time.monotonic()
+            try:
+                self._value, self._at = api.serves_leaderworkerset(), time.monotonic()
+            except ApiError:
+                pass   # keep the last answer; asked again next time
         return self._value
 
 
@@ -74,14 +94,27 @@ def _template_hashes(objs: list[dict]) -> frozenset[str]:
     return frozenset(out)
 
 
-def _observe(api: KubeApi, spec: InferenceServiceSpec, kinds: tuple[str, ...]) -> list[dict]:
-    return [o for k in kinds for o in api.list(k, spec.namespace, f"{LABEL_IS}={spec.name}")]
+def _observe(api: KubeApi, spec: InferenceServiceSpec, kinds: tuple[str, ...],
+             failed: list[Failure] | None = None) -> tuple[list[dict], set[str]]:
+    """(the children of these kinds, the kinds that could not be listed). Without `failed` an
+    ApiError is raised; with it, it is recorded there."""
+    found, unknown = [], set()
+    for kind in kinds:
+        try:
+            found += api.list(kind, spec.namespace, f"{LABEL_IS}={spec.name}")
+        except ApiError as e:
+            if failed is None:
+                raise
+            failed.append(Failure(f"list {kind}s", e))
+            unknown.add(kind)
+    return found, unknown
 
 
 def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
               lws: LwsDiscovery | None = None, now: str | None = None) -> Outcome:
-    """Make the children match the spec and compute the status. Raises ApiError for API failures
-    worth retrying; an invalid spec (or children the API server rejects) is an Outcome.invalid."""
+    """Make the children match the spec as far as the API lets it, and compute the status. API
+    failures worth retrying are Outcome.failed (never raised); an invalid spec (or a child the API
+    server rejects) is an Outcome.invalid."""
     now = now or now_iso()
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
@@ -94,21 +127,31 @@ def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
     use_lws = spec.pipeline > 1 and lws_served
     desired = render(spec, settings, owner=body, use_lws=use_lws)
     kinds = CHILD_KINDS + (("LeaderWorkerSet",) if lws_served else ())
-    observed = _observe(api, spec, kinds)
+    failed: list[Failure] = []
+    observed, unknown = _observe(api, spec, kinds, failed)
     done = []
-    for action in plan(desired, observed, uid):
+    for action in plan([o for o in desired if o["kind"] not in unknown], observed, uid):
         try:
             done.append(execute(api, action, uid))
         except ApiError as e:
-            if not e.invalid:
-                raise
             kind, child = action.obj["kind"], action.obj["metadata"]["name"]
+            if not e.invalid:
+                failed.append(Failure(f"{action.verb} {kind} {child}", e))
+                continue   # the other children do not depend on this one
             problem = Problem("spec", f"{kind} {child}", f"the API server rejected it: {e.message}")
             return _invalid(body, InvalidSpec([problem]), settings, now)
     if done:
-        observed = _observe(api, spec, tuple(k for k in kinds if k in WORKLOAD_KINDS))
-    found = _status(api, body, spec, observed, desired, use_lws, settings, now)
-    return Outcome(found.status, [_event_for(d) for d in done] + found.events, done=done)
+        workload_kinds = tuple(k for k in kinds if k in WORKLOAD_KINDS)
+        observed = [o for o in observed if o["kind"] not in workload_kinds]
+        again, _ = _observe(api, spec, workload_kinds, failed)
+        observed += again
+    events = [_event_for(d) for d in done]
+    try:
+        found = _status(api, body, spec, observed, desired, use_lws, settings, now)
+    except ApiError as e:
+        failed.append(Failure("list Pods", e))
+        return Outcome(dict(body.get("status") or {}), events, done=done, failed=failed)
+    return Outcome(found.status, events + found.events, done=done, failed=failed)
 
 
 def refresh(api: KubeApi, body: dict, settings: OperatorSettings,
@@ -126,7 +169,7 @@ def refresh(api: KubeApi, body: dict, settings: OperatorSettings,
     use_lws = spec.pipeline > 1 and lws_served
     desired = render(spec, settings, owner=body, use_lws=use_lws)
     kinds = tuple(k for k in WORKLOAD_KINDS if lws_served or k != "LeaderWorkerSet")
-    return _status(api, body, spec, _observe(api, spec, kinds), desired, use_lws, settings, now)
+    return _status(api, body, spec, _observe(api, spec, kinds)[0], desired, use_lws, settings, now)
 
 
 def _status(api: KubeApi, body: dict, spec: InferenceServiceSpec, observed: list[dict], desired: list[dict],

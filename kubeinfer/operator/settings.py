@@ -12,6 +12,14 @@ Helm chart sets from its values.
     KUBEINFER_LEADERWORKERSET   auto | on | off: use LeaderWorkerSet for pipeline > 1 (auto: when
                                 the API serves leaderworkerset.x-k8s.io/v1)
     KUBEINFER_LIVENESS_PORT     port of the operator's own /healthz (0 -> none; default 8080)
+    KUBEINFER_METRICS_PORT      port of the operator's Prometheus /metrics (0 -> none; default 8081)
+    KUBEINFER_LEADER_ELECTION_NAMESPACE
+                                namespace of the Lease kubeinfer-operator that the replicas elect a
+                                leader with; empty -> no election (run one replica). The chart sets
+                                it to the release namespace.
+    KUBEINFER_SCRAPE_VIA        how spec.autoscaling reads engine /metrics: pod-ip (GET POD_IP:8000,
+                                the default) or apiserver (GET pods/NAME:8000/proxy/metrics, for
+                                clusters whose NetworkPolicies keep the operator from pod IPs)
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from kubeinfer import __version__
 
 DEFAULT_ENGINE_IMAGE = f"ghcr.io/kubeinfer/kubeinfer:{__version__}"
 LWS_MODES = ("auto", "on", "off")
+SCRAPE_MODES = ("pod-ip", "apiserver")
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,9 @@ class OperatorSettings:
     cluster_domain: str = ""
     leaderworkerset: str = "auto"
     liveness_port: int = 8080
+    metrics_port: int = 8081
+    leader_election_namespace: str = ""   # "" -> no leader election
+    scrape_via: str = "pod-ip"
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
@@ -40,8 +52,14 @@ class OperatorSettings:
         if self.leaderworkerset not in LWS_MODES:
             raise ValueError(f"leaderworkerset must be one of {', '.join(LWS_MODES)}, "
                              f"got {self.leaderworkerset!r}")
-        if not 0 <= self.liveness_port <= 65535:
-            raise ValueError(f"liveness port must be in 0..65535, got {self.liveness_port}")
+        for what, port in (("liveness", self.liveness_port), ("metrics", self.metrics_port)):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{what} port must be in 0..65535, got {port}")
+        if self.metrics_port and self.metrics_port == self.liveness_port:
+            raise ValueError(f"the metrics port and the liveness port are both {self.metrics_port}; "
+                             "give them different ports (or 0 to turn one off)")
+        if self.scrape_via not in SCRAPE_MODES:
+            raise ValueError(f"scrape via must be one of {', '.join(SCRAPE_MODES)}, got {self.scrape_via!r}")
 
     @property
     def all_namespaces(self) -> bool:
@@ -64,6 +82,9 @@ class OperatorSettings:
                 cluster_domain=(env.get("KUBEINFER_CLUSTER_DOMAIN") or "").strip("."),
                 leaderworkerset=(env.get("KUBEINFER_LEADERWORKERSET") or "auto").lower(),
                 liveness_port=int(env.get("KUBEINFER_LIVENESS_PORT") or 8080),
+                metrics_port=int(env.get("KUBEINFER_METRICS_PORT") or 8081),
+                leader_election_namespace=(env.get("KUBEINFER_LEADER_ELECTION_NAMESPACE") or "").strip(),
+                scrape_via=(env.get("KUBEINFER_SCRAPE_VIA") or "pod-ip").lower(),
             )
         except ValueError as e:
             raise ValueError(f"invalid operator setting in the environment: {e}") from None

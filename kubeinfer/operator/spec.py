@@ -18,6 +18,12 @@ GROUP, VERSION, KIND, PLURAL = "kubeinfer.io", "v1alpha1", "InferenceService", "
 API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_MODEL_URI = "default"  # the engine's default model, SmolLM2, shipped in the image
+# The engine refuses --pipeline-parallel-size > 1 today. The multi-pod rendering (render.py) stays,
+# tested directly, for when it lands; until then spec.parallelism.pipeline > 1 is an invalid spec.
+PIPELINE_SUPPORTED = False
+PIPELINE_UNSUPPORTED = ("pipeline parallelism is not supported by the engine yet: set it to 1 and "
+                        "use spec.parallelism.tensor (up to 16 GPUs of one node), or a smaller or "
+                        "quantized model")
 TENSOR_SIZES = (1, 2, 4, 8, 16)
 GPU = "nvidia.com/gpu"
 NO_ACCELERATOR = "none"
@@ -50,6 +56,7 @@ OWNED_FLAGS = {
 OWNED_ENV = {
     "HF_TOKEN": "spec.model.credentialsSecretRef", "HF_HOME": "spec.model.cache",
     "KUBEINFER_API_KEY": "spec.apiKeySecretRef",
+    "KUBEINFER_TERMINATION_LOG": "nothing: the engine's start-up error goes to /dev/termination-log",
     "KUBEINFER_PP_SIZE": "spec.parallelism.pipeline", "KUBEINFER_PP_RANK": "spec.parallelism.pipeline",
     "KUBEINFER_LEADER_ADDRESS": "spec.parallelism.pipeline",
     "KUBEINFER_GROUP_INDEX": "spec.parallelism.pipeline", "KUBEINFER_DIST_PORT": "spec.parallelism.pipeline",
@@ -328,14 +335,21 @@ def _read_autoscaling(r: _Reader, spec: dict) -> Autoscaling | None:
                        interval_seconds=read("intervalSeconds", 10, 1))
 
 
-def parse_spec(name: str, namespace: str, spec: dict, *, default_image: str) -> InferenceServiceSpec:
-    """The typed spec of one InferenceService; raises InvalidSpec listing every problem."""
+def parse_spec(name: str, namespace: str, spec: dict, *, default_image: str,
+               pipeline_supported: bool | None = None) -> InferenceServiceSpec:
+    """The typed spec of one InferenceService; raises InvalidSpec listing every problem.
+    `pipeline_supported` (default PIPELINE_SUPPORTED) lets the multi-pod rendering be tested."""
     r = _Reader()
     if not isinstance(spec, dict):
         raise InvalidSpec([Problem("spec", spec, "must be a mapping")])
     model = r.obj(spec, "model", "spec.model")
-    uri = r.str(model, "uri", "spec.model.uri", DEFAULT_MODEL_URI) or DEFAULT_MODEL_URI
-    _check_uri(r, uri)
+    uri = r.str(model, "uri", "spec.model.uri")
+    if not uri:
+        # no default: a typo such as spec.model.url or spec.modle must not deploy the demo model
+        r.bad("spec.model.uri", None, f"is required: {URI_ALLOWED} (write it out)")
+        uri = DEFAULT_MODEL_URI
+    else:
+        _check_uri(r, uri)
     served = r.str(model, "servedName", "spec.model.servedName")
     cache = r.obj(model, "cache", "spec.model.cache")
     cache_claim = r.str(cache, "claimName", "spec.model.cache.claimName")
@@ -366,6 +380,10 @@ def parse_spec(name: str, namespace: str, spec: dict, *, default_image: str) -> 
     par = r.obj(spec, "parallelism", "spec.parallelism")
     tensor = r.int(par, "tensor", "spec.parallelism.tensor", 1, 1)
     pipeline = r.int(par, "pipeline", "spec.parallelism.pipeline", 1, 1)
+    if pipeline_supported is None:
+        pipeline_supported = PIPELINE_SUPPORTED
+    if pipeline > 1 and not pipeline_supported:
+        r.bad("spec.parallelism.pipeline", pipeline, PIPELINE_UNSUPPORTED)
     if tensor >= 1 and tensor not in TENSOR_SIZES:
         r.bad("spec.parallelism.tensor", tensor, f"one of {', '.join(map(str, TENSOR_SIZES))}: the "
               "GPUs of one pod, which must divide the model's attention heads")

@@ -25,7 +25,11 @@ PRIORITY = ("InvalidSpec", "ModelLoadFailed", "ImagePullFailed", "ContainerConfi
             "InsufficientGPU", "Unschedulable", "ProgressDeadlineExceeded")
 FAILING = {"ModelLoadFailed", "ImagePullFailed", "ContainerConfigError", "CrashLoop"}
 IMAGE_PULL = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
-# what `kubeinfer serve` (and transformers / the hub client) print when weights do not load
+# the first line of the termination message `kubeinfer serve` writes when it cannot start
+# (kubeinfer/engine/server/termination_log.py; repeated here: the operator does not import the engine)
+STARTUP_MARKER = "kubeinfer serve: start-up failed"
+# what `kubeinfer serve` (and transformers / the hub client) print when weights do not load, for
+# images older than the termination message
 MODEL_LOAD_RE = re.compile(r"could not load model|model loading failed|failed to load|model path |"
                            r"repository not found|gated repo|is not a local folder|"
                            r"does not appear to have a file|no such file or directory", re.IGNORECASE)
@@ -43,6 +47,11 @@ def _last_line(text: str) -> str:
     errors = [ln for ln in lines if ln.lower().startswith("error")]
     line = (errors or lines or [""])[-1]
     return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _first_lines(text: str, limit: int = 600) -> str:
+    said = " ".join(ln.strip() for ln in text.strip().splitlines() if ln.strip()).rstrip(".")
+    return said if len(said) <= limit else said[:limit - 3] + "..."
 
 
 def pod_problem(pod: dict, spec: InferenceServiceSpec) -> PodProblem | None:
@@ -79,8 +88,14 @@ def pod_problem(pod: dict, spec: InferenceServiceSpec) -> PodProblem | None:
         relapsed = bool(last.get("exitCode")) and cs.get("restartCount", 0) > 0 and not cs.get("ready")
         if reason == "CrashLoopBackOff" or exited or relapsed:
             term = exited or last
-            said = _last_line(term.get("message", "")).rstrip(".")
-            if MODEL_LOAD_RE.search(term.get("message", "")):
+            text = term.get("message", "")
+            if text.startswith(STARTUP_MARKER):
+                said = _first_lines(text[len(STARTUP_MARKER):])
+                return PodProblem("ModelLoadFailed", name, (
+                    f"pod {name}: the engine could not start: {said}. Check spec.model.uri, "
+                    "spec.model.revision, spec.model.credentialsSecretRef and spec.engine.args"))
+            said = _last_line(text).rstrip(".")
+            if MODEL_LOAD_RE.search(text):
                 return PodProblem("ModelLoadFailed", name, (
                     f"pod {name}: the engine could not load the model: {said}. Check spec.model.uri, "
                     "spec.model.revision and spec.model.credentialsSecretRef"))

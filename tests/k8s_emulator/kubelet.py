@@ -10,7 +10,10 @@ kubelet finishes the deletion. Further containers and init containers are not ru
 running and ready. Volumes are not mounted: the process sees the host's filesystem, except that args and
 env values naming a path under an emptyDir or persistentVolumeClaim mountPath are rewritten to a local
 directory (podenv).
-The termination message of a failed container with FallbackToLogsOnError is the tail of its log.
+The termination message file (terminationMessagePath, default /dev/termination-log) is a local file
+per pod: args and env values naming the path are rewritten to it, and its content becomes
+state.terminated.message; a failed container with FallbackToLogsOnError that wrote none gets the
+tail of its log.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from .probes import ProbeState, probe_once
 from .store import Store
 
 log = logging.getLogger(__name__)
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"   # the container default
 
 
 @dataclasses.dataclass
@@ -237,7 +241,12 @@ class Kubelet:
                 runtime.ports = {int(p["containerPort"]): podenv.free_port() for p in container.get("ports") or []}
             declared = {v["name"] for v in container.get("env") or []}
             argv, env, rewritten = podenv.remap_ports(argv, env, declared, runtime.ports)
-            argv, env = podenv.remap_paths(argv, env, declared, podenv.volume_dirs(pod, container, self.workdir))
+            mounts = podenv.volume_dirs(pod, container, self.workdir)
+            # the termination message file: a fresh local file per start, named by the same rewrite
+            termination = self.workdir / "pods" / f"{runtime.namespace}_{runtime.name}.termination-log"
+            termination.write_bytes(b"")
+            mounts[container.get("terminationMessagePath") or TERMINATION_MESSAGE_PATH] = str(termination)
+            argv, env = podenv.remap_paths(argv, env, declared, mounts)
             if runtime.ports and not rewritten:  # it will listen on the container port itself
                 runtime.ports = {p: p for p in runtime.ports}
             with open(runtime.log_path, "ab") as logfile:
@@ -261,11 +270,16 @@ class Kubelet:
             finished = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
                                        "startedAt": runtime.state.get("running", {}).get("startedAt"),
                                        "finishedAt": now()}}
-            if code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            # as a kubelet: the file's content (4 KiB) wins; with FallbackToLogsOnError a failed
+            # container that wrote none gets the tail of its log
+            message = termination.read_bytes()[:4096].decode(errors="replace")
+            if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
                 with open(runtime.log_path, "rb") as logfile:
                     logfile.seek(runtime.log_offset)
                     tail = "\n".join(logfile.read().decode(errors="replace").splitlines()[-80:])
-                finished["terminated"]["message"] = tail[-2048:]
+                message = tail[-2048:]
+            if message:
+                finished["terminated"]["message"] = message
             runtime.started = runtime.ready = False
             policy = pod["spec"].get("restartPolicy", "Always")
             if policy == "Never" or (policy == "OnFailure" and code == 0):

@@ -68,7 +68,7 @@ def _t(group: str, version: str, plural: str, kind: str, namespaced: bool = True
 BUILTIN_TYPES: tuple[ResourceType, ...] = (
     _t("", "v1", "namespaces", "Namespace", namespaced=False, short=("ns",), subs=("status", "finalize")),
     _t("", "v1", "nodes", "Node", namespaced=False, short=("no",), subs=("status",)),
-    _t("", "v1", "pods", "Pod", short=("po",), subs=("status", "log")),
+    _t("", "v1", "pods", "Pod", short=("po",), subs=("status", "log", "proxy")),
     _t("", "v1", "services", "Service", short=("svc",), subs=("status", "proxy")),
     _t("", "v1", "endpoints", "Endpoints", short=("ep",)),
     _t("", "v1", "events", "Event", short=("ev",)),

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from . import scale
 from .errors import ApiError
+from .faults import Faults
 from .patching import APPLY_YAML
 from .store import Store
 from .watch import WatchHub, serve_watch
@@ -41,6 +42,7 @@ class ApiServer:
         self.proxy: Proxy | None = None  # set by the kubelet: forwards to a pod's local port
         self.logs: Logs | None = None  # set by the kubelet: a container's log text
         self.requests: collections.deque[str] = collections.deque(maxlen=400)  # "METHOD path -> code"
+        self.faults: Faults | None = None  # injected failures (faults.py); None: every request served
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -51,6 +53,9 @@ class ApiServer:
         try:
             if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
                 raise ApiError(401, "Unauthorized", "Unauthorized")
+            fault = self.faults.pick(request) if self.faults is not None else None
+            if fault is not None:
+                raise fault
             response = await self._dispatch(request)
         except ApiError as e:
             response = _json(e.status(), e.code)

@@ -19,8 +19,19 @@ def make_settings(**overrides) -> OperatorSettings:
     return OperatorSettings(engine_image="registry.example/kubeinfer:test", **overrides)
 
 
-def make_spec(spec: dict | None = None, name: str = "llm", namespace: str = "ns"):
-    return parse_spec(name, namespace, spec or {}, default_image="registry.example/kubeinfer:test")
+def with_model(spec: dict | None) -> dict:
+    """`spec` with spec.model.uri "default" unless it names one (the field is required)."""
+    spec = dict(spec or {})
+    if isinstance(spec.get("model", {}), dict):
+        spec["model"] = {"uri": "default", **spec.get("model", {})}
+    return spec
+
+
+def make_spec(spec: dict | None = None, name: str = "llm", namespace: str = "ns",
+              pipeline_supported: bool = True):
+    """A parsed spec; pipeline > 1 is accepted, so the multi-pod rendering stays tested."""
+    return parse_spec(name, namespace, with_model(spec), default_image="registry.example/kubeinfer:test",
+                      pipeline_supported=pipeline_supported)
 
 
 def example_docs(filename: str) -> list[dict]:
@@ -32,7 +43,7 @@ def inference_service(spec: dict | None = None, name: str = "llm", namespace: st
                       uid: str = "uid-1", generation: int = 1) -> dict:
     return {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "InferenceService",
             "metadata": {"name": name, "namespace": namespace, "uid": uid, "generation": generation},
-            "spec": spec or {}}
+            "spec": with_model(spec)}
 
 
 _PLURALS = {plural: kind for kind, (_, plural) in RESOURCES.items()}

@@ -274,3 +274,32 @@ def test_patch_carries_the_resource_version_so_a_newer_spec_wins():
     with pytest.raises(ApiError) as e:
         scaler.tick(stale)
     assert e.value.status == 409
+
+
+def test_scrape_via_apiserver_reads_the_pods_proxy():
+    from kubeinfer.operator.autoscale import Autoscaler, proxy_path
+    from tests.operator.helpers import FakeApi, inference_service
+
+    class ProxyApi(FakeApi):
+        def __init__(self):
+            super().__init__()
+            self.paths = []
+
+        def request_text(self, path):
+            self.paths.append(path)
+            return 'vllm:num_requests_running{model_name="m"} 5\nvllm:num_requests_waiting{model_name="m"} 4\n'
+
+    api = ProxyApi()
+    api.put_object(inference_service({"replicas": 1, "autoscaling": {"maxReplicas": 4, "targetRequests": 3}}))
+    api.put_object({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "llm-a", "namespace": "ns",
+        "labels": {"app.kubernetes.io/name": "kubeinfer", "kubeinfer.io/inferenceservice": "llm"}},
+        "status": {"podIP": "10.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]}})
+
+    def no_direct_scrape(ip):
+        raise AssertionError("pod-ip scraping in apiserver mode")
+
+    scaler = Autoscaler(api, "img", scrape=no_direct_scrape, scrape_via="apiserver")
+    tick = scaler.tick(api.objects[("InferenceService", "ns", "llm")])
+    assert api.paths == [proxy_path("ns", "llm-a")] == ["/api/v1/namespaces/ns/pods/llm-a:8000/proxy/metrics"]
+    assert (tick.load, tick.decision.replicas) == (9, 3)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from kubeinfer.operator.apply import RESOURCES
-from kubeinfer.operator.handlers import CHILDREN
+from kubeinfer.operator.handlers import CHILDREN, LWS
 from kubeinfer.operator.reconcile import CHILD_KINDS
 from tests.operator.helpers import ROOT
 
@@ -33,32 +33,78 @@ def test_helm_lint_is_clean():
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
-def test_chart_ships_the_crd_unchanged():
+def test_the_crd_is_a_kept_template_equal_to_crds():
+    # a template, so `helm upgrade` upgrades it (crds/ is installed once, never upgraded); kept on
+    # uninstall, so removing the chart never deletes every InferenceService
     with helm.Chart.load(CHART) as chart:
-        crds = chart.crds
-    assert len(crds) == 1
-    assert yaml.safe_load(crds[0]["data"]) == yaml.safe_load((ROOT / "crds" / "inferenceservice.yaml").read_text())
+        assert chart.crds == []
+    [crd] = [d for d in template() if d["kind"] == "CustomResourceDefinition"]
+    source = yaml.safe_load((ROOT / "crds" / "inferenceservice.yaml").read_text())
+    assert crd["spec"] == source["spec"] and crd["metadata"]["name"] == source["metadata"]["name"]
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    kubernetes_validate.validate(crd, "1.33.0", strict=True)
+    assert not [d for d in template({"crds": {"install": False}}) if d["kind"] == "CustomResourceDefinition"]
 
 
 def test_default_install():
     docs = template()
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Role",
+                     "RoleBinding", "ServiceAccount"]
     for d in docs:
         kubernetes_validate.validate(d, "1.33.0", strict=True)
     dep = next(d for d in docs if d["kind"] == "Deployment")
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    # leader election on: several replicas and rolling updates are safe
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["command"] == ["kubeinfer"] and c["args"] == ["operator"]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
     assert env["KUBEINFER_WATCH_NAMESPACES"] == ""
     assert env["KUBEINFER_ENGINE_IMAGE"] == c["image"] == "ghcr.io/kubeinfer/kubeinfer:0.1.0"
+    assert env["KUBEINFER_LEADER_ELECTION_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["KUBEINFER_METRICS_PORT"] == "8081" and env["KUBEINFER_SCRAPE_VIA"] == "pod-ip"
+    assert c["ports"] == [{"name": "healthz", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 8081, "protocol": "TCP"}]
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8081"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["allowPrivilegeEscalation"] is False
     binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
                                     "namespace": "kubeinfer-system"}]
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["metadata"]["namespace"] == "kubeinfer-system"
+    assert _grants(role["rules"]) == {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+
+
+def test_ports_zero_render_no_port_and_no_probe():
+    for values, names in (({"livenessPort": 0}, ["metrics"]), ({"metricsPort": 0}, ["healthz"]),
+                          ({"livenessPort": 0, "metricsPort": 0}, [])):
+        dep = next(d for d in template(values) if d["kind"] == "Deployment")
+        kubernetes_validate.validate(dep, "1.33.0", strict=True)
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        assert [p["name"] for p in c.get("ports", [])] == names
+        assert all(p["containerPort"] > 0 for p in c.get("ports", []))
+        assert ("livenessProbe" in c) == ("healthz" in names)
+
+
+def test_without_leader_election_one_replica_and_recreate():
+    docs = template({"leaderElection": {"enabled": False}, "replicaCount": 3})
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    env = [e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert "KUBEINFER_LEADER_ELECTION_NAMESPACE" not in env
+    assert not [d for d in docs if d["kind"] == "Role"]
+    two = next(d for d in template({"replicaCount": 2}) if d["kind"] == "Deployment")
+    assert two["spec"]["replicas"] == 2
+
+
+def test_scrape_via_apiserver_grants_pods_proxy():
+    role = next(d for d in template({"autoscaling": {"scrapeVia": "apiserver"}}) if d["kind"] == "ClusterRole")
+    assert _grants(role["rules"])[("", "pods/proxy")] == {"get"}
+    dep = next(d for d in template({"autoscaling": {"scrapeVia": "apiserver"}}) if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBEINFER_SCRAPE_VIA"] == "apiserver"
 
 
 def test_watched_namespaces_get_roles_not_a_cluster_role():
@@ -67,11 +113,12 @@ def test_watched_namespaces_get_roles_not_a_cluster_role():
     kinds = sorted((d["kind"], d["metadata"].get("namespace")) for d in docs)
     assert ("ClusterRole", None) not in kinds
     assert [k for k in kinds if k[0] in ("Role", "RoleBinding")] == [
-        ("Role", "team-a"), ("Role", "team-b"), ("RoleBinding", "team-a"), ("RoleBinding", "team-b")]
+        ("Role", "kubeinfer-system"), ("Role", "team-a"), ("Role", "team-b"),
+        ("RoleBinding", "kubeinfer-system"), ("RoleBinding", "team-a"), ("RoleBinding", "team-b")]
     for d in docs:
         kubernetes_validate.validate(d, "1.33.0", strict=True)
     c = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["KUBEINFER_WATCH_NAMESPACES"] == "team-a,team-b"
     assert env["KUBEINFER_ENGINE_IMAGE"] == "reg/engine:9" and c["image"] == "ghcr.io/kubeinfer/kubeinfer:1.2.3"
     assert env["KUBEINFER_RESYNC_SECONDS"] == "30"
@@ -91,7 +138,7 @@ def test_rbac_is_least_privilege():
     grants = _grants(role["rules"])
     assert not any("*" in verbs for verbs in grants.values())
     writes = {"get", "list", "create", "update", "delete"}
-    watched = {(g, p) for g, _, p in CHILDREN}
+    watched = {(g, p) for g, _, p in (*CHILDREN, LWS)}
     for kind in (*CHILD_KINDS, "LeaderWorkerSet"):   # apply.py: list, get, create, update (PUT), delete
         prefix, plural = RESOURCES[kind]
         group = "" if prefix == "/api/v1" else prefix.split("/")[2]

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kubeinfer.operator import cli
+from kubeinfer.operator import spec as spec_module
 from tests.operator.helpers import EXAMPLES, ROOT
 
 
@@ -29,7 +30,6 @@ def render(argv: list[str], capsys) -> tuple[int, str, str]:
     ("cpu.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
     ("embeddings.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
     ("multi-gpu.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
-    ("multi-node.yaml", ["StatefulSet", "Service", "Service", "PodDisruptionBudget"]),
 ])
 def test_render_examples(example, kinds, capsys):
     rc, out, err = render(["-f", str(EXAMPLES / example)], capsys)
@@ -39,8 +39,27 @@ def test_render_examples(example, kinds, capsys):
     assert out.startswith("# kubeinfer render:")
 
 
-def test_render_leaderworkerset_flag(capsys):
-    rc, out, _ = render(["-f", str(EXAMPLES / "multi-node.yaml"), "--leaderworkerset"], capsys)
+MULTI_NODE = """\
+apiVersion: kubeinfer.io/v1alpha1
+kind: InferenceService
+metadata: {name: big}
+spec:
+  model: {uri: "hf://org/big"}
+  parallelism: {tensor: 8, pipeline: 2}
+"""
+
+
+def test_render_refuses_pipeline_parallelism(tmp_path, capsys):
+    (tmp_path / "mn.yaml").write_text(MULTI_NODE)
+    rc, out, err = render(["-f", str(tmp_path / "mn.yaml")], capsys)
+    assert rc == 1 and out == ""
+    assert "spec.parallelism.pipeline: got 2; pipeline parallelism is not supported" in err
+
+
+def test_render_leaderworkerset_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(spec_module, "PIPELINE_SUPPORTED", True)   # for when the engine runs it
+    (tmp_path / "mn.yaml").write_text(MULTI_NODE)
+    rc, out, _ = render(["-f", str(tmp_path / "mn.yaml"), "--leaderworkerset"], capsys)
     assert rc == 0 and next(yaml.safe_load_all(out))["kind"] == "LeaderWorkerSet"
 
 
@@ -125,3 +144,25 @@ def test_operator_settings_from_env(monkeypatch):
     assert cli._settings(parse(["operator", "-n", "z"])).namespaces == ("z",)   # flags win
     monkeypatch.setenv("KUBEINFER_RESYNC_SECONDS", "0")
     assert cli.run_operator(parse(["operator"])) == 2
+
+
+def test_hardening_flags_and_environment(monkeypatch, capsys):
+    s = cli._settings(parse(["operator", "--metrics-port", "9100", "--leader-election-namespace", "ops",
+                             "--scrape-via", "apiserver"]))
+    assert (s.metrics_port, s.leader_election_namespace, s.scrape_via) == (9100, "ops", "apiserver")
+    defaults = cli._settings(parse(["operator"]))
+    assert (defaults.metrics_port, defaults.leader_election_namespace, defaults.scrape_via) == (8081, "", "pod-ip")
+    monkeypatch.setenv("KUBEINFER_LEADER_ELECTION_NAMESPACE", "kubeinfer-system")
+    monkeypatch.setenv("KUBEINFER_METRICS_PORT", "0")
+    s = cli._settings(parse(["operator"]))
+    assert (s.leader_election_namespace, s.metrics_port) == ("kubeinfer-system", 0)
+    with pytest.raises(SystemExit):
+        parse(["operator", "--scrape-via", "carrier-pigeon"])
+    # errors a user can make get a message, not a traceback
+    monkeypatch.setenv("KUBEINFER_METRICS_PORT", "8080")
+    assert cli.run_operator(parse(["operator"])) == 2
+    assert "metrics port and the liveness port are both 8080" in capsys.readouterr().err
+    monkeypatch.setenv("KUBEINFER_METRICS_PORT", "0")
+    monkeypatch.setenv("KUBEINFER_SCRAPE_VIA", "smoke-signals")
+    assert cli.run_operator(parse(["operator"])) == 2
+    assert "scrape via must be one of pod-ip, apiserver" in capsys.readouterr().err

@@ -52,8 +52,7 @@ def test_schema_is_structural():
     assert _structural(schema.load_schema()) == []
 
 
-@pytest.mark.parametrize("example", ["inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml", "multi-node.yaml",
-                                     "embeddings.yaml"])
+@pytest.mark.parametrize("example", ["inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml", "embeddings.yaml"])
 def test_examples_pass_the_schema(example):
     for doc in example_docs(example):
         defaulted, problems = schema.validate(doc)
@@ -63,7 +62,8 @@ def test_examples_pass_the_schema(example):
 
 def test_schema_defaults():
     defaulted, problems = schema.validate({"apiVersion": "kubeinfer.io/v1alpha1", "kind": "InferenceService",
-                                           "metadata": {"name": "x"}, "spec": {"apiKeySecretRef": {"name": "k"}}})
+                                           "metadata": {"name": "x"},
+                                           "spec": {"model": {"uri": "default"}, "apiKeySecretRef": {"name": "k"}}})
     assert problems == []
     assert defaulted["spec"] == {
         "model": {"uri": "default"}, "engine": {}, "accelerator": "nvidia.com/gpu",
@@ -72,6 +72,9 @@ def test_schema_defaults():
 
 
 REJECTED = [
+    ({}, "spec.model"),                               # no default model: a typo must not deploy SmolLM2
+    ({"model": {"url": "hf://a/b"}}, "spec.model.uri"),
+    ({"model": {"uri": "default"}, "parallelism": {"pipeline": 65}}, "spec.parallelism.pipeline"),
     ({"replicas": -1}, "spec.replicas"),
     ({"model": {"uri": "s3://bucket/m"}}, "spec.model.uri"),
     ({"model": {"uri": "hf://only-one-part"}}, "spec.model.uri"),
@@ -101,7 +104,7 @@ def test_schema_rejects(spec, field):
 
 def _all_renders():
     cases = [(f, doc["spec"], False) for f in ("inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml",
-                                               "multi-node.yaml", "embeddings.yaml")
+                                               "embeddings.yaml")
              for doc in example_docs(f)]
     cases += [("pvc", {"model": {"uri": "pvc://weights/m"}, "apiKeySecretRef": {"name": "k"}}, False),
               ("pipeline+lws", {"parallelism": {"tensor": 2, "pipeline": 2}, "replicas": 2}, True)]
@@ -125,4 +128,4 @@ def test_rendered_manifests_pass_kubernetes_validate(name, spec, lws):
 
 def test_examples_are_what_render_reads():
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == \
-        ["cpu.yaml", "embeddings.yaml", "inferenceservice.yaml", "multi-gpu.yaml", "multi-node.yaml"]
+        ["cpu.yaml", "embeddings.yaml", "inferenceservice.yaml", "multi-gpu.yaml"]

@@ -35,8 +35,10 @@ def test_registered_handlers():
     changing = registry._changing.get_all_handlers()
     assert {(h.selector.group, h.selector.version, h.selector.any_name) for h in changing} == \
         {("kubeinfer.io", "v1alpha1", "inferenceservices")}
-    assert {h.id for h in changing} == {"reconcile"}
-    assert {h.reason for h in changing} == {"create", "update", None}   # None: resume
+    assert {(h.id, h.reason) for h in changing} == {
+        ("reconcile", "create"), ("reconcile", "update"), ("reconcile", None), ("forget", "delete")}
+    forget = next(h for h in changing if h.id == "forget")
+    assert forget.requires_finalizer is False   # optional: it only drops in-memory state
     assert [h.id for h in registry._activities.get_all_handlers()] == ["login"]   # no default login otherwise
     timers = {t.id: t for t in registry._spawning.get_all_handlers()}
     assert {i: t.interval for i, t in timers.items()} == {"resync": 2, "autoscale": handlers.AUTOSCALE_TICK}
@@ -45,10 +47,13 @@ def test_registered_handlers():
     assert watched == {
         ("child-deployments", "apps", "deployments"), ("child-statefulsets", "apps", "statefulsets"),
         ("child-services", "", "services"), ("child-poddisruptionbudgets", "policy", "poddisruptionbudgets"),
+        ("child-leaderworkersets", "leaderworkerset.x-k8s.io", "leaderworkersets"),
         ("status-pods", "", "pods"), ("status-deployments", "apps", "deployments"),
         ("status-statefulsets", "apps", "statefulsets")}
     for h in registry._watching.get_all_handlers():
         assert h.labels == {"app.kubernetes.io/managed-by": "kubeinfer-operator"}
+    off = handlers.build_registry(make_settings(leaderworkerset="off"), api=FakeApi())
+    assert "child-leaderworkersets" not in {h.id for h in off._watching.get_all_handlers()}
 
 
 def test_kopf_settings():
@@ -57,16 +62,20 @@ def test_kopf_settings():
     assert s.persistence.progress_storage.prefix == "kubeinfer.io"
     assert s.persistence.finalizer == "kubeinfer.io/finalizer"
     assert s.posting.level == logging.WARNING
-    assert list(s.watching.label_selectors.values()) == ["app.kubernetes.io/managed-by=kubeinfer-operator"]
-    assert [(k.group, k.version, k.any_name) for k in s.watching.label_selectors] == [("", "v1", "pods")]
+    # every watch is filtered by the API server on the operator's label, not cluster-wide
+    selectors = {(k.group, k.any_name): v for k, v in s.watching.label_selectors.items()}
+    assert selectors == {(g, p): "app.kubernetes.io/managed-by=kubeinfer-operator" for g, p in (
+        ("", "pods"), ("apps", "deployments"), ("apps", "statefulsets"), ("", "services"),
+        ("policy", "poddisruptionbudgets"), ("leaderworkerset.x-k8s.io", "leaderworkersets"))}
+    assert max(s.networking.error_backoffs) <= 5
     assert handlers._run_kwargs(make_settings()) == {
         "standalone": True, "clusterwide": True, "liveness_endpoint": "http://0.0.0.0:8080/healthz"}
     assert handlers._run_kwargs(make_settings(namespaces=("a",), liveness_port=0)) == {
         "standalone": True, "namespaces": ["a"]}
 
 
-def test_retry_delay_backs_off():
-    assert [handlers.retry_delay(r) for r in (0, 1, 2, 5, 50)] == [1, 2, 4, 32, 60]
+def test_retry_delay_is_short():
+    assert [handlers.retry_delay(r) for r in (0, 1, 2, 3, 50)] == [1, 2, 4, 5, 5]
 
 
 def test_create_patches_status_and_posts_events(events):
@@ -90,25 +99,63 @@ def test_invalid_spec_is_permanent_on_change_but_not_in_the_timer(events):
     assert events == [] and "status" not in p2     # nothing new: no event, no patch, no error
 
 
-def test_api_errors_are_temporary(events):
+def test_api_errors_apply_the_rest_and_retry_soon(events):
     api = FakeApi()
     api.fail[("GET", "Deployment")] = ApiError(500, "InternalError", "etcd timeout")
     on_change = handler(handlers.build_registry(make_settings(), api=api), "reconcile")
+    patch = kopf.Patch()
     with pytest.raises(kopf.TemporaryError) as info:
-        on_change(body=inference_service(), patch=kopf.Patch(), logger=logging.getLogger(), retry=3)
-    assert info.value.delay == 8
+        on_change(body=inference_service(), patch=patch, logger=logging.getLogger(), retry=3)
+    assert info.value.delay == 5
+    assert "InferenceService ns/llm" in str(info.value) and "list Deployments: 500" in str(info.value)
+    # what could be applied was, and recorded
+    assert api.kinds() == [("PodDisruptionBudget", "llm"), ("Service", "llm")]
+    assert events.count(("Normal", "Created")) == 2 and patch["status"]["phase"] == "Pending"
+    with pytest.raises(kopf.TemporaryError):   # the resync timer retries soon the same way
+        api.fail[("POST", "Deployment")] = ApiError(503, "ServiceUnavailable", "try later")
+        handler(handlers.build_registry(make_settings(), api=api), "resync")(
+            body=inference_service(), patch=kopf.Patch(), logger=logging.getLogger(), retry=0)
+    handler(handlers.build_registry(make_settings(), api=api), "resync")(
+        body=inference_service(), patch=kopf.Patch(), logger=logging.getLogger(), retry=1)
+    assert ("Deployment", "llm") in api.kinds()
 
 
-def test_deleted_child_is_recreated_at_once():
+def test_deleted_child_is_recreated_with_events_and_status(events):
     api = FakeApi()
+    body = reconciled(api, events)
+    status_before = dict(body["status"])
+    del api.objects[("Service", "ns", "llm")]
     registry = handlers.build_registry(make_settings(), api=api)
-    body = inference_service()
-    api.put_object(body)
-    on_event = handler(registry, "child-services")
-    on_event(type="DELETED", body={"kind": "Service", "metadata": {
+    api.calls.clear()
+    handler(registry, "child-services")(type="DELETED", body={"kind": "Service", "metadata": {
         "name": "llm", "namespace": "ns", "labels": {"kubeinfer.io/inferenceservice": "llm"}}},
         logger=logging.getLogger())
     assert ("Service", "llm") in api.kinds()
+    assert events == [("Normal", "Created")]   # the restore is visible in `kubectl describe`
+    assert status_before["phase"] == "Pending"
+    # the status was already right: no patch; now change what it depends on and restore again
+    assert not [c for c in api.calls if c[0] == "PATCH"]
+    engine_pod(api, "llm-a", ready=True)
+    del api.objects[("Service", "ns", "llm")]
+    handler(registry, "child-services")(type="DELETED", body={"kind": "Service", "metadata": {
+        "name": "llm", "namespace": "ns", "labels": {"kubeinfer.io/inferenceservice": "llm"}}},
+        logger=logging.getLogger())
+    assert api.objects[("InferenceService", "ns", "llm")]["status"]["phase"] == "Ready"
+    assert ("PATCH", "/apis/kubeinfer.io/v1alpha1/namespaces/ns/inferenceservices/llm/status") in api.calls
+
+
+def test_a_failed_restore_names_the_inference_service_and_the_child(events, caplog):
+    api = FakeApi()
+    reconciled(api, events)
+    del api.objects[("Service", "ns", "llm")]
+    api.fail[("POST", "Service")] = ApiError(500, "InternalError", "etcd timeout")
+    with caplog.at_level(logging.WARNING):
+        handler(handlers.build_registry(make_settings(), api=api), "child-services")(
+            type="DELETED", body={"kind": "Service", "metadata": {
+                "name": "llm", "namespace": "ns", "labels": {"kubeinfer.io/inferenceservice": "llm"}}},
+            logger=logging.getLogger())
+    assert "InferenceService ns/llm: restoring the deleted Service llm" in caplog.text
+    assert "create Service llm: 500 InternalError: etcd timeout" in caplog.text
 
 
 # --- status on pod and workload events ---------------------------------------------------------------

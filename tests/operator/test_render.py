@@ -56,6 +56,9 @@ def check_gpu_default(objs):
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 1000
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    # the engine writes its start-up error where the kubelet reads the termination message
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert {"name": "KUBEINFER_TERMINATION_LOG", "value": "/dev/termination-log"} in c["env"]
     assert pod["automountServiceAccountToken"] is False
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert labels[LABEL_IS] == "llm" and len(labels[LABEL_HASH]) == 16

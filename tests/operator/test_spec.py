@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubeinfer.operator.spec import InvalidSpec, Problem
+from kubeinfer.operator.spec import InvalidSpec, Problem, parse_spec
 from tests.operator.helpers import make_spec
 
 
@@ -16,6 +16,24 @@ def test_defaults():
     assert spec.engine.image == "registry.example/kubeinfer:test"
     assert spec.termination_grace_period_seconds == 120
     assert spec.api_key is None and spec.model.credentials is None
+
+
+def test_model_uri_is_required():
+    # a typo must not deploy the demo model: spec.model.url, spec.modle, or no model at all
+    for spec in ({}, {"model": {}}, {"model": {"url": "hf://a/b"}}, {"modle": {"uri": "hf://a/b"}}):
+        with pytest.raises(InvalidSpec) as info:
+            parse_spec("llm", "ns", spec, default_image="i")
+        problem = next(p for p in info.value.problems if p.field == "spec.model.uri")
+        assert "is required" in str(problem) and "'default'" in str(problem), problem
+
+
+def test_pipeline_parallelism_is_refused_until_the_engine_runs_it():
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec("llm", "ns", {"model": {"uri": "default"}, "parallelism": {"pipeline": 2}}, default_image="i")
+    text = str(info.value)
+    assert "spec.parallelism.pipeline: got 2" in text and "spec.parallelism.tensor" in text
+    assert parse_spec("llm", "ns", {"model": {"uri": "default"}, "parallelism": {"pipeline": 1}},
+                      default_image="i").pipeline == 1
 
 
 def test_secret_ref_keys_default_and_override():

@@ -43,8 +43,24 @@ def cond(status, type_):
 GPU_MSG = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available"
 LOAD_FAIL = ("INFO loading model x\nerror: could not load model 'Qwen/Nope': 404 Client Error. "
              "Repository Not Found for url: https://huggingface.co/api/models/Qwen/Nope")
+# what the engine writes to /dev/termination-log (the kubelet's terminated.message wins over the logs)
+MISSING_HUB_MODEL = ("kubeinfer serve: start-up failed\nmodel 'no-such-org/no-such-model' was not found on "
+                     "the Hugging Face Hub\n(401 Client Error)\n")
 CASES = [
     # (name, pods, spec, phase, Ready reason, words in the Ready message)
+    ("engine's termination message: missing hub model",
+     [pod(waiting={"reason": "CrashLoopBackOff"}, restarts=2,
+          last={"exitCode": 1, "reason": "Error", "message": MISSING_HUB_MODEL})], {},
+     "Failed", "ModelLoadFailed", ["the engine could not start: model 'no-such-org/no-such-model' was not found "
+                                   "on the Hugging Face Hub (401 Client Error)", "spec.model.uri"]),
+    ("engine's termination message, first exit, any wording",
+     [pod(terminated={"exitCode": 1, "reason": "Error",
+                      "message": "kubeinfer serve: start-up failed\nsomething new went wrong"})], {},
+     "Failed", "ModelLoadFailed", ["something new went wrong", "spec.engine.args"]),
+    ("an unmarked message with no model words is a crash",
+     [pod(waiting={"reason": "CrashLoopBackOff"}, restarts=2,
+          last={"exitCode": 1, "message": "Traceback ...\nRuntimeError: CUDA error: an illegal memory access"})],
+     {}, "Failed", "CrashLoop", ["illegal memory access"]),
     ("no pods yet", [], {}, "Pending", "Pending", ["0/1 replicas ready"]),
     ("insufficient gpu", [pod(phase="Pending", scheduled=False, unschedulable=GPU_MSG)], {},
      "Pending", "InsufficientGPU", ["Insufficient nvidia.com/gpu", "cluster autoscaler", "spec.parallelism.tensor"]),

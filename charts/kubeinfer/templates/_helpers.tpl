@@ -59,10 +59,15 @@ The operator's permissions: exactly the verbs kubeinfer/operator/apply.py and ko
   verbs: ["get", "list", "watch", "create", "update", "delete"]
 - apiGroups: ["leaderworkerset.x-k8s.io"]
   resources: ["leaderworkersets"]
-  verbs: ["get", "list", "create", "update", "delete"]
+  verbs: ["get", "list", "watch", "create", "update", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]                      # status: which pods are ready, and why not
+{{- if eq .Values.autoscaling.scrapeVia "apiserver" }}
+- apiGroups: [""]
+  resources: ["pods/proxy"]
+  verbs: ["get"]                                # spec.autoscaling reads engine /metrics through it
+{{- end }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

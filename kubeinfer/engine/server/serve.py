@@ -18,6 +18,7 @@ import sys
 from kubeinfer.engine.args import EngineArgs, int_arg
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.models.registry import architectures_help
+from kubeinfer.engine.server.termination_log import write_termination_message
 
 API_KEY_ENV = "KUBEINFER_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -62,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
+    write_termination_message(message)
     return 1
 
 
