@@ -161,7 +161,7 @@ class Proxy:
             if endpoint is None:
                 break
             tried.append(endpoint.address)
-            last = attempt == 1 or self._choose(backend, key, tried) is None
+            last = attempt == 1 or all(e.address in tried for e in backend.endpoints)
             try:
                 return await self._send(backend, endpoint, request.method, url_path, headers, body, last)
             except _Retry as e:
