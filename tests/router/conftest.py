@@ -62,8 +62,8 @@ class MutableSource:
 
 
 class RunningRouter:
-    def __init__(self, config: RouterConfig, backends: list[Backend] | None) -> None:
-        self.source = MutableSource(backends)
+    def __init__(self, config: RouterConfig, backends: list[Backend] | None, source=None) -> None:
+        self.source = source or MutableSource(backends)
         self.app = build_app(config, self.source)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=config.port,
                                                     log_level="warning", timeout_graceful_shutdown=1))
@@ -92,8 +92,8 @@ class RunningRouter:
 def make_router():
     started: list[RunningRouter] = []
 
-    def make(backends: list[Backend] | None, **config) -> RunningRouter:
-        r = RunningRouter(RouterConfig(port=free_port(), **config), backends).start()
+    def make(backends: list[Backend] | None, source=None, **config) -> RunningRouter:
+        r = RunningRouter(RouterConfig(port=free_port(), **config), backends, source).start()
         started.append(r)
         return r
 
