@@ -26,8 +26,9 @@ The contract with the operator (the operator's side is not built yet; see docs/a
     kubeinfer_router_queued_requests{model, namespace, inferenceservice} on GET /metrics
   The operator's autoscaler should add `held` (and the router's `in_flight`, when it prefers the
   router's view to the pods' vllm:num_requests_*) to an InferenceService's load, and scale from 0
-  to at least 1 when held > 0. The router's Service is `<release>-kubeinfer-router` (or the
-  chart's `router.fullnameOverride`) on port 8080 of the router's namespace.
+  to at least 1 when held > 0. The chart names the router's Service like the operator's
+  Deployment with `-router` for `-operator` (`kubeinfer-router` for a release named kubeinfer;
+  `router.fullnameOverride` sets it), port 8080, in the release's namespace.
 - A held request waits up to --max-queue-wait seconds (503 with Retry-After after that) and is
   forwarded as soon as an EndpointSlice lists a ready replica.
 """
