@@ -150,3 +150,17 @@ def test_only_one_retry_then_503(make_router, make_upstream):
         r = http.post("/v1/chat/completions", json=chat("alpha"))
     # the second replica's own 503 is the answer: it may carry the replica's reason
     assert r.status_code == 503 and len(a.behaviour.bodies) + len(b.behaviour.bodies) == 2
+
+
+def test_a_client_that_leaves_while_held_is_no_longer_counted(make_router):
+    router = make_router([backend("alpha")], max_queue_wait=60)
+    with ThreadPoolExecutor(1) as pool, router.http() as http:
+        # the client gives up after 2 s: its connection closes while the router holds it
+        gone = pool.submit(lambda: httpx.post(router.base_url + "/v1/chat/completions", json=chat("alpha"),
+                                              timeout=2))
+        wait_for(lambda: http.get("/queue").json()["models"][0]["held"] == 1, "a held request")
+        with pytest.raises(httpx.TimeoutException):
+            gone.result()
+        wait_for(lambda: http.get("/queue").json()["models"][0]["held"] == 0, "the held count to drop")
+        wait_for(lambda: 'kubeinfer_router_requests_total{code="499",model="alpha"} 1.0' in http.get("/metrics").text,
+                 "the request counted as gone")
