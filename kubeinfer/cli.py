@@ -1,4 +1,4 @@
-"""`kubeinfer serve | operator | render | bench`. Each subcommand lives beside what it runs."""
+"""`kubeinfer serve | operator | render | bench | router`. Each subcommand lives beside what it runs."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ _SUBCOMMAND_MODULES = (
     "kubeinfer.engine.server.serve",
     "kubeinfer.operator.cli",
     "kubeinfer.bench",
+    "kubeinfer.router.cli",
 )
 
 
