@@ -58,9 +58,9 @@ def build_attention_arrays(num_computed: Sequence[int], query_lens: Sequence[int
     positions = (np.arange(int(query_start_loc[-1]), dtype=np.int64)
                  - query_start_loc[:-1].astype(np.int64)[req_of_token] + starts[req_of_token])
     width = max(min_table_width, max((len(t) for t in block_tables), default=1), 1)
-    tables = np.zeros((num_reqs, width), dtype=np.int32)
-    for r, t in enumerate(block_tables):
-        tables[r, :len(t)] = t
+    # padded lists and one conversion: per-row numpy writes cost more in Python
+    tables = np.array([list(t) + [0] * (width - len(t)) for t in block_tables],
+                      dtype=np.int32).reshape(num_reqs, width)
     slot_mapping = (tables[req_of_token, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
     seq_lens = (starts + lens).astype(np.int32)
