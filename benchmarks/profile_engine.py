@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kubeinfer.engine import model_runner as mr  # noqa: E402
+from kubeinfer.engine.input_batch import InputBatch  # noqa: E402
 from kubeinfer.engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,  # noqa: E402
                                      ParallelConfig, SchedulerConfig)
 from kubeinfer.engine.llm_engine import LLMEngine  # noqa: E402
@@ -65,11 +66,12 @@ def main() -> None:
     engine = LLMEngine(cfg)
     runner = engine.runner
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine.scheduler.update = timed("update", engine.scheduler.update)
+    engine.scheduler.resolve = timed("update", engine.scheduler.resolve)
     runner._forward = timed("forward", runner._forward)
-    mr.build_input_batch = timed("build_inputs", mr.build_input_batch)
+    InputBatch.prepare = timed("build_inputs", InputBatch.prepare)
     runner.model.compute_logits = timed("logits", runner.model.compute_logits)
-    runner.sampler.__class__.__call__ = timed("sample", runner.sampler.__class__.__call__)
+    runner.sampler.sample = timed("sample", runner.sampler.sample)
+    runner.get_output = timed("read_results", runner.get_output)
     mr.SamplingMetadata.build = timed("sampling_meta", mr.SamplingMetadata.build)
     engine.output_processor.process = timed("outputs", engine.output_processor.process)
 

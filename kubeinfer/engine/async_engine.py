@@ -3,20 +3,27 @@
 The engine steps in one background thread (torch releases the GIL during kernels, so the event loop
 keeps serving HTTP meanwhile). Requests and aborts reach it through a thread-safe queue; outputs come
 back to each request's asyncio.Queue via call_soon_threadsafe.
+
+Failures: a request the engine failed on alone (finish_reason "error") ends its stream with
+`RequestFailedError`, whose message is safe to show; the rest go on. Anything else that escapes a
+step leaves the engine in an unknown state, so the thread logs it, ends every open stream with
+`EngineDeadError` and calls `on_fatal`, by default `exit_process`: the process exits non-zero and
+Kubernetes restarts the pod, instead of a live process that answers 503 forever.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, cast
 
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.engine_factory import make_engine
-from kubeinfer.engine.errors import EngineDeadError, RequestError
+from kubeinfer.engine.errors import EngineDeadError, RequestError, RequestFailedError
 from kubeinfer.engine.outputs import EmbeddingOutput, RequestOutput
 from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.protocol import Engine, RunnerType
@@ -27,6 +34,15 @@ if TYPE_CHECKING:
     from kubeinfer.engine.embedding_engine import EmbeddingEngine
 
 logger = logging.getLogger(__name__)
+
+FATAL_GRACE_S = 2.0  # how long the event loop gets to hand the dead-engine errors out before exit
+
+
+def exit_process(error: BaseException) -> None:
+    """The default `AsyncLLM.on_fatal`: flush the logs and end the process with code 1 at once
+    (no interpreter teardown: other threads may be stuck in a collective or a kernel)."""
+    logging.shutdown()
+    os._exit(1)
 
 
 class AsyncLLM:
@@ -48,6 +64,9 @@ class AsyncLLM:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._error: BaseException | None = None
+        # what the engine thread calls after an error it cannot pin on one request; tests
+        # replace it
+        self.on_fatal: Callable[[BaseException], None] = exit_process
 
     @classmethod
     def from_config(cls, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()
@@ -83,7 +102,8 @@ class AsyncLLM:
         iterator early (a client that went away) aborts the request.
         """
         if self._error is not None or self._loop is None:
-            raise EngineDeadError(f"the engine is not running: {self._error!r}")
+            raise EngineDeadError("the engine is not running (it stopped on an internal error, or "
+                                  "was never started); the server is restarting")
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         self.engine.validate_request(prompt_token_ids, params)
@@ -99,6 +119,10 @@ class AsyncLLM:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                if getattr(item, "finish_reason", None) == "error":
+                    raise RequestFailedError(
+                        f"the engine failed while processing request {request_id}; the error is "
+                        "in the server log. Retrying may succeed.")
                 if item.finished:
                     remaining -= 1
                 yield item
@@ -181,9 +205,18 @@ class AsyncLLM:
                     continue
                 for out in engine.step():
                     self._post(out.request_id, out)
-        except BaseException as e:  # the loop must never die silently
-            logger.exception("engine loop failed")
-            self._error = e
-            err = EngineDeadError(f"the engine stopped on an error: {e!r}")
-            for request_id in list(self._streams):
-                self._post(request_id, err)
+        except BaseException as e:  # the loop must never die silently, nor live on broken
+            self._die(e)
+
+    def _die(self, error: BaseException) -> None:
+        logger.critical("the engine loop failed; the process exits so it can be restarted",
+                        exc_info=error)
+        self._error = error
+        dead = EngineDeadError("the engine stopped on an internal error; the server is restarting")
+        for request_id in list(self._streams):
+            self._post(request_id, dead)
+        try:  # let the event loop hand the errors out before the process goes
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0.5), self._loop).result(FATAL_GRACE_S)
+        except Exception:
+            pass
+        self.on_fatal(error)

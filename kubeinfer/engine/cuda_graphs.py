@@ -12,7 +12,7 @@ import logging
 import torch
 
 from kubeinfer.engine.forward_context import AttentionMetadata, set_forward_context
-from kubeinfer.engine.input_batch import InputBatch
+from kubeinfer.engine.input_batch import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class CUDAGraphRunner:
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
-    def can_run(self, batch: InputBatch) -> bool:
+    def can_run(self, batch: StepInputs) -> bool:
         return batch.is_pure_decode and batch.num_reqs <= self.sizes[-1] \
             and batch.block_tables.shape[1] <= self.table_width
 
@@ -73,7 +73,7 @@ class CUDAGraphRunner:
         t = torch.from_numpy(a)
         return t.pin_memory() if self.pin_inputs else t
 
-    def run(self, batch: InputBatch, fill_ids=None) -> torch.Tensor:
+    def run(self, batch: StepInputs, fill_ids=None) -> torch.Tensor:
         """Replay the graph for a pure-decode batch; returns hidden states [num_reqs, hidden].
         `fill_ids(input_ids)` may overwrite input ids on the device first (async scheduling)."""
         num = batch.num_reqs

@@ -1,14 +1,73 @@
-"""The attention metadata of the step being run, read by attention layers.
+"""The attention metadata of the step being run, read by attention layers, and its one builder.
 
 Model code takes `(input_ids, positions)` only; the model runner sets this context around the forward
 pass so the same forward works eagerly and under CUDA graphs (where the tensors are persistent buffers).
+
+`build_attention_arrays` is the only place that turns (tokens already computed, tokens to compute,
+block table) per request into positions, slot mapping and the rest: the runner's persistent batch,
+its profiling and warm-up forwards, and the test fixture that drives a model over the paged cache all
+call it, so they cannot drift apart.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+@dataclass
+class AttentionArrays:
+    """The host-side (numpy) arrays of a step's AttentionMetadata, plus the tokens' positions."""
+
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [R + 1] int32
+    seq_lens: np.ndarray  # [R] int32
+    block_tables: np.ndarray  # [R, W] int32
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_reqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+def build_attention_arrays(num_computed: Sequence[int], query_lens: Sequence[int],
+                           block_tables: Sequence[Sequence[int]], block_size: int,
+                           min_table_width: int = 0) -> AttentionArrays:
+    """Lay R requests end to end: request r computes query_lens[r] tokens at positions
+    num_computed[r], num_computed[r] + 1, ...; its K/V slots come from block_tables[r].
+
+    Args:
+        num_computed: per request, tokens whose K/V is already in the cache.
+        query_lens: per request, tokens computed this step (at least 1).
+        block_tables: per request, its block ids (covering every position computed).
+        block_size: tokens per block.
+        min_table_width: pad the block-table width up to this (CUDA graphs use a fixed width).
+    """
+    num_reqs = len(query_lens)
+    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    starts = np.asarray(num_computed, dtype=np.int64)
+    lens = np.asarray(query_lens, dtype=np.int64)
+    # positions: each request's run start..start+n-1, for every token at once
+    req_of_token = np.repeat(np.arange(num_reqs), lens)
+    positions = (np.arange(int(query_start_loc[-1]), dtype=np.int64)
+                 - query_start_loc[:-1].astype(np.int64)[req_of_token] + starts[req_of_token])
+    width = max(min_table_width, max((len(t) for t in block_tables), default=1), 1)
+    # padded lists and one conversion: per-row numpy writes cost more in Python
+    tables = np.array([list(t) + [0] * (width - len(t)) for t in block_tables],
+                      dtype=np.int32).reshape(num_reqs, width)
+    slot_mapping = (tables[req_of_token, positions // block_size].astype(np.int64) * block_size
+                    + positions % block_size)
+    seq_lens = (starts + lens).astype(np.int32)
+    return AttentionArrays(positions=positions, slot_mapping=slot_mapping,
+                           query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=tables,
+                           max_query_len=int(lens.max()) if num_reqs else 0,
+                           max_seq_len=int(seq_lens.max()) if num_reqs else 0)
 
 
 @dataclass
@@ -31,6 +90,16 @@ class AttentionMetadata:
     @property
     def num_reqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    @classmethod
+    def from_arrays(cls, arrays: AttentionArrays,
+                    to_device: Callable[[np.ndarray], torch.Tensor]) -> "AttentionMetadata":
+        """The device metadata of `arrays`, each copied with `to_device` (the runner's pinned,
+        asynchronous copy on CUDA)."""
+        return cls(slot_mapping=to_device(arrays.slot_mapping),
+                   query_start_loc=to_device(arrays.query_start_loc),
+                   seq_lens=to_device(arrays.seq_lens), block_tables=to_device(arrays.block_tables),
+                   max_query_len=arrays.max_query_len, max_seq_len=arrays.max_seq_len)
 
 
 _context: AttentionMetadata | None = None

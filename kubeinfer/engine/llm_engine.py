@@ -1,10 +1,18 @@
-"""The engine: add requests, then step(): schedule -> execute -> update."""
+"""The engine: add requests, then step(): schedule -> execute -> update.
+
+One pipeline for both scheduling modes: `step()` schedules, launches the step on every rank through
+the executor (`execute_model`), and updates the scheduler with a step's results. With async
+scheduling the update of step N happens after step N+1 is launched; synchronously the same code
+reads the step it just launched. A request the runner could not prepare fails alone (status
+FINISHED_ERROR, finish_reason "error"); anything else raised by a step propagates to the caller,
+which must treat the engine as dead.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,17 +21,27 @@ from kubeinfer.engine import model_loader
 from kubeinfer.engine.config import (DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING, GENERATION_KEYS,
                                      EngineConfig)
 from kubeinfer.engine.errors import ConfigError, RequestError
-from kubeinfer.engine.distributed import TPWorkers, check_tensor_parallel
+from kubeinfer.engine.executor import Executor
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
-from kubeinfer.engine.model_runner import GiB, ModelRunner, PendingStep
+from kubeinfer.engine.model_runner import GiB, PendingStep
 from kubeinfer.engine.output_processor import OutputProcessor
 from kubeinfer.engine.outputs import RequestOutput
 from kubeinfer.engine.request import Request, RequestStatus
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.scheduler import Scheduler
+from kubeinfer.engine.scheduler_output import SchedulerOutput
 from kubeinfer.engine.stats import FinishedRequestStats, IterationStats, StatLogger
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchedStep:
+    """A step on its way: the executor's handle, and the scheduler's placeholders to resolve."""
+
+    sched_out: SchedulerOutput
+    handle: PendingStep
+    placeholders: list  # Scheduler.advance's (request, output index) pairs
 
 
 class LLMEngine:
@@ -38,12 +56,7 @@ class LLMEngine:
         self.stat_loggers = list(stat_loggers)
         torch.manual_seed(config.model.seed)
         path = model_loader.resolve_model(config.model, self.device.type)  # GGUF: dequantized for it
-        self.workers: TPWorkers | None = None
-        tp = config.parallel.tensor_parallel_size
-        if tp > 1:
-            check_tensor_parallel(model_loader.load_hf_config(path, config.model), tp,
-                                  self.device.type, torch.cuda.device_count())
-            self.workers = TPWorkers(config, path, self.device)
+        self.executor: Executor | None = Executor(config, path, self.device)
         try:
             self._build(path)
         except BaseException:
@@ -52,11 +65,9 @@ class LLMEngine:
 
     def _build(self, path: Path) -> None:
         config = self.config
-        self.model, self.hf_config = model_loader.load_model(config.model, self.device, path=path)
-        if self.workers is not None:
-            self.workers.check_loaded()
-        self.dtype = next(self.model.parameters()).dtype
-        self.max_model_len = model_loader.get_max_model_len(self.hf_config, config.model.max_model_len)
+        self.runner = self.executor.driver  # rank 0's runner, for its model and sizes
+        self.model, self.hf_config = self.runner.model, self.runner.hf_config
+        self.dtype, self.max_model_len = self.runner.dtype, self.runner.max_model_len
         self.tokenizer = None
         if not config.model.skip_tokenizer_init:
             self.tokenizer = model_loader.load_tokenizer(path, config.model)
@@ -65,9 +76,8 @@ class LLMEngine:
         self.vocab_size = self.hf_config.vocab_size
         self.default_sampling = self._default_sampling(path)
 
-        self.runner = ModelRunner(config, self.model, self.hf_config, self.device, self.dtype,
-                                  self.max_model_len, self.workers)
-        num_blocks = self.runner.determine_num_blocks()
+        # every rank sizes its own memory; the smallest wins
+        num_blocks = self.runner.num_blocks_for(min(self.executor.collective_rpc("available_kv_bytes")))
         block_size = config.cache.block_size
         capacity = num_blocks * block_size
         logger.info("# %s blocks: %d (%d tokens of KV cache, %.2f GiB)", self.device.type.upper(),
@@ -78,18 +88,17 @@ class LLMEngine:
                 f"of tokens that can be stored in KV cache ({capacity}). Try increasing "
                 "`gpu_memory_utilization` (or `--kv-cache-memory` on CPU) or decreasing "
                 "`max_model_len` when initializing the engine.")
-        self.runner.init_kv_cache(num_blocks)
+        self.executor.collective_rpc("init_kv_cache", num_blocks)
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks
-        self._pending: PendingStep | None = None  # the launched, unread step (async scheduling)
+        self._pending: LaunchedStep | None = None  # the launched, unread step (async scheduling)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (their processes end with this one anyway)."""
-        if self.workers is not None:
-            self.workers.shutdown()
-            self.workers = None
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def _default_sampling(self, path) -> dict[str, float]:
         """Default sampling parameters, as vLLM sets them: the model's generation_config.json
@@ -129,6 +138,7 @@ class LLMEngine:
                           priority=priority)
             self.output_processor.add(request_id, i, req, params.prompt_logprobs is not None)
             self.scheduler.add_request(req)
+        self._record(IterationStats())  # the waiting gauge moved
 
     def validate_priority(self, priority: int) -> None:
         if priority and self.config.scheduler.scheduling_policy != "priority":
@@ -144,10 +154,7 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is out of vocabulary [0, {self.vocab_size})", "prompt")
-        bad = next((t for t in params.logit_bias or () if t >= self.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"logit_bias names token id {bad}, outside the vocabulary "
-                               f"[0, {self.vocab_size})", "logit_bias")
+        params.check_vocab(self.vocab_size)  # top_k, stop ids and logit_bias within the vocabulary
         max_tokens = params.max_tokens
         if max_tokens is None:
             if num_prompt >= self.max_model_len:
@@ -170,9 +177,10 @@ class LLMEngine:
         for req_id in list(self.output_processor.parent_to_children.get(request_id, ())):
             req = self.scheduler.finish_request(req_id, RequestStatus.FINISHED_ABORTED)
             if req is not None:
-                outputs.append(self.output_processor.aborted(req))
-                self.runner.free_request(req_id)
+                outputs.append(self.output_processor.finished_early(req))
             self.output_processor.remove(req_id)
+        if outputs:
+            self._record(IterationStats())  # gauges follow aborts, not only steps
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -189,56 +197,49 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """schedule -> execute -> update. With async scheduling, step N+1 is launched before
-        step N's tokens are read, and this returns step N's outputs."""
-        if self.config.scheduler.async_scheduling:
-            return self._step_async()
-        sched_out = self.scheduler.schedule()
+        step N's results are read, and this returns step N's outputs; synchronously the step
+        launched is the step read."""
         stats = IterationStats()
+        launched = None
+        # penalties count the previous tokens on the device: let the step in flight land first
+        if self._pending is None or not self._needs_known_tokens():
+            sched_out = self.scheduler.schedule()
+            if not sched_out.is_empty:
+                handle = self.executor.execute_model(sched_out)
+                launched = LaunchedStep(sched_out, handle, self.scheduler.advance(sched_out))
+                stats.num_scheduled_tokens += sched_out.total_num_scheduled_tokens
+        ready = [] if self._pending is None else [self._pending]
+        if self.config.scheduler.async_scheduling:
+            self._pending = launched
+        elif launched is not None:
+            ready.append(launched)
         outputs: list[RequestOutput] = []
-        if not sched_out.is_empty:
-            result = self.runner.execute(sched_out, self._block_ids(sched_out))
-            self._count_prompt_tokens(sched_out, stats)
-            updates = self.scheduler.update(sched_out, result.sampled, result.logprobs,
-                                            result.prompt_logprobs)
-            outputs = self._process(updates, stats)
+        for step in ready:
+            outputs += self._update(step, stats)
         self._record(stats)
         return outputs
 
-    def _step_async(self) -> list[RequestOutput]:
-        stats = IterationStats()
-        if self._pending is not None and self._needs_known_tokens():
-            launched = None  # let the step in flight land before scheduling on its tokens
-        else:
-            sched_out = self.scheduler.schedule()
-            launched = None
-            if not sched_out.is_empty:
-                launched = self.runner.launch(sched_out, self._block_ids(sched_out), self._pending)
-                self._count_prompt_tokens(sched_out, stats)
-                launched.pending = self.scheduler.advance(sched_out)
-        outputs: list[RequestOutput] = []
-        if self._pending is not None:
-            result = self.runner.resolve(self._pending)
-            updates = self.scheduler.resolve(self._pending.pending, result.sampled, result.logprobs,
-                                             result.prompt_logprobs)
-            outputs = self._process(updates, stats)
-        self._pending = launched
-        self._record(stats)
-        return outputs
+    def _update(self, step: LaunchedStep, stats: IterationStats) -> list[RequestOutput]:
+        result = self.executor.get_output(step.handle)
+        outputs = [self._fail(req_id, stats) for req_id in result.failed_req_ids]
+        updates = self.scheduler.resolve(step.placeholders, result)
+        return [o for o in outputs if o is not None] + self._process(updates, stats)
+
+    def _fail(self, req_id: str, stats: IterationStats) -> RequestOutput | None:
+        """A request the runner could not prepare ends with an error; the rest go on. The
+        exception is in the log with the request id; callers get a generic failure."""
+        req = self.scheduler.finish_request(req_id, RequestStatus.FINISHED_ERROR)
+        if req is None:
+            return None
+        out = self.output_processor.finished_early(req)
+        self._finish(req, stats)
+        self.output_processor.remove(req_id)
+        return out
 
     def _needs_known_tokens(self) -> bool:
-        # Penalties count the previous tokens on the device, so they need them on the host first.
         return any(r.sampling_params.presence_penalty or r.sampling_params.frequency_penalty
                    or r.sampling_params.repetition_penalty != 1.0
                    for r in self.scheduler.running)
-
-    def _block_ids(self, sched_out) -> dict[str, list[int]]:
-        return {req.req_id: self.kv.get_block_ids(req.req_id) for req, _ in sched_out.scheduled}
-
-    @staticmethod
-    def _count_prompt_tokens(sched_out, stats: IterationStats) -> None:
-        for req, n in sched_out.scheduled:
-            stats.num_prompt_tokens += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
-            stats.num_scheduled_tokens += n
 
     def _process(self, updates, stats: IterationStats) -> list[RequestOutput]:
         """Token updates -> outputs: latency stats, text and stop strings, finished requests."""
@@ -248,6 +249,8 @@ class LLMEngine:
             req = update.req
             stats.num_generation_tokens += 1
             if req.last_token_time is None:
+                # as vLLM: the whole prompt, cached or not, once its first token is out
+                stats.num_prompt_tokens += req.num_prompt_tokens
                 stats.time_to_first_tokens.append(now - req.arrival_time)
             else:
                 stats.inter_token_latencies.append(now - req.last_token_time)
@@ -263,7 +266,6 @@ class LLMEngine:
         return outputs
 
     def _finish(self, req: Request, stats: IterationStats) -> None:
-        self.runner.free_request(req.req_id)
         now = time.monotonic()
         scheduled = req.first_scheduled_time or now
         first_token = req.first_token_time or now

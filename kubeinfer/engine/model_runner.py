@@ -1,25 +1,37 @@
-"""Runs the model for a scheduled step: inputs to the device, forward, logits, sampling.
+"""Runs the model for a scheduled step: the persistent batch, inputs to the device, forward,
+logits, sampling. Every rank runs the same methods on the same plain-data step (executor.py); the
+runner knows nothing of workers.
 
-The runner never changes request state; it reads the scheduled requests and returns sampled tokens.
+`execute_model(SchedulerOutput)` launches a step and returns it unread (`PendingStep`); rank 0 reads
+the results with `get_output`, at once (synchronous scheduling) or after launching the next step
+(async scheduling): one code path for both. The runner appends sampled tokens to its own batch
+(placeholders first, ids once read), so it never needs a Request. Only rank 0 samples; with tensor
+parallelism it broadcasts the sampled ids on the device, so every rank fills the next step's inputs
+from them without a host round trip and keeps the same batch.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from kubeinfer.engine.config import EngineConfig
-from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.cuda_graphs import CUDAGraphRunner
-from kubeinfer.engine.distributed import StepMessage, TPWorkers, broadcast_from_driver
-from kubeinfer.engine.forward_context import AttentionMetadata, set_forward_context
-from kubeinfer.engine.input_batch import InputBatch, build_input_batch
-from kubeinfer.engine.layers.attention import Attention
+from kubeinfer.engine.errors import ConfigError
+from kubeinfer.engine.forward_context import (AttentionMetadata, build_attention_arrays,
+                                              set_forward_context)
+from kubeinfer.engine.input_batch import CachedRequestState, InputBatch, StepInputs
+from kubeinfer.engine.layers.attention import allocate_kv_cache, get_attention_layers
+from kubeinfer.engine.outputs import ModelRunnerOutput
+from kubeinfer.engine.parallel_state import tp_broadcast_from_first, tp_rank
+from kubeinfer.engine.request import PLACEHOLDER
 from kubeinfer.engine.sampler import (Sampler, SamplingMetadata, pack, prompt_logprobs, unpack,
                                       unpack_prompt_logprobs)
-from kubeinfer.engine.scheduler import SchedulerOutput
+from kubeinfer.engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -27,47 +39,44 @@ GiB = 1 << 30
 
 
 @dataclass
-class StepResult:
-    """What a step gives back, by request id: the sampled tokens, their logprobs where asked, and
-    (first position, rows) of the prompt logprobs computed this step where asked."""
-
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, tuple] | None = None
-    prompt_logprobs: dict[str, tuple] | None = None
-
-
-@dataclass
 class PendingStep:
-    """A launched step whose sampled tokens have not been read yet (async scheduling)."""
+    """A launched step whose results have not been read on the host yet."""
 
-    reqs: list  # the requests that sample, in row order
-    meta: SamplingMetadata | None = None
+    failed_req_ids: list[str] = field(default_factory=list)  # requests that could not join
+    # (state, output index) of each sampled token's placeholder, in row order
+    slots: list[tuple[CachedRequestState, int]] = field(default_factory=list)
+    meta: SamplingMetadata | None = None  # rank 0 only
     sampled: torch.Tensor | None = None  # [S] on the device: the next step's inputs come from here
     row_of: dict[str, int] = field(default_factory=dict)
-    host: torch.Tensor | None = None  # `pack`ed results, copied (or being copied) to the host
+    host: torch.Tensor | None = None  # `pack`ed results (rank 0) or the ids, copied to the host
     event: "torch.cuda.Event | None" = None
-    pending: list = field(default_factory=list)  # the scheduler's (request, output index) pairs
-    # prompt_logprobs: InputBatch.prompt_logprobs_reqs and their packed rows on (or to) the host
-    prompt_reqs: list | None = None
-    prompt_host: torch.Tensor | None = None
+    prompt_reqs: list | None = None  # StepInputs.prompt_logprobs_reqs
+    prompt_host: torch.Tensor | None = None  # their packed rows on (or to) the host
+    output: ModelRunnerOutput | None = None  # set once read
+
+    @property
+    def is_read(self) -> bool:
+        return self.output is not None
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, hf_config,
-                 device: torch.device, dtype: torch.dtype, max_model_len: int,
-                 workers: TPWorkers | None = None):
+                 device: torch.device, dtype: torch.dtype, max_model_len: int):
         self.config = config
-        self.workers = workers  # tensor parallel: ranks 1..tp-1 follow this runner's steps
         self.model = model
         self.hf_config = hf_config
         self.device = device
         self.dtype = dtype
         self.max_model_len = max_model_len
+        self.is_driver = tp_rank() == 0  # samples, and is the one whose results are read
         self.block_size = config.cache.block_size
-        self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.attn_layers = get_attention_layers(model)
         first = self.attn_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         self.sampler = Sampler()
+        self.batch = InputBatch(self.block_size)
+        self._failed: set[str] = set()  # requests that could not join; skipped until finished
+        self._unread: deque[PendingStep] = deque()
         # prompt_logprobs turn this many positions at a time into logits: the rows the memory
         # profile runs through the sampler, so they need no memory it did not count
         self.max_logits_rows = max(1, min(config.scheduler.max_num_seqs,
@@ -76,21 +85,25 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.graph_runner: CUDAGraphRunner | None = None
 
+    @classmethod
+    def load(cls, config: EngineConfig, path: Path, device: torch.device) -> "ModelRunner":
+        """Load this rank's shard of the model and wrap it (every rank, the same way)."""
+        from kubeinfer.engine import model_loader
+
+        torch.manual_seed(config.model.seed)
+        model, hf_config = model_loader.load_model(config.model, device, path=path)
+        max_model_len = model_loader.get_max_model_len(hf_config, config.model.max_model_len)
+        return cls(config, model, hf_config, device, next(model.parameters()).dtype, max_model_len)
+
     # ---- KV cache sizing -----------------------------------------------------------------------
     @property
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * len(self.attn_layers) * self.block_size * self.num_kv_heads * self.head_dim * elem
 
-    def determine_num_blocks(self) -> int:
-        """Blocks that fit: --num-gpu-blocks-override, else --kv-cache-memory (CPU: 1 GiB default),
-        else on GPU what --gpu-memory-utilization leaves after a profiling forward pass. With
-        tensor parallelism every rank profiles its own GPU and the smallest count wins."""
-        if self.workers is not None:
-            self.workers.send("kv_bytes")
-        kv_bytes = self._kv_bytes()
-        if self.workers is not None:
-            kv_bytes = min([kv_bytes, *self.workers.gather()])
+    def num_blocks_for(self, kv_bytes: int) -> int:
+        """Blocks in `kv_bytes` (the smallest of the ranks' `available_kv_bytes`), or
+        --num-gpu-blocks-override."""
         if self.config.cache.num_gpu_blocks_override:
             return self.config.cache.num_gpu_blocks_override
         num_blocks = kv_bytes // self.bytes_per_block
@@ -101,7 +114,10 @@ class ModelRunner:
                 "`gpu_memory_utilization` (GPU) or `--kv-cache-memory` (CPU).")
         return int(num_blocks)
 
-    def _kv_bytes(self) -> int:
+    def available_kv_bytes(self) -> int:
+        """Bytes for the KV cache on this rank: --num-gpu-blocks-override, else --kv-cache-memory
+        (CPU: 1 GiB default), else on GPU what --gpu-memory-utilization leaves after a profiling
+        forward pass (a collective: every rank runs it)."""
         cache = self.config.cache
         if cache.num_gpu_blocks_override:
             return cache.num_gpu_blocks_override * self.bytes_per_block
@@ -131,7 +147,8 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated() - temp_bytes
         del hidden, logits
         self.kv_cache = None
-        self._bind_kv_cache(None)
+        for layer in self.attn_layers:
+            layer.unbind_kv_cache()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
@@ -145,22 +162,11 @@ class ModelRunner:
         return kv_bytes
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        # one tensor for every layer's K and V: [2, layers, blocks, block_size, kv_heads, head_dim]
-        self.kv_cache = torch.empty(2, len(self.attn_layers), num_blocks, self.block_size,
-                                    self.num_kv_heads, self.head_dim, dtype=self.dtype,
-                                    device=self.device)
-        self._bind_kv_cache(self.kv_cache)
-
-    def _bind_kv_cache(self, kv_cache: torch.Tensor | None) -> None:
-        for i, layer in enumerate(self.attn_layers):
-            if kv_cache is None:
-                layer.k_cache = layer.v_cache = torch.empty(0)
-            else:
-                layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
+        self.kv_cache = allocate_kv_cache(self.attn_layers, num_blocks, self.block_size,
+                                          self.dtype, self.device)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        if self.workers is not None:
-            self.workers.send("init_kv_cache", num_blocks)
+        """Allocate and bind the cache; on GPU compile the kernels and capture the CUDA graphs."""
         self._allocate_kv_cache(num_blocks)
         if self.device.type == "cuda":
             self._warm_up_kernels(num_blocks)
@@ -193,22 +199,107 @@ class ModelRunner:
         """Forward fresh prompts of the given lengths through the cache's first blocks (request r
         owns a contiguous run of them). For profiling and warm-up only: what it writes is garbage
         in blocks that no request holds yet."""
-        blocks_per_req = -(-max(lens) // self.block_size)
-        tables = np.arange(len(lens) * blocks_per_req, dtype=np.int32).reshape(len(lens), -1)
-        positions = np.concatenate([np.arange(n) for n in lens])
-        req = np.repeat(np.arange(len(lens)), lens)
-        slots = tables[req, positions // self.block_size].astype(np.int64) * self.block_size \
-            + positions % self.block_size
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots),
-            query_start_loc=self._to_device(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)),
-            seq_lens=self._to_device(np.asarray(lens, dtype=np.int32)),
-            block_tables=self._to_device(tables), max_query_len=max(lens), max_seq_len=max(lens))
-        with set_forward_context(meta):
-            return self.model(torch.zeros(len(positions), dtype=torch.long, device=self.device),
-                              self._to_device(positions))
+        per_req = -(-max(lens) // self.block_size)
+        tables = [list(range(r * per_req, (r + 1) * per_req)) for r in range(len(lens))]
+        arrays = build_attention_arrays([0] * len(lens), lens, tables, self.block_size)
+        with set_forward_context(AttentionMetadata.from_arrays(arrays, self._to_device)):
+            return self.model(torch.zeros(len(arrays.positions), dtype=torch.long, device=self.device),
+                              self._to_device(arrays.positions))
 
     # ---- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutput) -> PendingStep:
+        """Update the persistent batch from `out` and launch the step, without waiting for it.
+
+        A request whose data cannot be prepared fails alone (`PendingStep.failed_req_ids`): it is
+        left out of this step and skipped in later ones until it is finished. The same happens on
+        every rank, since every rank prepares the same data the same way.
+        """
+        self._read_all_but_last()
+        prev = self._unread[-1] if self._unread else None
+        step = PendingStep(failed_req_ids=self._update_states(out))
+        scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in self._failed}
+        if scheduled:
+            self._launch(step, self.batch.prepare(scheduled), prev)
+        self._unread.append(step)
+        return step
+
+    def _update_states(self, out: SchedulerOutput) -> list[str]:
+        for req_id in out.finished_req_ids:
+            self.batch.remove_request(req_id)
+            self.sampler.free(req_id)
+            self._failed.discard(req_id)
+        for req_id in out.preempted_req_ids:
+            self.batch.remove_request(req_id)  # it comes back whole; its generator stays
+        failed = []
+        for new in out.scheduled_new_reqs:
+            try:
+                self.batch.add_request(new)
+                self.sampler.add_request(new.req_id, new.sampling_params, self.device)
+            except Exception:
+                logger.exception("request %s: its inputs could not be prepared; it fails, the "
+                                 "others go on", new.req_id)
+                self.batch.remove_request(new.req_id)
+                self._failed.add(new.req_id)
+                failed.append(new.req_id)
+        cached = out.scheduled_cached_reqs
+        for req_id, new_blocks, num_computed in zip(cached.req_ids, cached.new_block_ids,
+                                                    cached.num_computed_tokens):
+            state = self.batch.states.get(req_id)
+            if state is None:
+                if req_id in self._failed:
+                    continue
+                raise RuntimeError(f"request {req_id} is scheduled as running, but the runner "
+                                   "does not hold it")
+            state.block_ids.extend(new_blocks)
+            state.num_computed_tokens = num_computed
+        return failed
+
+    def _launch(self, step: PendingStep, inputs: StepInputs, prev: PendingStep | None) -> None:
+        fill_ids = self._filler(inputs, prev)
+        hidden, prompt_hidden = self._forward(inputs, fill_ids)
+        if prompt_hidden is not None:  # before sampling, in the same order on every rank
+            step.prompt_reqs = inputs.prompt_logprobs_reqs
+            packed = self._prompt_logprobs(prompt_hidden, inputs)
+            if packed is not None:
+                step.prompt_host = self._to_host(packed)
+        if inputs.sample_states:
+            logits = self.model.compute_logits(hidden)  # every rank: the LM head gathers
+            if self.is_driver:
+                step.meta = self._sampling_metadata(inputs.sample_states)
+                sampled, raw_logprobs = self.sampler.sample(logits, step.meta)
+                sampled = tp_broadcast_from_first(sampled.long().contiguous())
+                step.host = self._to_host(pack(sampled, raw_logprobs, step.meta))
+            else:
+                sampled = tp_broadcast_from_first(torch.empty(
+                    len(inputs.sample_states), dtype=torch.long, device=self.device))
+                step.host = self._to_host(sampled)
+            step.sampled = sampled
+            step.row_of = {state.req_id: i for i, state in enumerate(inputs.sample_states)}
+            step.slots = [(state, state.append_output_token(PLACEHOLDER))
+                          for state in inputs.sample_states]
+        if self.device.type == "cuda" and (step.host is not None or step.prompt_host is not None):
+            # reading the copies later waits for this step only
+            step.event = torch.cuda.Event()
+            step.event.record()
+
+    def _filler(self, inputs: StepInputs, prev: PendingStep | None):
+        """fill_ids for a step whose input ids at placeholders are the previous step's samples,
+        still on the device; None when every input id is known on the host."""
+        holes, req_ids = self.batch.holes(inputs)
+        if not len(holes):
+            return None
+        if prev is None or prev.sampled is None or any(r not in prev.row_of for r in req_ids):
+            raise RuntimeError("a step's input token is a placeholder that the previous step did "
+                               "not sample")
+        dst_t = self._to_device(holes)
+        src_t = self._to_device(np.asarray([prev.row_of[r] for r in req_ids], dtype=np.int64))
+        prev_sampled = prev.sampled
+
+        def fill_ids(input_ids: torch.Tensor) -> None:
+            input_ids[dst_t] = prev_sampled[src_t]
+        return fill_ids
+
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
         if self.device.type != "cuda":
@@ -219,146 +310,6 @@ class ModelRunner:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def _forward(self, batch: InputBatch,
-                 fill_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden states of the sampled rows, and of the prompt_logprobs positions (or None)."""
-        if self.graph_runner is not None and batch.prompt_logits_indices is None \
-                and self.graph_runner.can_run(batch):
-            # one row per request == sampled rows
-            return self.graph_runner.run(batch, fill_ids), None
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(batch.slot_mapping),
-            query_start_loc=self._to_device(batch.query_start_loc),
-            seq_lens=self._to_device(batch.seq_lens),
-            block_tables=self._to_device(batch.block_tables),
-            max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len)
-        input_ids = self._to_device(batch.input_ids)
-        if fill_ids is not None:
-            input_ids = input_ids.clone() if self.device.type == "cpu" else input_ids
-            fill_ids(input_ids)
-        with set_forward_context(meta):
-            hidden = self.model(input_ids, self._to_device(batch.positions))
-        prompt_hidden = None
-        if batch.prompt_logits_indices is not None:
-            prompt_hidden = hidden[self._to_device(batch.prompt_logits_indices)]
-        return hidden[self._to_device(batch.logits_indices)], prompt_hidden
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, batch: InputBatch) -> torch.Tensor:
-        """Packed prompt logprobs ([Q, 2 + 2k] on the device, see sampler.prompt_logprobs) of the
-        step's prompt_logprobs positions, a bounded number of rows of logits at a time."""
-        targets = self._to_device(batch.prompt_target_ids)
-        k = max(req.sampling_params.prompt_logprobs for req, _, _ in batch.prompt_logprobs_reqs)
-        rows = self.max_logits_rows
-        parts = [prompt_logprobs(self.model.compute_logits(hidden[i:i + rows]),
-                                 targets[i:i + rows], k)
-                 for i in range(0, hidden.shape[0], rows)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepResult:
-        """Run one step. Returns sampled token ids by request id, logprobs and prompt logprobs
-        where asked."""
-        batch = build_input_batch(out, block_ids, self.block_size)
-        self._send_step(batch)
-        hidden, prompt_hidden = self._forward(batch)
-        result = StepResult()
-        prompt_packed = None
-        if prompt_hidden is not None:  # enqueued before sampling, read after its sync
-            prompt_packed = self._prompt_logprobs(prompt_hidden, batch)
-        if batch.sample_reqs:
-            logits = self.model.compute_logits(hidden)
-            meta = self._sampling_metadata(batch.sample_reqs)
-            sampler_out = self.sampler(logits, meta)
-            ids = [req.req_id for req in batch.sample_reqs]
-            result.sampled = dict(zip(ids, sampler_out.sampled_token_ids))
-            if sampler_out.logprobs is not None:
-                result.logprobs = dict(zip(ids, sampler_out.logprobs))
-        if prompt_packed is not None:
-            result.prompt_logprobs = unpack_prompt_logprobs(prompt_packed.tolist(),
-                                                            batch.prompt_logprobs_reqs)
-        return result
-
-    @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, block_ids: dict[str, list[int]],
-               prev: "PendingStep | None") -> "PendingStep":
-        """Start a step without waiting for it (async scheduling). Input tokens still PLACEHOLDER on
-        the host are the previous step's samples: they are copied into place on the device."""
-        batch = build_input_batch(out, block_ids, self.block_size)
-        fill_ids, src = None, None
-        holes = np.flatnonzero(batch.input_ids < 0)
-        if len(holes):
-            req_of_token = np.repeat(np.arange(batch.num_reqs), np.diff(batch.query_start_loc))
-            src = np.asarray([prev.row_of[out.scheduled[r][0].req_id] for r in req_of_token[holes]],
-                             dtype=np.int64)
-            fill_ids = self._filler(prev.sampled, holes, src)
-        else:
-            holes = None
-        self._send_step(batch, holes, src, broadcast=True)
-        hidden, prompt_hidden = self._forward(batch, fill_ids)
-        step = PendingStep(reqs=batch.sample_reqs)
-        if prompt_hidden is not None:  # before sampling, as in execute(): TP workers mirror the order
-            step.prompt_reqs = batch.prompt_logprobs_reqs
-            step.prompt_host = self._to_host(self._prompt_logprobs(prompt_hidden, batch))
-        if batch.sample_reqs:
-            step.meta = self._sampling_metadata(batch.sample_reqs)
-            sampled, raw_logprobs = self.sampler.sample(self.model.compute_logits(hidden), step.meta)
-            if self.workers is not None:
-                sampled = broadcast_from_driver(sampled.long().contiguous())
-            step.sampled = sampled
-            step.row_of = {req.req_id: i for i, req in enumerate(batch.sample_reqs)}
-            step.host = self._to_host(pack(sampled, raw_logprobs, step.meta))
-        if self.device.type == "cuda" and (step.host is not None or step.prompt_host is not None):
-            # reading the copies later waits for this step only
-            step.event = torch.cuda.Event()
-            step.event.record()
-        return step
-
-    def _filler(self, prev_sampled: torch.Tensor, holes: np.ndarray, src: np.ndarray):
-        """fill_ids for a step whose input ids at `holes` are rows `src` of the previous step's
-        samples, still on the device."""
-        dst_t, src_t = self._to_device(holes), self._to_device(src)
-
-        def fill_ids(input_ids: torch.Tensor) -> None:
-            input_ids[dst_t] = prev_sampled[src_t]
-        return fill_ids
-
-    # ---- tensor parallelism --------------------------------------------------------------------
-    def _send_step(self, batch: InputBatch, holes=None, src=None, broadcast: bool = False) -> None:
-        if self.workers is not None:
-            arrays = replace(batch, sample_reqs=[None] * len(batch.sample_reqs),
-                             prompt_logprobs_reqs=None)
-            self.workers.send("step", StepMessage(arrays, holes, src, broadcast))
-
-    @torch.inference_mode()
-    def follow(self, conn) -> None:
-        """A tensor-parallel worker's loop: mirror the driver's runner, message by message, so
-        every collective meets its peers in the same order."""
-        prev_sampled = None
-        while True:
-            kind, payload = conn.recv()
-            if kind == "kv_bytes":
-                conn.send(self._kv_bytes())
-            elif kind == "init_kv_cache":
-                self.init_kv_cache(payload)
-            elif kind == "step":
-                prev_sampled = self._follow_step(payload, prev_sampled)
-            elif kind == "stop":
-                return
-
-    def _follow_step(self, msg: StepMessage, prev_sampled: torch.Tensor | None):
-        fill_ids = None if msg.holes is None else self._filler(prev_sampled, msg.holes, msg.src)
-        hidden, prompt_hidden = self._forward(msg.batch, fill_ids)
-        if prompt_hidden is not None:  # the driver's _prompt_logprobs: same row chunks, same gathers
-            for i in range(0, prompt_hidden.shape[0], self.max_logits_rows):
-                self.model.compute_logits(prompt_hidden[i:i + self.max_logits_rows])
-        num_sample = len(msg.batch.sample_reqs)
-        if not num_sample:
-            return prev_sampled
-        self.model.compute_logits(hidden)  # the LM head's all-gather; only the driver samples
-        if not msg.broadcast:
-            return prev_sampled
-        return broadcast_from_driver(torch.empty(num_sample, dtype=torch.long, device=self.device))
-
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         """Enqueue a device-to-host copy without waiting for it (the step's event marks its end)."""
         if self.device.type != "cuda":
@@ -367,32 +318,86 @@ class ModelRunner:
         host.copy_(t, non_blocking=True)
         return host
 
-    def resolve(self, step: "PendingStep") -> StepResult:
-        """Wait for a launched step and return its tokens, logprobs and prompt logprobs by
-        request id."""
-        result = StepResult()
+    def _forward(self, inputs: StepInputs,
+                 fill_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states of the sampled rows, and of the prompt_logprobs positions (or None)."""
+        if self.graph_runner is not None and inputs.prompt_logits_indices is None \
+                and self.graph_runner.can_run(inputs):
+            # one row per request == sampled rows
+            return self.graph_runner.run(inputs, fill_ids), None
+        meta = AttentionMetadata.from_arrays(inputs.attn, self._to_device)
+        input_ids = self._to_device(inputs.input_ids)
+        if fill_ids is not None:
+            # on CPU the tensor shares the numpy array's memory: keep the host's placeholders
+            input_ids = input_ids.clone() if self.device.type == "cpu" else input_ids
+            fill_ids(input_ids)
+        with set_forward_context(meta):
+            hidden = self.model(input_ids, self._to_device(inputs.positions))
+        prompt_hidden = None
+        if inputs.prompt_logits_indices is not None:
+            prompt_hidden = hidden[self._to_device(inputs.prompt_logits_indices)]
+        return hidden[self._to_device(inputs.logits_indices)], prompt_hidden
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
+        """Packed prompt logprobs ([Q, 2 + 2k] on the device, see sampler.prompt_logprobs) of the
+        step's prompt_logprobs positions, a bounded number of rows of logits at a time. Every rank
+        computes the logits (the LM head gathers); rank 0 alone the logprobs."""
+        targets = self._to_device(inputs.prompt_target_ids) if self.is_driver else None
+        k = max(k for _, k, _, _ in inputs.prompt_logprobs_reqs)
+        rows = self.max_logits_rows
+        parts = []
+        for i in range(0, hidden.shape[0], rows):
+            logits = self.model.compute_logits(hidden[i:i + rows])
+            if self.is_driver:
+                parts.append(prompt_logprobs(logits, targets[i:i + rows], k))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
+        # Decode steps usually sample the same requests in the same order: reuse their tensors.
+        ids = tuple(state.req_id for state in states)
+        if self._last_meta is not None and self._last_meta[0] == ids and self._last_meta[1].is_reusable:
+            return self._last_meta[1]
+        meta = SamplingMetadata.build(states, self.device)
+        self._last_meta = (ids, meta)
+        return meta
+
+    # ---- reading a step's results --------------------------------------------------------------
+    def _read_all_but_last(self) -> None:
+        """Put the sampled ids of every step older than the last one into the batch: its inputs
+        are only ever filled on the device from the last step's samples."""
+        while len(self._unread) > 1:
+            step = self._unread.popleft()
+            if not step.is_read:
+                self._read(step)
+
+    def get_output(self, step: PendingStep) -> ModelRunnerOutput:
+        """Wait for a launched step (rank 0) and return its tokens, logprobs and prompt logprobs
+        by request id; its sampled ids take their placeholders' places in the batch."""
+        if not step.is_read:
+            self._read(step)
+        return step.output
+
+    def _read(self, step: PendingStep) -> None:
+        result = ModelRunnerOutput(failed_req_ids=step.failed_req_ids)
         if step.event is not None:
             step.event.synchronize()
         if step.prompt_host is not None:
             result.prompt_logprobs = unpack_prompt_logprobs(step.prompt_host.tolist(),
                                                             step.prompt_reqs)
-        if not step.reqs:
-            return result
-        sampler_out = unpack(step.host.tolist(), step.meta)
-        ids = [req.req_id for req in step.reqs]
-        result.sampled = dict(zip(ids, sampler_out.sampled_token_ids))
-        if sampler_out.logprobs is not None:
-            result.logprobs = dict(zip(ids, sampler_out.logprobs))
-        return result
-
-    def _sampling_metadata(self, reqs) -> SamplingMetadata:
-        # Decode steps usually sample the same requests in the same order: reuse their tensors.
-        ids = tuple(req.req_id for req in reqs)
-        if self._last_meta is not None and self._last_meta[0] == ids and self._last_meta[1].is_reusable:
-            return self._last_meta[1]
-        meta = SamplingMetadata.build(reqs, self.device)
-        self._last_meta = (ids, meta)
-        return meta
-
-    def free_request(self, req_id: str) -> None:
-        self.sampler.free(req_id)
+        if step.slots:
+            if step.meta is not None:
+                sampler_out = unpack(step.host.tolist(), step.meta)
+                ids, logprobs = sampler_out.sampled_token_ids, sampler_out.logprobs
+            else:
+                ids, logprobs = step.host.tolist(), None
+            for (state, index), token in zip(step.slots, ids):
+                if index < state.num_output_tokens:
+                    state.set_output_token(index, token)
+            req_ids = [state.req_id for state, _ in step.slots]
+            result.sampled = dict(zip(req_ids, ids))
+            if logprobs is not None:
+                result.logprobs = dict(zip(req_ids, logprobs))
+        step.output = result
+        step.host = step.prompt_host = step.meta = None  # the host copies are no longer needed

@@ -121,9 +121,11 @@ class OutputProcessor:
             num_cached_tokens=max(req.num_cached_tokens, 0))
         return out, stop_str
 
-    def aborted(self, req: Request) -> RequestOutput:
+    def finished_early(self, req: Request) -> RequestOutput:
+        """The last, empty delta of a request that ended outside a step's tokens: aborted
+        ("abort") or failed in the engine ("error")."""
         state = self._children[req.req_id]
         return RequestOutput(
             request_id=state.parent_id, index=state.index, prompt_token_ids=req.prompt_token_ids,
-            new_token_ids=[], new_text="", finished=True, finish_reason="abort",
+            new_token_ids=[], new_text="", finished=True, finish_reason=req.status.finish_reason,
             num_output_tokens=req.num_output_tokens, num_cached_tokens=max(req.num_cached_tokens, 0))

@@ -1,10 +1,29 @@
-"""What the engine hands back to its callers, one delta per request per step."""
+"""What the engine hands back to its callers, one delta per request per step; and what the model
+runner hands back to the engine (`ModelRunnerOutput`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 # One generated position's logprobs: the sampled token's logprob and the top-N (token_id, logprob).
 SampleLogprobs = tuple[float, list[tuple[int, float]]]
+
+
+# One prompt position's logprobs: (logprob of the prompt token, its rank, [(token_id, logprob)] of
+# the top-k, most likely first).
+PromptLogprobsRow = tuple[float, int, list[tuple[int, float]]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """One step's results on the host, by request id: the sampled token of each request whose
+    scheduled tokens reached its end, its logprobs where asked, (first position, rows) of the prompt
+    logprobs computed this step where asked, and the requests the runner could not prepare (each
+    failed on its own; the rest of the step ran without it)."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, SampleLogprobs] | None = None
+    prompt_logprobs: dict[str, tuple[int, list[PromptLogprobsRow]]] | None = None
+    failed_req_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -42,7 +61,7 @@ class RequestOutput:
     # set on each sample's first output when the request asked for prompt_logprobs
     prompt_logprobs: PromptLogprobs | None = None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     num_output_tokens: int = 0  # total so far
     num_cached_tokens: int = 0

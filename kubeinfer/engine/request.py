@@ -1,16 +1,13 @@
-"""Per-request state inside the engine. No tensors live here."""
+"""Per-request state inside the engine, written by the scheduler only. No tensors live here; the
+model runner never sees a Request (it gets `scheduler_output.py`'s plain data)."""
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
 
+from kubeinfer.engine.outputs import PromptLogprobsRow
 from kubeinfer.engine.sampling_params import SamplingParams
-
-
-# One prompt position's logprobs: (logprob of the prompt token, its rank, [(token_id, logprob)] of
-# the top-k, most likely first).
-PromptLogprobsRow = tuple[float, int, list[tuple[int, float]]]
 
 # With async scheduling a sampled token is appended as this placeholder when its step is launched and
 # replaced by the real id once the step's results reach the host.
@@ -25,6 +22,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6  # the engine failed on this request alone (RequestFailedError)
 
     @property
     def is_finished(self) -> bool:
@@ -36,6 +34,7 @@ class RequestStatus(enum.IntEnum):
             RequestStatus.FINISHED_STOPPED: "stop",
             RequestStatus.FINISHED_LENGTH: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
+            RequestStatus.FINISHED_ERROR: "error",
         }.get(self)
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kubeinfer.engine.outputs import SampleLogprobs
-from kubeinfer.engine.request import PromptLogprobsRow, Request
+from kubeinfer.engine.outputs import PromptLogprobsRow, SampleLogprobs
+from kubeinfer.engine.sampling_params import SamplingParams
 
 _GREEDY_EPS = 1e-5  # same threshold as SamplingParams.is_greedy
 
@@ -67,8 +67,9 @@ class SamplingMetadata:
         return self.presence_penalty is None and self.stop_mask_rows is None
 
     @classmethod
-    def build(cls, reqs: list[Request], device: torch.device | str) -> "SamplingMetadata":
-        """Build the step's metadata from the requests that sample, in logits-row order.
+    def build(cls, reqs: list, device: torch.device | str) -> "SamplingMetadata":
+        """Build the step's metadata from the requests that sample, in logits-row order: the
+        runner's `CachedRequestState`s (or `Request`s: both have the fields read here).
 
         One host-to-device copy for all per-row scalars, plus one per id tensor a feature needs.
         """
@@ -156,6 +157,12 @@ class Sampler:
 
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
+
+    def add_request(self, req_id: str, params: SamplingParams, device: torch.device) -> None:
+        """Prepare a request's sampling state as it joins the batch: a seeded request's generator
+        (kept when it exists, so a request resumed after preemption continues its stream)."""
+        if params.seed is not None and params.temperature >= _GREEDY_EPS:
+            self._generator(req_id, params.seed, device)
 
     def free(self, req_id: str) -> None:
         """Forget a finished or aborted request's generator. Unknown ids are ignored."""
@@ -317,16 +324,17 @@ def prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, k: int) -> t
     return torch.cat(parts, dim=1)
 
 
-def unpack_prompt_logprobs(rows: list, reqs: list[tuple[Request, int, int]]
+def unpack_prompt_logprobs(rows: list, reqs: list[tuple[str, int, int, int]]
                            ) -> dict[str, tuple[int, list[PromptLogprobsRow]]]:
     """The host half: `prompt_logprobs`' rows, as a list, into each request's (first position,
-    [(logprob, rank, [(token_id, logprob)] top-k)]), the top-k cut to what the request asked."""
+    [(logprob, rank, [(token_id, logprob)] top-k)]), the top-k cut to what the request asked.
+    `reqs` holds (req_id, top-k asked, first position, number of rows) in row order."""
     k_max = (len(rows[0]) - 2) // 2 if rows else 0
     out = {}
     i = 0
-    for req, first, num in reqs:
-        k = min(req.sampling_params.prompt_logprobs, k_max)
-        out[req.req_id] = (first, [
+    for req_id, k_asked, first, num in reqs:
+        k = min(k_asked, k_max)
+        out[req_id] = (first, [
             (row[0], int(row[1]),
              [(int(t), lp) for t, lp in zip(row[2:2 + k], row[2 + k_max:2 + k_max + k])])
             for row in rows[i:i + num]])

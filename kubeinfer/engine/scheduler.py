@@ -1,30 +1,21 @@
-"""Continuous batching: which requests get how many tokens this step. Policy only, no tensors."""
+"""Continuous batching: which requests get how many tokens this step. Policy only, no tensors.
+
+The scheduler owns every Request and is the only writer of request state. Each step it emits a
+plain-data `SchedulerOutput` (scheduler_output.py): new requests whole the first time, then only
+the diff, so the device side never holds a Request.
+"""
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kubeinfer.engine.config import SchedulerConfig
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
+from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.request import PLACEHOLDER, Request, RequestStatus
+from kubeinfer.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from kubeinfer.engine.stats import SchedulerStats
-
-
-@dataclass
-class SchedulerOutput:
-    """The step's plan: requests in batch order and how many new tokens each computes."""
-
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
-    preempted_req_ids: list[str] = field(default_factory=list)
-
-    @property
-    def num_scheduled_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 @dataclass
@@ -46,6 +37,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._num_preemptions = 0  # since the last stats snapshot
+        # what the runner has been told: blocks sent per request it holds; and the requests to
+        # drop from its batch, sent with the next step that runs
+        self._num_sent_blocks: dict[str, int] = {}
+        self._finished_req_ids: set[str] = set()
+        self._preempted_req_ids: list[str] = []
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -81,6 +77,8 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = status
         self.kv.free(req)
+        self._num_sent_blocks.pop(req_id, None)
+        self._finished_req_ids.add(req_id)  # preempted ones too: the runner holds their generator
         return req
 
     def has_unfinished_requests(self) -> bool:
@@ -103,7 +101,8 @@ class Scheduler:
         its place in the step). Waiting requests are admitted in queue order (arrival, or priority
         then arrival) only in a step with no preemption.
         """
-        out = SchedulerOutput()
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[str] = []
         budget = self.config.max_num_batched_tokens
         now = time.monotonic()
 
@@ -118,24 +117,25 @@ class Scheduler:
                 k = self._pick_victim()
                 victim = self.running.pop(k)
                 self._preempt(victim)
-                out.preempted_req_ids.append(victim.req_id)
+                preempted.append(victim.req_id)
                 if victim is req:
                     break
                 if k < i:  # priority: a request already passed this step (scheduled, or capped)
                     i -= 1
-                    for j, (r, n) in enumerate(out.scheduled):
+                    for j, (r, n) in enumerate(scheduled):
                         if r is victim:
-                            del out.scheduled[j]
+                            del scheduled[j]
                             budget += n
                             break
             else:
-                out.scheduled.append((req, num_new))
+                scheduled.append((req, num_new))
                 budget -= num_new
                 i += 1
                 continue
             break  # req itself was preempted: nothing after it is left either
 
-        if not out.preempted_req_ids:
+        num_running = len(scheduled)
+        if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 hits, num_cached = self.kv.get_computed_blocks(req)
@@ -153,12 +153,43 @@ class Scheduler:
                     req.first_scheduled_time = now
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                out.scheduled.append((req, num_new))
+                scheduled.append((req, num_new))
                 budget -= num_new
+        self._preempted_req_ids += preempted
+        return self._make_output(scheduled[:num_running], scheduled[num_running:])
+
+    def _make_output(self, running: list[tuple[Request, int]],
+                     admitted: list[tuple[Request, int]]) -> SchedulerOutput:
+        """The plain-data plan: admitted requests whole, running ones as the diff since their last
+        step. Finished and preempted ids ride on the next step that runs."""
+        out = SchedulerOutput()
+        cached = out.scheduled_cached_reqs
+        for req, n in running:
+            block_ids = self.kv.get_block_ids(req.req_id)
+            sent = self._num_sent_blocks[req.req_id]
+            cached.req_ids.append(req.req_id)
+            cached.new_block_ids.append(block_ids[sent:])
+            cached.num_computed_tokens.append(req.num_computed_tokens)
+            self._num_sent_blocks[req.req_id] = len(block_ids)
+            out.num_scheduled_tokens[req.req_id] = n
+        for req, n in admitted:
+            block_ids = list(self.kv.get_block_ids(req.req_id))
+            out.scheduled_new_reqs.append(NewRequestData(
+                req_id=req.req_id, prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
+                eos_token_ids=req.eos_token_ids, block_ids=block_ids,
+                num_computed_tokens=req.num_computed_tokens,
+                prompt_logits_start=req.prompt_logits_start))
+            self._num_sent_blocks[req.req_id] = len(block_ids)
+            out.num_scheduled_tokens[req.req_id] = n
+        if not out.is_empty:
+            out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
+            out.preempted_req_ids, self._preempted_req_ids = self._preempted_req_ids, []
         return out
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._num_sent_blocks.pop(req.req_id, None)
         req.is_capped = False
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -166,17 +197,15 @@ class Scheduler:
         self._num_preemptions += 1
         self._enqueue(req, front=True)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int],
-               logprobs: dict[str, tuple] | None = None,
-               prompt_logprobs: dict[str, tuple] | None = None) -> list[TokenUpdate]:
+    def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[TokenUpdate]:
         """Advance each scheduled request; append sampled tokens; finish on EOS/stop id/length.
 
-        `sampled` holds a token for each request whose scheduled tokens reached its end (a chunk in
-        the middle of a prompt samples nothing). `prompt_logprobs` holds (first position, rows) for
-        each request that computed prompt logprobs this step.
+        `result.sampled` holds a token for each request whose scheduled tokens reached its end (a
+        chunk in the middle of a prompt samples nothing); `result.prompt_logprobs` (first position,
+        rows) for each request that computed prompt logprobs this step.
         """
         # the synchronous step is the asynchronous one with the tokens already known
-        return self.resolve(self.advance(out), sampled, logprobs, prompt_logprobs)
+        return self.resolve(self.advance(out), result)
 
     def _check_stop(self, req: Request, token: int, num_outputs: int) -> RequestStatus | None:
         """Whether `token`, the request's num_outputs-th output, ends it."""
@@ -197,7 +226,8 @@ class Scheduler:
         append a PLACEHOLDER for each token being sampled. Returns (request, output index) of each
         placeholder, in sampling order, for `resolve`."""
         pending = []
-        for req, num_new in out.scheduled:
+        for req_id, num_new in out.num_scheduled_tokens.items():
+            req = self.requests[req_id]
             samples = req.num_computed_tokens + num_new == req.num_tokens
             req.num_computed_tokens += num_new
             if samples:
@@ -208,13 +238,13 @@ class Scheduler:
                     req.is_capped = True
         return pending
 
-    def resolve(self, pending: list[tuple[Request, int]], sampled: dict[str, int],
-                logprobs: dict[str, tuple] | None = None,
-                prompt_logprobs: dict[str, tuple] | None = None) -> list[TokenUpdate]:
+    def resolve(self, pending: list[tuple[Request, int]],
+                result: ModelRunnerOutput) -> list[TokenUpdate]:
         """Put a finished step's tokens in place of its placeholders and finish requests that
         stop. A request that finished meanwhile (aborted, or stopped one step earlier) is skipped:
         the step computed its token for nothing, and the token is dropped. The step's prompt
         logprobs are collected first, so a request's are whole by the time its first token is."""
+        sampled, logprobs, prompt_logprobs = result.sampled, result.logprobs, result.prompt_logprobs
         if prompt_logprobs:
             for req_id, (start, rows) in prompt_logprobs.items():
                 req = self.requests.get(req_id)

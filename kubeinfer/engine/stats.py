@@ -1,4 +1,5 @@
-"""Numbers the engine reports each step; metrics loggers turn them into Prometheus series."""
+"""Numbers the engine reports after each step and whenever the scheduler's state changes (a request
+added or aborted); metrics loggers turn them into Prometheus series."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ class FinishedRequestStats:
 
 @dataclass
 class IterationStats:
-    num_prompt_tokens: int = 0  # prompt tokens computed this step (cached ones not counted)
+    # the whole prompt (prefix-cache hits too) of each request whose first token came this step, as
+    # vLLM counts vllm:prompt_tokens_total; hits are reported in SchedulerStats.prefix_cache_hits
+    num_prompt_tokens: int = 0
     num_generation_tokens: int = 0  # tokens sampled this step
     num_scheduled_tokens: int = 0  # tokens the step computed, prompt and decode (0: none ran)
     time_to_first_tokens: list[float] = field(default_factory=list)

@@ -42,7 +42,7 @@ def test_gpu_sampling_runs_on_device(tiny_model_dir):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_gpu_tensor_parallel_2_matches_hf(tiny_model_dir):
     """Two ranks over NCCL, all-reduces captured in the CUDA graphs, async scheduling on. One
-    tensor-parallel engine per process on CUDA (kubeinfer/engine/distributed.py says why)."""
+    tensor-parallel engine per process on CUDA (kubeinfer/engine/executor.py says why)."""
     path = tiny_model_dir("qwen3")
     llm = LLM(str(path), dtype="float32", device="cuda", tensor_parallel_size=2,
               max_model_len=256, max_num_batched_tokens=64, gpu_memory_utilization=0.3)

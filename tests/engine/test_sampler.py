@@ -231,7 +231,7 @@ def test_prompt_logprobs_rank_ties_and_per_request_top_k():
     assert packed.shape == (5, 2 + 2 * 3) and packed.dtype == torch.float64
     ref = logits.log_softmax(dim=-1)
     # rows 0-2 belong to a request that asked for 3, rows 3-4 to one that asked for 0
-    reqs = [(make_req("a", prompt_logprobs=3), 4, 3), (make_req("b", prompt_logprobs=0), 0, 2)]
+    reqs = [("a", 3, 4, 3), ("b", 0, 0, 2)]
     out = unpack_prompt_logprobs(packed.tolist(), reqs)
     assert [len(out["a"][1]), out["a"][0], len(out["b"][1]), out["b"][0]] == [3, 4, 2, 0]
     rows = out["a"][1] + out["b"][1]

@@ -1,6 +1,7 @@
 """Scheduler policy with a fake 'model' that samples fixed tokens: no tensors anywhere."""
 from kubeinfer.engine.config import SchedulerConfig
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
+from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.request import Request, RequestStatus
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.scheduler import Scheduler
@@ -19,23 +20,28 @@ def req(rid, n_prompt, max_tokens=4, **kw):
 
 def step(s, token=7):
     out = s.schedule()
-    sampled = {r.req_id: token for r, n in out.scheduled if r.num_computed_tokens + n == r.num_tokens}
-    return out, s.update(out, sampled)
+    sampled = {rid: token for rid, n in out.num_scheduled_tokens.items()
+               if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens}
+    return out, s.update(out, ModelRunnerOutput(sampled=sampled))
+
+
+def scheduled(out):
+    return list(out.num_scheduled_tokens.items())
 
 
 def test_budget_chunks_long_prompt_and_decodes_join():
     s = make(budget=16)
     s.add_request(req("a", 40))
     out, ups = step(s)
-    assert [(r.req_id, n) for r, n in out.scheduled] == [("a", 16)] and ups == []
+    assert scheduled(out) == [("a", 16)] and ups == []
     s.add_request(req("b", 3))
     out, _ = step(s)
-    assert [(r.req_id, n) for r, n in out.scheduled] == [("a", 16)]  # budget spent on a first
+    assert scheduled(out) == [("a", 16)]  # budget spent on a first
     out, ups = step(s)
-    assert [(r.req_id, n) for r, n in out.scheduled] == [("a", 8), ("b", 3)]
+    assert scheduled(out) == [("a", 8), ("b", 3)]
     assert {u.req.req_id for u in ups} == {"a", "b"}
     out, _ = step(s)
-    assert [(r.req_id, n) for r, n in out.scheduled] == [("a", 1), ("b", 1)]
+    assert scheduled(out) == [("a", 1), ("b", 1)]
 
 
 def test_max_num_seqs_caps_running():
@@ -43,7 +49,7 @@ def test_max_num_seqs_caps_running():
     for i in range(4):
         s.add_request(req(str(i), 4))
     out, _ = step(s)
-    assert len(out.scheduled) == 2 and len(s.waiting) == 2
+    assert len(out.num_scheduled_tokens) == 2 and len(s.waiting) == 2
 
 
 def test_finishes_on_max_tokens_eos_and_stop_ids():
@@ -52,11 +58,11 @@ def test_finishes_on_max_tokens_eos_and_stop_ids():
     s.add_request(req("eos", 4, max_tokens=10))
     s.add_request(req("stop", 4, max_tokens=10, stop_token_ids=[5]))
     out = s.schedule()
-    ups = s.update(out, {"len": 3, "eos": 0, "stop": 5})
+    ups = s.update(out, ModelRunnerOutput(sampled={"len": 3, "eos": 0, "stop": 5}))
     done = {u.req.req_id: u.req.status for u in ups if u.finished}
     assert done == {"eos": RequestStatus.FINISHED_STOPPED, "stop": RequestStatus.FINISHED_STOPPED}
     out = s.schedule()
-    ups = s.update(out, {"len": 3})
+    ups = s.update(out, ModelRunnerOutput(sampled={"len": 3}))
     assert ups[0].finished and ups[0].req.status == RequestStatus.FINISHED_LENGTH
     assert not s.has_unfinished_requests()
     assert s.kv.num_free_blocks == s.kv.num_blocks
@@ -68,10 +74,10 @@ def test_ignore_eos_and_min_tokens():
     s.add_request(req("b", 4, max_tokens=5, min_tokens=2))
     for _ in range(2):
         out = s.schedule()
-        ups = s.update(out, {r.req_id: 0 for r, _ in out.scheduled})
+        ups = s.update(out, ModelRunnerOutput(sampled=dict.fromkeys(out.num_scheduled_tokens, 0)))
     assert {u.req.req_id: u.finished for u in ups} == {"a": False, "b": False}
     out = s.schedule()
-    ups = s.update(out, {r.req_id: 0 for r, _ in out.scheduled})
+    ups = s.update(out, ModelRunnerOutput(sampled=dict.fromkeys(out.num_scheduled_tokens, 0)))
     assert all(u.finished for u in ups)
 
 
@@ -132,7 +138,7 @@ def test_prefix_cache_hit_skips_computed_tokens():
     step(s)
     s.add_request(req("b", 12))
     out, _ = step(s)
-    sched = {r.req_id: n for r, n in out.scheduled}
+    sched = out.num_scheduled_tokens
     assert sched["b"] == 4  # two blocks (8 tokens) were cached; last block recomputed
     assert s.requests["b"].num_cached_tokens == 8
 
@@ -166,7 +172,7 @@ def test_priority_policy_admits_lower_values_first_then_by_arrival():
         s.add_request(prio_req(rid, 4, prio, t))
     assert [r.req_id for r in s.waiting] == ["urgent", "early-mid", "later-mid", "late-low"]
     out, _ = step(s)
-    assert [r.req_id for r, _ in out.scheduled] == ["urgent", "early-mid"]
+    assert list(out.num_scheduled_tokens) == ["urgent", "early-mid"]
 
 
 def test_fcfs_ignores_priority_values():
@@ -182,10 +188,10 @@ def test_priority_preempts_the_lowest_even_when_it_was_scheduled_earlier_in_the_
     step(s)                                   # low: 8 prompt tokens, 2 blocks
     s.add_request(prio_req("high", 8, 0, 1.0, max_tokens=8))
     out, _ = step(s)                          # low decodes (3rd block), high prefills (2 blocks)
-    assert [r.req_id for r, _ in out.scheduled] == ["low", "high"] and s.kv.num_free_blocks == 0
+    assert list(out.num_scheduled_tokens) == ["low", "high"] and s.kv.num_free_blocks == 0
     out, _ = step(s)  # low fits its 3rd block; high needs a 3rd: low is preempted after all
     assert out.preempted_req_ids == ["low"]
-    assert [(r.req_id, n) for r, n in out.scheduled] == [("high", 1)]
+    assert scheduled(out) == [("high", 1)]
     assert [r.req_id for r in s.running] == ["high"] and [r.req_id for r in s.waiting] == ["low"]
     assert s.kv.num_free_blocks == 2  # low's 3 blocks back, one of them now high's
 
@@ -198,7 +204,7 @@ def test_fcfs_preempts_the_newest_in_the_same_situation():
     step(s)
     out, _ = step(s)
     assert out.preempted_req_ids == ["second"]
-    assert [(r.req_id, n) for r, n in out.scheduled] == [("first", 1)]
+    assert scheduled(out) == [("first", 1)]
 
 
 def test_bad_policy_is_a_config_error():
@@ -207,3 +213,39 @@ def test_bad_policy_is_a_config_error():
     from kubeinfer.engine.errors import ConfigError
     with pytest.raises(ConfigError, match="--scheduling-policy must be fcfs or priority"):
         SchedulerConfig(scheduling_policy="lottery")
+
+
+def test_output_is_plain_data_new_requests_whole_once_then_the_diff():
+    import pickle
+
+    s = make(num_blocks=16, block_size=4, budget=8)
+    s.add_request(req("a", 10, max_tokens=3))
+    out, _ = step(s)  # a: 8 of 10 prompt tokens, 2 blocks
+    assert [n.req_id for n in out.scheduled_new_reqs] == ["a"] and not out.scheduled_cached_reqs.req_ids
+    new = out.scheduled_new_reqs[0]
+    assert (new.prompt_token_ids, new.block_ids, new.num_computed_tokens) == (list(range(1, 11)),
+                                                                             [0, 1], 0)
+    out, _ = step(s)  # a: the last 2 prompt tokens, a 3rd block
+    cached = out.scheduled_cached_reqs
+    assert not out.scheduled_new_reqs
+    assert (cached.req_ids, cached.new_block_ids, cached.num_computed_tokens) == (["a"], [[2]], [8])
+    assert pickle.loads(pickle.dumps(out)) == out  # a step can cross a pipe
+    s.add_request(req("b", 3))
+    s.finish_request("a", RequestStatus.FINISHED_ABORTED)
+    out, _ = step(s)
+    assert out.finished_req_ids == {"a"} and [n.req_id for n in out.scheduled_new_reqs] == ["b"]
+    assert not any(isinstance(v, Request) for v in vars(out).values())
+
+
+def test_a_preempted_request_comes_back_whole_with_its_outputs():
+    s = make(num_blocks=4, block_size=4, max_model_len=16, caching=False)
+    a, b = req("a", 6, max_tokens=6), req("b", 6, max_tokens=6)
+    s.add_request(a)
+    s.add_request(b)
+    preempted, resumed = [], []
+    while s.has_unfinished_requests():
+        out, _ = step(s)
+        preempted += out.preempted_req_ids
+        resumed += [(n.req_id, n.output_token_ids) for n in out.scheduled_new_reqs if n.output_token_ids]
+    assert preempted and resumed and resumed[0][0] == preempted[0]
+    assert all(ids and set(ids) == {7} for _, ids in resumed)

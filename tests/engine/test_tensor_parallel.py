@@ -1,6 +1,7 @@
-"""Tensor parallelism, run on CPU through gloo: the driver and its worker processes, each holding a
-shard of every layer, give HF transformers' greedy tokens (float32), synchronously and with async
-scheduling, with KV heads split and replicated. The GPU run (NCCL, CUDA graphs) is in
+"""Tensor parallelism, run on CPU through gloo: rank 0 and its worker processes, each holding a
+shard of every layer and running the same runner methods (executor.collective_rpc), give HF
+transformers' greedy tokens (float32), synchronously and with async scheduling, with KV heads split
+and replicated. The GPU run (NCCL, CUDA graphs) is in
 tests/engine/test_gpu_engine.py."""
 import multiprocessing
 
@@ -10,7 +11,7 @@ from transformers import AutoConfig
 
 from kubeinfer import LLM, SamplingParams
 from kubeinfer.engine.errors import ConfigError
-from kubeinfer.engine.distributed import check_tensor_parallel
+from kubeinfer.engine.parallel_state import check_tensor_parallel
 from tests.engine.test_consistency import NUM_OUT, hf_greedy, make_prompts
 
 KW = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=32,
@@ -25,13 +26,14 @@ def greedy(llm, prompts):
 
 
 @pytest.mark.parametrize("arch,tp,async_sched", [("llama", 2, False), ("qwen3", 2, True),
-                                                  ("llama", 4, True)],
-                         ids=["llama-tp2-sync", "qwen3-tp2-async", "llama-tp4-kv-replicated"])
+                                                  ("llama", 4, True), ("llama", 4, False)],
+                         ids=["llama-tp2-sync", "qwen3-tp2-async", "llama-tp4-kv-replicated-async",
+                              "llama-tp4-kv-replicated-sync"])
 def test_tensor_parallel_greedy_matches_hf(tiny_model_dir, arch, tp, async_sched):
     path = tiny_model_dir(arch)
     llm = LLM(str(path), tensor_parallel_size=tp, async_scheduling=async_sched, **KW)
     try:
-        workers = llm.engine.workers
+        workers = llm.engine.executor.workers
         assert workers is not None and len(workers.procs) == tp - 1
         assert all(p.is_alive() for p in workers.procs)
         attn = llm.engine.runner.attn_layers[0]
@@ -100,7 +102,7 @@ import os, signal, time
 from kubeinfer import LLM
 llm = LLM({str(tiny_model_dir("llama"))!r}, tensor_parallel_size=2, dtype="float32", device="cpu",
           max_model_len=128, num_gpu_blocks_override=40)
-os.kill(llm.engine.workers.procs[0].pid, signal.SIGKILL)
+os.kill(llm.engine.executor.workers.procs[0].pid, signal.SIGKILL)
 time.sleep(60)
 print("still running")
 """
@@ -112,8 +114,8 @@ print("still running")
 
 @pytest.mark.parametrize("async_sched", [False, True], ids=["sync", "async"])
 def test_prompt_logprobs_under_tensor_parallelism_equal_one_device(tiny_model_dir, async_sched):
-    """Prompt logprobs take extra LM-head gathers (chunked prefill here): the workers must mirror
-    them in the driver's order, and the values equal a single device's."""
+    """Prompt logprobs take extra LM-head gathers (chunked prefill here): every rank runs them in
+    the same runner method, and the values equal a single device's."""
     path = str(tiny_model_dir("llama"))
     prompts = make_prompts(300)
     params = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=3)

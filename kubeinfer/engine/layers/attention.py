@@ -1,8 +1,9 @@
 """Paged attention layer: writes this step's K/V into the cache, then attends over the cache.
 
-The model runner allocates one (k_cache, v_cache) pair per layer, each [num_blocks, block_size,
-num_kv_heads, head_dim], and binds them with `bind_kv_cache`; the step's `AttentionMetadata` comes from
-the forward context, so model code passes only q, k and v.
+`allocate_kv_cache` makes one tensor for every layer's K and V and binds each layer's pair, each
+[num_blocks, block_size, num_kv_heads, head_dim], through `Attention.bind_kv_cache`; the model runner
+and the tests' paged runner both go through it. The step's `AttentionMetadata` comes from the
+forward context, so model code passes only q, k and v.
 
 ALiBi models (Bloom, MPT, Falcon's alibi variant) pass this rank's per-head slopes; the kernels add
 slope[h] * (key_pos - query_pos) to the scores (layers/alibi.py computes the slopes).
@@ -43,6 +44,10 @@ class Attention(nn.Module):
                              f"{self.num_kv_heads} KV heads of size {self.head_dim}; expected "
                              "[num_blocks, block_size, num_kv_heads, head_dim] for both k and v")
         self.k_cache, self.v_cache = k_cache, v_cache
+
+    def unbind_kv_cache(self) -> None:
+        """Drop the cache (after a profiling run), so its memory can be freed."""
+        self.k_cache = self.v_cache = torch.tensor([])
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H*D]; k, v [T, KVH*D] -> [T, H*D]."""
@@ -102,3 +107,15 @@ class Attention(nn.Module):
 def get_attention_layers(model: nn.Module) -> list[Attention]:
     """The model's Attention modules in layer order; the runner binds one cache pair to each."""
     return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def allocate_kv_cache(layers: list[Attention], num_blocks: int, block_size: int,
+                      dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """One uninitialised tensor [2, layers, num_blocks, block_size, kv_heads, head_dim] for every
+    layer's K and V, bound to the layers in order; returned so the caller owns (and frees) it."""
+    first = layers[0]
+    kv_cache = torch.empty(2, len(layers), num_blocks, block_size, first.num_kv_heads,
+                           first.head_dim, dtype=dtype, device=device)
+    for i, layer in enumerate(layers):
+        layer.bind_kv_cache(kv_cache[0, i], kv_cache[1, i])
+    return kv_cache

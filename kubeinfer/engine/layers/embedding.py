@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubeinfer.engine.layers.linear import tp_all_gather, tp_all_reduce, tp_rank, tp_size
+from kubeinfer.engine.parallel_state import tp_all_gather, tp_all_reduce, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,8 +1,9 @@
 """Linear layers that know their tensor-parallel shard.
 
 Each parameter carries a `weight_loader(param, loaded_weight[, shard_id])` that copies this rank's slice
-of a full checkpoint tensor, so model files never see tensor parallelism: adding TP means setting the
-process group below, not editing models. Shapes follow torch: weight [out_features, in_features].
+of a full checkpoint tensor, so model files never see tensor parallelism: adding TP means joining the
+process group (`parallel_state.py` owns it), not editing models. Shapes follow torch: weight
+[out_features, in_features].
 
 - ColumnParallelLinear splits the output dimension; each rank holds out/tp rows.
 - RowParallelLinear splits the input dimension and all-reduces the partial sums.
@@ -12,40 +13,11 @@ process group below, not editing models. Shapes follow torch: weight [out_featur
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-_TP_GROUP: dist.ProcessGroup | None = None
-
-
-def set_tp_group(group: dist.ProcessGroup | None) -> None:
-    """Called once by the distributed workers before building the model; None means one device."""
-    global _TP_GROUP
-    _TP_GROUP = group
-
-
-def tp_size() -> int:
-    return 1 if _TP_GROUP is None else dist.get_world_size(_TP_GROUP)
-
-
-def tp_rank() -> int:
-    return 0 if _TP_GROUP is None else dist.get_rank(_TP_GROUP)
-
-
-def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if tp_size() > 1:
-        dist.all_reduce(x, group=_TP_GROUP)
-    return x
-
-
-def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    size = tp_size()
-    if size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=_TP_GROUP)
-    return torch.cat(parts, dim=dim)
+# the group lives in parallel_state; these names stay importable from here for the layers
+from kubeinfer.engine.parallel_state import tp_all_gather, tp_all_reduce, tp_rank, tp_size  # noqa: F401
 
 
 def _divide(n: int, d: int, what: str) -> int:

@@ -1,0 +1,55 @@
+"""What the scheduler hands the device side each step: plain, picklable data, never a Request.
+
+As vLLM v1's: a request the runner has not seen (admitted, or resumed after preemption) comes whole
+once, as `NewRequestData`; after that only the diff comes, in `CachedRequestData` (new block ids and
+the computed-token count). `num_scheduled_tokens` gives, in batch order, how many tokens each
+scheduled request computes this step. `finished_req_ids` and `preempted_req_ids` tell the runner
+which requests to drop from its persistent batch since the last step; a preempted one comes back
+later as a new request. This is what lets a step cross a pipe to another rank (executor.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kubeinfer.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: list[int]
+    # the outputs so far of a request resumed after preemption (empty for a fresh one)
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
+    block_ids: list[int]
+    num_computed_tokens: int  # prefix-cache hits: tokens whose K/V is already in the cache
+    # the first prompt position whose logits prompt_logprobs still needs; None when none are
+    prompt_logits_start: int | None = None
+
+
+@dataclass
+class CachedRequestData:
+    """Requests the runner already holds, by parallel lists."""
+
+    req_ids: list[str] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)  # blocks added since last step
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
+    # request id -> tokens it computes this step, in batch order
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
