@@ -37,9 +37,9 @@ from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.model_runner import ModelRunner, PendingStep
 from kubeinfer.engine.outputs import ModelRunnerOutput
-from kubeinfer.engine.parallel_state import (check_tensor_parallel, destroy_tensor_parallel,
-                                             init_tensor_parallel)
+from kubeinfer.engine.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from kubeinfer.engine.scheduler_output import SchedulerOutput
+from kubeinfer.engine.tensor_parallel_check import check_tensor_parallel
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ import math
 import numbers
 from dataclasses import dataclass, field, replace
 
+from kubeinfer.engine.errors import RequestError
+
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MAX_N = 128  # OpenAI's cap on the samples of one request
@@ -34,12 +36,8 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-class SamplingParamsError(ValueError):
+class SamplingParamsError(RequestError):
     """A sampling parameter a user sent is invalid. `param` names the field."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig
 
 from kubeinfer import LLM, SamplingParams
-from kubeinfer.engine.parallel_state import check_tensor_parallel
+from kubeinfer.engine.tensor_parallel_check import check_tensor_parallel
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.layers.moe import FusedMoE
 from tests.engine.test_consistency import NUM_OUT, hf_greedy, make_prompts

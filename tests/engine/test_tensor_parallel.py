@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from kubeinfer import LLM, SamplingParams
 from kubeinfer.engine.errors import ConfigError
-from kubeinfer.engine.parallel_state import check_tensor_parallel
+from kubeinfer.engine.tensor_parallel_check import check_tensor_parallel
 from tests.engine.test_consistency import NUM_OUT, hf_greedy, make_prompts
 
 KW = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=32,
