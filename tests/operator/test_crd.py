@@ -67,7 +67,7 @@ def test_schema_defaults():
     assert problems == []
     assert defaulted["spec"] == {
         "model": {"uri": "default"}, "engine": {}, "accelerator": "nvidia.com/gpu",
-        "parallelism": {"tensor": 1, "pipeline": 1}, "replicas": 1,
+        "parallelism": {"tensor": 1, "pipeline": 1}, "replicas": 1, "router": "kubeinfer",
         "apiKeySecretRef": {"name": "k", "key": "api-key"}, "terminationGracePeriodSeconds": 120}
 
 
@@ -87,7 +87,12 @@ REJECTED = [
     ({"accelerator": "GPU please"}, "spec.accelerator"),
     ({"replica": 2}, "spec.replica"),
     ({"autoscaling": {"minReplicas": 1}}, "spec.autoscaling.maxReplicas"),
-    ({"autoscaling": {"minReplicas": 0, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
+    ({"autoscaling": {"minReplicas": -1, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
+    ({"router": "istio"}, "spec.router"),
+    ({"loadBalancing": {"strategy": "random"}}, "spec.loadBalancing.strategy"),
+    ({"loadBalancing": {"prefixHash": {"loadFactor": 0.5}}}, "spec.loadBalancing.prefixHash.loadFactor"),
+    ({"loadBalancing": {"prefixHash": {"prefixChars": 0}}}, "spec.loadBalancing.prefixHash.prefixChars"),
+    ({"inferencePool": {"endpointPickerRef": {"port": 70000}}}, "spec.inferencePool.endpointPickerRef.port"),
     ({"autoscaling": {"maxReplicas": 0}}, "spec.autoscaling.maxReplicas"),
     ({"autoscaling": {"maxReplicas": 2, "targetRequests": 0}}, "spec.autoscaling.targetRequests"),
     ({"autoscaling": {"maxReplicas": 2, "scaleDownDelaySeconds": -1}}, "spec.autoscaling.scaleDownDelaySeconds"),
