@@ -51,6 +51,10 @@ What it watches
 
 Children of InferenceService NAME in namespace NS (owner reference: controller, blockOwnerDeletion)
     pipeline == 1: Deployment NAME, Service NAME (ClusterIP, port 8000 "http"), PodDisruptionBudget NAME
+    spec.router inference-pool: InferencePool NAME (inference.networking.k8s.io/v1, when served;
+                   else a Warning InferencePoolNotServed once), selector as the Service's,
+                   targetPorts [8000], endpointPickerRef spec.inferencePool.endpointPickerRef
+                   (default NAME-epp:9002)
     pipeline > 1 (refused by spec.py until the engine runs pipeline parallelism):
                    LeaderWorkerSet NAME-workers when leaderworkerset.x-k8s.io/v1 is served, else
                    StatefulSet NAME-G per replica G plus headless Service NAME-workers; Service NAME
@@ -102,7 +106,7 @@ from kubeinfer.operator.apply import ApiError, KubeApi
 from kubeinfer.operator.autoscale import Autoscaler
 from kubeinfer.operator.leader import LeaderElector
 from kubeinfer.operator.locks import ObjectLocks
-from kubeinfer.operator.reconcile import LwsDiscovery, Outcome, reconcile
+from kubeinfer.operator.reconcile import LwsDiscovery, Outcome, pool_discovery, reconcile
 from kubeinfer.operator.render import LABEL_IS, LABEL_MANAGED_BY, MANAGER
 from kubeinfer.operator.router_queue import RouterQueue
 from kubeinfer.operator.settings import OperatorSettings
@@ -147,6 +151,7 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
     registry = kopf.OperatorRegistry()
     api = api or KubeApi()
     lws = LwsDiscovery(settings.leaderworkerset)
+    pools = pool_discovery()
     locks = ObjectLocks() if locks is None else locks
     phases = phases or metrics.PhaseTracker()
     resource = (GROUP, VERSION, PLURAL)
@@ -163,7 +168,7 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
         user_change = trigger == "change"
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
         with locks.hold(namespace, name), metrics.reconciling(trigger) as timed:
-            outcome = reconcile(api, dict(body), settings, lws)
+            outcome = reconcile(api, dict(body), settings, lws, pools=pools)
             events = list(outcome.events)
             if outcome.invalid and user_change and not any(r == "InvalidSpec" for _, r, _ in events):
                 events.append(("Warning", "InvalidSpec", str(outcome.invalid)))
@@ -238,7 +243,7 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
                 owner = api.get("InferenceService", namespace, owner_name)
                 if owner is None or owner.get("metadata", {}).get("deletionTimestamp"):
                     return
-                outcome = reconcile(api, owner, settings, lws)
+                outcome = reconcile(api, owner, settings, lws, pools=pools)
                 if outcome.failed:
                     timed.result = "partial"
                 try:
