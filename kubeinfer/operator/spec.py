@@ -14,8 +14,7 @@ from typing import Any
 
 from kubeinfer.operator.problem import InvalidSpec, Problem
 from kubeinfer.operator.quantity import is_quantity, parse_quantity
-from kubeinfer.operator.traffic import (  # noqa: F401 - re-exported
-    Autoscaling, InferencePool, LoadBalancing, Traffic, read_traffic)
+from kubeinfer.operator.traffic import Autoscaling, Traffic, read_traffic
 
 GROUP, VERSION, KIND, PLURAL = "kubeinfer.io", "v1alpha1", "InferenceService", "inferenceservices"
 API_VERSION = f"{GROUP}/{VERSION}"

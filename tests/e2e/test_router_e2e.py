@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import NAMESPACE, REPO, Cluster, OperatorProcess, _stop, running_cluster, running_operator, wait_for
+from tests.e2e.conftest import (NAMESPACE, REPO, Cluster, OperatorProcess, _stop, running_cluster,
+                                running_operator, wait_for)
 from tests.e2e.test_hardening_e2e import FAKE_ENGINE, free_port
 from tests.k8s_emulator.podenv import default_command_map
 

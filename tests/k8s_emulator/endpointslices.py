@@ -124,7 +124,8 @@ class EndpointSliceController:
             out.append(entry)
         return out
 
-    def _slice(self, svc: dict[str, Any], ports: list[dict[str, Any]], endpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    def _slice(self, svc: dict[str, Any], ports: list[dict[str, Any]],
+               endpoints: list[dict[str, Any]]) -> dict[str, Any]:
         meta = svc["metadata"]
         digest = hashlib.sha256(json.dumps(ports, sort_keys=True).encode()).hexdigest()[:8]
         labels = {**(meta.get("labels") or {}), LABEL_SERVICE_NAME: meta["name"], LABEL_MANAGED_BY: MANAGER}
