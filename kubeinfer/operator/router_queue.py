@@ -13,6 +13,9 @@ vllm:num_requests_* count them.
 One read serves every InferenceService for `max_age` seconds (the autoscale timer ticks once a
 second per InferenceService). A router that cannot be read counts as holding nothing, logged once
 per failure streak: the autoscaler goes on with the pods' load.
+
+With several router replicas behind one Service each read reaches one of them, so a request held
+by another is seen on a later read (a second or so apart while at zero), not at once.
 """
 from __future__ import annotations
 
