@@ -4,6 +4,7 @@ Calls, all JSON over the official client's connection (kubeconfig or in-cluster,
 
     GET    LIST_PATH?labelSelector=kubeinfer.io/inferenceservice=NAME   observe children and pods
     GET    /apis/leaderworkerset.x-k8s.io/v1                             is LeaderWorkerSet served?
+    GET    /apis/inference.networking.k8s.io/v1                          is InferencePool served?
     GET    OBJECT_PATH                                                   after AlreadyExists
     POST   LIST_PATH                                                     create
     PUT    OBJECT_PATH   (with metadata.resourceVersion)                 update, drift correction
@@ -38,14 +39,15 @@ RESOURCES = {
     "Service": ("/api/v1", "services"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "LeaderWorkerSet": ("/apis/leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
+    "InferencePool": ("/apis/inference.networking.k8s.io/v1", "inferencepools"),
     "Pod": ("/api/v1", "pods"),
     "InferenceService": ("/apis/kubeinfer.io/v1alpha1", "inferenceservices"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 API_VERSIONS = {"Deployment": "apps/v1", "StatefulSet": "apps/v1", "Service": "v1",
                 "PodDisruptionBudget": "policy/v1", "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1",
-                "Pod": "v1", "InferenceService": "kubeinfer.io/v1alpha1",
-                "Lease": "coordination.k8s.io/v1"}
+                "InferencePool": "inference.networking.k8s.io/v1", "Pod": "v1",
+                "InferenceService": "kubeinfer.io/v1alpha1", "Lease": "coordination.k8s.io/v1"}
 RETRYABLE = {0, 403, 404, 408, 409, 429, 500, 502, 503, 504}
 
 
@@ -205,14 +207,19 @@ class KubeApi:
         return self.request("PATCH", _path(kind, namespace, name), body=body,
                             content_type="application/merge-patch+json")
 
-    def serves_leaderworkerset(self) -> bool:
+    def serves(self, kind: str) -> bool:
+        """Does the API serve this (custom) kind? 403/404/503 count as no."""
+        prefix, plural = RESOURCES[kind]
         try:
-            data = self.request("GET", "/apis/leaderworkerset.x-k8s.io/v1")
+            data = self.request("GET", prefix)
         except ApiError as e:
-            if e.status in (403, 404, 503):   # not served, or not ours to see: StatefulSets
+            if e.status in (403, 404, 503):   # not served, or not ours to see
                 return False
             raise
-        return any(r.get("name") == "leaderworkersets" for r in data.get("resources") or [])
+        return any(r.get("name") == plural for r in data.get("resources") or [])
+
+    def serves_leaderworkerset(self) -> bool:
+        return self.serves("LeaderWorkerSet")   # else StatefulSets
 
 
 def merged_for_update(desired: dict, current: dict) -> dict:

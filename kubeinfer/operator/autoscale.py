@@ -1,7 +1,8 @@
 """Built-in request-based autoscaling: spec.autoscaling -> spec.replicas.
 
 `decide` is pure: current replicas, the summed load (in-flight plus waiting requests over the ready
-engine pods), the spec, the scale-down window state and the time -> the replica count to set.
+engine pods, plus the requests the kubeinfer router holds for the model: router_queue.py), the spec,
+the scale-down window state and the time -> the replica count to set.
 
     target  = clamp(ceil(load / targetRequests), minReplicas, maxReplicas)
     current outside [minReplicas, maxReplicas] -> clamped at once (before anything else)
@@ -18,6 +19,12 @@ server's pod proxy, pods/NAME:8000/proxy/metrics (vllm:num_requests_running + vl
 model_name labels), decide, and merge-patch spec.replicas of the InferenceService when it changes;
 the reconcile then resizes the workload. The window state lives in memory keyed by namespace/name: an
 operator restart only restarts a pending scale-down delay (never scales down early).
+
+Scale from zero (minReplicas 0): with no pod the only load is what the router holds, so a held
+request makes the target ceil(held / targetRequests) >= 1. While spec.replicas is 0 the round runs
+on every timer tick (a second) rather than every intervalSeconds: it reads only the router (no pods
+to scrape), and the held request's wait for a replica starts at once. Without a router URL
+(--router-url) nothing can see those requests: the round posts a Warning NoRouter once.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from dataclasses import dataclass
 from kubeinfer.operator.apply import KubeApi
 from kubeinfer.operator.podspec import PORT
 from kubeinfer.operator.render import leader_label, selector_labels
+from kubeinfer.operator.router_queue import RouterQueue
 from kubeinfer.operator.spec import Autoscaling, InferenceServiceSpec, InvalidSpec, parse_spec
 
 LOAD_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
@@ -119,14 +127,17 @@ class Tick:
     pods: int
     decision: Decision
     patched: bool
+    held: int = 0      # of the load: requests the router holds
+    warning: tuple[str, str, str] | None = None   # (type, reason, message) to post once
 
     def event(self) -> tuple[str, str, str] | None:
         """(type, reason, message) to post for a change of spec.replicas."""
         if not self.patched:
             return None
         reason = "ScaledUp" if self.decision.replicas > self.before else "ScaledDown"
+        held = f", {self.held} held by the router" if self.held else ""
         return ("Normal", reason, f"spec.replicas {self.before} -> {self.decision.replicas}: "
-                                  f"{self.decision.reason} ({self.pods} ready pods)")
+                                  f"{self.decision.reason} ({self.pods} ready pods{held})")
 
 
 class Autoscaler:
@@ -134,9 +145,11 @@ class Autoscaler:
 
     def __init__(self, api: KubeApi, default_image: str = "", *,
                  scrape: Callable[[str], float] = scrape_pod, clock: Callable[[], float] = time.monotonic,
-                 use_lws: Callable[[], bool] = lambda: False, scrape_via: str = "pod-ip"):
+                 use_lws: Callable[[], bool] = lambda: False, scrape_via: str = "pod-ip",
+                 router: RouterQueue | None = None):
         self.api, self.default_image, self.scrape, self.clock = api, default_image, scrape, clock
-        self.use_lws, self.scrape_via = use_lws, scrape_via
+        self.use_lws, self.scrape_via, self.router = use_lws, scrape_via, router
+        self._warned: set[tuple[str, str]] = set()   # NoRouter posted
         self._below: dict[tuple[str, str], Below] = {}
         self._last: dict[tuple[str, str], float] = {}
         self._failing: set[tuple[str, str, str]] = set()   # (namespace, pod, ip) in a failure streak
@@ -144,6 +157,7 @@ class Autoscaler:
     def forget(self, namespace: str, name: str) -> None:
         self._below.pop((namespace, name), None)
         self._last.pop((namespace, name), None)
+        self._warned.discard((namespace, name))
 
     def due(self, namespace: str, name: str, interval: float) -> bool:
         """True at most once per `interval` seconds per InferenceService (the timer ticks faster)."""
@@ -195,12 +209,14 @@ class Autoscaler:
         if spec.autoscaling is None or meta.get("deletionTimestamp"):
             self.forget(namespace, name)
             return None
-        if not self.due(namespace, name, spec.autoscaling.interval_seconds):
+        at_zero = spec.replicas == 0 and spec.autoscaling.scales_to_zero
+        if not at_zero and not self.due(namespace, name, spec.autoscaling.interval_seconds):
             return None
         now = self.clock()
         self._last[key] = now
-        load, pods = self.load(spec)
-        decision = decide(spec.replicas, load, spec.autoscaling, self._below.get(key), now)
+        load, pods = self.load(spec) if spec.replicas else (0.0, 0)
+        held = self.router.held(namespace, name) if self.router is not None else 0
+        decision = decide(spec.replicas, load + held, spec.autoscaling, self._below.get(key), now)
         patched = False
         if decision.replicas != spec.replicas:
             self.api.patch("InferenceService", namespace, name, {"spec": {"replicas": decision.replicas}},
@@ -210,5 +226,14 @@ class Autoscaler:
             self._below.pop(key, None)
         else:
             self._below[key] = decision.below
-        return Tick(spec.replicas, load, pods, decision, patched)
+        return Tick(spec.replicas, load + held, pods, decision, patched, held, self._no_router(spec))
+
+    def _no_router(self, spec: InferenceServiceSpec) -> tuple[str, str, str] | None:
+        key = (spec.namespace, spec.name)
+        if self.router is not None or not spec.autoscaling.scales_to_zero or key in self._warned:
+            return None
+        self._warned.add(key)
+        return ("Warning", "NoRouter", "spec.autoscaling.minReplicas is 0 but the operator has no "
+                "router URL (--router-url, KUBEINFER_ROUTER_URL; the chart sets it with "
+                "router.enabled): requests held by the router cannot scale this model up from zero")
 

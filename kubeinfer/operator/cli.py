@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scrape-via", choices=SCRAPE_MODES, default=None,
                    help="how spec.autoscaling reads engine metrics: pod-ip (default) or apiserver "
                         "(the API server's pod proxy; needs get on pods/proxy)")
+    p.add_argument("--router-url", default=None, metavar="URL",
+                   help="the kubeinfer router (http://NAME.NS.svc:8080): spec.autoscaling counts the "
+                        "requests it holds, so minReplicas 0 scales up from zero (default: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every API call and handler")
     p.set_defaults(func=run_operator)
 
@@ -63,9 +66,11 @@ def _settings(args: argparse.Namespace) -> OperatorSettings:
     if getattr(args, "all_namespaces", False):
         overrides["namespaces"] = ()
     for key in ("liveness_port", "resync_seconds", "engine_image", "cluster_domain", "metrics_port",
-                "leader_election_namespace", "scrape_via"):
+                "leader_election_namespace", "scrape_via", "router_url"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
+    if overrides.get("router_url"):
+        overrides["router_url"] = overrides["router_url"].strip().rstrip("/")
     lws = getattr(args, "leaderworkerset", None)
     if isinstance(lws, str):
         overrides["leaderworkerset"] = lws

@@ -5,7 +5,7 @@ CONTRACT (stable; tests/e2e and the Helm chart rely on it)
 Start
     kubeinfer operator [--namespace NS]... [--all-namespaces] [--liveness-port P]
                        [--resync-seconds S] [--engine-image IMAGE] [--cluster-domain D]
-                       [--leaderworkerset auto|on|off] [--verbose]
+                       [--leaderworkerset auto|on|off] [--router-url URL] [--verbose]
     No --namespace -> all namespaces. Kube config as kopf finds it: in-cluster service account, else
     KUBECONFIG / ~/.kube/config. kopf runs standalone (no peering CRD); with
     --leader-election-namespace NS the replicas elect a leader through Lease NS/kubeinfer-operator
@@ -32,6 +32,10 @@ What it watches
     inferenceservices/NAME {"spec": {"replicas": N}} with metadata.resourceVersion (409 -> next
     interval) plus a Normal ScaledUp/ScaledDown event; the reconcile then resizes the workload.
     The scale-down window is kept in memory per namespace/name: a restart restarts the delay.
+    With --router-url the load adds the requests the kubeinfer router holds for the model (GET
+    ROUTER/queue, read at most twice a second, router_queue.py); while spec.replicas is 0 with
+    minReplicas 0 the round runs every tick, so a held request scales it up from zero within a
+    second or so (without --router-url: a Warning NoRouter event, once).
     Children labelled app.kubernetes.io/managed-by=kubeinfer-operator (Deployments, StatefulSets,
     Services, PodDisruptionBudgets, and LeaderWorkerSets unless --leaderworkerset off; the label is
     a server-side selector on each watch): a DELETED event reconciles the owner at once and posts
@@ -47,6 +51,10 @@ What it watches
 
 Children of InferenceService NAME in namespace NS (owner reference: controller, blockOwnerDeletion)
     pipeline == 1: Deployment NAME, Service NAME (ClusterIP, port 8000 "http"), PodDisruptionBudget NAME
+    spec.router inference-pool: InferencePool NAME (inference.networking.k8s.io/v1, when served;
+                   else a Warning InferencePoolNotServed once), selector as the Service's,
+                   targetPorts [8000], endpointPickerRef spec.inferencePool.endpointPickerRef
+                   (default NAME-epp:9002)
     pipeline > 1 (refused by spec.py until the engine runs pipeline parallelism):
                    LeaderWorkerSet NAME-workers when leaderworkerset.x-k8s.io/v1 is served, else
                    StatefulSet NAME-G per replica G plus headless Service NAME-workers; Service NAME
@@ -98,8 +106,9 @@ from kubeinfer.operator.apply import ApiError, KubeApi
 from kubeinfer.operator.autoscale import Autoscaler
 from kubeinfer.operator.leader import LeaderElector
 from kubeinfer.operator.locks import ObjectLocks
-from kubeinfer.operator.reconcile import LwsDiscovery, Outcome, reconcile
+from kubeinfer.operator.reconcile import LwsDiscovery, Outcome, pool_discovery, reconcile
 from kubeinfer.operator.render import LABEL_IS, LABEL_MANAGED_BY, MANAGER
+from kubeinfer.operator.router_queue import RouterQueue
 from kubeinfer.operator.settings import OperatorSettings
 from kubeinfer.operator.spec import GROUP, PLURAL, VERSION
 from kubeinfer.operator.status_follower import StatusFollower, publish
@@ -142,6 +151,7 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
     registry = kopf.OperatorRegistry()
     api = api or KubeApi()
     lws = LwsDiscovery(settings.leaderworkerset)
+    pools = pool_discovery()
     locks = ObjectLocks() if locks is None else locks
     phases = phases or metrics.PhaseTracker()
     resource = (GROUP, VERSION, PLURAL)
@@ -158,7 +168,7 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
         user_change = trigger == "change"
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
         with locks.hold(namespace, name), metrics.reconciling(trigger) as timed:
-            outcome = reconcile(api, dict(body), settings, lws)
+            outcome = reconcile(api, dict(body), settings, lws, pools=pools)
             events = list(outcome.events)
             if outcome.invalid and user_change and not any(r == "InvalidSpec" for _, r, _ in events):
                 events.append(("Warning", "InvalidSpec", str(outcome.invalid)))
@@ -191,8 +201,9 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
     def resync(body, patch, logger, retry, **_):
         run_reconcile(body, patch, logger, retry, trigger="resync")
 
+    router = RouterQueue(settings.router_url) if settings.router_url else None
     autoscaler = autoscaler or Autoscaler(api, settings.engine_image, use_lws=lambda: lws(api),
-                                          scrape_via=settings.scrape_via)
+                                          scrape_via=settings.scrape_via, router=router)
 
     @kopf.on.delete(*resource, id="forget", optional=True, registry=registry)
     def forget(name, namespace, **_):
@@ -212,11 +223,11 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
         except Exception:
             logger.exception("autoscaling failed")
             return
-        event = tick.event() if tick else None
-        if event is not None:
-            type_, reason, message = event
-            logger.info(message)
-            kopf.event(body, type=type_, reason=reason, message=message)
+        for event in (tick.warning, tick.event()) if tick else ():
+            if event is not None:
+                type_, reason, message = event
+                logger.info(message)
+                kopf.event(body, type=type_, reason=reason, message=message)
 
     def on_child_event(type, body, logger, **_):
         if type != "DELETED":
@@ -232,7 +243,7 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
                 owner = api.get("InferenceService", namespace, owner_name)
                 if owner is None or owner.get("metadata", {}).get("deletionTimestamp"):
                     return
-                outcome = reconcile(api, owner, settings, lws)
+                outcome = reconcile(api, owner, settings, lws, pools=pools)
                 if outcome.failed:
                     timed.result = "partial"
                 try:

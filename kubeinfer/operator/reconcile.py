@@ -21,8 +21,9 @@ from kubeinfer.operator.render import LABEL_HASH, LABEL_IS, render, selector_lab
 from kubeinfer.operator.settings import OperatorSettings
 from kubeinfer.operator.spec import InferenceServiceSpec, InvalidSpec, Problem, parse_spec
 from kubeinfer.operator.status import compute_status, invalid_status, transition_events
+from kubeinfer.operator.traffic import ROUTER_INFERENCE_POOL
 
-CHILD_KINDS = ("Deployment", "StatefulSet", "Service", "PodDisruptionBudget")
+CHILD_KINDS = ("Deployment", "StatefulSet", "Service", "PodDisruptionBudget")   # + LWS, InferencePool
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
 LWS_DISCOVERY_TTL = 60.0
 
@@ -50,20 +51,42 @@ class Outcome:
 
 
 class LwsDiscovery:
-    """Is leaderworkerset.x-k8s.io/v1 served? Asked at most once a minute."""
+    """Is leaderworkerset.x-k8s.io/v1 served (or InferencePool, with kind=)? Asked at most once a
+    minute."""
 
-    def __init__(self, mode: str):
-        self.mode, self._value, self._at = mode, False, -LWS_DISCOVERY_TTL
+    def __init__(self, mode: str = "auto", kind: str = "LeaderWorkerSet"):
+        self.mode, self.kind, self._value, self._at = mode, kind, False, -LWS_DISCOVERY_TTL
+        self.warned: set[tuple[str, str]] = set()   # InferenceServices told it is not served
 
     def __call__(self, api: KubeApi) -> bool:
         if self.mode != "auto":
             return self.mode == "on"
         if time.monotonic() - self._at >= LWS_DISCOVERY_TTL:
             try:
-                self._value, self._at = api.serves_leaderworkerset(), time.monotonic()
+                self._value, self._at = api.serves(self.kind), time.monotonic()
             except ApiError:
                 pass   # keep the last answer; asked again next time
         return self._value
+
+
+def pool_discovery() -> LwsDiscovery:
+    return LwsDiscovery(kind="InferencePool")
+
+
+def _pool_warning(spec: InferenceServiceSpec, served: bool, pools: LwsDiscovery) -> list[Event]:
+    """A Warning once per InferenceService (and operator process) that asks for an InferencePool
+    the cluster does not serve; the rest of it is applied all the same."""
+    key = (spec.namespace, spec.name)
+    if served or spec.traffic.router != ROUTER_INFERENCE_POOL:
+        pools.warned.discard(key)
+        return []
+    if key in pools.warned:
+        return []
+    pools.warned.add(key)
+    return [("Warning", "InferencePoolNotServed",
+             "spec.router is inference-pool but the cluster does not serve "
+             "inference.networking.k8s.io/v1 InferencePool: install the Gateway API Inference "
+             "Extension's CRDs (the pool is created once they are), or set spec.router to kubeinfer")]
 
 
 def now_iso() -> str:
@@ -111,7 +134,8 @@ def _observe(api: KubeApi, spec: InferenceServiceSpec, kinds: tuple[str, ...],
 
 
 def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
-              lws: LwsDiscovery | None = None, now: str | None = None) -> Outcome:
+              lws: LwsDiscovery | None = None, now: str | None = None,
+              pools: LwsDiscovery | None = None) -> Outcome:
     """Make the children match the spec as far as the API lets it, and compute the status. API
     failures worth retrying are Outcome.failed (never raised); an invalid spec (or a child the API
     server rejects) is an Outcome.invalid."""
@@ -125,8 +149,12 @@ def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
 
     lws_served = (lws or LwsDiscovery(settings.leaderworkerset))(api)
     use_lws = spec.pipeline > 1 and lws_served
-    desired = render(spec, settings, owner=body, use_lws=use_lws)
-    kinds = CHILD_KINDS + (("LeaderWorkerSet",) if lws_served else ())
+    pools = pools or pool_discovery()
+    pools_served = pools(api)
+    desired = render(spec, settings, owner=body, use_lws=use_lws, pools=pools_served)
+    # InferencePools are observed wherever served, so one left by spec.router is deleted
+    kinds = CHILD_KINDS + (("LeaderWorkerSet",) if lws_served else ()) + \
+        (("InferencePool",) if pools_served else ())
     failed: list[Failure] = []
     observed, unknown = _observe(api, spec, kinds, failed)
     done = []
@@ -145,7 +173,7 @@ def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
         observed = [o for o in observed if o["kind"] not in workload_kinds]
         again, _ = _observe(api, spec, workload_kinds, failed)
         observed += again
-    events = [_event_for(d) for d in done]
+    events = [_event_for(d) for d in done] + _pool_warning(spec, pools_served, pools)
     try:
         found = _status(api, body, spec, observed, desired, use_lws, settings, now)
     except ApiError as e:

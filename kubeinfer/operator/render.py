@@ -6,6 +6,10 @@
     pipeline > 1, no LWS StatefulSet NAME-G per replica G (`pipeline` pods, started in parallel),
                          headless Service NAME-workers, Service NAME (rank-0 pods), PDB NAME
 
+With spec.router inference-pool, an InferencePool NAME (Gateway API Inference Extension,
+inference.networking.k8s.io/v1) follows, selecting the pods that serve HTTP, when the cluster
+serves that kind (reconcile.py asks).
+
 Every object carries the labels below, the annotation kubeinfer.io/spec-hash (what plan compares)
 and, given an owner, a controller ownerReference, so deleting the InferenceService deletes them.
 Pod templates carry kubeinfer.io/template-hash, a hash of the template, so a change rolls out.
@@ -19,6 +23,7 @@ import json
 from kubeinfer.operator import podspec
 from kubeinfer.operator.settings import OperatorSettings
 from kubeinfer.operator.spec import API_VERSION, KIND, InferenceServiceSpec
+from kubeinfer.operator.traffic import ROUTER_INFERENCE_POOL
 
 LABEL_NAME, APP = "app.kubernetes.io/name", "kubeinfer"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -187,6 +192,24 @@ def pod_disruption_budget(spec: InferenceServiceSpec) -> dict:
     }
 
 
+def inference_pool(spec: InferenceServiceSpec, use_lws: bool = False) -> dict:
+    """An InferencePool over the pods the Service reaches. Its endpoint picker (EPP) is deployed
+    with the inference gateway (the extension's `inferencepool` chart or manifests); the engine
+    serves the vllm:* metrics it reads (num_requests_waiting, kv_cache_usage_perc,
+    cache_config_info)."""
+    pool = spec.traffic.inference_pool
+    return {
+        "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+        "metadata": _meta(spec, spec.name),
+        "spec": {
+            "selector": {"matchLabels": {**selector_labels(spec.name), **leader_label(spec, use_lws)}},
+            "targetPorts": [{"number": podspec.PORT}],
+            "endpointPickerRef": {"name": pool.endpoint_picker or f"{spec.name}-epp",
+                                  "port": {"number": pool.endpoint_picker_port}},
+        },
+    }
+
+
 def owner_reference(owner: dict) -> dict:
     """owner: the InferenceService (or its metadata) with name and uid."""
     meta = owner.get("metadata", owner)
@@ -203,8 +226,9 @@ def _finish(obj: dict, owner: dict | None) -> dict:
 
 
 def render(spec: InferenceServiceSpec, settings: OperatorSettings, *, owner: dict | None = None,
-           use_lws: bool = False) -> list[dict]:
-    """The desired children, in apply order. `use_lws` only matters when pipeline > 1."""
+           use_lws: bool = False, pools: bool = True) -> list[dict]:
+    """The desired children, in apply order. `use_lws` only matters when pipeline > 1; `pools`:
+    whether the cluster serves InferencePool (rendered only for spec.router inference-pool)."""
     if spec.pipeline == 1:
         objs = [deployment(spec), service(spec), pod_disruption_budget(spec)]
     elif use_lws:
@@ -213,4 +237,6 @@ def render(spec: InferenceServiceSpec, settings: OperatorSettings, *, owner: dic
     else:
         objs = [*statefulsets(spec, settings), headless_service(spec), service(spec),
                 pod_disruption_budget(spec)]
+    if pools and spec.traffic.router == ROUTER_INFERENCE_POOL:
+        objs.append(inference_pool(spec, use_lws))
     return [_finish(copy.deepcopy(o), owner) for o in objs]

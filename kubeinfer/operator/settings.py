@@ -20,6 +20,10 @@ Helm chart sets from its values.
     KUBEINFER_SCRAPE_VIA        how spec.autoscaling reads engine /metrics: pod-ip (GET POD_IP:8000,
                                 the default) or apiserver (GET pods/NAME:8000/proxy/metrics, for
                                 clusters whose NetworkPolicies keep the operator from pod IPs)
+    KUBEINFER_ROUTER_URL        the kubeinfer router, e.g. http://kubeinfer-router.kubeinfer.svc:8080:
+                                spec.autoscaling adds the requests it holds (GET /queue) to the
+                                load, which scales minReplicas 0 up from zero. Empty: not read. The
+                                chart sets it when router.enabled.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ class OperatorSettings:
     metrics_port: int = 8081
     leader_election_namespace: str = ""   # "" -> no leader election
     scrape_via: str = "pod-ip"
+    router_url: str = ""                  # "" -> held requests are not read (no scale from zero)
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
@@ -60,6 +65,9 @@ class OperatorSettings:
                              "give them different ports (or 0 to turn one off)")
         if self.scrape_via not in SCRAPE_MODES:
             raise ValueError(f"scrape via must be one of {', '.join(SCRAPE_MODES)}, got {self.scrape_via!r}")
+        if self.router_url and not self.router_url.startswith(("http://", "https://")):
+            raise ValueError(f"router URL must start with http:// or https://, got {self.router_url!r} "
+                             "(e.g. http://kubeinfer-router.kubeinfer.svc:8080)")
 
     @property
     def all_namespaces(self) -> bool:
@@ -85,6 +93,7 @@ class OperatorSettings:
                 metrics_port=int(env.get("KUBEINFER_METRICS_PORT") or 8081),
                 leader_election_namespace=(env.get("KUBEINFER_LEADER_ELECTION_NAMESPACE") or "").strip(),
                 scrape_via=(env.get("KUBEINFER_SCRAPE_VIA") or "pod-ip").lower(),
+                router_url=(env.get("KUBEINFER_ROUTER_URL") or "").strip().rstrip("/"),
             )
         except ValueError as e:
             raise ValueError(f"invalid operator setting in the environment: {e}") from None

@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeinfer.operator.problem import InvalidSpec, Problem
 from kubeinfer.operator.quantity import is_quantity, parse_quantity
+from kubeinfer.operator.traffic import Autoscaling, Traffic, read_traffic
 
 GROUP, VERSION, KIND, PLURAL = "kubeinfer.io", "v1alpha1", "InferenceService", "inferenceservices"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -65,28 +67,6 @@ PROBE_FIELDS = ("initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failu
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a spec: where, what it was, what would be accepted."""
-
-    field: str
-    value: Any
-    allowed: str
-
-    def __str__(self) -> str:
-        if self.value is None:
-            return f"{self.field}: {self.allowed}"
-        return f"{self.field}: got {self.value!r}; {self.allowed}"
-
-
-class InvalidSpec(ValueError):
-    """The spec cannot work as written. Retrying will not help; the user must edit it."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = list(problems)
-        super().__init__("; ".join(str(p) for p in self.problems))
-
-
-@dataclass(frozen=True)
 class SecretRef:
     name: str
     key: str
@@ -128,21 +108,6 @@ class Scheduling:
 
 
 @dataclass(frozen=True)
-class Autoscaling:
-    """spec.autoscaling: the operator sets spec.replicas from the in-flight requests (autoscale.py)."""
-
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_requests: int = 8            # running + waiting requests per replica
-    scale_down_delay_seconds: int = 300
-    interval_seconds: int = 10
-
-
-AUTOSCALING_FIELDS = ("minReplicas", "maxReplicas", "targetRequests", "scaleDownDelaySeconds",
-                      "intervalSeconds")
-
-
-@dataclass(frozen=True)
 class InferenceServiceSpec:
     name: str
     namespace: str
@@ -157,7 +122,12 @@ class InferenceServiceSpec:
     api_key: SecretRef | None = None
     probes: dict = field(default_factory=dict)      # {"startup": {"failureThreshold": 180}, ...}
     termination_grace_period_seconds: int = 120
-    autoscaling: Autoscaling | None = None          # None -> spec.replicas as the user sets it
+    traffic: Traffic = field(default_factory=Traffic)   # router, load balancing, autoscaling
+
+    @property
+    def autoscaling(self) -> Autoscaling | None:
+        """None -> spec.replicas as the user sets it."""
+        return self.traffic.autoscaling
 
     @property
     def uses_gpu(self) -> bool:
@@ -304,37 +274,6 @@ def _read_probes(r: _Reader, probes: dict) -> dict:
     return out
 
 
-def _read_autoscaling(r: _Reader, spec: dict) -> Autoscaling | None:
-    if spec.get("autoscaling") is None:
-        return None
-    a, path = r.obj(spec, "autoscaling", "spec.autoscaling"), "spec.autoscaling"
-    if not isinstance(spec.get("autoscaling"), dict):
-        return None
-    for key in sorted(set(a) - set(AUTOSCALING_FIELDS)):
-        r.bad(f"{path}.{key}", a[key], f"allowed fields are {', '.join(AUTOSCALING_FIELDS)}")
-
-    def read(key: str, default: int, minimum: int, why: str = "") -> int:
-        v = a.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            r.bad(f"{path}.{key}", v, f"must be an integer >= {minimum}{why}")
-            return default
-        return v
-
-    low = read("minReplicas", 1, 1, " (scale to zero is not supported; without spec.autoscaling, "
-               "spec.replicas may be 0)")
-    if "maxReplicas" not in a:
-        r.bad(f"{path}.maxReplicas", None, f"is required: an integer >= minReplicas ({low})")
-        high = low
-    else:
-        high = read("maxReplicas", low, 1)
-        if high < low:
-            r.bad(f"{path}.maxReplicas", high, f"must be >= spec.autoscaling.minReplicas ({low})")
-            high = low
-    return Autoscaling(min_replicas=low, max_replicas=high, target_requests=read("targetRequests", 8, 1),
-                       scale_down_delay_seconds=read("scaleDownDelaySeconds", 300, 0),
-                       interval_seconds=read("intervalSeconds", 10, 1))
-
-
 def parse_spec(name: str, namespace: str, spec: dict, *, default_image: str,
                pipeline_supported: bool | None = None) -> InferenceServiceSpec:
     """The typed spec of one InferenceService; raises InvalidSpec listing every problem.
@@ -416,7 +355,7 @@ def parse_spec(name: str, namespace: str, spec: dict, *, default_image: str,
         probes=_read_probes(r, r.obj(spec, "probes", "spec.probes")),
         termination_grace_period_seconds=r.int(spec, "terminationGracePeriodSeconds",
                                                "spec.terminationGracePeriodSeconds", 120, 0),
-        autoscaling=_read_autoscaling(r, spec))
+        traffic=read_traffic(spec, r.bad))
     if r.problems:
         raise InvalidSpec(r.problems)
     return result

@@ -168,7 +168,11 @@ def compute_status(spec: InferenceServiceSpec, pods: list[dict], workloads: list
     want, counts = spec.replicas, f"{ready}/{spec.replicas} replicas ready"
     top = problems[0] if problems else None
 
-    if want == 0:
+    if want == 0 and spec.autoscaling is not None and spec.autoscaling.scales_to_zero:
+        phase, reason, message = "Pending", "ScaledToZero", (
+            "no requests for spec.autoscaling.scaleDownDelaySeconds: scaled to zero; the next request "
+            "through the kubeinfer router scales it up (the router holds it meanwhile)")
+    elif want == 0:
         phase, reason, message = "Pending", "ScaledToZero", "spec.replicas is 0; scale up to serve"
     elif problems and ready > 0:
         phase, reason, message = "Degraded", top.reason, f"{counts}; {top.message}"

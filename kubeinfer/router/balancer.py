@@ -12,8 +12,10 @@ prefix-hash  consistent hashing with bounded loads (Mirrokni et al.; KubeAI's CH
              the keys whose arc it owned. With load_factor >= 1 some replica always fits.
 
 In-flight counts are the router's own (`InFlight`): a request counts from the moment it is sent
-upstream until its response ended. Replicas `exclude`d (tried already, or skipped as failing) are
-walked past, but stay on the ring so they keep their arcs when they come back.
+upstream until its response ended. An InferenceService's spec.loadBalancing.prefixHash.loadFactor
+(`Backend.load_factor`) wins over the router's --load-factor. Replicas `exclude`d (tried already,
+or skipped as failing) are walked past, but stay on the ring so they keep their arcs when they
+come back.
 """
 from __future__ import annotations
 
@@ -113,7 +115,8 @@ class Balancer:
 
     def _pick_prefix_hash(self, backend: Backend, key: str, candidates: list[str]) -> str:
         allowed = set(candidates)
-        bound = load_bound([self.in_flight.get(a) for a in candidates], self.load_factor)
+        factor = backend.load_factor if backend.load_factor is not None else self.load_factor
+        bound = load_bound([self.in_flight.get(a) for a in candidates], factor)
         for address in self._ring(backend).walk(hash64(key)):
             if address in allowed and self.in_flight.get(address) + 1 <= bound:
                 return address

@@ -8,6 +8,7 @@ lives in a thread posts its writes with `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ class Backend:
     inference_service: str
     strategy: str = "least-load"
     endpoints: tuple[Endpoint, ...] = field(default=())
+    # prefix-hash's parameters from spec.loadBalancing.prefixHash; None: the router's own
+    prefix_chars: int | None = None
+    prefix_tokens: int | None = None
+    load_factor: float | None = None
 
     @property
     def key(self) -> str:
@@ -67,8 +72,7 @@ class EndpointTable:
                 log.warning("model %r is served by both %s and %s; routing it to %s",
                             b.model, table[b.model].key, b.key, table[b.model].key)
                 continue
-            table[b.model] = Backend(b.model, b.namespace, b.inference_service, b.strategy,
-                                     tuple(sorted(set(b.endpoints))))
+            table[b.model] = dataclasses.replace(b, endpoints=tuple(sorted(set(b.endpoints))))
         self._backends = table
         self._synced = True
         waiters, self._waiters = self._waiters, []

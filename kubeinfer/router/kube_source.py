@@ -5,7 +5,9 @@ official client:
 
     inferenceservices.kubeinfer.io   the served model name (spec.model.servedName, else the
                                      InferenceService's name, as the operator passes
-                                     --served-model-name) and the load-balancing strategy
+                                     --served-model-name) and spec.loadBalancing (strategy and
+                                     prefixHash's parameters); one whose spec.router is not
+                                     kubeinfer (inference-pool, none) is not served here
     endpointslices.discovery.k8s.io  labelSelector=kubeinfer.io/inferenceservice (the EndpointSlice
                                      controller copies the Service's labels, which the operator
                                      renders); only slices of the Service named like the
@@ -49,8 +51,34 @@ def served_model(isvc: dict) -> str:
     return served or isvc["metadata"]["name"]
 
 
+def routed_here(isvc: dict) -> bool:
+    """spec.router is kubeinfer (absent: the default, kubeinfer)."""
+    return ((isvc.get("spec") or {}).get("router") or "kubeinfer") == "kubeinfer"
+
+
+def _positive(value: object, kind: type) -> int | float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None
+    return kind(value) if kind is float or float(value).is_integer() else None
+
+
+def prefix_hash_params(isvc: dict) -> dict:
+    """spec.loadBalancing.prefixHash as Backend fields; values the CRD would refuse are left out
+    (an older CRD may have let them in): the router's own settings apply instead."""
+    lb = (isvc.get("spec") or {}).get("loadBalancing")
+    ph = lb.get("prefixHash") if isinstance(lb, dict) else None
+    if not isinstance(ph, dict):
+        return {}
+    chars, tokens = _positive(ph.get("prefixChars"), int), _positive(ph.get("prefixTokens"), int)
+    factor = _positive(ph.get("loadFactor"), float)
+    out = {"prefix_chars": chars, "prefix_tokens": tokens,
+           "load_factor": factor if factor is not None and factor >= 1.0 else None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def strategy_of(isvc: dict, default: str) -> str:
-    """spec.loadBalancing.strategy (once the CRD has it), else the annotation, else the default."""
+    """spec.loadBalancing.strategy, else the annotation (before the CRD had the field), else the
+    default."""
     spec_lb = (isvc.get("spec") or {}).get("loadBalancing") or {}
     annotations = isvc["metadata"].get("annotations") or {}
     chosen = (spec_lb.get("strategy") if isinstance(spec_lb, dict) else None) or annotations.get(ANNOTATION_STRATEGY)
@@ -88,8 +116,8 @@ def build_backends(isvcs: dict[Key, dict], slices: dict[Key, dict], default_stra
         if service:
             ready.setdefault((ns, service), []).extend(slice_endpoints(eps))
     return [Backend(served_model(obj), ns, name, strategy_of(obj, default_strategy),
-                    tuple(ready.get((ns, name), ())))
-            for (ns, name), obj in isvcs.items()]
+                    tuple(ready.get((ns, name), ())), **prefix_hash_params(obj))
+            for (ns, name), obj in isvcs.items() if routed_here(obj)]
 
 
 class EndpointSliceWatcher:

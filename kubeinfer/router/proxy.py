@@ -150,7 +150,9 @@ class Proxy:
             return error_response(str(e), 503, retry_after=self.config.retry_after)
         key = None
         if backend.strategy == "prefix-hash":
-            key = prefix_key(payload, chars=self.config.prefix_chars, tokens=self.config.prefix_tokens)
+            # the InferenceService's spec.loadBalancing.prefixHash wins over the router's flags
+            key = prefix_key(payload, chars=backend.prefix_chars or self.config.prefix_chars,
+                             tokens=backend.prefix_tokens or self.config.prefix_tokens)
         url_path = path + (f"?{request.url.query}" if request.url.query else "")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP]
         tried: list[str] = []

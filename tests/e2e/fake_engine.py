@@ -5,18 +5,22 @@ engine: it starts at once and reports the load it is given.
 
 GET /health -> 200. GET /metrics -> vllm:num_requests_running (requests in flight) and
 vllm:num_requests_waiting 0, in Prometheus text. POST /v1/completions {"hold": S} -> answers after S
-seconds (default 1), counted as running meanwhile.
+seconds (default 1), counted as running meanwhile; any POST answers with the served model name
+(--served-model-name, as the operator passes it) and the pod that served it (HOSTNAME), so the
+router's e2e can tell where a request went.
 """
 from __future__ import annotations
 
 import http.server
 import json
+import os
 import sys
 import threading
 import time
 
 running = 0
 lock = threading.Lock()
+served_model = "fake"
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -47,14 +51,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             with lock:
                 running -= 1
-        self._send(200, json.dumps({"choices": [{"text": "ok"}]}), "application/json")
+        self._send(200, json.dumps({"model": served_model, "served_by": os.environ.get("HOSTNAME", ""),
+                                    "choices": [{"text": "ok"}]}), "application/json")
 
     def log_message(self, *args) -> None:
         pass
 
 
 def main(argv: list[str]) -> None:
+    global served_model
     port = int(argv[argv.index("--port") + 1])
+    if "--served-model-name" in argv:
+        served_model = argv[argv.index("--served-model-name") + 1]
     print(f"fake engine on port {port}", flush=True)
     http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 

@@ -19,6 +19,7 @@ import yaml
 from aiohttp import web
 
 from .controllers import Controllers
+from .endpointslices import EndpointSliceController, declared_port, kubelet_ports
 from .gc import GarbageCollector
 from .kubelet import Kubelet
 from .proxy import make_proxy, service_url
@@ -38,6 +39,9 @@ class Emulator:
         self.server = ApiServer(self.store, token)
         self.kubelet = Kubelet(self.store, self.workdir, **(kubelet_options or {})) if with_kubelet else None
         self.controllers = Controllers(self.store) if with_controllers else None
+        self.endpointslices = EndpointSliceController(
+            self.store, kubelet_ports(self.kubelet) if self.kubelet is not None else declared_port) \
+            if with_controllers else None
         self.gc = GarbageCollector(self.store) if with_gc else None
         if self.kubelet is not None:
             self.server.proxy = make_proxy(self.kubelet)
@@ -87,7 +91,7 @@ class Emulator:
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        for part in (self.gc, self.controllers, self.kubelet):
+        for part in (self.gc, self.controllers, self.endpointslices, self.kubelet):
             if part is not None:
                 self._tasks.append(asyncio.create_task(part.run(), name=type(part).__name__))
 

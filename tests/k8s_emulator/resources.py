@@ -71,6 +71,7 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
     _t("", "v1", "pods", "Pod", short=("po",), subs=("status", "log", "proxy")),
     _t("", "v1", "services", "Service", short=("svc",), subs=("status", "proxy")),
     _t("", "v1", "endpoints", "Endpoints", short=("ep",)),
+    _t("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
     _t("", "v1", "events", "Event", short=("ev",)),
     _t("", "v1", "secrets", "Secret"),
     _t("", "v1", "configmaps", "ConfigMap", short=("cm",)),

@@ -52,8 +52,9 @@ _PLURALS = {plural: kind for kind, (_, plural) in RESOURCES.items()}
 class FakeApi(KubeApi):
     """KubeApi over an in-memory store, answering like the API server (201/409/404/422, resourceVersion)."""
 
-    def __init__(self, lws: bool = False):
+    def __init__(self, lws: bool = False, pools: bool = False):
         super().__init__(api_client=object())
+        self.pools = pools
         self.objects: dict[tuple[str, str, str], dict] = {}   # (kind, namespace, name)
         self.calls: list[tuple[str, str]] = []
         self.lws = lws
@@ -73,6 +74,10 @@ class FakeApi(KubeApi):
             if not self.lws:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             return {"resources": [{"name": "leaderworkersets"}]}
+        if path == "/apis/inference.networking.k8s.io/v1":
+            if not self.pools:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            return {"resources": [{"name": "inferencepools"}]}
         kind, ns, name = self._parse(path)
         error = self.fail.pop((method, kind), None)
         if error is not None:

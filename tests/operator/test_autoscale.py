@@ -35,10 +35,10 @@ def test_autoscaling_all_fields():
 
 
 BAD = [
-    ({"minReplicas": 0, "maxReplicas": 2}, "spec.autoscaling.minReplicas", "scale to zero is not supported"),
-    ({"minReplicas": -1, "maxReplicas": 2}, "spec.autoscaling.minReplicas", "integer >= 1"),
-    ({"minReplicas": "1", "maxReplicas": 2}, "spec.autoscaling.minReplicas", "integer >= 1"),
-    ({"minReplicas": True, "maxReplicas": 2}, "spec.autoscaling.minReplicas", "integer >= 1"),
+    ({"minReplicas": -1, "maxReplicas": 2}, "spec.autoscaling.minReplicas", "integer >= 0"),
+    ({"minReplicas": "1", "maxReplicas": 2}, "spec.autoscaling.minReplicas", "integer >= 0"),
+    ({"minReplicas": True, "maxReplicas": 2}, "spec.autoscaling.minReplicas", "integer >= 0"),
+    ({"minReplicas": 0, "maxReplicas": 0}, "spec.autoscaling.maxReplicas", "integer >= 1"),
     ({"minReplicas": 2}, "spec.autoscaling.maxReplicas", "is required"),
     ({"maxReplicas": 0}, "spec.autoscaling.maxReplicas", "integer >= 1"),
     ({"maxReplicas": 1.5}, "spec.autoscaling.maxReplicas", "integer >= 1"),
@@ -261,7 +261,7 @@ def test_without_autoscaling_nothing_is_scraped_or_patched():
 
 
 def test_invalid_spec_is_left_to_the_reconcile():
-    spec = {"autoscaling": {"minReplicas": 0, "maxReplicas": 2}}
+    spec = {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}
     api, clock, scraped, scaler = setup(spec, [pod("a", "10.0.0.1")], {"10.0.0.1": 100})
     assert scaler.tick(current(api)) is None and scraped == []
 

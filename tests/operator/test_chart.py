@@ -139,7 +139,7 @@ def test_rbac_is_least_privilege():
     assert not any("*" in verbs for verbs in grants.values())
     writes = {"get", "list", "create", "update", "delete"}
     watched = {(g, p) for g, _, p in (*CHILDREN, LWS)}
-    for kind in (*CHILD_KINDS, "LeaderWorkerSet"):   # apply.py: list, get, create, update (PUT), delete
+    for kind in (*CHILD_KINDS, "LeaderWorkerSet", "InferencePool"):   # apply.py: list, get, create, PUT, delete
         prefix, plural = RESOURCES[kind]
         group = "" if prefix == "/api/v1" else prefix.split("/")[2]
         want = writes | ({"watch"} if (group, plural) in watched else set())
@@ -149,4 +149,19 @@ def test_rbac_is_least_privilege():
     assert grants[("kubeinfer.io", "inferenceservices/status")] == {"patch"}
     assert grants[("kubeinfer.io", "inferenceservices/finalizers")] == {"update"}
     assert grants[("", "events")] == {"create"}
-    assert len(grants) == 10
+    assert len(grants) == 11
+
+
+def _operator_env(values: dict | None = None) -> dict:
+    dep = next(d for d in template(values) if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator"))
+    return {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_the_operator_reads_the_routers_queue_when_the_router_is_on():
+    assert "KUBEINFER_ROUTER_URL" not in _operator_env()
+    env = _operator_env({"router": {"enabled": True}})
+    # the router's Service in the release namespace (tests/router/test_chart.py names it)
+    assert env["KUBEINFER_ROUTER_URL"] == "http://kubeinfer-router.kubeinfer-system.svc:8080"
+    env = _operator_env({"router": {"enabled": True, "port": 9000, "fullnameOverride": "gw"},
+                         "clusterDomain": "cluster.local"})
+    assert env["KUBEINFER_ROUTER_URL"] == "http://gw.kubeinfer-system.svc.cluster.local:9000"

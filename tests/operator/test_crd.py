@@ -52,12 +52,15 @@ def test_schema_is_structural():
     assert _structural(schema.load_schema()) == []
 
 
-@pytest.mark.parametrize("example", ["inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml", "embeddings.yaml"])
+@pytest.mark.parametrize("example", ["inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml", "embeddings.yaml",
+                                     "router.yaml"])
 def test_examples_pass_the_schema(example):
     for doc in example_docs(example):
         defaulted, problems = schema.validate(doc)
         assert problems == []
-        assert defaulted["spec"]["replicas"] >= 1 and defaulted["spec"]["parallelism"]["pipeline"] >= 1
+        scales_from_zero = (defaulted["spec"].get("autoscaling") or {}).get("minReplicas") == 0
+        assert defaulted["spec"]["replicas"] >= (0 if scales_from_zero else 1)
+        assert defaulted["spec"]["parallelism"]["pipeline"] >= 1
 
 
 def test_schema_defaults():
@@ -67,7 +70,7 @@ def test_schema_defaults():
     assert problems == []
     assert defaulted["spec"] == {
         "model": {"uri": "default"}, "engine": {}, "accelerator": "nvidia.com/gpu",
-        "parallelism": {"tensor": 1, "pipeline": 1}, "replicas": 1,
+        "parallelism": {"tensor": 1, "pipeline": 1}, "replicas": 1, "router": "kubeinfer",
         "apiKeySecretRef": {"name": "k", "key": "api-key"}, "terminationGracePeriodSeconds": 120}
 
 
@@ -87,7 +90,12 @@ REJECTED = [
     ({"accelerator": "GPU please"}, "spec.accelerator"),
     ({"replica": 2}, "spec.replica"),
     ({"autoscaling": {"minReplicas": 1}}, "spec.autoscaling.maxReplicas"),
-    ({"autoscaling": {"minReplicas": 0, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
+    ({"autoscaling": {"minReplicas": -1, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
+    ({"router": "istio"}, "spec.router"),
+    ({"loadBalancing": {"strategy": "random"}}, "spec.loadBalancing.strategy"),
+    ({"loadBalancing": {"prefixHash": {"loadFactor": 0.5}}}, "spec.loadBalancing.prefixHash.loadFactor"),
+    ({"loadBalancing": {"prefixHash": {"prefixChars": 0}}}, "spec.loadBalancing.prefixHash.prefixChars"),
+    ({"inferencePool": {"endpointPickerRef": {"port": 70000}}}, "spec.inferencePool.endpointPickerRef.port"),
     ({"autoscaling": {"maxReplicas": 0}}, "spec.autoscaling.maxReplicas"),
     ({"autoscaling": {"maxReplicas": 2, "targetRequests": 0}}, "spec.autoscaling.targetRequests"),
     ({"autoscaling": {"maxReplicas": 2, "scaleDownDelaySeconds": -1}}, "spec.autoscaling.scaleDownDelaySeconds"),
@@ -104,7 +112,7 @@ def test_schema_rejects(spec, field):
 
 def _all_renders():
     cases = [(f, doc["spec"], False) for f in ("inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml",
-                                               "embeddings.yaml")
+                                               "embeddings.yaml", "router.yaml")
              for doc in example_docs(f)]
     cases += [("pvc", {"model": {"uri": "pvc://weights/m"}, "apiKeySecretRef": {"name": "k"}}, False),
               ("pipeline+lws", {"parallelism": {"tensor": 2, "pipeline": 2}, "replicas": 2}, True)]
@@ -128,4 +136,4 @@ def test_rendered_manifests_pass_kubernetes_validate(name, spec, lws):
 
 def test_examples_are_what_render_reads():
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == \
-        ["cpu.yaml", "embeddings.yaml", "inferenceservice.yaml", "multi-gpu.yaml"]
+        ["cpu.yaml", "embeddings.yaml", "inferenceservice.yaml", "multi-gpu.yaml", "router.yaml"]

@@ -102,6 +102,8 @@ CASES = [
                                                last={"exitCode": 1, "message": "boom"})],
      {"replicas": 2}, "Loading", "CrashLoop", ["0/2"]),
     ("scaled to zero", [], {"replicas": 0}, "Pending", "ScaledToZero", ["spec.replicas is 0"]),
+    ("scaled to zero by the autoscaler", [], {"replicas": 0, "autoscaling": {"minReplicas": 0, "maxReplicas": 1}},
+     "Pending", "ScaledToZero", ["scaled to zero", "the next request through the kubeinfer router"]),
     ("cpu: insufficient cpu is not a GPU problem",
      [pod(phase="Pending", scheduled=False, unschedulable="0/1 nodes are available: 1 Insufficient cpu.")],
      {"accelerator": "none"}, "Pending", "Unschedulable", ["Insufficient cpu"]),

@@ -2,9 +2,8 @@
 EndpointSlices list their ready replicas (fake replicas on 127.0.0.1); a model scaled to zero is
 held until its slice lists a ready replica.
 
-The emulator has no EndpointSlice type and no controller for it, so the test serves
-endpointslices.discovery.k8s.io through a stand-in CRD (same group, version and shape) and writes
-the slices itself, as the EndpointSlice controller would.
+The emulator's controllers are off here, so the test writes the EndpointSlices itself, as the
+EndpointSlice controller would (tests/e2e/test_router_e2e.py runs the real controller).
 """
 from __future__ import annotations
 
@@ -22,24 +21,12 @@ from tests.router.conftest import wait_for
 from tests.router.test_replica_killed import ROOT
 
 NS = "default"
-SLICE_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "endpointslices.discovery.k8s.io"},
-    "spec": {"group": "discovery.k8s.io", "scope": "Namespaced",
-             "names": {"plural": "endpointslices", "singular": "endpointslice", "kind": "EndpointSlice",
-                       "listKind": "EndpointSliceList"},
-             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
-}
-
-
 @pytest.fixture
 def api(tmp_path):
     with Emulator(tmp_path, with_kubelet=False, with_controllers=False, with_gc=False) as emu:
         api_client = kube_config.new_client_from_config(config_file=str(emu.write_kubeconfig(tmp_path / "kc")))
         ext = client.ApiextensionsV1Api(api_client)
         ext.create_custom_resource_definition(yaml.safe_load((ROOT / "crds" / "inferenceservice.yaml").read_text()))
-        ext.create_custom_resource_definition(SLICE_CRD)
         yield api_client
 
 

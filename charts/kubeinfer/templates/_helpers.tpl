@@ -60,6 +60,9 @@ The operator's permissions: exactly the verbs kubeinfer/operator/apply.py and ko
 - apiGroups: ["leaderworkerset.x-k8s.io"]
   resources: ["leaderworkersets"]
   verbs: ["get", "list", "watch", "create", "update", "delete"]
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["get", "list", "create", "update", "delete"]   # spec.router inference-pool
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]                      # status: which pods are ready, and why not

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kubeinfer.engine.config import CacheConfig
 from kubeinfer.engine.stats import IterationStats, SchedulerStats
 
 # vLLM's bucket choices (vllm/v1/metrics/loggers.py)
@@ -31,12 +32,27 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
         exponent += 1
 
 
+def _cache_config_info(registry: CollectorRegistry, cache: CacheConfig) -> None:
+    """vllm:cache_config_info: 1, with the KV cache settings as labels (vLLM's info metric), which
+    the Gateway API Inference Extension's endpoint picker reads for block_size. num_gpu_blocks is
+    the override when given, else empty: the count is decided later, by the engine."""
+    info = {"block_size": str(cache.block_size),
+            "enable_prefix_caching": str(cache.enable_prefix_caching),
+            "gpu_memory_utilization": str(cache.gpu_memory_utilization),
+            "num_gpu_blocks": str(cache.num_gpu_blocks_override or "")}
+    Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(info),
+          registry=registry).labels(**info).set(1)
+
+
 class PrometheusStatLogger:
     """A `StatLogger` that exports engine stats as vLLM's `vllm:*` series, labelled by model_name."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192):
+    def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192,
+                 cache_config: CacheConfig | None = None):
         labels = ["model_name"]
         self.model_name = model_name
+        if cache_config is not None:
+            _cache_config_info(registry, cache_config)
 
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, labels, registry=registry)

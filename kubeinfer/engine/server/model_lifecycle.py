@@ -98,7 +98,8 @@ class ModelLifecycle:
         done: asyncio.Future = loop.create_future()
         config = self.config
         stat_logger = PrometheusStatLogger(self.served_names[0], self.registry,
-                                           max_model_len=config.model.max_model_len or 32768)
+                                           max_model_len=config.model.max_model_len or 32768,
+                                           cache_config=config.cache)
 
         def settle(engine: EngineClient | None, exc: BaseException | None) -> None:
             if done.done():
