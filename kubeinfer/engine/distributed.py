@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kubeinfer.engine import cpu_threads
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.input_batch import InputBatch
@@ -178,8 +179,7 @@ def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, p
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    cpu_threads.configure(device, world)
     code = 0
     try:
         init_distributed(rank, world, port, device)
