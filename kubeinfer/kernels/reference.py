@@ -48,19 +48,18 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     """
     if out is None:
         out = torch.empty_like(q)
-    starts = query_start_loc.long()
+    starts, seq_lens = query_start_loc.long(), seq_lens.long()
     query_lens = starts[1:] - starts[:-1]
+    num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[2], key_cache.shape[2]
     for req_ids in ((query_lens == 1).nonzero().flatten(), (query_lens > 1).nonzero().flatten()):
         if req_ids.numel() == 0:
             continue
-        rows = int(query_lens[req_ids].max())
-        keys = int(seq_lens[req_ids].max())
-        num_heads, head_dim = q.shape[1], q.shape[2]
-        per_req = 4 * keys * (2 * key_cache.shape[2] * head_dim + num_heads * rows)
+        rows, keys = int(query_lens[req_ids].max()), int(seq_lens[req_ids].max())
+        per_req = 4 * keys * (2 * num_kv_heads * head_dim + num_heads * rows)
         step = max(1, _GROUP_BYTES // per_req)
         for i in range(0, req_ids.numel(), step):
-            _attend_padded(q, key_cache, value_cache, starts, query_lens, seq_lens.long(),
-                           block_tables, req_ids[i:i + step], scale, sliding_window, softcap, out)
+            _attend_padded(q, key_cache, value_cache, starts, query_lens, seq_lens, block_tables,
+                           req_ids[i:i + step], scale, sliding_window, softcap, out)
     return out
 
 
@@ -109,7 +108,7 @@ def _attend_padded(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.
         res = torch.matmul(probs, v)
     else:
         res = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    res = res.view(num_reqs, num_kv_heads, group, lq, head_dim).permute(0, 3, 1, 2, 4)
+    res = res.reshape(num_reqs, num_kv_heads, group, lq, head_dim).permute(0, 3, 1, 2, 4)
     res = res.reshape(num_reqs, lq, num_heads, head_dim)
     real = row[None, :] < qlen[:, None]
     out[tokens[real]] = res[real].to(out.dtype)
