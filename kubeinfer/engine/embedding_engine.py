@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kubeinfer.engine import model_loader
+from kubeinfer.engine import cpu_threads, model_loader
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.errors import RequestError
@@ -55,6 +55,7 @@ class EmbeddingEngine:
                               "not supported for embedding models, which fit on one device; "
                               "use --tensor-parallel-size 1.")
         self.device = torch.device(config.device.resolve())
+        cpu_threads.configure(self.device)
         self.config = config
         self.stat_loggers = list(stat_loggers)
         torch.manual_seed(config.model.seed)

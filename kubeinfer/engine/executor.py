@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kubeinfer.engine import cpu_threads
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.model_runner import ModelRunner, PendingStep
@@ -173,8 +174,7 @@ def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, p
                  device_type: str, conn) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    cpu_threads.configure(device, world)
     code = 0
     try:
         init_tensor_parallel(rank, world, port, device)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kubeinfer.engine import model_loader
+from kubeinfer.engine import cpu_threads, model_loader
 from kubeinfer.engine.config import (DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING, GENERATION_KEYS,
                                      EngineConfig)
 from kubeinfer.engine.errors import ConfigError, RequestError
@@ -49,6 +49,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()):
         self.device = torch.device(config.device.resolve())
+        cpu_threads.configure(self.device, config.parallel.tensor_parallel_size)
         if config.scheduler.async_scheduling is None:
             config = replace(config, scheduler=replace(
                 config.scheduler, async_scheduling=self.device.type == "cuda"))

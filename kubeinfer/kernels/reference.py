@@ -20,6 +20,11 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     value_cache.view(nb * bs, *value_cache.shape[2:])[slots] = value[valid].to(value_cache.dtype)
 
 
+# Upper bound on the bytes one padded group may hold at once (float32 K, V and scores); a batch
+# past it is attended in several groups of requests, so a CPU with a big batch does not swap.
+_GROUP_BYTES = 256 << 20
+
+
 def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
@@ -34,41 +39,88 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     applies softcap * tanh(score / softcap) before the softmax. alibi_slopes [H] float32, when set,
     adds slope[h] * (key_pos - query_pos) to head h's scores after the scale (and the cap): ALiBi
     in its relative form, which differs from Bloom's slope * key_pos by a constant per query row
-    and so gives the same softmax. Returns [T, H, D] in q's dtype.
+    and so gives the same softmax. Computed in float32; returns [T, H, D] in q's dtype. Rows of `out` that belong to no request's query are left as they were.
+
+    Batched, not a loop per request: the requests are padded to [R, KVH, GROUP * Lq, D] queries
+    (the GROUP query heads of a KV head folded into the query axis, so K/V are never repeated) and
+    [R, KVH, Lk, D] keys/values gathered from the paged cache with one index op, and one
+    `scaled_dot_product_attention` runs with a mask that encodes causality, each request's query
+    offset, padding and the window. Decodes (1 query token) and longer chunks are padded
+    separately, so one prefill in a batch of decodes does not pad every decode to its length.
+    max_query_len and max_seq_len are not needed here (the Triton kernel sizes its grid by them).
     """
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    bs, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(q)
-    qsl = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for r, seq_len in enumerate(lens):
-        q0, q1 = qsl[r], qsl[r + 1]
-        qlen = q1 - q0
-        if qlen == 0:
+    starts, seq_lens = query_start_loc.long(), seq_lens.long()
+    query_lens = starts[1:] - starts[:-1]
+    num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[2], key_cache.shape[2]
+    for req_ids in ((query_lens == 1).nonzero().flatten(), (query_lens > 1).nonzero().flatten()):
+        if req_ids.numel() == 0:
             continue
-        nblk = (seq_len + bs - 1) // bs
-        blocks = block_tables[r, :nblk].long()
-        k = key_cache[blocks].reshape(nblk * bs, num_kv_heads, head_dim)[:seq_len]
-        v = value_cache[blocks].reshape(nblk * bs, num_kv_heads, head_dim)[:seq_len]
-        qr = q[q0:q1].float().transpose(0, 1)  # [H, qlen, D]
-        k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
-        v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-        scores = torch.matmul(qr, k.transpose(1, 2)) * scale  # [H, qlen, S]
+        rows, keys = int(query_lens[req_ids].max()), int(seq_lens[req_ids].max())
+        per_req = 4 * keys * (2 * num_kv_heads * head_dim + num_heads * rows)
+        step = max(1, _GROUP_BYTES // per_req)
+        for i in range(0, req_ids.numel(), step):
+            _attend_padded(q, key_cache, value_cache, starts, query_lens, seq_lens, block_tables,
+                           req_ids[i:i + step], scale, sliding_window, softcap, alibi_slopes, out)
+    return out
+
+
+def _attend_padded(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   starts: torch.Tensor, query_lens: torch.Tensor, seq_lens: torch.Tensor,
+                   block_tables: torch.Tensor, req_ids: torch.Tensor, scale: float,
+                   sliding_window: int | None, softcap: float | None,
+                   alibi_slopes: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Attention of requests `req_ids` (each with >= 1 query token) as one padded batch."""
+    num_reqs, (_, num_heads, head_dim) = req_ids.numel(), q.shape
+    num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
+    group = num_heads // num_kv_heads
+    qlen, slen = query_lens[req_ids], seq_lens[req_ids]
+    lq, lk = int(qlen.max()), int(slen.max())
+    device = q.device
+
+    # Query row i of request r is token starts[r] + i at position slen - qlen + i; padding rows
+    # repeat the last real row (a valid row, so no fully masked softmax) and are dropped at the end.
+    row = torch.arange(lq, device=device)
+    row_clamped = torch.minimum(row[None, :], (qlen - 1)[:, None])  # [R, Lq]
+    tokens = starts[req_ids][:, None] + row_clamped
+    qpos = (slen - qlen)[:, None] + row_clamped
+
+    # Key j of request r is at position j. Padding keys read the request's last real slot, never a
+    # slot past the sequence (garbage or NaN there would turn 0-probability * NaN into NaN).
+    kpos = torch.arange(lk, device=device)
+    kpos_clamped = torch.minimum(kpos[None, :], (slen - 1).clamp(min=0)[:, None])  # [R, Lk]
+    blocks = block_tables[req_ids].long().gather(1, kpos_clamped // block_size)
+    slots = blocks * block_size + kpos_clamped % block_size
+    flat = (num_blocks * block_size, num_kv_heads, head_dim)
+    k = key_cache.view(flat)[slots].float().permute(0, 2, 1, 3)  # [R, KVH, Lk, D]
+    v = value_cache.view(flat)[slots].float().permute(0, 2, 1, 3)
+
+    # Keys past the sequence are excluded by causality (qpos <= slen - 1).
+    mask = kpos[None, None, :] <= qpos[:, :, None]  # [R, Lq, Lk]
+    if sliding_window:
+        mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
+    mask = mask[:, None, None].expand(num_reqs, 1, group, lq, lk).reshape(
+        num_reqs, 1, group * lq, lk)
+    qg = q[tokens].float().view(num_reqs, lq, num_kv_heads, group, head_dim)
+    qg = qg.permute(0, 2, 3, 1, 4).reshape(num_reqs, num_kv_heads, group * lq, head_dim)
+
+    if softcap or alibi_slopes is not None:
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
-        qpos = torch.arange(seq_len - qlen, seq_len, device=q.device).unsqueeze(1)
-        kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
-        if alibi_slopes is not None:
-            scores = scores + alibi_slopes.float()[:, None, None] * (kpos - qpos)
-        mask = kpos <= qpos
-        if sliding_window:
-            mask &= kpos > qpos - sliding_window
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[q0:q1] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)
-    return out
+        if alibi_slopes is not None:  # head kvh * group + g is row block g of KV head kvh
+            slopes = alibi_slopes.float().view(1, num_kv_heads, group, 1, 1)
+            dist = (kpos[None, None, :] - qpos[:, :, None]).float()  # [R, Lq, Lk]
+            scores = scores + (slopes * dist[:, None, None]).reshape(scores.shape)
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        res = torch.matmul(probs, v)
+    else:
+        res = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    res = res.reshape(num_reqs, num_kv_heads, group, lq, head_dim).permute(0, 3, 1, 2, 4)
+    res = res.reshape(num_reqs, lq, num_heads, head_dim)
+    real = row[None, :] < qlen[:, None]
+    out[tokens[real]] = res[real].to(out.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

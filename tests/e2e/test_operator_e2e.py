@@ -1,6 +1,6 @@
 """End to end: the real operator and the real engine against the Kubernetes API emulator.
 
-1. apply examples/cpu.yaml: the status goes Pending -> Loading -> Ready, with the url set;
+1. apply examples/cpu.yaml: the status moves forward along Pending -> Loading -> Ready, url set;
 2. an OpenAI chat request through the Service (the API server's service proxy) gets an answer;
 3. a new engine arg changes the pod template hash and the pod is replaced;
 4. a Deployment deleted by hand comes back; deleting the InferenceService takes everything with it;
@@ -30,6 +30,7 @@ DEPLOYMENT = ("apps/v1", "Deployment")
 HASH_LABEL = "kubeinfer.io/template-hash"
 NAME = "smollm2"
 SELECTOR = f"kubeinfer.io/inferenceservice={NAME}"
+PHASE_ORDER = ("Pending", "Loading", "Ready")
 
 
 @contextlib.contextmanager
@@ -107,16 +108,21 @@ def test_inference_service_lifecycle(cluster: Cluster, operator: OperatorProcess
     manifest["metadata"]["namespace"] = NAMESPACE
     assert manifest["metadata"]["name"] == NAME
 
-    with step("1. apply examples/cpu.yaml; watch Pending -> Loading -> Ready"):
+    with step("1. apply examples/cpu.yaml; watch the phase move forward to Ready"):
         recorder = PhaseRecorder(cluster, NAME)
         recorder.start()
         created = kubectl.apply(manifest)
         obj = wait_for("the InferenceService to become Ready", lambda: ready_is(cluster, 1), 150, operator)
-        recorder.join(10)
+        recorder.join(60)   # it stops at the Ready event, which the GET above has already seen
         assert recorder.error is None, recorder.error
-        assert recorder.phases[-1] == "Ready"
-        seen = [p for p in recorder.phases if p in ("Pending", "Loading", "Ready")]
-        assert seen == ["Pending", "Loading", "Ready"], f"phases seen: {recorder.phases}"
+        assert not recorder.is_alive(), f"the watch never delivered phase Ready; phases seen: {recorder.phases}"
+        # A pod that starts fast can skip Pending or Loading between two status writes (under load the
+        # watch saw only ['Loading', 'Ready']), so no transient phase is required. What must hold: the
+        # phase only moves forward along Pending -> Loading -> Ready, through nothing else, and ends Ready.
+        assert recorder.phases[-1] == "Ready", f"phases seen: {recorder.phases}"
+        assert set(recorder.phases) <= set(PHASE_ORDER), f"phases seen: {recorder.phases}"
+        ranks = [PHASE_ORDER.index(p) for p in recorder.phases]
+        assert ranks == sorted(ranks), f"the phase went backwards: {recorder.phases}"
         status = obj["status"]
         assert status["url"] == f"http://{NAME}.{NAMESPACE}.svc:8000/v1"
         assert status["readyReplicas"] == 1 and condition(obj, "Ready")["status"] == "True"

