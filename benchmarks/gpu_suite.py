@@ -64,6 +64,7 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     qwen = os.path.join(a.models, "qwen3-0.6b-shape")
     gemma2 = os.path.join(a.models, "gemma-2-9b-shape")
     phi3 = os.path.join(a.models, "phi-3-mini-shape")
+    moe = os.path.join(a.models, "qwen3-30b-a3b-shape")
     bench = [py, "-m", "kubeinfer.bench"]
     return {
         "ceilings": ([py, "-c", CEILINGS], 60),
@@ -112,6 +113,17 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "phi3": (bench + ["throughput", "--model", phi3, "--load-format", "dummy",
                           "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
                           "--max-model-len", "1024"], 220),
+        # Qwen3-30B-A3B (MoE, 128 experts, top-8): the fused-MoE path at the workload; the HF
+        # peer in static batches of 64 (its experts run one after another in Python)
+        "moe": (bench + ["throughput", "--model", moe, "--load-format", "dummy",
+                         "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
+                         "--max-model-len", "1024"], 400),
+        "moe_peer": ([py, a.peer, "--model", moe, "--mode", "static", "--prompts", "64",
+                      "--input-len", "512", "--output-len", "256"], 400),
+        # the transformers backend on the Llama shape, beside "llama" (native)
+        "llama_tf": (bench + ["throughput", "--model", llama, "--load-format", "dummy",
+                              "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
+                              "--max-model-len", "1024", "--model-impl", "transformers"], 300),
         "qwen_peer": ([py, a.peer, "--model", qwen, "--mode", "static", "--prompts", "64",
                        "--input-len", "562", "--output-len", "562"], 300),
     }

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 
-_SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # a jit function reads only constexpr globals
 
 
 @triton.jit
