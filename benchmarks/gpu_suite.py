@@ -107,6 +107,9 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         # number to compare with Llama's.
         "tests_native": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                           "tests/engine/test_native_models.py"], 200),
+        "tests_models": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                          "tests/engine/test_native_models.py", "tests/engine/test_moe_models.py",
+                          "tests/engine/test_alibi_models.py"], 300),
         "gemma2": (bench + ["throughput", "--model", gemma2, "--load-format", "dummy",
                             "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
                             "--max-model-len", "1024"], 300),
