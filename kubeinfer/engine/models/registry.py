@@ -46,6 +46,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
     "MptForCausalLM": ("mpt", "MptForCausalLM"),
     "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
+    # vision-language: HF's vision tower + projector before a native decoder
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
+    "LlavaNextForConditionalGeneration": ("llava", "LlavaNextForConditionalGeneration"),
 }
 
 # Served through the transformers backend; each is checked token for token against transformers.
@@ -86,6 +89,13 @@ _REFUSED: dict[str, str] = {
     "BartForConditionalGeneration": "an encoder-decoder model; kubeinfer serves decoder-only models",
     "MambaForCausalLM": _SSM,
     "FalconMambaForCausalLM": _SSM,
+    "Idefics3ForConditionalGeneration": "a vision-language model kubeinfer does not run yet "
+                                        "(LLaVA 1.5 and LLaVA-NeXT are served)",
+    "Gemma3ForConditionalGeneration": "a vision-language model with bidirectional attention among "
+                                      "an image's tokens, which kubeinfer's causal paged attention "
+                                      "cannot do exactly yet",
+    "PaliGemmaForConditionalGeneration": "a vision-language model with a bidirectional prefix, which "
+                                         "kubeinfer's causal paged attention cannot do exactly yet",
     "JambaForCausalLM": "a hybrid of attention and Mamba state-space layers; kubeinfer has no state "
                         "cache for the Mamba layers",
 }

@@ -81,5 +81,13 @@ class MultiModalConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"multimodal {name} must be > 0, not {getattr(self, name)!r}")
 
+    @classmethod
+    def from_model_config(cls, model_config: Any) -> MultiModalConfig:
+        """The limits of the engine's ModelConfig (its --limit-mm-per-prompt,
+        --allowed-media-domains and --allowed-local-media-path)."""
+        return cls(limit_per_prompt=dict(getattr(model_config, "limit_mm_per_prompt", ()) or ()),
+                   allowed_media_domains=getattr(model_config, "allowed_media_domains", None),
+                   allowed_local_media_path=getattr(model_config, "allowed_local_media_path", None))
+
     def limit(self, modality: str) -> int:
         return self.limit_per_prompt.get(modality, DEFAULT_IMAGES_PER_PROMPT)
