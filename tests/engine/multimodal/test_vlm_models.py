@@ -10,7 +10,7 @@ import torch
 from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.llm import LLM
 from kubeinfer.engine.sampling_params import SamplingParams
-from tests.fixtures.tiny_vlm import make_image
+from tests.fixtures.tiny_vlm import make_image, save_tiny_vlm_weights
 
 MAX_NEW = 6
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -38,13 +38,7 @@ def vlm(tiny_vlm_dir):
     def make(family: str):
         if family not in built:
             folder = tiny_vlm_dir(family)
-            config = transformers.AutoConfig.from_pretrained(str(folder))
-            cls = {"llava": transformers.LlavaForConditionalGeneration,
-                   "llava_next": transformers.LlavaNextForConditionalGeneration}[family]
-            torch.manual_seed(1234)
-            model = cls(config).eval()
-            if not (folder / "model.safetensors").exists():
-                model.save_pretrained(str(folder))
+            model = save_tiny_vlm_weights(folder, family)
             proc = transformers.AutoProcessor.from_pretrained(str(folder), backend="pil")
             built[family] = (folder, model, proc)
         return built[family]
@@ -58,8 +52,7 @@ def hf_greedy(model, proc, n_images: int, imgs, text: str = "Describe") -> list[
     inputs = proc(text=[prompt], images=[imgs] if imgs else None, add_special_tokens=False,
                   return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
-                             min_new_tokens=MAX_NEW)
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
