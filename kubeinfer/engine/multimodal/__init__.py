@@ -11,7 +11,8 @@ door, on a thread pool), `block_keys.py` (image keys of prefix-cache block hashe
 `chunk_images.py` (which images a chunk needs; which encoder rows go where), `encoder_cache.py`
 (the scheduler's bookkeeping), `encoder_outputs.py` (the runner's tensors).
 
-How the rest of kubeinfer calls it (not wired in yet):
+How the rest of kubeinfer calls it (wired in: server/serving_chat.py, llm.py, llm_engine.py,
+scheduler.py, kv_cache/manager.py, encoder_runner.py):
 
 - Start-up: `mm = MultiModalPreprocessor.from_model(model_path, MultiModalConfig(
   limit_per_prompt=args.limit_mm_per_prompt, allowed_media_domains=args.allowed_media_domains,
