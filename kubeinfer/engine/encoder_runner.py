@@ -8,6 +8,7 @@ Every rank runs the same calls on the same plain step, like the rest of the runn
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -15,6 +16,8 @@ import torch
 from kubeinfer.engine.multimodal.encoder_outputs import EncoderOutputStore
 from kubeinfer.engine.multimodal.inputs import ImageFeature
 from kubeinfer.engine.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 class EncoderRunner:
@@ -30,18 +33,27 @@ class EncoderRunner:
     def remove_request(self, req_id: str) -> None:
         self._features.pop(req_id, None)
 
-    def run_encoders(self, out: SchedulerOutput) -> None:
+    def run_encoders(self, out: SchedulerOutput) -> list[str]:
         """Drop the outputs the scheduler freed, then compute this step's (in that order: a hash
-        freed and scheduled in one step is an image computed again)."""
+        freed and scheduled in one step is an image computed again). Returns the requests whose
+        encoder failed: they fail alone (the runner leaves them out of the step), as a request
+        whose inputs cannot be prepared does; every rank fails the same ones."""
         self.store.free(out.freed_encoder_hashes)
+        failed = []
         for req_id, indices in out.scheduled_encoder_inputs.items():
             features = self._features.get(req_id)
             if features is None:
                 continue  # the request failed to join this step
-            for k in indices:
-                feature = features[k]
-                if feature.image_hash not in self.store:
-                    self.store.put(feature, self.model.embed_image(feature.encoder_inputs))
+            try:
+                for k in indices:
+                    feature = features[k]
+                    if feature.image_hash not in self.store:
+                        self.store.put(feature, self.model.embed_image(feature.encoder_inputs))
+            except Exception:
+                logger.exception("request %s: the vision encoder failed on its image; it fails, "
+                                 "the others go on", req_id)
+                failed.append(req_id)
+        return failed
 
     def needs_embeds(self, req_ids: list[str], starts: list[int], query_lens: list[int]) -> bool:
         """Whether a chunk of the step covers image positions."""

@@ -223,9 +223,12 @@ class ModelRunner:
         self._read_all_but_last()
         prev = self._unread[-1] if self._unread else None
         step = PendingStep(failed_req_ids=self._update_states(out))
-        scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in self._failed}
         if self.encoders is not None:
-            self.encoders.run_encoders(out)
+            for req_id in self.encoders.run_encoders(out):
+                self.batch.remove_request(req_id)
+                self._failed.add(req_id)
+                step.failed_req_ids.append(req_id)
+        scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in self._failed}
         if scheduled:
             self._launch(step, self.batch.prepare(scheduled), prev)
         self._unread.append(step)

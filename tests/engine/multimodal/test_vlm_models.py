@@ -158,3 +158,32 @@ def test_image_for_a_text_only_model_is_refused(tiny_model_dir):
                          GREEDY)
     finally:
         llm.shutdown()
+
+
+def test_a_failing_encoder_fails_its_request_alone(vlm, llms):
+    """The vision tower raising on one request's image fails that request ("error"); the other
+    request of the step is unchanged and the engine goes on."""
+    _, model, proc = vlm("llava")
+    llm = llms("llava", enable_prefix_caching=False)
+    bad, good = images(1, seed=31), images(1, seed=32)
+    want = hf_greedy(model, proc, 1, good)
+    vlm_model = llm.engine.runner.model
+    real, calls = vlm_model.embed_image, []
+
+    def first_call_fails(encoder_inputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected encoder failure")
+        return real(encoder_inputs)
+
+    vlm_model.embed_image = first_call_fails
+    try:
+        outs = llm.chat([conversation(1, image_part=pil_part(bad)),
+                         conversation(1, image_part=pil_part(good))], GREEDY)
+    finally:
+        del vlm_model.embed_image
+    assert outs[0].outputs[0].finish_reason == "error"
+    assert outs[1].outputs[0].token_ids == want
+    assert llm.engine.scheduler.encoder_cache.num_free == llm.engine.scheduler.encoder_cache.capacity
+    again = llm.chat(conversation(1, image_part=pil_part(good)), GREEDY)
+    assert again[0].outputs[0].token_ids == want
