@@ -24,6 +24,7 @@ from kubeinfer.engine.errors import ConfigError, RequestError
 from kubeinfer.engine.executor import Executor
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
 from kubeinfer.engine.model_runner import GiB, PendingStep
+from kubeinfer.engine.multimodal.config import MultiModalConfig
 from kubeinfer.engine.multimodal.inputs import MultiModalInputs
 from kubeinfer.engine.output_processor import OutputProcessor
 from kubeinfer.engine.outputs import RequestOutput
@@ -55,6 +56,8 @@ class LLMEngine:
                 config.scheduler, async_scheduling=self.device.type == "cuda"))
         self.config = config
         self.stat_loggers = list(stat_loggers)
+        # the media limits (--limit-mm-per-prompt, ...) fail the start, not a later request
+        MultiModalConfig.from_model_config(config.model)
         torch.manual_seed(config.model.seed)
         path = model_loader.resolve_model(config.model, self.device.type)  # GGUF: dequantized for it
         self.executor: Executor | None = Executor(config, path, self.device)

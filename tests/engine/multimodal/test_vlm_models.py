@@ -187,3 +187,16 @@ def test_a_failing_encoder_fails_its_request_alone(vlm, llms):
     assert llm.engine.scheduler.encoder_cache.num_free == llm.engine.scheduler.encoder_cache.capacity
     again = llm.chat(conversation(1, image_part=pil_part(good)), GREEDY)
     assert again[0].outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(limit_mm_per_prompt={"video": 1}), "modality"),
+    (dict(limit_mm_per_prompt={"image": -1}), ">= 0"),
+    (dict(allowed_local_media_path="/no/such/folder"), "existing folder"),
+])
+def test_bad_media_settings_fail_the_start(kwargs, words, vlm):
+    from kubeinfer.engine.errors import ConfigError
+
+    folder, _, _ = vlm("llava")
+    with pytest.raises(ConfigError, match=words):
+        LLM(str(folder), dtype="float32", max_model_len=512, kv_cache_memory=8 << 20, **kwargs)
