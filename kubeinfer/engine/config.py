@@ -227,9 +227,10 @@ class ModelConfig:
         convert=_items, metavar="JSON")
     allowed_media_domains: tuple[str, ...] | None = setting(
         None, "hosts image URLs may be fetched from; absent: any host; given with no value: data "
-              "URLs only (what the operator renders)", convert=_domains, nargs="*", metavar="HOST")
+              "URLs only (what a pod in a cluster should use, see examples/vlm.yaml)", convert=_domains, nargs="*", metavar="HOST")
     allowed_local_media_path: str | None = setting(
-        None, "a folder whose images requests may name as file:// URLs (default: none)")
+        None, "a folder whose images requests may name as file:// URLs (default: none)",
+        metavar="DIR")
 
     def __post_init__(self) -> None:
         pooler = dict(self.pooler_config)
