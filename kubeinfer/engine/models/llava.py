@@ -1,9 +1,10 @@
-"""LLaVA 1.5 and LLaVA-NeXT: a CLIP vision tower and a projector in front of a native Llama-family
-decoder (Llama, Mistral, Qwen2 from models/llama.py).
+"""LLaVA 1.5, LLaVA-NeXT and Idefics3 (SmolVLM): a vision tower and a projector in front of a native
+Llama-family decoder (Llama, Mistral, Qwen2 from models/llama.py).
 
-The vision side is transformers' own code (`LlavaModel` / `LlavaNextModel` without their language
-model: CLIP, the feature-layer choice, the projector, and LLaVA-NeXT's anyres packing with its
-image_newline), loaded with the checkpoint's weights. It runs once per image, not per token, so its
+The vision side is transformers' own code (`LlavaModel` / `LlavaNextModel` / `Idefics3Model` without
+their language model: CLIP or SigLIP, the feature-layer choice, the projector, LLaVA-NeXT's anyres
+packing with its image_newline, Idefics3's pixel-shuffle connector over its tiles), loaded with the
+checkpoint's weights. It runs once per image, not per token, so its
 speed matters little, and running HF's code keeps the image embeddings exactly HF's. The decoder is
 ours: paged attention, tensor parallelism, CUDA graphs for decode.
 
@@ -46,10 +47,14 @@ def _rename(name: str, table: tuple[tuple[str, str], ...]) -> str | None:
 
 
 class LlavaForConditionalGeneration(nn.Module):
-    """LLaVA 1.5 (and the base of LLaVA-NeXT)."""
+    """LLaVA 1.5 (and the base of the other families here)."""
 
     is_multimodal = True
-    _hf_base = "LlavaModel"
+    _hf_base = "LlavaModel"  # transformers' base model: its vision side is used
+    _hf_language_attr = "language_model"  # ... and this submodule of it dropped
+    _vision_prefixes = _VISION_PREFIXES  # checkpoint prefix -> name in the HF base model
+    _language_prefixes = _LANGUAGE_PREFIXES  # checkpoint prefix -> name in our decoder
+    _encoder_keys = ("pixel_values", "image_sizes")  # the processor outputs the encoder takes
 
     def __init__(self, config: Any):
         super().__init__()
@@ -66,7 +71,7 @@ class LlavaForConditionalGeneration(nn.Module):
         # HF's base model builds its language model too: on the meta device, dropped at once
         with params_on_meta():
             vision = getattr(transformers, self._hf_base)(config)
-        del vision.language_model
+        delattr(vision, self._hf_language_attr)
         materialize_meta_params(vision, next(self.language_model.parameters()).device)
         self.vision = vision
 
@@ -76,11 +81,10 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def embed_image(self, encoder_inputs: dict[str, Any]) -> torch.Tensor:
         """One image's embeddings [rows, hidden], rows = its placeholder tokens."""
-        device = self.vision.multi_modal_projector.linear_1.weight.device
-        dtype = self.vision.multi_modal_projector.linear_1.weight.dtype
-        kwargs = {"pixel_values": encoder_inputs["pixel_values"].to(device=device, dtype=dtype)}
-        if "image_sizes" in encoder_inputs:
-            kwargs["image_sizes"] = encoder_inputs["image_sizes"].to(device)
+        weight = next(self.vision.parameters())
+        kwargs = {k: encoder_inputs[k].to(weight.device) for k in self._encoder_keys
+                  if k in encoder_inputs}
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(weight.dtype)
         out = self.vision.get_image_features(**kwargs)
         features = out.pooler_output
         if isinstance(features, (list, tuple)):
@@ -102,7 +106,7 @@ class LlavaForConditionalGeneration(nn.Module):
 
         def language_weights():
             for name, tensor in weights:
-                target = _rename(name, _VISION_PREFIXES)
+                target = _rename(name, self._vision_prefixes)
                 if target is not None:
                     param = vision_params.get(target)
                     if param is None:
@@ -111,7 +115,7 @@ class LlavaForConditionalGeneration(nn.Module):
                     default_weight_loader(param, tensor)
                     loaded.add("vision." + target)
                     continue
-                target = _rename(name, _LANGUAGE_PREFIXES)
+                target = _rename(name, self._language_prefixes)
                 if target is None:
                     raise ValueError(f"checkpoint tensor {name!r} has no place in "
                                      f"{type(self).__name__}")
@@ -125,3 +129,16 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
     """LLaVA-NeXT: anyres tiles per image, packed with HF's own code (image_sizes per image)."""
 
     _hf_base = "LlavaNextModel"
+
+
+class Idefics3ForConditionalGeneration(LlavaForConditionalGeneration):
+    """Idefics3 / SmolVLM: SigLIP over an image's tiles and its global view, a pixel-shuffle
+    connector; the rows fill the image's <image> positions, the row/column and <fake_token_around_
+    image> markers between them stay text (PlaceholderRange.is_embed)."""
+
+    _hf_base = "Idefics3Model"
+    _hf_language_attr = "text_model"
+    _vision_prefixes = (("model.vision_model.", "vision_model."), ("vision_model.", "vision_model."),
+                        ("model.connector.", "connector."), ("connector.", "connector."))
+    _language_prefixes = (("model.text_model.", "model."), ("lm_head.", "lm_head."))
+    _encoder_keys = ("pixel_values", "pixel_attention_mask")

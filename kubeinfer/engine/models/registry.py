@@ -49,10 +49,12 @@ _MODELS: dict[str, tuple[str, str]] = {
     # vision-language: HF's vision tower + projector before a native decoder
     "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
     "LlavaNextForConditionalGeneration": ("llava", "LlavaNextForConditionalGeneration"),
+    "Idefics3ForConditionalGeneration": ("llava", "Idefics3ForConditionalGeneration"),
 }
 
 # Native classes that take images (tested with images in tests/engine/multimodal/test_vlm_models.py)
-_VISION_LANGUAGE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+_VISION_LANGUAGE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                    "Idefics3ForConditionalGeneration")
 
 # Served through the transformers backend; each is checked token for token against transformers.
 _TRANSFORMERS_MODELS: tuple[str, ...] = (
@@ -92,8 +94,6 @@ _REFUSED: dict[str, str] = {
     "BartForConditionalGeneration": "an encoder-decoder model; kubeinfer serves decoder-only models",
     "MambaForCausalLM": _SSM,
     "FalconMambaForCausalLM": _SSM,
-    "Idefics3ForConditionalGeneration": "a vision-language model kubeinfer does not run yet "
-                                        "(LLaVA 1.5 and LLaVA-NeXT are served)",
     "Gemma3ForConditionalGeneration": "a vision-language model with bidirectional attention among "
                                       "an image's tokens, which kubeinfer's causal paged attention "
                                       "cannot do exactly yet",

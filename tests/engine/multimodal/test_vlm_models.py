@@ -77,7 +77,7 @@ def llms(vlm):
         llm.shutdown()
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3"])
 @pytest.mark.parametrize("n_images", [1, 2, 0])
 def test_greedy_ids_equal_hf(family, n_images, vlm, llms):
     _, model, proc = vlm(family)
@@ -97,7 +97,7 @@ def test_generate_with_multi_modal_data(vlm, llms):
     assert out[0].outputs[0].token_ids == want
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3"])
 def test_prefix_cache_keeps_two_images_apart(family, vlm, llms):
     """The same long text, then a different image: the second request may reuse the text's
     blocks but never the first image's, so its tokens are HF's for its own image."""
@@ -115,21 +115,21 @@ def test_prefix_cache_keeps_two_images_apart(family, vlm, llms):
     assert out[0].num_cached_tokens <= image_start
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3"])
 def test_chunked_prefill_splits_an_image(family, vlm, llms):
     """A step budget smaller than the prompt cuts the image's placeholder across steps; the
     encoder output is kept until the image's last position is computed."""
     _, model, proc = vlm(family)
     imgs = images(2, seed=3)
     want = hf_greedy(model, proc, 2, imgs)
-    budget = 30 if family == "llava_next" else 6
+    budget = {"llava": 6, "llava_next": 30, "idefics3": 24}[family]
     llm = llms(family, max_num_batched_tokens=budget, max_num_seqs=2, enable_prefix_caching=False)
-    out = llm.chat(conversation(2, image_part=pil_part(imgs)), GREEDY)
+    conv = conversation(2, image_part=pil_part(imgs))
+    out = llm.chat(conv, GREEDY)
     assert out[0].outputs[0].token_ids == want
-    # alone in the engine, the prompt runs in chunks of `budget`: one boundary falls in an image
-    image_id = llm.mm_preprocessor.processor.image_token_id
-    ids = out[0].prompt_token_ids
-    assert any(ids[k - 1] == image_id and ids[k] == image_id for k in range(budget, len(ids), budget))
+    # alone in the engine, the prompt runs in chunks of `budget`: a boundary falls in an image
+    ranges = [f.placeholder for f in llm.mm_preprocessor.chat(conv).features]
+    assert any(r.offset < k < r.end for r in ranges for k in range(budget, len(out[0].prompt_token_ids), budget))
     assert llm.engine.scheduler.encoder_cache.num_free == budget  # every output freed
 
 
