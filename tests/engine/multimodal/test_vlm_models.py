@@ -200,3 +200,16 @@ def test_bad_media_settings_fail_the_start(kwargs, words, vlm):
     folder, _, _ = vlm("llava")
     with pytest.raises(ConfigError, match=words):
         LLM(str(folder), dtype="float32", max_model_len=512, kv_cache_memory=8 << 20, **kwargs)
+
+
+def test_async_scheduling_with_images(vlm, llms):
+    """The one-step-ahead loop (the CUDA default) with chunks that cut images and two requests:
+    the same tokens as HF."""
+    _, model, proc = vlm("llava")
+    first, second = images(2, seed=51), images(1, seed=53)
+    want = [hf_greedy(model, proc, 2, first), hf_greedy(model, proc, 1, second)]
+    llm = llms("llava", async_scheduling=True, max_num_batched_tokens=6)
+    assert llm.engine.config.scheduler.async_scheduling
+    outs = llm.chat([conversation(2, image_part=pil_part(first)),
+                     conversation(1, image_part=pil_part(second))], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == want
