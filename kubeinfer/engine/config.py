@@ -118,7 +118,8 @@ def limit_mm_json(text: str) -> dict:
 
 
 def _domains(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """None (the flag absent: any host) stays None; the flag with no value is () (data URLs only)."""
+    """None (the flag absent: any host) stays None; the flag with no value is () (data URLs
+    only)."""
     return None if value is None else _names(value)
 
 
@@ -227,7 +228,8 @@ class ModelConfig:
         convert=_items, metavar="JSON")
     allowed_media_domains: tuple[str, ...] | None = setting(
         None, "hosts image URLs may be fetched from; absent: any host; given with no value: data "
-              "URLs only (what a pod in a cluster should use, see examples/vlm.yaml)", convert=_domains, nargs="*", metavar="HOST")
+              "URLs only (what a pod in a cluster should use, see examples/vlm.yaml)",
+        convert=_domains, nargs="*", metavar="HOST")
     allowed_local_media_path: str | None = setting(
         None, "a folder whose images requests may name as file:// URLs (default: none)",
         metavar="DIR")

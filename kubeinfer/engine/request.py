@@ -91,7 +91,8 @@ class Request:
     @property
     def mm_hash_spans(self) -> list[tuple[int, int, str]]:
         """(offset, length, image hash) of each image: what block hashes fold in."""
-        return [(f.placeholder.offset, f.placeholder.length, f.image_hash) for f in self.mm_features]
+        return [(f.placeholder.offset, f.placeholder.length, f.image_hash)
+                for f in self.mm_features]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,9 +12,9 @@ from kubeinfer.engine.request import Request
 
 def hash_block(parent_hash: int | None, token_ids: tuple[int, ...],
                image_keys: tuple[str, ...] = ()) -> int:
-    """Chained hash: a block's hash covers every token before it, so equal hashes mean equal prefixes.
-    A block holding image positions also covers those images' hashes (their placeholder ids are
-    the same for every picture); a text-only block keeps its text-only hash."""
+    """Chained hash: a block's hash covers every token before it, so equal hashes mean equal
+    prefixes. A block holding image positions also covers those images' hashes (their placeholder
+    ids are the same for every picture); a text-only block keeps its text-only hash."""
     if image_keys:
         return hash((parent_hash, token_ids, image_keys))
     return hash((parent_hash, token_ids))

@@ -121,7 +121,8 @@ class LlavaForConditionalGeneration(nn.Module):
                                      f"{type(self).__name__}")
                 yield target, tensor
 
-        loaded |= {"language_model." + n for n in self.language_model.load_weights(language_weights())}
+        filled = self.language_model.load_weights(language_weights())
+        loaded |= {"language_model." + n for n in filled}
         return loaded
 
 
@@ -138,7 +139,8 @@ class Idefics3ForConditionalGeneration(LlavaForConditionalGeneration):
 
     _hf_base = "Idefics3Model"
     _hf_language_attr = "text_model"
-    _vision_prefixes = (("model.vision_model.", "vision_model."), ("vision_model.", "vision_model."),
+    _vision_prefixes = (("model.vision_model.", "vision_model."),
+                        ("vision_model.", "vision_model."),
                         ("model.connector.", "connector."), ("connector.", "connector."))
     _language_prefixes = (("model.text_model.", "model."), ("lm_head.", "lm_head."))
     _encoder_keys = ("pixel_values", "pixel_attention_mask")

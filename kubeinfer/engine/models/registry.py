@@ -97,8 +97,9 @@ _REFUSED: dict[str, str] = {
     "Gemma3ForConditionalGeneration": "a vision-language model with bidirectional attention among "
                                       "an image's tokens, which kubeinfer's causal paged attention "
                                       "cannot do exactly yet",
-    "PaliGemmaForConditionalGeneration": "a vision-language model with a bidirectional prefix, which "
-                                         "kubeinfer's causal paged attention cannot do exactly yet",
+    "PaliGemmaForConditionalGeneration": "a vision-language model with a bidirectional prefix, "
+                                         "which kubeinfer's causal paged attention cannot do "
+                                         "exactly yet",
     "JambaForCausalLM": "a hybrid of attention and Mamba state-space layers; kubeinfer has no state "
                         "cache for the Mamba layers",
 }

@@ -129,7 +129,8 @@ def test_chunked_prefill_splits_an_image(family, vlm, llms):
     assert out[0].outputs[0].token_ids == want
     # alone in the engine, the prompt runs in chunks of `budget`: a boundary falls in an image
     ranges = [f.placeholder for f in llm.mm_preprocessor.chat(conv).features]
-    assert any(r.offset < k < r.end for r in ranges for k in range(budget, len(out[0].prompt_token_ids), budget))
+    boundaries = range(budget, len(out[0].prompt_token_ids), budget)
+    assert any(r.offset < k < r.end for r in ranges for k in boundaries)
     assert llm.engine.scheduler.encoder_cache.num_free == budget  # every output freed
 
 
@@ -184,7 +185,8 @@ def test_a_failing_encoder_fails_its_request_alone(vlm, llms):
         del vlm_model.embed_image
     assert outs[0].outputs[0].finish_reason == "error"
     assert outs[1].outputs[0].token_ids == want
-    assert llm.engine.scheduler.encoder_cache.num_free == llm.engine.scheduler.encoder_cache.capacity
+    cache = llm.engine.scheduler.encoder_cache
+    assert cache.num_free == cache.capacity
     again = llm.chat(conversation(1, image_part=pil_part(good)), GREEDY)
     assert again[0].outputs[0].token_ids == want
 
