@@ -3,8 +3,8 @@
 Flag names are vLLM's: `--limit-mm-per-prompt '{"image": N}'`, `--allowed-media-domains a.com b.org`
 (absent: any host, as vLLM; given with no value: data URLs only, what a pod should run with, as
 examples/vlm.yaml does, since a server that fetches any URL it is given is an SSRF hole inside a
-cluster) and `--allowed-local-media-path DIR` (file:// URLs, only under DIR). The remaining limits (fetch timeout,
-byte and pixel caps) have kubeinfer's defaults and may be set here.
+cluster) and `--allowed-local-media-path DIR` (file:// URLs, only under DIR). The remaining limits
+(fetch timeout, byte and pixel caps) have kubeinfer's defaults and may be set here.
 """
 from __future__ import annotations
 
