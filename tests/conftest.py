@@ -56,3 +56,22 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     from tests.fixtures.tiny_bert import build_tiny_bert
 
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(smollm2_dir, tmp_path_factory):
+    """tiny_vlm_dir(family) -> folder of a tiny VLM of that family (tests/fixtures/tiny_vlm.py),
+    built once per session from the SmolLM2 tokenizer of the default model."""
+    pytest.importorskip("PIL", reason="pillow is a dependency: pip install pillow")
+    from tests.fixtures.tiny_vlm import VLM_FAMILIES, build_tiny_vlm
+
+    built = {}
+
+    def make(family: str):
+        if family not in VLM_FAMILIES:
+            raise ValueError(f"unknown family {family!r}; choose one of {VLM_FAMILIES}")
+        if family not in built:
+            built[family] = build_tiny_vlm(family, smollm2_dir, tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return make

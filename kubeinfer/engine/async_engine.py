@@ -32,6 +32,8 @@ from kubeinfer.engine.stats import StatLogger
 
 if TYPE_CHECKING:
     from kubeinfer.engine.embedding_engine import EmbeddingEngine
+    from kubeinfer.engine.llm_engine import LLMEngine
+    from kubeinfer.engine.multimodal.inputs import MultiModalInputs
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +96,10 @@ class AsyncLLM:
 
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
-                       request_id: str, priority: int = 0
+                       request_id: str, priority: int = 0, mm_inputs: MultiModalInputs | None = None
                        ) -> AsyncIterator[RequestOutput | EmbeddingOutput]:
-        """Yield deltas for each of the params.n samples until all have finished.
+        """Yield deltas for each of the params.n samples until all have finished. `mm_inputs`
+        (from multimodal.MultiModalPreprocessor) brings a vision-language prompt's images.
 
         Raises RequestError before the first yield if the engine cannot take the request. Closing the
         iterator early (a client that went away) aborts the request.
@@ -107,13 +110,18 @@ class AsyncLLM:
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         self.engine.validate_request(prompt_token_ids, params)
+        if mm_inputs is not None:
+            if self.runner_type != "generate":
+                raise RequestError("images go to a generative vision-language model, not an "
+                                   "embedding model", "messages")
+            cast("LLMEngine", self.engine).validate_mm_inputs(mm_inputs)
         if priority:
             self.engine.validate_priority(priority)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         done = False
         try:
-            self._inbox.put(("add", request_id, prompt_token_ids, params, priority))
+            self._inbox.put(("add", request_id, prompt_token_ids, params, priority, mm_inputs))
             remaining = params.n
             while remaining:
                 item = await stream.get()
@@ -178,9 +186,12 @@ class AsyncLLM:
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "add":
-            _, request_id, prompt_token_ids, params, priority = msg
+            _, request_id, prompt_token_ids, params, priority, mm_inputs = msg
             try:
-                if priority:
+                if mm_inputs is not None:
+                    self.engine.add_request(request_id, prompt_token_ids, params, priority,
+                                            mm_inputs=mm_inputs)
+                elif priority:
                     self.engine.add_request(request_id, prompt_token_ids, params, priority)
                 else:  # the embedding engine takes no priority
                     self.engine.add_request(request_id, prompt_token_ids, params)

@@ -112,6 +112,17 @@ def pooler_json(text: str) -> dict:
     return _json_object(text, _POOLER_EXAMPLE)
 
 
+def limit_mm_json(text: str) -> dict:
+    # the counts are checked by multimodal.config.MultiModalConfig when the engine starts
+    return _json_object(text, '\'{"image": 4}\'')
+
+
+def _domains(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """None (the flag absent: any host) stays None; the flag with no value is () (data URLs
+    only)."""
+    return None if value is None else _names(value)
+
+
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -211,6 +222,17 @@ class ModelConfig:
                                       "transformers: the backend even where a native class exists. "
                                       "`kubeinfer serve --help` lists the architectures",
                               choices=MODEL_IMPLS)
+    # vision-language models (engine/multimodal/)
+    limit_mm_per_prompt: tuple[tuple[str, Any], ...] = setting(
+        (), 'images a prompt may carry, e.g. \'{"image": 4}\' (default: 8)', parse=limit_mm_json,
+        convert=_items, metavar="JSON")
+    allowed_media_domains: tuple[str, ...] | None = setting(
+        None, "hosts image URLs may be fetched from; absent: any host; given with no value: data "
+              "URLs only (what a pod in a cluster should use, see examples/vlm.yaml)",
+        convert=_domains, nargs="*", metavar="HOST")
+    allowed_local_media_path: str | None = setting(
+        None, "a folder whose images requests may name as file:// URLs (default: none)",
+        metavar="DIR")
 
     def __post_init__(self) -> None:
         pooler = dict(self.pooler_config)

@@ -13,6 +13,8 @@ from tqdm import tqdm
 
 from kubeinfer.engine.args import EngineArgs
 from kubeinfer.engine.engine_factory import make_engine
+from kubeinfer.engine.multimodal import (MultiModalConfig, MultiModalInputs, MultiModalPreprocessor,
+                                         has_media_parts)
 from kubeinfer.engine.outputs import (ClassificationOutput, CompletionOutput, EmbeddingOutput,
                                      FinishedRequest)
 from kubeinfer.engine.pooling_params import PoolingParams
@@ -38,10 +40,24 @@ class LLM:
         self.engine: Engine = make_engine(config)
         self.runner_type: RunnerType = self.engine.runner_type
         self._ids = itertools.count()
+        self._mm: MultiModalPreprocessor | None = None
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (they also end with this process)."""
+        if self._mm is not None:
+            self._mm.close()
         self.engine.shutdown()
+
+    @property
+    def mm_preprocessor(self) -> MultiModalPreprocessor:
+        """Images -> MultiModalInputs under the engine's limits (built on first use; a text-only
+        model's refuses images)."""
+        if self._mm is None:
+            engine = cast("LLMEngine", self.engine)
+            self._mm = MultiModalPreprocessor.from_model(
+                engine.model_path, MultiModalConfig.from_model_config(engine.config.model),
+                engine.config.model.model)
+        return self._mm
 
     def __enter__(self) -> "LLM":
         return self
@@ -52,7 +68,12 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def _to_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    def _to_ids(self, prompt: Prompt) -> tuple[str | None, list[int] | MultiModalInputs]:
+        if isinstance(prompt, dict) and isinstance(prompt.get("mm_inputs"), MultiModalInputs):
+            return prompt.get("prompt"), prompt["mm_inputs"]  # processed already (chat)
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+            return prompt.get("prompt"), self.mm_preprocessor.process_prompt(
+                prompt.get("prompt"), prompt["multi_modal_data"])
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return None, list(prompt["prompt_token_ids"])
@@ -87,7 +108,12 @@ class LLM:
         for prompt, params, prio in zip(prompts, sampling_params, priority):
             text, ids = self._to_ids(prompt)
             request_id = str(next(self._ids))
-            self.engine.add_request(request_id, ids, params, prio)
+            if isinstance(ids, MultiModalInputs):  # a prompt with images
+                mm_inputs, ids = ids, ids.prompt_token_ids
+                cast("LLMEngine", self.engine).add_request(request_id, ids, params, prio,
+                                                           mm_inputs=mm_inputs)
+            else:
+                self.engine.add_request(request_id, ids, params, prio)
             results[request_id] = FinishedRequest(
                 request_id, text, ids,
                 [CompletionOutput(i, "", [], [] if params.logprobs is not None else None, None)
@@ -157,13 +183,21 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              use_tqdm: bool = False) -> list[FinishedRequest]:
-        """Apply the chat template to one conversation or a list of them, then generate."""
+        """Apply the chat template to one conversation or a list of them, then generate. Content
+        parts may carry images (`image_url` with a data/https URL, or `image_pil`) for a
+        vision-language model."""
         self._check_runner("generate", "embed()")
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer; this LLM was built with skip_tokenizer_init")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         template = chat_template or self.engine.config.model.chat_template
+        if any(has_media_parts(conv) for conv in conversations):
+            mm = self.mm_preprocessor
+            inputs = [mm.chat(conv, template, add_generation_prompt) for conv in conversations]
+            outs = self.generate([{"prompt": i.prompt, "mm_inputs": i} for i in inputs],
+                                 sampling_params, use_tqdm)
+            return outs
         prompts = [tok.apply_chat_template(conv, tokenize=False, chat_template=template,
                                            add_generation_prompt=add_generation_prompt)
                    for conv in conversations]

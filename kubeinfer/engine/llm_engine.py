@@ -24,6 +24,8 @@ from kubeinfer.engine.errors import ConfigError, RequestError
 from kubeinfer.engine.executor import Executor
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
 from kubeinfer.engine.model_runner import GiB, PendingStep
+from kubeinfer.engine.multimodal.config import MultiModalConfig
+from kubeinfer.engine.multimodal.inputs import MultiModalInputs
 from kubeinfer.engine.output_processor import OutputProcessor
 from kubeinfer.engine.outputs import RequestOutput
 from kubeinfer.engine.request import Request, RequestStatus
@@ -55,6 +57,8 @@ class LLMEngine:
                 config.scheduler, async_scheduling=self.device.type == "cuda"))
         self.config = config
         self.stat_loggers = list(stat_loggers)
+        # the media limits (--limit-mm-per-prompt, ...) fail the start, not a later request
+        MultiModalConfig.from_model_config(config.model)
         torch.manual_seed(config.model.seed)
         path = model_loader.resolve_model(config.model, self.device.type)  # GGUF: dequantized for it
         self.executor: Executor | None = Executor(config, path, self.device)
@@ -66,6 +70,7 @@ class LLMEngine:
 
     def _build(self, path: Path) -> None:
         config = self.config
+        self.model_path = path  # the resolved folder (the multimodal processor is read from it)
         self.runner = self.executor.driver  # rank 0's runner, for its model and sizes
         self.model, self.hf_config = self.runner.model, self.runner.hf_config
         self.dtype, self.max_model_len = self.runner.dtype, self.runner.max_model_len
@@ -125,21 +130,50 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, priority: int = 0) -> None:
-        """Queue a request (params.n samples of it). Raises RequestError for what the caller sent."""
+                    params: SamplingParams, priority: int = 0,
+                    mm_inputs: MultiModalInputs | None = None) -> None:
+        """Queue a request (params.n samples of it). Raises RequestError for what the caller sent.
+        `mm_inputs` (a vision-language model's prompt from multimodal.MultiModalPreprocessor)
+        brings its images; its expanded ids are the prompt."""
         if request_id in self.output_processor.parent_to_children:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         self.validate_priority(priority)
+        mm_features = self.validate_mm_inputs(mm_inputs)
+        if mm_inputs is not None:
+            prompt_token_ids = mm_inputs.prompt_token_ids
         max_tokens = self.validate_request(prompt_token_ids, params)
         for i in range(params.n):
             child = params.clone_for_child(i)
             child.max_tokens = max_tokens
             req_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(req_id, list(prompt_token_ids), child, self.eos_token_ids,
-                          priority=priority)
+                          priority=priority, mm_features=mm_features)
             self.output_processor.add(request_id, i, req, params.prompt_logprobs is not None)
             self.scheduler.add_request(req)
         self._record(IterationStats())  # the waiting gauge moved
+
+    @property
+    def is_multimodal(self) -> bool:
+        return getattr(self.model, "is_multimodal", False)
+
+    def validate_mm_inputs(self, mm_inputs: MultiModalInputs | None) -> tuple:
+        """The request's images, checked against the model and the step budget: a text-only
+        model takes none, and each image's embeddings must fit one step's encoder budget (the
+        encoder runs whole in the step that first needs it). Any thread may call it."""
+        if mm_inputs is None or not mm_inputs.features:
+            return ()
+        if not self.is_multimodal:
+            raise RequestError(f"{self.config.model.model} is a text-only model and cannot take "
+                               "images; send text only, or serve a vision-language model",
+                               "messages")
+        budget = self.config.scheduler.max_num_batched_tokens
+        for i, f in enumerate(mm_inputs.features):
+            if f.placeholder.num_embeds > budget:
+                raise RequestError(
+                    f"image {i} becomes {f.placeholder.num_embeds} embedding tokens, more than one "
+                    f"engine step computes (--max-num-batched-tokens {budget}); send a smaller "
+                    "image or raise --max-num-batched-tokens", "messages")
+        return tuple(mm_inputs.features)
 
     def validate_priority(self, priority: int) -> None:
         if priority and self.config.scheduler.scheduling_policy != "priority":

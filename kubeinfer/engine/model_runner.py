@@ -21,6 +21,7 @@ import torch
 
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.cuda_graphs import CUDAGraphRunner
+from kubeinfer.engine.encoder_runner import EncoderRunner
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.forward_context import (AttentionMetadata, build_attention_arrays,
                                               set_forward_context)
@@ -84,6 +85,8 @@ class ModelRunner:
         self._last_meta: tuple[tuple[str, ...], SamplingMetadata] | None = None
         self.kv_cache: torch.Tensor | None = None
         self.graph_runner: CUDAGraphRunner | None = None
+        # vision-language models (models/llava.py): images' encoder outputs and embedding merge
+        self.encoders = EncoderRunner(model) if getattr(model, "is_multimodal", False) else None
 
     @classmethod
     def load(cls, config: EngineConfig, path: Path, device: torch.device) -> "ModelRunner":
@@ -92,6 +95,8 @@ class ModelRunner:
 
         torch.manual_seed(config.model.seed)
         model, hf_config = model_loader.load_model(config.model, device, path=path)
+        # a vision-language config nests its decoder's (vocabulary, hidden size, context length)
+        hf_config = hf_config.get_text_config()
         max_model_len = model_loader.get_max_model_len(hf_config, config.model.max_model_len)
         return cls(config, model, hf_config, device, next(model.parameters()).dtype, max_model_len)
 
@@ -218,6 +223,11 @@ class ModelRunner:
         self._read_all_but_last()
         prev = self._unread[-1] if self._unread else None
         step = PendingStep(failed_req_ids=self._update_states(out))
+        if self.encoders is not None:
+            for req_id in self.encoders.run_encoders(out):
+                self.batch.remove_request(req_id)
+                self._failed.add(req_id)
+                step.failed_req_ids.append(req_id)
         scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in self._failed}
         if scheduled:
             self._launch(step, self.batch.prepare(scheduled), prev)
@@ -228,6 +238,8 @@ class ModelRunner:
         for req_id in out.finished_req_ids:
             self.batch.remove_request(req_id)
             self.sampler.free(req_id)
+            if self.encoders is not None:
+                self.encoders.remove_request(req_id)
             self._failed.discard(req_id)
         for req_id in out.preempted_req_ids:
             self.batch.remove_request(req_id)  # it comes back whole; its generator stays
@@ -236,6 +248,10 @@ class ModelRunner:
             try:
                 self.batch.add_request(new)
                 self.sampler.add_request(new.req_id, new.sampling_params, self.device)
+                if new.mm_features:
+                    if self.encoders is None:
+                        raise ValueError("images sent to a text-only model")
+                    self.encoders.add_request(new.req_id, new.mm_features)
             except Exception:
                 logger.exception("request %s: its inputs could not be prepared; it fails, the "
                                  "others go on", new.req_id)
@@ -321,8 +337,9 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs,
                  fill_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states of the sampled rows, and of the prompt_logprobs positions (or None)."""
+        embeds_for = self._image_chunks(inputs)
         if self.graph_runner is not None and inputs.prompt_logits_indices is None \
-                and self.graph_runner.can_run(inputs):
+                and embeds_for is None and self.graph_runner.can_run(inputs):
             # one row per request == sampled rows
             return self.graph_runner.run(inputs, fill_ids), None
         meta = AttentionMetadata.from_arrays(inputs.attn, self._to_device)
@@ -332,11 +349,26 @@ class ModelRunner:
             input_ids = input_ids.clone() if self.device.type == "cpu" else input_ids
             fill_ids(input_ids)
         with set_forward_context(meta):
-            hidden = self.model(input_ids, self._to_device(inputs.positions))
+            if embeds_for is None:
+                hidden = self.model(input_ids, self._to_device(inputs.positions))
+            else:  # a chunk covers image positions: merge their encoder rows into the embeddings
+                embeds = self.encoders.input_embeds(input_ids, *embeds_for)
+                hidden = self.model(input_ids, self._to_device(inputs.positions), embeds)
         prompt_hidden = None
         if inputs.prompt_logits_indices is not None:
             prompt_hidden = hidden[self._to_device(inputs.prompt_logits_indices)]
         return hidden[self._to_device(inputs.logits_indices)], prompt_hidden
+
+    def _image_chunks(self, inputs: StepInputs):
+        """(request ids, chunk starts, chunk lengths) when a chunk of the step covers image
+        positions, else None (the text-only forward, CUDA graphs allowed)."""
+        if self.encoders is None:
+            return None
+        query_lens = np.diff(inputs.query_start_loc).tolist()
+        starts = (inputs.seq_lens[:inputs.num_reqs] - np.diff(inputs.query_start_loc)).tolist()
+        if not self.encoders.needs_embeds(inputs.req_ids, starts, query_lens):
+            return None
+        return inputs.req_ids, starts, query_lens
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
         """Packed prompt logprobs ([Q, 2 + 2k] on the device, see sampler.prompt_logprobs) of the

@@ -38,7 +38,9 @@ class Engine(Protocol):
         """Raise RequestError for a priority this engine cannot honour."""
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: "SamplingParams | PoolingParams", priority: int = 0) -> None: ...
+                    params: "SamplingParams | PoolingParams", priority: int = 0) -> None:
+        """Queue a request. The generate engine also takes `mm_inputs=` (a vision-language
+        prompt's images, multimodal.MultiModalInputs)."""
 
     def abort_request(self, request_id: str) -> list: ...
 
@@ -74,10 +76,11 @@ class EngineClient(Protocol):
     async def shutdown(self) -> None: ...
 
     def generate(self, prompt_token_ids: list[int], params: "SamplingParams | PoolingParams",
-                 request_id: str, priority: int = 0
+                 request_id: str, priority: int = 0, mm_inputs: Any = None
                  ) -> AsyncIterator["RequestOutput | EmbeddingOutput"]:
         """Deltas of each of params.n samples until all finish. RequestError before the first
-        item for a request the engine cannot take; RequestFailedError if the engine fails on it;
+        item for a request the engine cannot take (images included: `mm_inputs`, a
+        multimodal.MultiModalInputs); RequestFailedError if the engine fails on it;
         EngineDeadError if the loop stopped. Closing the iterator aborts the request."""
 
     async def encode(self, prompt_token_ids: list[int], params: "PoolingParams",

@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kubeinfer.engine.outputs import PromptLogprobsRow
 from kubeinfer.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kubeinfer.engine.multimodal.inputs import ImageFeature
 
 # With async scheduling a sampled token is appended as this placeholder when its step is launched and
 # replaced by the real id once the step's results reach the host.
@@ -52,6 +56,9 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # with --scheduling-policy priority: lower goes first
+    # the prompt's images in prompt order (multimodal/inputs.py): hashes and placeholder ranges
+    # for the scheduler and the KV manager; their tensors only travel on to the runner
+    mm_features: tuple[ImageFeature, ...] = ()
 
     @property
     def priority_key(self) -> tuple[int, float]:
@@ -80,6 +87,12 @@ class Request:
         # logits at position p - 1. None when this request does not compute them.
         self.prompt_logprobs: list[PromptLogprobsRow] | None = (
             None if self.sampling_params.prompt_logprobs is None else [])
+
+    @property
+    def mm_hash_spans(self) -> list[tuple[int, int, str]]:
+        """(offset, length, image hash) of each image: what block hashes fold in."""
+        return [(f.placeholder.offset, f.placeholder.length, f.image_hash)
+                for f in self.mm_features]
 
     @property
     def num_prompt_tokens(self) -> int:

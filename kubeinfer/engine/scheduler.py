@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from kubeinfer.engine.config import SchedulerConfig
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
+from kubeinfer.engine.multimodal.chunk_images import end_before_image, images_in_chunk
+from kubeinfer.engine.multimodal.encoder_cache import EncoderCacheManager
 from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.request import PLACEHOLDER, Request, RequestStatus
 from kubeinfer.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -42,6 +44,9 @@ class Scheduler:
         self._num_sent_blocks: dict[str, int] = {}
         self._finished_req_ids: set[str] = set()
         self._preempted_req_ids: list[str] = []
+        # vision-encoder outputs, counted in embedding rows: as many as a step computes tokens,
+        # so an image that fits a step's budget always fits the cache (add_request checks it)
+        self.encoder_cache = EncoderCacheManager(config.max_num_batched_tokens)
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -77,6 +82,7 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = status
         self.kv.free(req)
+        self.encoder_cache.release_request(req_id)
         self._num_sent_blocks.pop(req_id, None)
         self._finished_req_ids.add(req_id)  # preempted ones too: the runner holds their generator
         return req
@@ -104,6 +110,8 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted: list[str] = []
         budget = self.config.max_num_batched_tokens
+        encoder_budget = self.config.max_num_batched_tokens  # encoder rows computed this step
+        encoder_inputs: dict[str, list[int]] = {}
         now = time.monotonic()
 
         i = 0
@@ -113,6 +121,10 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = self._plan_encoders(req, req.num_computed_tokens, num_new, encoder_budget)
+            if num_new == 0:  # its next image's encoder cannot run this step
+                i += 1
+                continue
             while not self.kv.allocate_slots(req, num_new):
                 k = self._pick_victim()
                 victim = self.running.pop(k)
@@ -128,6 +140,8 @@ class Scheduler:
                             budget += n
                             break
             else:
+                encoder_budget -= self._commit_encoders(req, req.num_computed_tokens, num_new,
+                                                        encoder_inputs)
                 scheduled.append((req, num_new))
                 budget -= num_new
                 i += 1
@@ -143,8 +157,10 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill and num_new > budget:
                     break
                 num_new = min(num_new, budget)
-                if not self.kv.allocate_slots(req, num_new, hits):
+                num_new = self._plan_encoders(req, num_cached, num_new, encoder_budget)
+                if num_new == 0 or not self.kv.allocate_slots(req, num_new, hits):
                     break
+                encoder_budget -= self._commit_encoders(req, num_cached, num_new, encoder_inputs)
                 self.waiting.popleft()
                 req.num_computed_tokens = num_cached
                 if req.num_cached_tokens < 0:
@@ -156,7 +172,58 @@ class Scheduler:
                 scheduled.append((req, num_new))
                 budget -= num_new
         self._preempted_req_ids += preempted
-        return self._make_output(scheduled[:num_running], scheduled[num_running:])
+        out = self._make_output(scheduled[:num_running], scheduled[num_running:])
+        # a preempted request's images were released: drop its entries scheduled before that
+        out.scheduled_encoder_inputs = {r: ix for r, ix in encoder_inputs.items()
+                                        if r in out.num_scheduled_tokens}
+        if not out.is_empty:
+            out.freed_encoder_hashes = self.encoder_cache.take_freed()
+        return out
+
+    def _plan_encoders(self, req: Request, start: int, num_new: int,
+                       encoder_budget: int) -> int:
+        """How many of num_new tokens from `start` can run, given the images the chunk needs: a
+        chunk stops before an image whose encoder has no room in the cache or in the step's
+        encoder budget. Changes nothing; `_commit_encoders` does once the request is scheduled."""
+        if not req.mm_features:
+            return num_new
+        cache, run, rows = self.encoder_cache, [], 0
+        for k in images_in_chunk(req.mm_features, start, start + num_new):
+            f = req.mm_features[k]
+            if cache.holds(req.req_id, f.image_hash) or cache.is_cached(f.image_hash):
+                continue
+            if any(req.mm_features[j].image_hash == f.image_hash for j in run):
+                continue  # the same picture twice in one prompt: one encoder run
+            need = f.placeholder.num_embeds
+            if rows + need > encoder_budget or not cache.can_allocate(rows + need):
+                return end_before_image(f, start) - start
+            run.append(k)
+            rows += need
+        return num_new
+
+    def _commit_encoders(self, req: Request, start: int, num_new: int,
+                         encoder_inputs: dict[str, list[int]]) -> int:
+        """Reserve the encoder outputs the scheduled chunk [start, start + num_new) reads: the
+        planned ones (`run`) are computed this step, cached ones (another request's, or this
+        prompt's repeated picture) get a reference so they outlive the chunk. An image planned as
+        cached whose output a preemption has since released is computed again. Returns the encoder
+        rows computed this step."""
+        if not req.mm_features:
+            return 0
+        cache, rows, run = self.encoder_cache, 0, []
+        for k in images_in_chunk(req.mm_features, start, start + num_new):
+            f = req.mm_features[k]
+            if cache.holds(req.req_id, f.image_hash):
+                continue
+            if cache.is_cached(f.image_hash):
+                cache.add_ref(req.req_id, f.image_hash)
+                continue
+            cache.allocate(req.req_id, f.image_hash, f.placeholder.num_embeds)
+            rows += f.placeholder.num_embeds
+            run.append(k)
+        if run:
+            encoder_inputs[req.req_id] = run
+        return rows
 
     def _make_output(self, running: list[tuple[Request, int]],
                      admitted: list[tuple[Request, int]]) -> SchedulerOutput:
@@ -179,7 +246,7 @@ class Scheduler:
                 output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
                 eos_token_ids=req.eos_token_ids, block_ids=block_ids,
                 num_computed_tokens=req.num_computed_tokens,
-                prompt_logits_start=req.prompt_logits_start))
+                prompt_logits_start=req.prompt_logits_start, mm_features=req.mm_features))
             self._num_sent_blocks[req.req_id] = len(block_ids)
             out.num_scheduled_tokens[req.req_id] = n
         if not out.is_empty:
@@ -189,6 +256,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self.encoder_cache.release_request(req.req_id)
         self._num_sent_blocks.pop(req.req_id, None)
         req.is_capped = False
         req.status = RequestStatus.PREEMPTED
@@ -230,6 +298,8 @@ class Scheduler:
             req = self.requests[req_id]
             samples = req.num_computed_tokens + num_new == req.num_tokens
             req.num_computed_tokens += num_new
+            if req.mm_features:  # images whose positions are all computed are done with
+                self.encoder_cache.consume(req_id, req.mm_features, req.num_computed_tokens)
             if samples:
                 req.append_output_token(PLACEHOLDER)
                 pending.append((req, req.num_output_tokens - 1))

@@ -10,6 +10,7 @@ later as a new request. This is what lets a step cross a pipe to another rank (e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kubeinfer.engine.sampling_params import SamplingParams
 
@@ -26,6 +27,8 @@ class NewRequestData:
     num_computed_tokens: int  # prefix-cache hits: tokens whose K/V is already in the cache
     # the first prompt position whose logits prompt_logprobs still needs; None when none are
     prompt_logits_start: int | None = None
+    # the prompt's images (multimodal.inputs.ImageFeature, tensors included), sent once
+    mm_features: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -45,6 +48,10 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: list[str] = field(default_factory=list)
+    # request id -> indices into its mm_features whose vision encoder runs this step (before the
+    # forward that first needs them); and the image hashes whose encoder outputs the runner drops
+    scheduled_encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
+    freed_encoder_hashes: list[str] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -136,4 +136,5 @@ def test_rendered_manifests_pass_kubernetes_validate(name, spec, lws):
 
 def test_examples_are_what_render_reads():
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == \
-        ["cpu.yaml", "embeddings.yaml", "inferenceservice.yaml", "multi-gpu.yaml", "router.yaml"]
+        ["cpu.yaml", "embeddings.yaml", "inferenceservice.yaml", "multi-gpu.yaml", "router.yaml",
+         "vlm.yaml"]

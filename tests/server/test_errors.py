@@ -62,12 +62,19 @@ def test_empty_messages(client):
     assert "messages" in e.value.message
 
 
-def test_unknown_content_part_type(http):
+def test_image_part_for_a_text_only_model(http):
     messages = [{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]
     err = error_of(post_chat(http, messages=messages), 400)
-    assert "image_url" in err["message"]
+    assert "text-only" in err["message"]
+    assert err["param"] == "messages.0.content.1.image_url.url"
+
+
+def test_unknown_content_part_type(http):
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}}]}]
+    err = error_of(post_chat(http, messages=messages), 400)
+    assert "video_url" in err["message"]
 
 
 def test_unknown_role(http):

@@ -6,11 +6,17 @@ to do when they don't.
 from __future__ import annotations
 
 from kubeinfer.engine.kv_cache.block_pool import BlockPool, KVCacheBlock
+from kubeinfer.engine.multimodal.block_keys import block_image_keys
 from kubeinfer.engine.request import Request
 
 
-def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Chained hash: a block's hash covers every token before it, so equal hashes mean equal prefixes."""
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...],
+               image_keys: tuple[str, ...] = ()) -> int:
+    """Chained hash: a block's hash covers every token before it, so equal hashes mean equal
+    prefixes. A block holding image positions also covers those images' hashes (their placeholder
+    ids are the same for every picture); a text-only block keeps its text-only hash."""
+    if image_keys:
+        return hash((parent_hash, token_ids, image_keys))
     return hash((parent_hash, token_ids))
 
 
@@ -51,10 +57,12 @@ class KVCacheManager:
         num_tokens = min(num_tokens, req.num_known_tokens)  # never hash a placeholder
         bs = self.block_size
         tokens = req.all_token_ids
+        spans = req.mm_hash_spans if req.mm_features else ()
         while (len(hashes) + 1) * bs <= num_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs])))
+            keys = block_image_keys(spans, i * bs, (i + 1) * bs) if spans else ()
+            hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]), keys))
         return hashes
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVCacheBlock], int]:

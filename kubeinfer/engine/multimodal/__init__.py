@@ -11,13 +11,14 @@ door, on a thread pool), `block_keys.py` (image keys of prefix-cache block hashe
 `chunk_images.py` (which images a chunk needs; which encoder rows go where), `encoder_cache.py`
 (the scheduler's bookkeeping), `encoder_outputs.py` (the runner's tensors).
 
-How the rest of kubeinfer calls it (not wired in yet):
+How the rest of kubeinfer calls it (wired in: server/serving_chat.py, llm.py, llm_engine.py,
+scheduler.py, kv_cache/manager.py, encoder_runner.py):
 
 - Start-up: `mm = MultiModalPreprocessor.from_model(model_path, MultiModalConfig(
   limit_per_prompt=args.limit_mm_per_prompt, allowed_media_domains=args.allowed_media_domains,
   allowed_local_media_path=args.allowed_local_media_path), model_name)`. Flags (vLLM's names):
   `--limit-mm-per-prompt` (JSON, `parse_limit_mm_per_prompt`), `--allowed-media-domains` (nargs="*";
-  absent: any host; present with no value: data URLs only, what the operator renders),
+  absent: any host; present with no value: data URLs only, as examples/vlm.yaml sets it),
   `--allowed-local-media-path`. `mm.close()` at shutdown.
 - Server, /v1/chat/completions: if `has_media_parts(request.messages)`:
   `inputs = await asyncio.wrap_future(mm.submit_chat(messages, chat_template,

@@ -1,10 +1,10 @@
 """MultiModalConfig: the limits of the multimodal input path, and the parsing of their flags.
 
 Flag names are vLLM's: `--limit-mm-per-prompt '{"image": N}'`, `--allowed-media-domains a.com b.org`
-(absent: any host, as vLLM; given with no value: data URLs only, what the operator renders into its
-pods, since a server that fetches any URL it is given is an SSRF hole inside a cluster) and
-`--allowed-local-media-path DIR` (file:// URLs, only under DIR). The remaining limits (fetch timeout,
-byte and pixel caps) have kubeinfer's defaults and may be set here.
+(absent: any host, as vLLM; given with no value: data URLs only, what a pod should run with, as
+examples/vlm.yaml does, since a server that fetches any URL it is given is an SSRF hole inside a
+cluster) and `--allowed-local-media-path DIR` (file:// URLs, only under DIR). The remaining limits
+(fetch timeout, byte and pixel caps) have kubeinfer's defaults and may be set here.
 """
 from __future__ import annotations
 
@@ -80,6 +80,14 @@ class MultiModalConfig:
         for name in ("fetch_timeout_s", "max_image_bytes", "max_image_pixels", "num_workers"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"multimodal {name} must be > 0, not {getattr(self, name)!r}")
+
+    @classmethod
+    def from_model_config(cls, model_config: Any) -> MultiModalConfig:
+        """The limits of the engine's ModelConfig (its --limit-mm-per-prompt,
+        --allowed-media-domains and --allowed-local-media-path)."""
+        return cls(limit_per_prompt=dict(getattr(model_config, "limit_mm_per_prompt", ()) or ()),
+                   allowed_media_domains=getattr(model_config, "allowed_media_domains", None),
+                   allowed_local_media_path=getattr(model_config, "allowed_local_media_path", None))
 
     def limit(self, modality: str) -> int:
         return self.limit_per_prompt.get(modality, DEFAULT_IMAGES_PER_PROMPT)

@@ -21,7 +21,8 @@ logger = logging.getLogger("kubeinfer.server")
 
 async def generate(engine: EngineClient, prompt_token_ids: list[int],
                    params: SamplingParams | PoolingParams, request_id: str, tag: int = 0,
-                   priority: int = 0) -> AsyncIterator[tuple[int, RequestOutput]]:
+                   priority: int = 0, mm_inputs: Any = None
+                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """The engine's outputs tagged with `tag`, with the engine's errors as API errors: a request
     the engine cannot take is a 400 in its words; a failure on this request a 500 whose text stays
     in the log (it may hold internals); a dead engine loop a 503.
@@ -30,8 +31,10 @@ async def generate(engine: EngineClient, prompt_token_ids: list[int],
     this one ends: finished, cancelled, or closed by a client that went away.
     """
     try:
+        # only a prompt with images passes mm_inputs (multimodal.MultiModalInputs)
+        extra = {} if mm_inputs is None else {"mm_inputs": mm_inputs}
         async with contextlib.aclosing(engine.generate(prompt_token_ids, params, request_id,
-                                                       priority)) as gen:
+                                                       priority, **extra)) as gen:
             async for out in gen:
                 yield tag, out
     except RequestError as e:

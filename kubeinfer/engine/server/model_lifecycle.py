@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
+from kubeinfer.engine.multimodal import MultiModalConfig, MultiModalPreprocessor
 from kubeinfer.engine.protocol import EngineClient
 from kubeinfer.engine.server.drain import Drain
 from kubeinfer.engine.server.errors import APIError, model_not_found
@@ -30,6 +31,16 @@ def default_engine_factory(config: EngineConfig, stat_loggers: list) -> EngineCl
     from kubeinfer.engine.async_engine import AsyncLLM
 
     return AsyncLLM.from_config(config, stat_loggers=stat_loggers)
+
+
+def _preprocessor(engine: EngineClient, config: EngineConfig, name: str) -> MultiModalPreprocessor:
+    """The media path of the loaded model (--limit-mm-per-prompt, --allowed-media-domains,
+    --allowed-local-media-path); one that refuses images for a text-only model."""
+    mm_config = MultiModalConfig.from_model_config(config.model)
+    path = getattr(getattr(engine, "engine", None), "model_path", None)
+    if path is None or not getattr(engine.engine, "is_multimodal", False):
+        return MultiModalPreprocessor(None, mm_config, name)
+    return MultiModalPreprocessor.from_model(path, mm_config, name)
 
 
 def describe_load_error(config: EngineConfig, exc: BaseException) -> str:
@@ -61,6 +72,8 @@ class ModelLifecycle:
         self.drain = Drain(drain_timeout_s)
         # render a request's own chat_template (vLLM's --trust-request-chat-template)
         self.trust_request_chat_template = trust_request_chat_template
+        # images of chat requests -> MultiModalInputs, off the event loop; set with the engine
+        self.mm: MultiModalPreprocessor | None = None
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -112,6 +125,7 @@ class ModelLifecycle:
         def work() -> None:
             try:
                 engine, exc = self.engine_factory(config, [stat_logger]), None
+                self.mm = _preprocessor(engine, config, self.served_names[0])
             except BaseException as e:  # noqa: BLE001 - every failure must reach the user
                 engine, exc = None, e
             try:
@@ -144,6 +158,8 @@ class ModelLifecycle:
     async def close(self) -> None:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
+        if self.mm is not None:
+            self.mm.close()
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await engine.shutdown()

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages through the chat template, then the engine."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import inspect
@@ -10,7 +11,9 @@ from typing import Any, AsyncIterator
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
-from kubeinfer.engine.server.errors import APIError
+from kubeinfer.engine.errors import RequestError, RequestFailedError
+from kubeinfer.engine.multimodal import MultiModalInputs, has_media_parts
+from kubeinfer.engine.server.errors import REQUEST_FAILED_MESSAGE, APIError
 from kubeinfer.engine.server.protocol import ChatCompletionRequest, ChatMessage
 from kubeinfer.engine.protocol import EngineClient
 from kubeinfer.engine.server.drain import first_of
@@ -121,21 +124,62 @@ def render_chat(engine: EngineClient, chat_template: str | None, messages: list[
     return ids
 
 
+async def render_media_chat(lifecycle: ModelLifecycle, req: ChatCompletionRequest
+                            ) -> MultiModalInputs:
+    """A conversation with image parts -> the processor's ids and images, on the preprocessor's
+    threads (fetching and decoding never run on the event loop). Bad media is a 400 naming the
+    part; a text-only model refuses images."""
+    mm = lifecycle.mm
+    unsupported = [name for name in ("tools", "chat_template_kwargs") if getattr(req, name)]
+    if req.continue_final_message:
+        unsupported.append("continue_final_message")
+    if unsupported:
+        raise APIError(f"{', '.join(unsupported)} cannot be combined with image parts yet; send "
+                       "the images without them.", 400, param=unsupported[0])
+    try:
+        if mm is None:
+            raise RequestError("this server takes no images", "messages")
+        template = chat_template_for(lifecycle, req.chat_template)
+        return await asyncio.wrap_future(mm.submit_chat(req.messages, template,
+                                                        req.add_generation_prompt))
+    except RequestError as e:
+        raise APIError(str(e.args[0] if e.args else e), 400, param=e.param) from None
+    except RequestFailedError as e:
+        logger.error("preprocessing a chat request's images failed: %s", e)
+        raise APIError(REQUEST_FAILED_MESSAGE, 500) from None
+
+
+def _takes_media_path(lifecycle: ModelLifecycle, req: ChatCompletionRequest) -> bool:
+    """Images go through the model's processor; so does a text-only conversation with a
+    vision-language model (its processor's template is the one its tokens were trained on),
+    unless the request needs what only the text path renders (tools, template kwargs)."""
+    if has_media_parts(req.messages):
+        return True
+    plain = not (req.tools or req.chat_template_kwargs or req.continue_final_message)
+    return plain and lifecycle.mm is not None and lifecycle.mm.is_multimodal
+
+
 async def create_chat_completion(lifecycle: ModelLifecycle, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     engine, model, params = start_generation(lifecycle, req)
-    prompt_ids = render_chat(engine, chat_template_for(lifecycle, req.chat_template), req.messages,
-                             add_generation_prompt=req.add_generation_prompt,
-                             continue_final_message=req.continue_final_message,
-                             template_kwargs=req.chat_template_kwargs, tools=req.tools,
-                             from_request=req.chat_template is not None)
+    mm_inputs = None
+    if _takes_media_path(lifecycle, req):
+        mm_inputs = await render_media_chat(lifecycle, req)
+        prompt_ids = mm_inputs.prompt_token_ids
+    else:
+        prompt_ids = render_chat(engine, chat_template_for(lifecycle, req.chat_template),
+                                 req.messages, add_generation_prompt=req.add_generation_prompt,
+                                 continue_final_message=req.continue_final_message,
+                                 template_kwargs=req.chat_template_kwargs, tools=req.tools,
+                                 from_request=req.chat_template is not None)
     max_tokens = context_budget(len(prompt_ids), params.max_tokens, engine.max_model_len,
                                 "messages")
     params = dataclasses.replace(params, max_tokens=max_tokens)
     request_id = random_id("chatcmpl")
     if lifecycle.log_requests:
         logger.info("request %s: %d prompt tokens, %s", request_id, len(prompt_ids), params)
-    outputs = generate(engine, prompt_ids, params, request_id, priority=req.priority)
+    outputs = generate(engine, prompt_ids, params, request_id, priority=req.priority,
+                       mm_inputs=mm_inputs)
     header = {"id": request_id, "object": "chat.completion", "created": now(), "model": model}
     text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
     if req.stream:

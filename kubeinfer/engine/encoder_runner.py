@@ -1,0 +1,79 @@
+"""EncoderRunner: the model runner's multimodal half. It keeps each request's images (sent once with
+the request), runs the vision encoder for the images the scheduler lists in a step (before the
+forward that first needs them), keeps the outputs in an `EncoderOutputStore` until the scheduler
+frees them, and builds the step's input embeddings: the token embeddings with each image's rows
+written at its placeholder positions of the step's chunks.
+
+Every rank runs the same calls on the same plain step, like the rest of the runner.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from kubeinfer.engine.multimodal.encoder_outputs import EncoderOutputStore
+from kubeinfer.engine.multimodal.inputs import ImageFeature
+from kubeinfer.engine.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EncoderRunner:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.store = EncoderOutputStore()
+        self._features: dict[str, tuple[ImageFeature, ...]] = {}
+
+    def add_request(self, req_id: str, features: tuple[Any, ...]) -> None:
+        if features:
+            self._features[req_id] = tuple(features)
+
+    def remove_request(self, req_id: str) -> None:
+        self._features.pop(req_id, None)
+
+    def run_encoders(self, out: SchedulerOutput) -> list[str]:
+        """Drop the outputs the scheduler freed, then compute this step's (in that order: a hash
+        freed and scheduled in one step is an image computed again). Returns the requests whose
+        encoder failed: they fail alone (the runner leaves them out of the step), as a request
+        whose inputs cannot be prepared does; every rank fails the same ones."""
+        self.store.free(out.freed_encoder_hashes)
+        failed = []
+        for req_id, indices in out.scheduled_encoder_inputs.items():
+            features = self._features.get(req_id)
+            if features is None:
+                continue  # the request failed to join this step
+            try:
+                for k in indices:
+                    feature = features[k]
+                    if feature.image_hash not in self.store:
+                        self.store.put(feature, self.model.embed_image(feature.encoder_inputs))
+            except Exception:
+                logger.exception("request %s: the vision encoder failed on its image; it fails, "
+                                 "the others go on", req_id)
+                failed.append(req_id)
+        return failed
+
+    def needs_embeds(self, req_ids: list[str], starts: list[int], query_lens: list[int]) -> bool:
+        """Whether a chunk of the step covers image positions."""
+        for req_id, start, n in zip(req_ids, starts, query_lens):
+            for f in self._features.get(req_id, ()):
+                if f.placeholder.offset < start + n and f.placeholder.end > start:
+                    return True
+        return False
+
+    def input_embeds(self, input_ids: torch.Tensor, req_ids: list[str], starts: list[int],
+                     query_lens: list[int]) -> torch.Tensor:
+        """[T, hidden]: token embeddings of the step's flattened ids, image rows merged in."""
+        embeds = self.model.embed_input_ids(input_ids)
+        offset = 0
+        for req_id, start, n in zip(req_ids, starts, query_lens):
+            for f in self._features.get(req_id, ()):
+                if f.placeholder.offset < start + n and f.placeholder.end > start:
+                    if f.image_hash not in self.store:
+                        raise RuntimeError(f"request {req_id}: the encoder output of image "
+                                           f"{f.image_hash[:12]} is needed but was not computed")
+                    self.store.scatter_into(embeds, f, start, start + n, offset)
+            offset += n
+        return embeds
