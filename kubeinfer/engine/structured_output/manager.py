@@ -14,6 +14,7 @@ first use, so an engine that never sees a constraint never pays for it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -50,6 +51,9 @@ class StructuredOutputManager:
         self._futures: dict[str, Future] = {}
         self.matchers: dict[str, StructuredOutputMatcher] = {}
         self._bitmask: torch.Tensor | None = None
+        # host time spent filling masks, and the steps that did (for `kubeinfer bench`)
+        self.fill_seconds = 0.0
+        self.num_fills = 0
 
     @property
     def compiler(self) -> StructuredOutputCompiler:
@@ -121,9 +125,12 @@ class StructuredOutputManager:
         if self._bitmask is None or self._bitmask.shape[0] < len(req_ids):
             self._bitmask = allocate_bitmask(max(self.max_num_seqs, len(req_ids)), self.vocab_size,
                                              pin_memory=self.pin_memory)
+        start = time.perf_counter()
         mask = self._bitmask[:len(req_ids)]
         for row, req_id in enumerate(req_ids):
             self.matchers[req_id].fill_bitmask_row(mask, row)
+        self.fill_seconds += time.perf_counter() - start
+        self.num_fills += 1
         return mask
 
     def shutdown(self) -> None:
