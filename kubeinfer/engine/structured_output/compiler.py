@@ -12,9 +12,9 @@ least recently used first out; failures are not cached. A constraint that does n
 `RequestError` naming the request field, from the Future (or from `compile()`).
 
 Known gap (xgrammar's, seen with the version installed now): a string with minLength/maxLength
-compiles to "any character but quote, backslash, CR and LF, m to n times", which admits raw control characters (U+0000-U+001F other than
-CR/LF) that JSON forbids, so a random-weight model can produce a reply `json.loads` rejects. A
-`pattern`, or a string without length bounds, is not affected.
+compiles to "any character but quote, backslash, CR and LF, m to n times", which admits raw
+control characters (U+0000-U+001F) that JSON forbids, so a random-weight model can produce a reply
+`json.loads` rejects. A `pattern`, or a string without length bounds, is not affected.
 """
 from __future__ import annotations
 
