@@ -236,6 +236,8 @@ class LLMEngine:
                 launched = LaunchedStep(sched_out, handle, self.scheduler.advance(sched_out))
                 stats.num_scheduled_tokens += sched_out.total_num_scheduled_tokens
         ready = [] if self._pending is None else [self._pending]
+        if launched is None and not ready and self.scheduler.compiling:
+            self.structured_output.wait_for_any(0.05)  # only grammars are left: no busy loop
         if self.config.scheduler.async_scheduling:
             self._pending = launched
         elif launched is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 import torch
@@ -111,6 +111,12 @@ class StructuredOutputManager:
         self.matchers.pop(req_id, None)
         # never cancel the Future: the compiler shares it with every request of the same constraint
         self._futures.pop(req_id, None)
+
+    def wait_for_any(self, timeout: float) -> None:
+        """Block until a pending compile finishes (or `timeout` s): an engine with nothing else to
+        do waits here instead of spinning its loop."""
+        if self._futures:
+            wait(list(self._futures.values()), timeout, return_when=FIRST_COMPLETED)
 
     def has_matcher(self, req_id: str) -> bool:
         return req_id in self.matchers
