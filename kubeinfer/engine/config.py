@@ -234,6 +234,10 @@ class ModelConfig:
         None, "a folder whose images requests may name as file:// URLs (default: none)",
         metavar="DIR")
 
+    reasoning_parser: str | None = setting(
+        None, "split the model's <think>...</think> off into reasoning_content (deepseek_r1, "
+              "qwen3); structured outputs then constrain only the answer after it")
+
     def __post_init__(self) -> None:
         pooler = dict(self.pooler_config)
         unknown = sorted(set(pooler) - {"pooling_type", "normalize"})
@@ -246,6 +250,10 @@ class ModelConfig:
         if "normalize" in pooler and not isinstance(pooler["normalize"], bool):
             raise ConfigError(f"--pooler-config normalize must be true or false, got "
                               f"{pooler['normalize']!r}")
+        if self.reasoning_parser is not None:
+            from kubeinfer.engine.reasoning.registry import get_reasoning_parser
+
+            get_reasoning_parser(self.reasoning_parser)  # ConfigError naming the choices
         _check_choice("--runner", self.runner, RUNNERS)
         _check_choice("--model-impl", self.model_impl, MODEL_IMPLS)
         if self.generation_config not in GENERATION_CONFIG_SOURCES:

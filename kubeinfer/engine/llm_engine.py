@@ -33,6 +33,7 @@ from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.scheduler import Scheduler
 from kubeinfer.engine.scheduler_output import SchedulerOutput
 from kubeinfer.engine.stats import FinishedRequestStats, IterationStats, StatLogger
+from kubeinfer.engine.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +97,35 @@ class LLMEngine:
                 "`max_model_len` when initializing the engine.")
         self.executor.collective_rpc("init_kv_cache", num_blocks)
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, self.vocab_size, self.eos_token_ids, config.scheduler.max_num_seqs,
+            reasoning=self._reasoning_parser(),
+            pin_memory=self.device.type == "cuda" and bool(config.scheduler.async_scheduling))
+        # only rank 0 samples, so only its runner masks logits (workers never see the manager)
+        self.runner.grammar_bitmask = self.structured_output.grammar_bitmask
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len,
+                                   self.structured_output)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks
         self._pending: LaunchedStep | None = None  # the launched, unread step (async scheduling)
 
+    def _reasoning_parser(self):
+        """--reasoning-parser's parser over this tokenizer (ConfigError for an unknown name or a
+        tokenizer without its tags), or None."""
+        name = self.config.model.reasoning_parser
+        if not name:
+            return None
+        from kubeinfer.engine.reasoning.registry import get_reasoning_parser
+
+        if self.tokenizer is None:
+            raise ConfigError("--reasoning-parser needs the model's tokenizer: drop "
+                              "--skip-tokenizer-init or --reasoning-parser")
+        return get_reasoning_parser(name)(self.tokenizer)
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (their processes end with this one anyway)."""
+        if getattr(self, "structured_output", None) is not None:
+            self.structured_output.shutdown()
         if self.executor is not None:
             self.executor.shutdown()
 
@@ -190,6 +213,10 @@ class LLMEngine:
         if bad is not None:
             raise RequestError(f"token id {bad} is out of vocabulary [0, {self.vocab_size})", "prompt")
         params.check_vocab(self.vocab_size)  # top_k, stop ids and logit_bias within the vocabulary
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise RequestError("structured outputs need the model's tokenizer, and this engine was "
+                               "started with --skip-tokenizer-init: leave the constraint out",
+                               params.structured_outputs.param)
         max_tokens = params.max_tokens
         if max_tokens is None:
             if num_prompt >= self.max_model_len:
@@ -244,11 +271,13 @@ class LLMEngine:
                 launched = LaunchedStep(sched_out, handle, self.scheduler.advance(sched_out))
                 stats.num_scheduled_tokens += sched_out.total_num_scheduled_tokens
         ready = [] if self._pending is None else [self._pending]
+        if launched is None and not ready and self.scheduler.compiling:
+            self.structured_output.wait_for_any(0.05)  # only grammars are left: no busy loop
         if self.config.scheduler.async_scheduling:
             self._pending = launched
         elif launched is not None:
             ready.append(launched)
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = self._grammar_failures(stats)
         for step in ready:
             outputs += self._update(step, stats)
         self._record(stats)
@@ -271,8 +300,23 @@ class LLMEngine:
         self.output_processor.remove(req_id)
         return out
 
+    def _grammar_failures(self, stats: IterationStats) -> list[RequestOutput]:
+        """Requests whose constraint did not compile end alone, with the compiler's message."""
+        outputs = []
+        failures, self.scheduler.grammar_failures = self.scheduler.grammar_failures, []
+        for req, error in failures:
+            logger.info("request %s: its constraint did not compile: %s", req.req_id, error)
+            out = self.output_processor.finished_early(req)
+            out.error = error
+            self._finish(req, stats)
+            self.output_processor.remove(req.req_id)
+            outputs.append(out)
+        return outputs
+
     def _needs_known_tokens(self) -> bool:
-        return any(r.sampling_params.presence_penalty or r.sampling_params.frequency_penalty
+        # penalties count the previous tokens on the device; a grammar's mask follows them
+        return any(r.is_constrained or r.sampling_params.presence_penalty
+                   or r.sampling_params.frequency_penalty
                    or r.sampling_params.repetition_penalty != 1.0
                    for r in self.scheduler.running)
 

@@ -33,6 +33,7 @@ from kubeinfer.engine.request import PLACEHOLDER
 from kubeinfer.engine.sampler import (Sampler, SamplingMetadata, pack, prompt_logprobs, unpack,
                                       unpack_prompt_logprobs)
 from kubeinfer.engine.scheduler_output import SchedulerOutput
+from kubeinfer.engine.structured_output.bitmask import apply_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class ModelRunner:
         self.graph_runner: CUDAGraphRunner | None = None
         # vision-language models (models/llava.py): images' encoder outputs and embedding merge
         self.encoders = EncoderRunner(model) if getattr(model, "is_multimodal", False) else None
+        # rank 0 only, set by the engine: req_ids -> their grammar rows (structured_output.manager)
+        self.grammar_bitmask = None
 
     @classmethod
     def load(cls, config: EngineConfig, path: Path, device: torch.device) -> "ModelRunner":
@@ -230,7 +233,7 @@ class ModelRunner:
                 step.failed_req_ids.append(req_id)
         scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in self._failed}
         if scheduled:
-            self._launch(step, self.batch.prepare(scheduled), prev)
+            self._launch(step, self.batch.prepare(scheduled), prev, out.structured_output_req_ids)
         self._unread.append(step)
         return step
 
@@ -271,7 +274,8 @@ class ModelRunner:
             state.num_computed_tokens = num_computed
         return failed
 
-    def _launch(self, step: PendingStep, inputs: StepInputs, prev: PendingStep | None) -> None:
+    def _launch(self, step: PendingStep, inputs: StepInputs, prev: PendingStep | None,
+                constrained: set[str] = frozenset()) -> None:
         fill_ids = self._filler(inputs, prev)
         hidden, prompt_hidden = self._forward(inputs, fill_ids)
         if prompt_hidden is not None:  # before sampling, in the same order on every rank
@@ -282,6 +286,8 @@ class ModelRunner:
         if inputs.sample_states:
             logits = self.model.compute_logits(hidden)  # every rank: the LM head gathers
             if self.is_driver:
+                if constrained:
+                    self._apply_grammar(logits, inputs.sample_states, constrained)
                 step.meta = self._sampling_metadata(inputs.sample_states)
                 sampled, raw_logprobs = self.sampler.sample(logits, step.meta)
                 sampled = tp_broadcast_from_first(sampled.long().contiguous())
@@ -298,6 +304,19 @@ class ModelRunner:
             # reading the copies later waits for this step only
             step.event = torch.cuda.Event()
             step.event.record()
+
+    def _apply_grammar(self, logits: torch.Tensor, states: list[CachedRequestState],
+                       constrained: set[str]) -> None:
+        """Mask the constrained rows' logits to their grammars' allowed tokens, before penalties,
+        temperature and sampling. The forward and the LM head are only enqueued on a GPU when this
+        runs, so the CPU fills the rows while the device computes."""
+        rows = [i for i, state in enumerate(states) if state.req_id in constrained]
+        if not rows:
+            return  # every constrained request is in the middle of its prompt
+        mask = self.grammar_bitmask([states[i].req_id for i in rows])
+        if self.device.type == "cuda":
+            mask = mask.to(self.device, non_blocking=True)
+        apply_bitmask(logits, mask, rows)
 
     def _filler(self, inputs: StepInputs, prev: PendingStep | None):
         """fill_ids for a step whose input ids at placeholders are the previous step's samples,

@@ -65,6 +65,9 @@ class RequestOutput:
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     num_output_tokens: int = 0  # total so far
     num_cached_tokens: int = 0
+    # with finish_reason "error": the user's mistake that ended it (a RequestError, e.g. a
+    # constraint that does not compile); None for an engine failure, whose detail is in the log
+    error: Exception | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -74,6 +74,8 @@ class Request:
     num_preemptions: int = 0
     num_pending_tokens: int = 0  # trailing PLACEHOLDERs (async scheduling)
     is_capped: bool = False  # its last token is already scheduled: no more steps for it
+    # structured outputs: its grammar is compiled and its matcher made (scheduler-owned)
+    is_grammar_ready: bool = False
     # timestamps for metrics (monotonic seconds)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -136,6 +138,10 @@ class Request:
             raise RuntimeError(f"request {self.req_id}: prompt logprobs from position {start} "
                                f"arrived before those from {len(have)}")
         have.extend(rows[skip:])
+
+    @property
+    def is_constrained(self) -> bool:
+        return self.sampling_params.structured_outputs is not None
 
     @property
     def num_known_tokens(self) -> int:

@@ -13,6 +13,8 @@ import numbers
 from dataclasses import dataclass, field, replace
 
 from kubeinfer.engine.errors import RequestError
+from kubeinfer.engine.structured_output.params import StructuredOutputsParams
+from kubeinfer.engine.structured_output.request_fields import coerce
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
@@ -70,6 +72,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # token id -> a bias added to its logit before sampling (OpenAI's logit_bias, in [-100, 100])
     logit_bias: dict[int, float] | None = None
+    # a JSON schema, regex, choice or grammar the output must match (a dict with vLLM's
+    # `structured_outputs` field names is accepted and converted)
+    structured_outputs: StructuredOutputsParams | None = None
 
     MAX_LOGPROBS = 20
 
@@ -83,6 +88,8 @@ class SamplingParams:
             self.top_k = int(self.top_k)  # a generation_config.json may write 50.0
         if self.top_k == -1:
             self.top_k = 0
+        if self.structured_outputs is not None:
+            self.structured_outputs = coerce(self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:

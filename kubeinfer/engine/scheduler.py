@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kubeinfer.engine.config import SchedulerConfig
+from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
 from kubeinfer.engine.multimodal.chunk_images import end_before_image, images_in_chunk
 from kubeinfer.engine.multimodal.encoder_cache import EncoderCacheManager
@@ -18,6 +19,7 @@ from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.request import PLACEHOLDER, Request, RequestStatus
 from kubeinfer.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from kubeinfer.engine.stats import SchedulerStats
+from kubeinfer.engine.structured_output.manager import StructuredOutputManager
 
 
 @dataclass
@@ -31,8 +33,15 @@ class TokenUpdate:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int,
+                 structured_output: StructuredOutputManager | None = None):
         self.config = config
+        self.structured_output = structured_output
+        # constrained requests whose grammar is still compiling: they join `waiting` once it is
+        # done, so a slow schema never holds up the queue behind it
+        self.compiling: list[Request] = []
+        # constrained requests whose grammar did not compile, for the engine to report
+        self.grammar_failures: list[tuple[Request, RequestError]] = []
         self.kv = kv_manager
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
@@ -50,8 +59,36 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        if req.is_constrained:
+            if self.structured_output is None:
+                raise RequestError("this engine does not run structured outputs (it has no "
+                                   "tokenizer); leave the constraint out", "structured_outputs")
+            self.structured_output.submit(req.req_id, req.sampling_params.structured_outputs)
+            self.requests[req.req_id] = req
+            self.compiling.append(req)
+            return
         self.requests[req.req_id] = req
         self._enqueue(req, front=False)
+
+    def _admit_compiled(self) -> None:
+        """Move constrained requests whose grammar is ready to the queue; fail those whose grammar
+        did not compile (each alone, with the compiler's error)."""
+        still = []
+        for req in self.compiling:
+            try:
+                ready = self.structured_output.take_ready(req.req_id, req.prompt_token_ids)
+            except RequestError as e:
+                self.requests.pop(req.req_id, None)
+                self.structured_output.free(req.req_id)
+                req.status = RequestStatus.FINISHED_ERROR
+                self.grammar_failures.append((req, e))
+                continue
+            if ready:
+                req.is_grammar_ready = True
+                self._enqueue(req, front=False)
+            else:
+                still.append(req)
+        self.compiling = still
 
     def _enqueue(self, req: Request, front: bool) -> None:
         """FCFS: new requests at the back, preempted ones at the front. Priority: by
@@ -78,8 +115,12 @@ class Scheduler:
             return None
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req in self.compiling:
+            self.compiling.remove(req)
         else:
             self.waiting.remove(req)
+        if self.structured_output is not None and req.is_constrained:
+            self.structured_output.free(req_id)
         req.status = status
         self.kv.free(req)
         self.encoder_cache.release_request(req_id)
@@ -107,6 +148,8 @@ class Scheduler:
         its place in the step). Waiting requests are admitted in queue order (arrival, or priority
         then arrival) only in a step with no preemption.
         """
+        if self.compiling:
+            self._admit_compiled()
         scheduled: list[tuple[Request, int]] = []
         preempted: list[str] = []
         budget = self.config.max_num_batched_tokens
@@ -249,6 +292,8 @@ class Scheduler:
                 prompt_logits_start=req.prompt_logits_start, mm_features=req.mm_features))
             self._num_sent_blocks[req.req_id] = len(block_ids)
             out.num_scheduled_tokens[req.req_id] = n
+        out.structured_output_req_ids = {req.req_id for req, _ in running + admitted
+                                         if req.is_constrained}
         if not out.is_empty:
             out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
             out.preempted_req_ids, self._preempted_req_ids = self._preempted_req_ids, []
@@ -333,16 +378,31 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             status = self._check_stop(req, token, index + 1)
+            if req.is_constrained:
+                status = self._advance_grammar(req, token, status)
             if status is not None:
                 req.truncate_outputs(index + 1)
                 self.finish_request(req.req_id, status)
             updates.append(TokenUpdate(req, [token], None if lp is None else [lp], status is not None))
         return updates
 
+    def _advance_grammar(self, req: Request, token: int,
+                         status: RequestStatus | None) -> RequestStatus | None:
+        """The matcher takes the token; a grammar that has ended stops the request. A token the
+        grammar rejects cannot have been sampled under its mask (it is an engine bug, or a token
+        forced past the mask such as EOS under ignore_eos): the request fails rather than go on
+        unconstrained."""
+        accepted, terminated = self.structured_output.accept(req.req_id, token)
+        if not accepted:
+            return status or RequestStatus.FINISHED_ERROR
+        if terminated and status is None:
+            return RequestStatus.FINISHED_STOPPED
+        return status
+
     def make_stats(self) -> SchedulerStats:
         queries, hits = self.kv.take_prefix_cache_stats()
         stats = SchedulerStats(
-            num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
+            num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting) + len(self.compiling),
             kv_cache_usage=self.kv.usage, prefix_cache_queries=queries, prefix_cache_hits=hits,
             num_preemptions=self._num_preemptions)
         self._num_preemptions = 0

@@ -52,6 +52,8 @@ class SchedulerOutput:
     # forward that first needs them); and the image hashes whose encoder outputs the runner drops
     scheduled_encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
     freed_encoder_hashes: list[str] = field(default_factory=list)
+    # scheduled requests under a structured-output constraint: the driver masks their logits
+    structured_output_req_ids: set[str] = field(default_factory=set)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -136,3 +136,21 @@ def test_prompt_logprobs_under_tensor_parallelism_equal_one_device(tiny_model_di
         for gd, ed in zip(g[1:], e[1:]):
             assert gd.keys() == ed.keys()
             assert all(abs(gd[t][0] - ed[t][0]) < 1e-3 and gd[t][1] == ed[t][1] for t in gd)
+
+
+def test_structured_outputs_under_tensor_parallelism_equal_one_device(tiny_model_dir):
+    """Only rank 0 masks and samples; the workers run the same step without a grammar."""
+    path = str(tiny_model_dir("llama"))
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    params = SamplingParams(temperature=0.0, max_tokens=30,
+                            structured_outputs={"json": schema, "disable_any_whitespace": True})
+    prompts = [{"prompt_token_ids": p} for p in make_prompts(300)[:3]]
+
+    def run(llm):
+        return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = run(LLM(path, async_scheduling=True, **KW))
+    with LLM(path, tensor_parallel_size=2, async_scheduling=True, **KW) as llm:
+        assert run(llm) == expected
+    assert not multiprocessing.active_children()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.server.conftest import free_port
 
@@ -263,3 +264,14 @@ def test_generate_runner_on_an_embedding_model_is_refused_clearly(minilm_dir):
 def test_pooler_config_bad_json_is_a_usage_error():
     proc = run_serve("--pooler-config", "{pooling_type: MEAN")
     assert_clean_failure(proc, 2, "not valid JSON", '"pooling_type": "MEAN"')
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--tool-call-parser", "nope"], "choose one of hermes, llama3_json, mistral, pythonic"),
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
+    (["--reasoning-parser", "nope"], "choose one of deepseek_r1, qwen3"),
+    (["--reasoning-parser", "qwen3"], "does not reason in that format"),
+])
+def test_tool_and_reasoning_flags_are_checked_at_start(tiny_model, flags, says):
+    proc = run_serve(str(tiny_model), "--device", "cpu", *flags)
+    assert_clean_failure(proc, 1, says)

@@ -31,3 +31,19 @@ def test_capital_of_france(smollm2_server):
                                             temperature=0, stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == r.choices[0].message.content
+
+
+def test_json_schema_on_the_default_model(smollm2_server):
+    import json
+
+    import jsonschema
+
+    person = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = smollm2_server.client().chat.completions.create(
+        model=DEFAULT_MODEL, max_tokens=30, temperature=0,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": person}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), person)

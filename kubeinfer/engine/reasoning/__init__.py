@@ -1,7 +1,7 @@
 """Reasoning output: `--reasoning-parser deepseek_r1|qwen3` splits `<think>...</think>` off into
 `reasoning_content`, as vLLM.
 
-How the engine and server use it (not wired in yet):
+How the engine and server use it (server/chat_message_parser.py, engine/llm_engine.py):
 - engine start: `parser = registry.get_reasoning_parser(name)(tokenizer)` (ConfigError if the
   tokenizer lacks the tags);
 - server, non-streamed: `parser.extract_reasoning(text)` -> (reasoning_content, content); the tool

@@ -58,7 +58,8 @@ class ModelLifecycle:
     def __init__(self, config: EngineConfig, *, api_key: str | None = None,
                  engine_factory: EngineFactory | None = None, log_requests: bool = True,
                  registry: CollectorRegistry | None = None, drain_timeout_s: float = 30,
-                 trust_request_chat_template: bool = False):
+                 trust_request_chat_template: bool = False,
+                 tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False):
         self.config = config
         self.api_key = api_key or None
         self.engine_factory = engine_factory or default_engine_factory
@@ -74,6 +75,10 @@ class ModelLifecycle:
         self.trust_request_chat_template = trust_request_chat_template
         # images of chat requests -> MultiModalInputs, off the event loop; set with the engine
         self.mm: MultiModalPreprocessor | None = None
+        # --tool-call-parser (its class; an instance per tokenizer is made on first use) and
+        # --enable-auto-tool-choice: whether tool_choice "auto" reads tool calls from the output
+        self.tool_call_parser = tool_call_parser
+        self.enable_auto_tool_choice = enable_auto_tool_choice
 
     @property
     def served_names(self) -> tuple[str, ...]:

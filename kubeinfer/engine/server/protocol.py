@@ -16,6 +16,9 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
 
 from kubeinfer.engine.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, MAX_N,
                                               SamplingParams, SamplingParamsError)
+from kubeinfer.engine.structured_output.params import StructuredOutputsParams
+from kubeinfer.engine.structured_output.request_fields import from_request
+from kubeinfer.engine.structured_output.tool_choice import tool_choice_params
 
 Int32 = Annotated[int, Field(strict=True, ge=-INT32_MAX - 1, le=INT32_MAX)]
 Count = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
@@ -67,7 +70,8 @@ class _SamplingFields(_Body):
     prompt_logprobs: Int32 | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias
     priority: Int32 = 0  # vLLM's: with --scheduling-policy priority, lower goes first
-    # Structured outputs are not built: these are read only to refuse them, never to ignore them
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
+    # (engine/structured_output/request_fields.py reads them; at most one may be set)
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -77,11 +81,13 @@ class _SamplingFields(_Body):
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          defaults: dict[str, float] | None = None,
-                         prompt_logprobs: int | None = None) -> SamplingParams:
+                         prompt_logprobs: int | None = None,
+                         constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise SamplingParamsError("stream_options can only be set when stream is true.",
                                       "stream_options")
-        self._refuse_structured_outputs()
+        if constraint is None:
+            constraint = self.structured_outputs_params()
         if self.stream and self.prompt_logprobs is not None and self.prompt_logprobs > 0:
             # as vLLM: a stream has no place for them
             raise SamplingParamsError("`prompt_logprobs` are not available when `stream=True`: "
@@ -103,21 +109,13 @@ class _SamplingFields(_Body):
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            logit_bias=self._logit_bias(), **kw)
+            logit_bias=self._logit_bias(), structured_outputs=constraint, **kw)
 
-    def _refuse_structured_outputs(self) -> None:
-        """A constraint the server would silently drop is a wrong answer, so it is an error."""
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise SamplingParamsError(
-                f"response_format type {kind!r} is not supported: this server does not constrain "
-                "output to JSON or a schema yet. Leave response_format out (or use "
-                "{\"type\": \"text\"}) and ask for the format in the prompt.", "response_format")
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "structured_outputs"):
-            if getattr(self, name) is not None:
-                raise SamplingParamsError(f"{name} is not supported: this server does not "
-                                          "constrain output (structured outputs) yet.", name)
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The output constraint the request's fields ask for (RequestError naming the field)."""
+        return from_request({name: getattr(self, name) for name in (
+            "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+            "guided_grammar")})
 
     def _logit_bias(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -192,19 +190,18 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: str | dict[str, Any] | None = None
 
     def to_sampling_params(self, defaults: dict[str, float] | None = None) -> SamplingParams:
-        if self.tools and self.tool_choice != "none":
-            # vLLM without --enable-auto-tool-choice refuses these too
-            raise SamplingParamsError(
-                f"tool_choice {self.tool_choice or 'auto'!r} is not supported: this server does "
-                "not parse tool calls yet. Send tool_choice \"none\" (the tools are then shown to "
-                "the model through its chat template, and its reply is plain text) or no tools.",
-                "tool_choice")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise SamplingParamsError("tool_choice needs tools.", "tool_choice")
         if self.functions or self.function_call not in (None, "none"):
             raise SamplingParamsError("functions and function_call (OpenAI's deprecated tool "
-                                      "calling) are not supported: this server does not parse "
-                                      "tool calls yet.", "functions")
+                                      "calling) are not supported: send them as `tools` and "
+                                      "`tool_choice`.", "functions")
+        # tool_choice "required" or a named function constrains the output to the call(s)
+        constraint = tool_choice_params(self.tools, self.tool_choice)
+        if constraint is not None and self.structured_outputs_params() is not None:
+            raise SamplingParamsError("tool_choice \"required\" or a named function constrains "
+                                      "the whole output to the tool call; it cannot be combined "
+                                      "with response_format or structured_outputs.", "tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise SamplingParamsError("top_logprobs can only be set when logprobs is true.",
                                       "top_logprobs")
@@ -213,7 +210,8 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         try:
-            return self._sampling_params(max_tokens, logprobs, defaults, self.prompt_logprobs)
+            return self._sampling_params(max_tokens, logprobs, defaults, self.prompt_logprobs,
+                                         constraint)
         except SamplingParamsError as e:
             if e.param == "max_tokens" and param != "max_tokens":
                 raise SamplingParamsError(str(e).replace("max_tokens", param), param) from None

@@ -57,6 +57,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--trust-request-chat-template", action="store_true", default=False,
                    help="render a request's own `chat_template` (in jinja2's sandbox, which "
                         "bounds neither time nor memory); without it such a request is a 400")
+    g.add_argument("--enable-auto-tool-choice", action="store_true", default=False,
+                   help="with tools and tool_choice \"auto\" (the default), read tool calls out of "
+                        "the model's output with --tool-call-parser")
+    g.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="the model family's tool-call format: hermes, llama3_json, mistral, "
+                        "pythonic (needed by --enable-auto-tool-choice)")
     p.set_defaults(func=run_serve)
     return p
 
@@ -67,12 +73,26 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _check_tool_flags(args: argparse.Namespace) -> None:
+    if args.tool_call_parser is not None:
+        from kubeinfer.engine.tool_parsers.registry import get_tool_parser
+
+        get_tool_parser(args.tool_call_parser)  # ConfigError listing the names
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser NAME (hermes, "
+                          "llama3_json, mistral or pythonic: the format of the model's tool calls)")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         config = EngineArgs.from_cli_args(args).create_engine_config()
     except ConfigError as e:
         return _fail(str(e))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        _check_tool_flags(args)
+    except ConfigError as e:
+        return _fail(str(e))
 
     import uvicorn
 
@@ -85,7 +105,9 @@ def run_serve(args: argparse.Namespace) -> int:
                         datefmt="%m-%d %H:%M:%S")
     lifecycle = ModelLifecycle(config, api_key=api_key, log_requests=not args.disable_log_requests,
                                drain_timeout_s=args.timeout_graceful_shutdown,
-                               trust_request_chat_template=args.trust_request_chat_template)
+                               trust_request_chat_template=args.trust_request_chat_template,
+                               tool_call_parser=args.tool_call_parser,
+                               enable_auto_tool_choice=args.enable_auto_tool_choice)
     app = build_app(lifecycle, allowed_origins=args.allowed_origins)
     # uvicorn's own deadline comes after the drain's, which answers what is still open
     server = DrainingServer(uvicorn.Config(

@@ -6,13 +6,14 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from kubeinfer.engine.errors import RequestError, RequestFailedError
 from kubeinfer.engine.multimodal import MultiModalInputs, has_media_parts
+from kubeinfer.engine.server.chat_message_parser import ChatMessageParser, tool_mode
 from kubeinfer.engine.server.errors import REQUEST_FAILED_MESSAGE, APIError
 from kubeinfer.engine.server.protocol import ChatCompletionRequest, ChatMessage
 from kubeinfer.engine.protocol import EngineClient
@@ -162,6 +163,10 @@ def _takes_media_path(lifecycle: ModelLifecycle, req: ChatCompletionRequest) -> 
 async def create_chat_completion(lifecycle: ModelLifecycle, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     engine, model, params = start_generation(lifecycle, req)
+    make_parser = _message_parsers(lifecycle, engine, req)
+    tool_parser = make_parser().tool_parser
+    if tool_parser is not None and not tool_parser.skip_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)  # its markers are special
     mm_inputs = None
     if _takes_media_path(lifecycle, req):
         mm_inputs = await render_media_chat(lifecycle, req)
@@ -184,16 +189,52 @@ async def create_chat_completion(lifecycle: ModelLifecycle, req: ChatCompletionR
     text = TokenText(engine.tokenizer, req.return_tokens_as_token_ids)
     if req.stream:
         header["object"] = "chat.completion.chunk"
-        return SSEResponse(_stream(req, prompt_ids, outputs, header, text), lifecycle.drain)
-    result = await until_disconnect(raw, first_of(_collect(req, prompt_ids, outputs, header, text),
-                                                  lifecycle.drain))
+        return SSEResponse(_stream(req, prompt_ids, outputs, header, text, make_parser),
+                           lifecycle.drain)
+    result = await until_disconnect(raw, first_of(_collect(req, prompt_ids, outputs, header, text,
+                                                           make_parser), lifecycle.drain))
     if result is None:
         return Response(status_code=499)  # nobody is listening
     return JSONResponse(result)
 
 
+def _message_parsers(lifecycle: ModelLifecycle, engine: EngineClient,
+                     req: ChatCompletionRequest) -> Callable[[], ChatMessageParser]:
+    """A maker of one ChatMessageParser per choice, for the request's tool mode and the server's
+    parsers. tool_choice "auto" with tools needs --enable-auto-tool-choice (as vLLM): without a
+    parser the calls would come back as text the client does not expect."""
+    mode = tool_mode(req.tools, req.tool_choice)
+    if mode == "auto" and not lifecycle.enable_auto_tool_choice:
+        raise APIError('tool_choice "auto" (the default when tools are given) needs a server '
+                       'started with --enable-auto-tool-choice and --tool-call-parser NAME; send '
+                       'tool_choice "required", a named function or "none" instead.', 400,
+                       param="tool_choice")
+    parsers = lifecycle.__dict__.setdefault("_message_parsers", {})
+    key = id(engine.tokenizer)
+    if key not in parsers:
+        tool_parser = reasoning_parser = None
+        if lifecycle.tool_call_parser:
+            from kubeinfer.engine.tool_parsers.registry import get_tool_parser
+
+            tool_parser = get_tool_parser(lifecycle.tool_call_parser)(engine.tokenizer)
+        if lifecycle.config.model.reasoning_parser:
+            from kubeinfer.engine.reasoning.registry import get_reasoning_parser
+
+            reasoning_parser = get_reasoning_parser(lifecycle.config.model.reasoning_parser)(
+                engine.tokenizer)
+        parsers.clear()  # one tokenizer per engine: a reloaded engine replaces the old parsers
+        parsers[key] = (tool_parser, reasoning_parser)
+    tool_parser, reasoning_parser = parsers[key]
+    name = None
+    if mode == "named":
+        name = req.tool_choice["function"]["name"]
+    return lambda: ChatMessageParser(mode, tool_parser if mode == "auto" else None,
+                                     reasoning_parser, name)
+
+
 async def _collect(req: ChatCompletionRequest, prompt_ids: list[int], outputs: AsyncIterator,
-                   header: dict, text: TokenText) -> dict:
+                   header: dict, text: TokenText,
+                   make_parser: Callable[[], ChatMessageParser]) -> dict:
     texts: dict[int, list[str]] = {i: [] for i in range(req.n)}
     token_ids: dict[int, list[int]] = {i: [] for i in range(req.n)}
     lps: dict[int, list[dict]] = {i: [] for i in range(req.n)}
@@ -214,11 +255,12 @@ async def _collect(req: ChatCompletionRequest, prompt_ids: list[int], outputs: A
     choices = []
     for i in range(req.n):
         out = final.get(i)
+        parser = make_parser()
         choices.append({
             "index": i,
-            "message": {"role": "assistant", "content": "".join(texts[i])},
+            "message": parser.message("".join(texts[i])),
             "logprobs": {"content": lps[i]} if req.logprobs else None,
-            "finish_reason": out.finish_reason if out else None,
+            "finish_reason": parser.finish_reason(out.finish_reason if out else None),
             "stop_reason": out.stop_reason if out else None,
             **({"token_ids": token_ids[i]} if req.return_token_ids else {}),
         })
@@ -232,7 +274,9 @@ async def _collect(req: ChatCompletionRequest, prompt_ids: list[int], outputs: A
 
 
 async def _stream(req: ChatCompletionRequest, prompt_ids: list[int], outputs: AsyncIterator,
-                  header: dict, text: TokenText) -> AsyncIterator[dict]:
+                  header: dict, text: TokenText,
+                  make_parser: Callable[[], ChatMessageParser]) -> AsyncIterator[dict]:
+    parsers = [make_parser() for _ in range(req.n)]
     # OpenAI opens each choice with a role-only delta
     for i in range(req.n):
         opening = {**header, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -251,12 +295,17 @@ async def _stream(req: ChatCompletionRequest, prompt_ids: list[int], outputs: As
             lp = None
             if req.logprobs and out.new_logprobs:
                 lp = {"content": chat_logprobs(out.new_token_ids, out.new_logprobs, text)}
-            if not out.new_text and not out.finished and lp is None and not req.return_token_ids:
-                continue  # the detokenizer is holding back part of a character
+            parser = parsers[out.index]
+            delta = parser.feed(out.new_text) if out.new_text else None
+            if out.finished:
+                delta = _merge_deltas(delta, parser.finish())
+            if delta is None and not out.finished and lp is None and not req.return_token_ids:
+                continue  # held back: part of a character, a tag or a tool call's start
             choice = {"index": out.index,
-                      "delta": {"content": out.new_text} if out.new_text else {},
+                      "delta": delta or {},
                       "logprobs": lp,
-                      "finish_reason": out.finish_reason if out.finished else None}
+                      "finish_reason": parser.finish_reason(out.finish_reason)
+                      if out.finished else None}
             if req.return_token_ids:
                 choice["token_ids"] = list(out.new_token_ids)
             if out.finished:
@@ -268,3 +317,13 @@ async def _stream(req: ChatCompletionRequest, prompt_ids: list[int], outputs: As
     if req.include_usage:
         yield {**header, "choices": [],
                "usage": usage(len(prompt_ids), sum(num_tokens.values()), cached)}
+
+
+def _merge_deltas(a: dict | None, b: dict | None) -> dict | None:
+    """One delta of two (text pieces joined, tool-call pieces in order)."""
+    if a is None or b is None:
+        return a or b
+    merged = dict(a)
+    for key, value in b.items():
+        merged[key] = merged[key] + value if key in merged else value
+    return merged

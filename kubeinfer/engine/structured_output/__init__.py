@@ -6,7 +6,7 @@ compilation on a thread pool, cached), `matcher.py` (one request's grammar state
 (the step's packed mask: fill on the CPU, apply to the logits; Triton in
 kubeinfer/kernels/token_bitmask.py).
 
-How the engine calls it (not wired in yet):
+How the engine calls it (wired in: manager.py holds the engine side):
 
 - Params: `SamplingParams.structured_outputs: StructuredOutputsParams | None`. The server builds it
   with `request_fields.from_request(body)` (or `tool_choice.tool_choice_params(tools, choice)`

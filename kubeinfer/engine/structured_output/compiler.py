@@ -10,6 +10,11 @@ invalid schema is a 400 and the engine's later `submit` of the same constraint i
 Compiled grammars are cached by `StructuredOutputsParams.key()` (kind, spec, whitespace options),
 least recently used first out; failures are not cached. A constraint that does not compile raises
 `RequestError` naming the request field, from the Future (or from `compile()`).
+
+Known gap (xgrammar's, seen with the version installed now): a string with minLength/maxLength
+compiles to "any character but quote, backslash, CR and LF, m to n times", which admits raw
+control characters (U+0000-U+001F) that JSON forbids, so a random-weight model can produce a reply
+`json.loads` rejects. A `pattern`, or a string without length bounds, is not affected.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Tool calling with `tool_choice: "auto"`: parsers that find tool calls in a model's text output.
 
 `registry.get_tool_parser(name)(tokenizer)` gives a parser (hermes, llama3_json, mistral,
-pythonic; one module each). How the server uses one (not wired in yet):
+pythonic; one module each). How the server uses one (server/chat_message_parser.py):
 
 - non-streamed: `parser.extract_tool_calls(text)` -> ExtractedToolCalls(content, tool_calls);
   each ToolCall has name, arguments (JSON text) and an id;

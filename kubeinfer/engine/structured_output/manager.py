@@ -1,0 +1,144 @@
+"""`StructuredOutputManager`: the engine's one owner of grammars, matchers and the step's bitmask.
+
+The scheduler calls it (engine process, the driver's side): `submit(req)` when a constrained
+request arrives (compiling starts on the compiler's threads), `take_ready(req)` while the request
+waits (None: still compiling; raises RequestError when the constraint does not compile; else its
+matcher is made), `accept(req, token)` for each resolved token, `free(req_id)` when it ends.
+The driver's runner calls `grammar_bitmask(req_ids)` after launching the forward, so the CPU fills
+the rows while the device computes, and applies them to the logits before sampling
+(`bitmask.apply_bitmask`). Workers of other ranks never call it: only rank 0 samples.
+
+The compiler (and xgrammar's tokenizer table, a second or so for a 50k vocabulary) is built on
+first use, so an engine that never sees a constraint never pays for it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any
+
+import torch
+
+from kubeinfer.engine.errors import RequestError
+from kubeinfer.engine.structured_output.bitmask import allocate_bitmask
+from kubeinfer.engine.structured_output.compiler import StructuredOutputCompiler
+from kubeinfer.engine.structured_output.matcher import StructuredOutputMatcher
+from kubeinfer.engine.structured_output.params import StructuredOutputsParams
+
+
+class StructuredOutputManager:
+    """Args:
+        tokenizer: the engine's tokenizer (None: every constraint is refused with a RequestError).
+        vocab_size: the logits' width.
+        eos_token_ids: ids that end generation; allowed only where the grammar may end.
+        max_num_seqs: the most rows one step's bitmask can need.
+        reasoning: a reasoning parser (the constraint starts after its end tag), or None.
+        pin_memory: a pinned bitmask buffer, so its copy to the GPU does not wait for the stream.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int],
+                 max_num_seqs: int, reasoning: Any = None, pin_memory: bool = False):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(set(eos_token_ids))
+        self.max_num_seqs = max_num_seqs
+        self.reasoning = reasoning
+        self.pin_memory = pin_memory
+        self._compiler: StructuredOutputCompiler | None = None
+        self._lock = threading.Lock()
+        self._futures: dict[str, Future] = {}
+        self.matchers: dict[str, StructuredOutputMatcher] = {}
+        self._bitmask: torch.Tensor | None = None
+        # host time spent filling masks, and the steps that did (for `kubeinfer bench`)
+        self.fill_seconds = 0.0
+        self.num_fills = 0
+
+    @property
+    def compiler(self) -> StructuredOutputCompiler:
+        with self._lock:  # the server's threads and the engine's may both ask first
+            if self._compiler is None:
+                if self.tokenizer is None:
+                    raise RequestError("structured outputs need the model's tokenizer, and this "
+                                       "engine was started with --skip-tokenizer-init: leave the "
+                                       "constraint out", "structured_outputs")
+                self._compiler = StructuredOutputCompiler(self.tokenizer, self.vocab_size,
+                                                          self.eos_token_ids)
+            return self._compiler
+
+    def validate(self, params: StructuredOutputsParams) -> Future:
+        """The compile Future of `params` (cached: the engine's own submit later is a hit)."""
+        return self.compiler.submit(params)
+
+    # ---- the scheduler's side ------------------------------------------------------------------
+    def submit(self, req_id: str, params: StructuredOutputsParams) -> None:
+        self._futures[req_id] = self.compiler.submit(params)
+
+    def take_ready(self, req_id: str, prompt_token_ids: Sequence[int]) -> bool:
+        """Whether the request's grammar is compiled (its matcher is then made). Raises the
+        compile's RequestError (or any other failure, as a RequestError) when it did not compile."""
+        if req_id in self.matchers:
+            return True
+        future = self._futures[req_id]
+        if not future.done():
+            return False
+        del self._futures[req_id]
+        error = future.exception()
+        if error is not None:
+            if isinstance(error, RequestError):
+                raise error
+            raise RequestError(f"the constraint could not be compiled: {type(error).__name__}: "
+                               f"{error}", "structured_outputs")
+        self.matchers[req_id] = StructuredOutputMatcher(future.result(), self.reasoning,
+                                                        prompt_token_ids)
+        return True
+
+    def accept(self, req_id: str, token_id: int) -> tuple[bool, bool]:
+        """(accepted, terminated) after the request's next output token."""
+        matcher = self.matchers.get(req_id)
+        if matcher is None:
+            return True, False
+        ok = matcher.accept_tokens((token_id,))
+        return ok, matcher.is_terminated()
+
+    def rollback(self, req_id: str, num_tokens: int) -> None:
+        matcher = self.matchers.get(req_id)
+        if matcher is not None and num_tokens:
+            matcher.rollback(min(num_tokens, matcher.num_accepted_tokens))
+
+    def free(self, req_id: str) -> None:
+        self.matchers.pop(req_id, None)
+        # never cancel the Future: the compiler shares it with every request of the same constraint
+        self._futures.pop(req_id, None)
+
+    def wait_for_any(self, timeout: float) -> None:
+        """Block until a pending compile finishes (or `timeout` s): an engine with nothing else to
+        do waits here instead of spinning its loop."""
+        if self._futures:
+            wait(list(self._futures.values()), timeout, return_when=FIRST_COMPLETED)
+
+    def has_matcher(self, req_id: str) -> bool:
+        return req_id in self.matchers
+
+    # ---- the driver runner's side --------------------------------------------------------------
+    def grammar_bitmask(self, req_ids: Sequence[str]) -> torch.Tensor:
+        """Rows of allowed next tokens, one per request id (in that order), on the CPU.
+
+        The buffer is reused: the engine never launches a step with constrained requests before the
+        previous one's results are read (their masks depend on its tokens), so the previous copy to
+        the device has finished by then."""
+        if self._bitmask is None or self._bitmask.shape[0] < len(req_ids):
+            self._bitmask = allocate_bitmask(max(self.max_num_seqs, len(req_ids)), self.vocab_size,
+                                             pin_memory=self.pin_memory)
+        start = time.perf_counter()
+        mask = self._bitmask[:len(req_ids)]
+        for row, req_id in enumerate(req_ids):
+            self.matchers[req_id].fill_bitmask_row(mask, row)
+        self.fill_seconds += time.perf_counter() - start
+        self.num_fills += 1
+        return mask
+
+    def shutdown(self) -> None:
+        if self._compiler is not None:
+            self._compiler.shutdown()
