@@ -3,11 +3,13 @@ same `ModelRunner` method with the same plain-data arguments, so every collectiv
 peers in the same order and nothing is mirrored by hand (nano-vllm's `call`, vLLM's
 `collective_rpc`).
 
-One executor for every size. With --tensor-parallel-size 1 there are no processes: the call runs
-here. With N > 1 the engine's process is rank 0: it starts ranks 1..N-1 (one process per GPU,
-spawned), writes (method, args) to each down a pipe and runs the method itself; the workers loop
+One executor for every size. With one rank there are no processes: the call runs here. With
+N = tensor x pipeline ranks the engine's process is rank 0: it starts ranks 1..N-1 (one process per
+GPU, spawned; rank r is tensor rank r % tp of pipeline stage r // tp, parallel_state.py), writes (method, args) to each down a pipe and runs the method itself; the workers loop
 running whatever arrives on their own runner. Each rank loads its shard of every layer (the layers'
-weight loaders slice the checkpoint by rank, reading the group from `parallel_state.py`).
+weight loaders slice the checkpoint by rank, reading the group from `parallel_state.py`; a
+pipeline stage builds only its layers, pipeline_stage.py). With pipeline stages the sampling rank is
+tensor rank 0 of the last stage: `get_output` fetches its results from it (`pipeline_output`).
 
 A worker that fails to load reports its error, which the engine raises as a ConfigError. A worker
 that dies later leaves its peers waiting in a collective forever, so a watcher thread exits the
@@ -37,7 +39,8 @@ from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.model_runner import ModelRunner, PendingStep
 from kubeinfer.engine.outputs import ModelRunnerOutput
-from kubeinfer.engine.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from kubeinfer.engine.parallel_state import destroy_parallel, init_parallel
+from kubeinfer.engine.pipeline_parallel_check import check_pipeline_parallel
 from kubeinfer.engine.scheduler_output import SchedulerOutput
 from kubeinfer.engine.tensor_parallel_check import check_tensor_parallel
 
@@ -49,13 +52,15 @@ class Executor:
 
     def __init__(self, config: EngineConfig, model_path: Path, device: torch.device):
         self.workers: _Workers | None = None
-        tp = config.parallel.tensor_parallel_size
-        if tp > 1:
+        tp, self.pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+        if tp * self.pp > 1:
             from kubeinfer.engine import model_loader
 
-            check_tensor_parallel(model_loader.load_hf_config(model_path, config.model), tp,
-                                  device.type, torch.cuda.device_count())
+            hf_config = model_loader.load_hf_config(model_path, config.model)
+            check_pipeline_parallel(hf_config, config, device.type, torch.cuda.device_count())
+            check_tensor_parallel(hf_config, tp, device.type, torch.cuda.device_count())
             self.workers = _Workers(config, model_path, device)
+        self.sampler_rank = (self.pp - 1) * tp  # tensor rank 0 of the last stage
         try:
             self.driver = ModelRunner.load(config, model_path, device)
             if self.workers is not None:
@@ -79,8 +84,11 @@ class Executor:
         return self.collective_rpc("execute_model", out, reply=False)[0]
 
     def get_output(self, step: PendingStep) -> ModelRunnerOutput:
-        """A launched step's results (rank 0 samples; reading them is no collective)."""
-        return self.driver.get_output(step)
+        """A launched step's results. With one stage rank 0 samples and reading them is no
+        collective; with several, every rank reads the step and the last stage's sampler answers."""
+        if self.pp == 1:
+            return self.driver.get_output(step)
+        return self.collective_rpc("pipeline_output", step.index)[self.sampler_rank]
 
     def shutdown(self) -> None:
         if self.workers is not None:
@@ -98,7 +106,8 @@ class _Workers:
     """Ranks 1..tp-1: start them, send them calls, watch them, stop them."""
 
     def __init__(self, config: EngineConfig, model_path: Path, device: torch.device):
-        world = config.parallel.tensor_parallel_size
+        par = config.parallel
+        world = par.world_size
         if dist.is_initialized():
             raise ConfigError("a tensor-parallel engine already ran in this process and its NCCL "
                               "group cannot be torn down; start the next one in a new process")
@@ -118,8 +127,10 @@ class _Workers:
             self.procs.append(proc)
         self._watcher = threading.Thread(target=self._watch, name="kubeinfer-tp-watch", daemon=True)
         self._watcher.start()
-        init_tensor_parallel(0, world, port, device)
-        logger.info("tensor parallel: %d ranks (%s), workers pid %s", world,
+        init_parallel(0, par.tensor_parallel_size, par.pipeline_parallel_size,
+                      f"tcp://127.0.0.1:{port}", device, layer_partition=par.pp_layer_partition)
+        logger.info("parallel: %d ranks (tensor %d x pipeline %d, %s), workers pid %s", world,
+                    par.tensor_parallel_size, par.pipeline_parallel_size,
                     "NCCL" if device.type == "cuda" else "gloo", [p.pid for p in self.procs])
 
     def send(self, msg: Any) -> None:
@@ -161,7 +172,7 @@ class _Workers:
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
-        destroy_tensor_parallel(tear_down=not self.nccl)
+        destroy_parallel(tear_down=not self.nccl)
         self._watcher.join(timeout=10)
         if self._watcher.is_alive():
             for proc in self.procs:
@@ -177,7 +188,9 @@ def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, p
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     code = 0
     try:
-        init_tensor_parallel(rank, world, port, device)
+        par = config.parallel
+        init_parallel(rank, par.tensor_parallel_size, par.pipeline_parallel_size,
+                      f"tcp://127.0.0.1:{port}", device, layer_partition=par.pp_layer_partition)
         runner, error = None, None
         try:
             runner = ModelRunner.load(config, Path(model_path), device)
@@ -197,7 +210,7 @@ def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, p
     if device_type == "cuda":
         logging.shutdown()
         os._exit(code)  # leave the NCCL group without its teardown (see the module docstring)
-    destroy_tensor_parallel(tear_down=True)
+    destroy_parallel(tear_down=True)
     raise SystemExit(code)
 
 
