@@ -338,6 +338,16 @@ class ParallelConfig:
         None, "decoder layers per pipeline stage, e.g. 20,12 (default: an even split; also read "
               f"from ${PP_LAYER_PARTITION_ENV})", parse=parse_layer_partition,
         convert=parse_layer_partition, metavar="N,N,...")
+    # multi-node without Ray, as vLLM's multiprocessing flags (node_relay.py)
+    nnodes: int = setting(1, "nodes the ranks are spread over (each runs world / nnodes ranks)",
+                          parse=positive_int)
+    node_rank: int = setting(0, "this node's rank: 0 runs the API server, the others --headless",
+                             parse=int)
+    master_addr: str = setting("127.0.0.1", "node 0's address, which the other nodes reach")
+    master_port: int = setting(29501, "node 0's port for torch.distributed; its calls to the "
+                                      "other nodes use the next port", parse=int)
+    rendezvous_timeout: int = setting(300, "seconds to wait for every node to join (node 0) or "
+                                           "for node 0 to answer (the others)", parse=positive_int)
 
     def __post_init__(self) -> None:
         for flag, v in (("--tensor-parallel-size", self.tensor_parallel_size),
@@ -354,6 +364,15 @@ class ParallelConfig:
                               f"{','.join(map(str, partition))} names {len(partition)} stages but "
                               f"--pipeline-parallel-size is {self.pipeline_parallel_size}; give one "
                               "number per stage")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be between 0 and --nnodes - 1 "
+                              f"({self.nnodes - 1}), got {self.node_rank}")
+        if self.world_size % self.nnodes:
+            raise ConfigError(f"--nnodes={self.nnodes} must divide the ranks, tensor x pipeline = "
+                              f"{self.world_size}: every node runs the same number of them")
+        if not 1 <= self.master_port <= 65534:
+            raise ConfigError(f"--master-port must be between 1 and 65534 (the next port is used "
+                              f"too), got {self.master_port}")
 
     @property
     def world_size(self) -> int:

@@ -24,8 +24,8 @@ the group ends with the engine's process. One tensor-parallel engine per process
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import multiprocessing.connection
+import multiprocessing.process
 import os
 import socket
 import threading
@@ -39,10 +39,13 @@ from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.model_runner import ModelRunner, PendingStep
 from kubeinfer.engine.outputs import ModelRunnerOutput
+from kubeinfer.engine.node_relay import (accept_worker_nodes, describe_watch_message, init_method,
+                                         send_all)
 from kubeinfer.engine.parallel_state import destroy_parallel, init_parallel
 from kubeinfer.engine.pipeline_parallel_check import check_pipeline_parallel
 from kubeinfer.engine.scheduler_output import SchedulerOutput
 from kubeinfer.engine.tensor_parallel_check import check_tensor_parallel
+from kubeinfer.engine.worker_process import spawn_workers
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ class Executor:
     def __init__(self, config: EngineConfig, model_path: Path, device: torch.device):
         self.workers: _Workers | None = None
         tp, self.pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+        if config.parallel.node_rank != 0:
+            raise ConfigError(f"node rank {config.parallel.node_rank} is a worker node: it runs "
+                              "`kubeinfer serve MODEL --headless ...`, not an engine")
         if tp * self.pp > 1:
             from kubeinfer.engine import model_loader
 
@@ -103,43 +109,48 @@ def _free_port() -> int:
 
 
 class _Workers:
-    """Ranks 1..tp-1: start them, send them calls, watch them, stop them."""
+    """Ranks 1..world-1: start this node's, reach the other nodes' (node_relay.py), send them
+    calls, watch them, stop them."""
 
     def __init__(self, config: EngineConfig, model_path: Path, device: torch.device):
         par = config.parallel
-        world = par.world_size
         if dist.is_initialized():
             raise ConfigError("a tensor-parallel engine already ran in this process and its NCCL "
                               "group cannot be torn down; start the next one in a new process")
         self.nccl = device.type == "cuda"
-        port = _free_port()
-        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        self.conns: list[multiprocessing.connection.Connection] = []
-        self.procs: list[mp.process.BaseProcess] = []
+        method = init_method(par) if par.nnodes > 1 else f"tcp://127.0.0.1:{_free_port()}"
         self._stopping = False
-        for rank in range(1, world):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, name=f"kubeinfer-tp{rank}", daemon=True,
-                               args=(config, str(model_path), rank, world, port, device.type, child))
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
+        self.conns, self.procs = spawn_workers(config, model_path,
+                                               range(1, par.world_size // par.nnodes), method,
+                                               device.type)
+        self.nodes = []
+        try:
+            if par.nnodes > 1:
+                self.nodes = accept_worker_nodes(config)
+        except BaseException:
+            for proc in self.procs:
+                proc.kill()
+            raise
         self._watcher = threading.Thread(target=self._watch, name="kubeinfer-tp-watch", daemon=True)
         self._watcher.start()
-        init_parallel(0, par.tensor_parallel_size, par.pipeline_parallel_size,
-                      f"tcp://127.0.0.1:{port}", device, layer_partition=par.pp_layer_partition)
-        logger.info("parallel: %d ranks (tensor %d x pipeline %d, %s), workers pid %s", world,
-                    par.tensor_parallel_size, par.pipeline_parallel_size,
+        init_parallel(0, par.tensor_parallel_size, par.pipeline_parallel_size, method, device,
+                      layer_partition=par.pp_layer_partition)
+        logger.info("parallel: %d ranks (tensor %d x pipeline %d, %d node(s), %s), local workers "
+                    "pid %s", par.world_size, par.tensor_parallel_size,
+                    par.pipeline_parallel_size, par.nnodes,
                     "NCCL" if device.type == "cuda" else "gloo", [p.pid for p in self.procs])
 
     def send(self, msg: Any) -> None:
         for conn in self.conns:
             conn.send(msg)
+        send_all(self.nodes, msg)
 
     def gather(self) -> list[Any]:
-        """Each worker's reply to the last call that asks for one."""
-        return [conn.recv() for conn in self.conns]
+        """Each worker's reply to the last call that asks for one, by rank."""
+        replies = [conn.recv() for conn in self.conns]
+        for node in self.nodes:
+            replies += node.calls.recv()
+        return replies
 
     def check_loaded(self) -> None:
         """Raise the first worker's loading error, once rank 0's own model has loaded."""
@@ -150,10 +161,19 @@ class _Workers:
 
     def _watch(self) -> None:
         """The only thread that reaps the workers (two threads joining one process race)."""
-        sentinels = {p.sentinel: p for p in self.procs}
+        sentinels: dict[Any, Any] = {p.sentinel: p for p in self.procs}
+        sentinels.update({node.watch: node for node in self.nodes})
         while sentinels:
             for s in multiprocessing.connection.wait(list(sentinels)):
                 proc = sentinels.pop(s)
+                if not isinstance(proc, multiprocessing.process.BaseProcess):
+                    message = describe_watch_message(proc)
+                    if not self._stopping:
+                        logger.critical("%s; the other ranks cannot go on without it, so the "
+                                        "engine stops", message)
+                        logging.shutdown()
+                        os._exit(1)
+                    continue
                 proc.join()  # reap it, so exitcode is set
                 if not self._stopping:
                     logger.critical("tensor-parallel worker %s exited with code %s; the other ranks "
@@ -167,7 +187,7 @@ class _Workers:
         if self._stopping:
             return
         self._stopping = True
-        for conn in self.conns:
+        for conn in [*self.conns, *(node.calls for node in self.nodes)]:
             try:
                 conn.send(None)
             except (BrokenPipeError, OSError):
@@ -178,46 +198,3 @@ class _Workers:
             for proc in self.procs:
                 proc.kill()
             self._watcher.join()
-
-
-def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, port: int,
-                 device_type: str, conn) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    code = 0
-    try:
-        par = config.parallel
-        init_parallel(rank, par.tensor_parallel_size, par.pipeline_parallel_size,
-                      f"tcp://127.0.0.1:{port}", device, layer_partition=par.pp_layer_partition)
-        runner, error = None, None
-        try:
-            runner = ModelRunner.load(config, Path(model_path), device)
-        except Exception as e:  # reported by rank 0, which stops every rank
-            error = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-        if conn.recv() == "loaded":
-            conn.send(error)
-            if runner is not None:
-                _serve(runner, conn)
-            else:
-                conn.recv()  # rank 0's stop
-    except (EOFError, KeyboardInterrupt):
-        pass  # rank 0 went away
-    except BaseException:
-        logger.exception("tensor-parallel worker %d failed", rank)
-        code = 1
-    if device_type == "cuda":
-        logging.shutdown()
-        os._exit(code)  # leave the NCCL group without its teardown (see the module docstring)
-    destroy_parallel(tear_down=True)
-    raise SystemExit(code)
-
-
-def _serve(runner: ModelRunner, conn) -> None:
-    """A worker's loop: run each call on this rank's runner until rank 0 says stop (None)."""
-    while (msg := conn.recv()) is not None:
-        method, args, reply = msg
-        result = getattr(runner, method)(*args)
-        if reply:
-            conn.send(result)

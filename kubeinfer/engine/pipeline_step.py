@@ -11,7 +11,7 @@ more than one stage: each step runs eagerly.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -23,12 +23,13 @@ from kubeinfer.engine.pipeline_stage import IntermediateTensors
 from kubeinfer.engine.request import PLACEHOLDER
 from kubeinfer.engine.sampler import pack
 
-if TYPE_CHECKING:
-    from kubeinfer.engine.model_runner import ModelRunner, PendingStep
+# the runner and its PendingStep are typed Any: model_runner.py imports this module
+Runner = Any
+Step = Any
 
 
-def launch_stage_step(runner: "ModelRunner", step: "PendingStep", inputs: StepInputs,
-                      prev: "PendingStep | None") -> None:
+def launch_stage_step(runner: Runner, step: Step, inputs: StepInputs,
+                      prev: Step | None) -> None:
     """Run this stage's share of a step; fill `step` as `ModelRunner._launch` does."""
     hidden = _stage_forward(runner, inputs, prev)
     if hidden is not None and inputs.prompt_logits_indices is not None:
@@ -59,8 +60,8 @@ def launch_stage_step(runner: "ModelRunner", step: "PendingStep", inputs: StepIn
         step.event.record()
 
 
-def _stage_forward(runner: "ModelRunner", inputs: StepInputs,
-                   prev: "PendingStep | None") -> torch.Tensor | None:
+def _stage_forward(runner: Runner, inputs: StepInputs,
+                   prev: Step | None) -> torch.Tensor | None:
     """The last stage's hidden states [T, hidden]; None on the others, after sending theirs on."""
     meta = AttentionMetadata.from_arrays(inputs.attn, runner._to_device)
     positions = runner._to_device(inputs.positions)
