@@ -41,7 +41,7 @@ from kubeinfer.engine.model_runner import ModelRunner, PendingStep
 from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.node_relay import (accept_worker_nodes, describe_watch_message, init_method,
                                          send_all)
-from kubeinfer.engine.parallel_state import destroy_parallel, init_parallel
+from kubeinfer.engine.parallel_state import destroy_parallel, init_parallel, pp_size, tp_size
 from kubeinfer.engine.pipeline_parallel_check import check_pipeline_parallel
 from kubeinfer.engine.scheduler_output import SchedulerOutput
 from kubeinfer.engine.tensor_parallel_check import check_tensor_parallel
@@ -59,6 +59,10 @@ class Executor:
         if config.parallel.node_rank != 0:
             raise ConfigError(f"node rank {config.parallel.node_rank} is a worker node: it runs "
                               "`kubeinfer serve MODEL --headless ...`, not an engine")
+        if tp * self.pp == 1 and (tp_size() > 1 or pp_size() > 1):
+            # its layers would be built as a shard of the running engine's and wait for its peers
+            raise ConfigError("a tensor- or pipeline-parallel engine is running in this process; "
+                              "shut it down (engine.shutdown()) before starting another engine")
         if tp * self.pp > 1:
             from kubeinfer.engine import model_loader
 

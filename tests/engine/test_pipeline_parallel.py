@@ -67,6 +67,8 @@ def test_pipeline_greedy_matches_hf(tiny_model_dir, arch, tp, extra):
         expected = hf_greedy(path, prompts)
         assert run_greedy(llm, prompts)[0] == expected
         assert run_greedy(llm, prompts)[0] == expected  # prefix-cache hits on the second round
+        with pytest.raises(ConfigError, match="parallel engine is running in this process"):
+            LLM(str(path), **KW)  # would build a shard of this engine's model and hang
     finally:
         llm.engine.shutdown()
     assert not multiprocessing.active_children()
@@ -76,6 +78,9 @@ def test_uneven_split_with_chunked_prefill_and_preemption(three_layer_llama):
     partition = (1, 2)  # the last stage holds two layers and the LM head
     prompts = make_prompts(512)
     expected = hf_greedy(three_layer_llama, prompts)
+    # before the pipeline engine: its groups are this process's while it runs
+    one_device = with_logprobs(LLM(str(three_layer_llama), dtype="float32", device="cpu",
+                                   max_model_len=80, max_num_batched_tokens=7), prompts[:3])
     llm = LLM(str(three_layer_llama), pipeline_parallel_size=2, pp_layer_partition=partition,
               dtype="float32", device="cpu", max_num_batched_tokens=7, max_model_len=80,
               num_gpu_blocks_override=8, max_num_seqs=6)
@@ -84,8 +89,31 @@ def test_uneven_split_with_chunked_prefill_and_preemption(three_layer_llama):
         tokens, num_preemptions = run_greedy(llm, prompts)
         assert tokens == expected
         assert num_preemptions > 0, "the small cache should have forced a preemption"
+        # logprobs and prompt logprobs come from the last stage's sampler, as one device's
+        assert with_logprobs(llm, prompts[:3]) == one_device
     finally:
         llm.engine.shutdown()
+
+
+def with_logprobs(llm, prompts):
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=2, prompt_logprobs=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    return [(o.outputs[0].token_ids, rounded(o.outputs[0].logprobs), rounded(o.prompt_logprobs))
+            for o in outs]
+
+
+def rounded(x):
+    """Floats to 4 places, anywhere in nested lists, tuples, dicts and Logprob objects."""
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, (list, tuple)):
+        return [rounded(v) for v in x]
+    if isinstance(x, dict):
+        return {k: rounded(v) for k, v in x.items()}
+    if hasattr(x, "logprob"):
+        return (round(x.logprob, 4), x.rank)
+    return x
 
 
 def test_layer_ranges():
