@@ -5,8 +5,9 @@ peers in the same order and nothing is mirrored by hand (nano-vllm's `call`, vLL
 
 One executor for every size. With one rank there are no processes: the call runs here. With
 N = tensor x pipeline ranks the engine's process is rank 0: it starts ranks 1..N-1 (one process per
-GPU, spawned; rank r is tensor rank r % tp of pipeline stage r // tp, parallel_state.py), writes (method, args) to each down a pipe and runs the method itself; the workers loop
-running whatever arrives on their own runner. Each rank loads its shard of every layer (the layers'
+GPU, spawned, worker_process.py; rank r is tensor rank r % tp of pipeline stage r // tp,
+parallel_state.py; those of other nodes through node_relay.py), writes (method, args) to each down
+a pipe and runs the method itself; the workers loop running whatever arrives on their own runner. Each rank loads its shard of every layer (the layers'
 weight loaders slice the checkpoint by rank, reading the group from `parallel_state.py`; a
 pipeline stage builds only its layers, pipeline_stage.py). With pipeline stages the sampling rank is
 tensor rank 0 of the last stage: `get_output` fetches its results from it (`pipeline_output`).

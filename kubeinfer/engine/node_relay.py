@@ -76,11 +76,13 @@ def accept_worker_nodes(config: EngineConfig) -> list[WorkerNode]:
     try:
         while sum(len(v) for v in by_node.values()) < expected:
             try:
-                conn, (node_rank, kind, shape) = arrived.get(timeout=max(0.0, deadline - time.monotonic()))
+                left = max(0.0, deadline - time.monotonic())
+                conn, (node_rank, kind, shape) = arrived.get(timeout=left)
             except queue.Empty:
                 missing = [r for r in range(1, par.nnodes) if len(by_node.get(r, {})) < 2]
                 raise ConfigError(
-                    f"worker node(s) {missing} did not join within {par.rendezvous_timeout} s: start "
+                    f"worker node(s) {missing} did not join within {par.rendezvous_timeout} s: "
+                    "start "
                     f"`kubeinfer serve MODEL --headless --nnodes {par.nnodes} --node-rank R "
                     f"--master-addr {par.master_addr} --master-port {par.master_port}` (with the "
                     "same parallel sizes) on each, or raise --rendezvous-timeout") from None
