@@ -111,3 +111,19 @@ print("still running", flush=True)
     finally:
         node0.kill()
         node1.kill()
+
+
+def test_nodes_started_with_other_sizes_are_refused_on_both(tiny_model_dir):
+    path = str(tiny_model_dir("llama"))
+    port = free_port_pair()
+    node1 = serve(path, *FLAGS, "-pp", "2", "-tp", "2", "--nnodes", "2", "--node-rank", "1",
+                  "--master-port", str(port), "--headless", stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE)
+    try:
+        with pytest.raises(ConfigError, match=r"node 1 was started with tensor x pipeline x nodes "
+                                              r"\(2, 2, 2\) but node 0 with \(1, 2, 2\)"):
+            LLM(path, pipeline_parallel_size=2, nnodes=2, master_port=port, **ENGINE)
+        _, err = node1.communicate(timeout=60)
+        assert node1.returncode == 1 and "start every node with the same sizes" in err
+    finally:
+        node1.kill()
