@@ -140,9 +140,9 @@ class _Workers:
         self._watcher.start()
         init_parallel(0, par.tensor_parallel_size, par.pipeline_parallel_size, method, device,
                       layer_partition=par.pp_layer_partition)
-        logger.info("parallel: %d ranks (tensor %d x pipeline %d, %d node(s), %s), local workers "
-                    "pid %s", par.world_size, par.tensor_parallel_size,
-                    par.pipeline_parallel_size, par.nnodes,
+        logger.info("tensor parallel: %d ranks x pipeline parallel: %d stages (%d ranks on %d "
+                    "node(s), %s), local workers pid %s", par.tensor_parallel_size,
+                    par.pipeline_parallel_size, par.world_size, par.nnodes,
                     "NCCL" if device.type == "cuda" else "gloo", [p.pid for p in self.procs])
 
     def send(self, msg: Any) -> None:
