@@ -337,25 +337,76 @@ class SchedulerConfig:
                               f"{self.max_num_batched_tokens}")
 
 
+PP_LAYER_PARTITION_ENV = "KUBEINFER_PP_LAYER_PARTITION"  # as vLLM's VLLM_PP_LAYER_PARTITION
+
+
+def parse_layer_partition(text: str | None) -> tuple[int, ...] | None:
+    """'3,1' -> (3, 1): decoder layers per pipeline stage, first to last."""
+    if text is None or isinstance(text, tuple):
+        return text
+    if isinstance(text, list):
+        text = ",".join(map(str, text))
+    try:
+        parts = tuple(int(p) for p in str(text).split(","))
+    except ValueError:
+        parts = ()
+    if not parts or min(parts) < 1:
+        raise ConfigError(f"cannot read {text!r} as a layer partition: write the number of decoder "
+                          "layers of each pipeline stage, comma-separated, e.g. 20,12")
+    return parts
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How many GPUs share the model."""
+    """How many GPUs share the model: tensor-parallel ranks within each pipeline stage."""
 
     tensor_parallel_size: int = setting(1, "GPUs of this node that split every layer",
                                         aliases=("-tp",))
-    pipeline_parallel_size: int = setting(1, "stages of layers (only 1 is supported)",
-                                          aliases=("-pp",))
+    pipeline_parallel_size: int = setting(1, "stages of consecutive layers, each on its own "
+                                             "--tensor-parallel-size GPUs", aliases=("-pp",))
+    pp_layer_partition: tuple[int, ...] | None = setting(
+        None, "decoder layers per pipeline stage, e.g. 20,12 (default: an even split; also read "
+              f"from ${PP_LAYER_PARTITION_ENV})", parse=parse_layer_partition,
+        convert=parse_layer_partition, metavar="N,N,...")
+    # multi-node without Ray, as vLLM's multiprocessing flags (node_relay.py)
+    nnodes: int = setting(1, "nodes the ranks are spread over (each runs world / nnodes ranks)",
+                          parse=positive_int)
+    node_rank: int = setting(0, "this node's rank: 0 runs the API server, the others --headless",
+                             parse=int)
+    master_addr: str = setting("127.0.0.1", "node 0's address, which the other nodes reach")
+    master_port: int = setting(29501, "node 0's port for torch.distributed; its calls to the "
+                                      "other nodes use the next port", parse=int)
+    rendezvous_timeout: int = setting(300, "seconds to wait for every node to join (node 0) or "
+                                           "for node 0 to answer (the others)", parse=positive_int)
 
     def __post_init__(self) -> None:
         for flag, v in (("--tensor-parallel-size", self.tensor_parallel_size),
                         ("--pipeline-parallel-size", self.pipeline_parallel_size)):
             if v < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {v}")
-        if self.pipeline_parallel_size != 1:
-            raise ConfigError(
-                f"--pipeline-parallel-size={self.pipeline_parallel_size} is not supported yet: "
-                "kubeinfer splits a model over the GPUs of one node with --tensor-parallel-size. "
-                "Use --pipeline-parallel-size=1 and set --tensor-parallel-size to the node's GPU count.")
+        partition = self.pp_layer_partition
+        if partition is None and os.environ.get(PP_LAYER_PARTITION_ENV):
+            partition = parse_layer_partition(os.environ[PP_LAYER_PARTITION_ENV])
+        partition = parse_layer_partition(partition)
+        object.__setattr__(self, "pp_layer_partition", partition)
+        if partition is not None and len(partition) != self.pipeline_parallel_size:
+            raise ConfigError(f"--pp-layer-partition ({PP_LAYER_PARTITION_ENV}) "
+                              f"{','.join(map(str, partition))} names {len(partition)} stages but "
+                              f"--pipeline-parallel-size is {self.pipeline_parallel_size}; give one "
+                              "number per stage")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be between 0 and --nnodes - 1 "
+                              f"({self.nnodes - 1}), got {self.node_rank}")
+        if self.world_size % self.nnodes:
+            raise ConfigError(f"--nnodes={self.nnodes} must divide the ranks, tensor x pipeline = "
+                              f"{self.world_size}: every node runs the same number of them")
+        if not 1 <= self.master_port <= 65534:
+            raise ConfigError(f"--master-port must be between 1 and 65534 (the next port is used "
+                              f"too), got {self.master_port}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

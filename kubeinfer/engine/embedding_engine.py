@@ -54,6 +54,10 @@ class EmbeddingEngine:
             raise ConfigError(f"--tensor-parallel-size={config.parallel.tensor_parallel_size} is "
                               "not supported for embedding models, which fit on one device; "
                               "use --tensor-parallel-size 1.")
+        if config.parallel.pipeline_parallel_size != 1:
+            raise ConfigError(f"--pipeline-parallel-size={config.parallel.pipeline_parallel_size} "
+                              "is not supported for embedding models, which fit on one device; "
+                              "use --pipeline-parallel-size 1.")
         self.device = torch.device(config.device.resolve())
         cpu_threads.configure(self.device)
         self.config = config

@@ -3,11 +3,14 @@ same `ModelRunner` method with the same plain-data arguments, so every collectiv
 peers in the same order and nothing is mirrored by hand (nano-vllm's `call`, vLLM's
 `collective_rpc`).
 
-One executor for every size. With --tensor-parallel-size 1 there are no processes: the call runs
-here. With N > 1 the engine's process is rank 0: it starts ranks 1..N-1 (one process per GPU,
-spawned), writes (method, args) to each down a pipe and runs the method itself; the workers loop
-running whatever arrives on their own runner. Each rank loads its shard of every layer (the layers'
-weight loaders slice the checkpoint by rank, reading the group from `parallel_state.py`).
+One executor for every size. With one rank there are no processes: the call runs here. With
+N = tensor x pipeline ranks the engine's process is rank 0: it starts ranks 1..N-1 (one process per
+GPU, spawned, worker_process.py; rank r is tensor rank r % tp of pipeline stage r // tp,
+parallel_state.py; those of other nodes through node_relay.py), writes (method, args) to each down
+a pipe and runs the method itself; the workers loop running whatever arrives on their own runner. Each rank loads its shard of every layer (the layers'
+weight loaders slice the checkpoint by rank, reading the group from `parallel_state.py`; a
+pipeline stage builds only its layers, pipeline_stage.py). With pipeline stages the sampling rank is
+tensor rank 0 of the last stage: `get_output` fetches its results from it (`pipeline_output`).
 
 A worker that fails to load reports its error, which the engine raises as a ConfigError. A worker
 that dies later leaves its peers waiting in a collective forever, so a watcher thread exits the
@@ -22,8 +25,8 @@ the group ends with the engine's process. One tensor-parallel engine per process
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import multiprocessing.connection
+import multiprocessing.process
 import os
 import socket
 import threading
@@ -33,14 +36,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kubeinfer.engine import cpu_threads
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.model_runner import ModelRunner, PendingStep
 from kubeinfer.engine.outputs import ModelRunnerOutput
-from kubeinfer.engine.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from kubeinfer.engine.node_relay import (accept_worker_nodes, describe_watch_message, init_method,
+                                         send_all)
+from kubeinfer.engine.parallel_state import destroy_parallel, init_parallel, pp_size, tp_size
+from kubeinfer.engine.pipeline_parallel_check import check_pipeline_parallel
 from kubeinfer.engine.scheduler_output import SchedulerOutput
 from kubeinfer.engine.tensor_parallel_check import check_tensor_parallel
+from kubeinfer.engine.worker_process import spawn_workers
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +56,22 @@ class Executor:
 
     def __init__(self, config: EngineConfig, model_path: Path, device: torch.device):
         self.workers: _Workers | None = None
-        tp = config.parallel.tensor_parallel_size
-        if tp > 1:
+        tp, self.pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+        if config.parallel.node_rank != 0:
+            raise ConfigError(f"node rank {config.parallel.node_rank} is a worker node: it runs "
+                              "`kubeinfer serve MODEL --headless ...`, not an engine")
+        if tp * self.pp == 1 and (tp_size() > 1 or pp_size() > 1):
+            # its layers would be built as a shard of the running engine's and wait for its peers
+            raise ConfigError("a tensor- or pipeline-parallel engine is running in this process; "
+                              "shut it down (engine.shutdown()) before starting another engine")
+        if tp * self.pp > 1:
             from kubeinfer.engine import model_loader
 
-            check_tensor_parallel(model_loader.load_hf_config(model_path, config.model), tp,
-                                  device.type, torch.cuda.device_count())
+            hf_config = model_loader.load_hf_config(model_path, config.model)
+            check_pipeline_parallel(hf_config, config, device.type, torch.cuda.device_count())
+            check_tensor_parallel(hf_config, tp, device.type, torch.cuda.device_count())
             self.workers = _Workers(config, model_path, device)
+        self.sampler_rank = (self.pp - 1) * tp  # tensor rank 0 of the last stage
         try:
             self.driver = ModelRunner.load(config, model_path, device)
             if self.workers is not None:
@@ -80,8 +95,11 @@ class Executor:
         return self.collective_rpc("execute_model", out, reply=False)[0]
 
     def get_output(self, step: PendingStep) -> ModelRunnerOutput:
-        """A launched step's results (rank 0 samples; reading them is no collective)."""
-        return self.driver.get_output(step)
+        """A launched step's results. With one stage rank 0 samples and reading them is no
+        collective; with several, every rank reads the step and the last stage's sampler answers."""
+        if self.pp == 1:
+            return self.driver.get_output(step)
+        return self.collective_rpc("pipeline_output", step.index)[self.sampler_rank]
 
     def shutdown(self) -> None:
         if self.workers is not None:
@@ -96,40 +114,48 @@ def _free_port() -> int:
 
 
 class _Workers:
-    """Ranks 1..tp-1: start them, send them calls, watch them, stop them."""
+    """Ranks 1..world-1: start this node's, reach the other nodes' (node_relay.py), send them
+    calls, watch them, stop them."""
 
     def __init__(self, config: EngineConfig, model_path: Path, device: torch.device):
-        world = config.parallel.tensor_parallel_size
+        par = config.parallel
         if dist.is_initialized():
             raise ConfigError("a tensor-parallel engine already ran in this process and its NCCL "
                               "group cannot be torn down; start the next one in a new process")
         self.nccl = device.type == "cuda"
-        port = _free_port()
-        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        self.conns: list[multiprocessing.connection.Connection] = []
-        self.procs: list[mp.process.BaseProcess] = []
+        method = init_method(par) if par.nnodes > 1 else f"tcp://127.0.0.1:{_free_port()}"
         self._stopping = False
-        for rank in range(1, world):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, name=f"kubeinfer-tp{rank}", daemon=True,
-                               args=(config, str(model_path), rank, world, port, device.type, child))
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
+        self.conns, self.procs = spawn_workers(config, model_path,
+                                               range(1, par.world_size // par.nnodes), method,
+                                               device.type)
+        self.nodes = []
+        try:
+            if par.nnodes > 1:
+                self.nodes = accept_worker_nodes(config)
+        except BaseException:
+            for proc in self.procs:
+                proc.kill()
+            raise
         self._watcher = threading.Thread(target=self._watch, name="kubeinfer-tp-watch", daemon=True)
         self._watcher.start()
-        init_tensor_parallel(0, world, port, device)
-        logger.info("tensor parallel: %d ranks (%s), workers pid %s", world,
+        init_parallel(0, par.tensor_parallel_size, par.pipeline_parallel_size, method, device,
+                      layer_partition=par.pp_layer_partition)
+        logger.info("tensor parallel: %d ranks x pipeline parallel: %d stages (%d ranks on %d "
+                    "node(s), %s), local workers pid %s", par.tensor_parallel_size,
+                    par.pipeline_parallel_size, par.world_size, par.nnodes,
                     "NCCL" if device.type == "cuda" else "gloo", [p.pid for p in self.procs])
 
     def send(self, msg: Any) -> None:
         for conn in self.conns:
             conn.send(msg)
+        send_all(self.nodes, msg)
 
     def gather(self) -> list[Any]:
-        """Each worker's reply to the last call that asks for one."""
-        return [conn.recv() for conn in self.conns]
+        """Each worker's reply to the last call that asks for one, by rank."""
+        replies = [conn.recv() for conn in self.conns]
+        for node in self.nodes:
+            replies += node.calls.recv()
+        return replies
 
     def check_loaded(self) -> None:
         """Raise the first worker's loading error, once rank 0's own model has loaded."""
@@ -140,10 +166,19 @@ class _Workers:
 
     def _watch(self) -> None:
         """The only thread that reaps the workers (two threads joining one process race)."""
-        sentinels = {p.sentinel: p for p in self.procs}
+        sentinels: dict[Any, Any] = {p.sentinel: p for p in self.procs}
+        sentinels.update({node.watch: node for node in self.nodes})
         while sentinels:
             for s in multiprocessing.connection.wait(list(sentinels)):
                 proc = sentinels.pop(s)
+                if not isinstance(proc, multiprocessing.process.BaseProcess):
+                    message = describe_watch_message(proc)
+                    if not self._stopping:
+                        logger.critical("%s; the other ranks cannot go on without it, so the "
+                                        "engine stops", message)
+                        logging.shutdown()
+                        os._exit(1)
+                    continue
                 proc.join()  # reap it, so exitcode is set
                 if not self._stopping:
                     logger.critical("tensor-parallel worker %s exited with code %s; the other ranks "
@@ -157,54 +192,14 @@ class _Workers:
         if self._stopping:
             return
         self._stopping = True
-        for conn in self.conns:
+        for conn in [*self.conns, *(node.calls for node in self.nodes)]:
             try:
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
-        destroy_tensor_parallel(tear_down=not self.nccl)
+        destroy_parallel(tear_down=not self.nccl)
         self._watcher.join(timeout=10)
         if self._watcher.is_alive():
             for proc in self.procs:
                 proc.kill()
             self._watcher.join()
-
-
-def _worker_main(config: EngineConfig, model_path: str, rank: int, world: int, port: int,
-                 device_type: str, conn) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    cpu_threads.configure(device, world)
-    code = 0
-    try:
-        init_tensor_parallel(rank, world, port, device)
-        runner, error = None, None
-        try:
-            runner = ModelRunner.load(config, Path(model_path), device)
-        except Exception as e:  # reported by rank 0, which stops every rank
-            error = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-        if conn.recv() == "loaded":
-            conn.send(error)
-            if runner is not None:
-                _serve(runner, conn)
-            else:
-                conn.recv()  # rank 0's stop
-    except (EOFError, KeyboardInterrupt):
-        pass  # rank 0 went away
-    except BaseException:
-        logger.exception("tensor-parallel worker %d failed", rank)
-        code = 1
-    if device_type == "cuda":
-        logging.shutdown()
-        os._exit(code)  # leave the NCCL group without its teardown (see the module docstring)
-    destroy_tensor_parallel(tear_down=True)
-    raise SystemExit(code)
-
-
-def _serve(runner: ModelRunner, conn) -> None:
-    """A worker's loop: run each call on this rank's runner until rank 0 says stop (None)."""
-    while (msg := conn.recv()) is not None:
-        method, args, reply = msg
-        result = getattr(runner, method)(*args)
-        if reply:
-            conn.send(result)

@@ -217,6 +217,12 @@ class LLMEngine:
             raise RequestError("structured outputs need the model's tokenizer, and this engine was "
                                "started with --skip-tokenizer-init: leave the constraint out",
                                params.structured_outputs.param)
+        if params.structured_outputs is not None and self.config.parallel.pipeline_parallel_size > 1:
+            # the last stage samples, and the grammar masks live with rank 0 (not wired for stages)
+            raise RequestError("structured outputs are not supported with "
+                               "--pipeline-parallel-size > 1 yet: serve the model with tensor "
+                               "parallelism only, or leave the constraint out",
+                               params.structured_outputs.param)
         max_tokens = params.max_tokens
         if max_tokens is None:
             if num_prompt >= self.max_model_len:

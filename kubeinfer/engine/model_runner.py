@@ -28,7 +28,10 @@ from kubeinfer.engine.forward_context import (AttentionMetadata, build_attention
 from kubeinfer.engine.input_batch import CachedRequestState, InputBatch, StepInputs
 from kubeinfer.engine.layers.attention import allocate_kv_cache, get_attention_layers
 from kubeinfer.engine.outputs import ModelRunnerOutput
-from kubeinfer.engine.parallel_state import tp_broadcast_from_first, tp_rank
+from kubeinfer.engine.parallel_state import (global_rank, is_first_stage, is_last_stage, pp_size,
+                                             tp_broadcast_from_first, tp_rank)
+from kubeinfer.engine.pipeline_stage import IntermediateTensors
+from kubeinfer.engine.pipeline_step import launch_stage_step
 from kubeinfer.engine.request import PLACEHOLDER
 from kubeinfer.engine.sampler import (Sampler, SamplingMetadata, pack, prompt_logprobs, unpack,
                                       unpack_prompt_logprobs)
@@ -55,6 +58,7 @@ class PendingStep:
     prompt_reqs: list | None = None  # StepInputs.prompt_logprobs_reqs
     prompt_host: torch.Tensor | None = None  # their packed rows on (or to) the host
     output: ModelRunnerOutput | None = None  # set once read
+    index: int = 0  # the runner's count of launched steps: the same step on every rank
 
     @property
     def is_read(self) -> bool:
@@ -70,7 +74,11 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.max_model_len = max_model_len
-        self.is_driver = tp_rank() == 0  # samples, and is the one whose results are read
+        self.is_driver = global_rank() == 0  # the engine's process: its results are read
+        # tensor rank 0 of the last pipeline stage samples (the driver, with one stage)
+        self.is_sampler = tp_rank() == 0 and is_last_stage()
+        self.pp_size = pp_size()
+        self._num_launched = 0
         self.block_size = config.cache.block_size
         self.attn_layers = get_attention_layers(model)
         first = self.attn_layers[0]
@@ -149,8 +157,10 @@ class ModelRunner:
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         hidden = self._run_prompts(lens)
         num_sample = min(self.config.scheduler.max_num_seqs, num_tokens)
-        logits = self.model.compute_logits(hidden[:num_sample])
-        torch.softmax(logits, dim=-1)  # the sampler's working set
+        logits = None
+        if is_last_stage():
+            logits = self.model.compute_logits(hidden[:num_sample])
+            torch.softmax(logits, dim=-1)  # the sampler's working set
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - temp_bytes
         del hidden, logits
@@ -178,7 +188,7 @@ class ModelRunner:
         self._allocate_kv_cache(num_blocks)
         if self.device.type == "cuda":
             self._warm_up_kernels(num_blocks)
-        if self.device.type == "cuda" and not self.config.device.enforce_eager:
+        if self.device.type == "cuda" and not self.config.device.enforce_eager and self.pp_size == 1:
             self.graph_runner = CUDAGraphRunner(
                 self.model, max_batch_size=min(self.config.scheduler.max_num_seqs, 512),
                 max_model_len=self.max_model_len, block_size=self.block_size,
@@ -203,16 +213,23 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _run_prompts(self, lens: list[int]) -> torch.Tensor:
+    def _run_prompts(self, lens: list[int]):
         """Forward fresh prompts of the given lengths through the cache's first blocks (request r
         owns a contiguous run of them). For profiling and warm-up only: what it writes is garbage
-        in blocks that no request holds yet."""
+        in blocks that no request holds yet. A pipeline stage runs alone, on zeros for the
+        previous stage's output (and returns its own for the next)."""
         per_req = -(-max(lens) // self.block_size)
         tables = [list(range(r * per_req, (r + 1) * per_req)) for r in range(len(lens))]
         arrays = build_attention_arrays([0] * len(lens), lens, tables, self.block_size)
+        num_tokens = len(arrays.positions)
+        args = (torch.zeros(num_tokens, dtype=torch.long, device=self.device),
+                self._to_device(arrays.positions))
+        if self.pp_size > 1:
+            shape = (num_tokens, self.hf_config.hidden_size)
+            args += (None if is_first_stage() else IntermediateTensors(
+                *(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))),)
         with set_forward_context(AttentionMetadata.from_arrays(arrays, self._to_device)):
-            return self.model(torch.zeros(len(arrays.positions), dtype=torch.long, device=self.device),
-                              self._to_device(arrays.positions))
+            return self.model(*args)
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -225,14 +242,17 @@ class ModelRunner:
         """
         self._read_all_but_last()
         prev = self._unread[-1] if self._unread else None
-        step = PendingStep(failed_req_ids=self._update_states(out))
+        step = PendingStep(failed_req_ids=self._update_states(out), index=self._num_launched)
+        self._num_launched += 1
         if self.encoders is not None:
             for req_id in self.encoders.run_encoders(out):
                 self.batch.remove_request(req_id)
                 self._failed.add(req_id)
                 step.failed_req_ids.append(req_id)
         scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in self._failed}
-        if scheduled:
+        if scheduled and self.pp_size > 1:
+            launch_stage_step(self, step, self.batch.prepare(scheduled), prev)
+        elif scheduled:
             self._launch(step, self.batch.prepare(scheduled), prev, out.structured_output_req_ids)
         self._unread.append(step)
         return step
@@ -285,7 +305,7 @@ class ModelRunner:
                 step.prompt_host = self._to_host(packed)
         if inputs.sample_states:
             logits = self.model.compute_logits(hidden)  # every rank: the LM head gathers
-            if self.is_driver:
+            if self.is_sampler:
                 if constrained:
                     self._apply_grammar(logits, inputs.sample_states, constrained)
                 step.meta = self._sampling_metadata(inputs.sample_states)
@@ -372,7 +392,7 @@ class ModelRunner:
                 hidden = self.model(input_ids, self._to_device(inputs.positions))
             else:  # a chunk covers image positions: merge their encoder rows into the embeddings
                 embeds = self.encoders.input_embeds(input_ids, *embeds_for)
-                hidden = self.model(input_ids, self._to_device(inputs.positions), embeds)
+                hidden = self.model(input_ids, self._to_device(inputs.positions), inputs_embeds=embeds)
         prompt_hidden = None
         if inputs.prompt_logits_indices is not None:
             prompt_hidden = hidden[self._to_device(inputs.prompt_logits_indices)]
@@ -393,13 +413,13 @@ class ModelRunner:
         """Packed prompt logprobs ([Q, 2 + 2k] on the device, see sampler.prompt_logprobs) of the
         step's prompt_logprobs positions, a bounded number of rows of logits at a time. Every rank
         computes the logits (the LM head gathers); rank 0 alone the logprobs."""
-        targets = self._to_device(inputs.prompt_target_ids) if self.is_driver else None
+        targets = self._to_device(inputs.prompt_target_ids) if self.is_sampler else None
         k = max(k for _, k, _, _ in inputs.prompt_logprobs_reqs)
         rows = self.max_logits_rows
         parts = []
         for i in range(0, hidden.shape[0], rows):
             logits = self.model.compute_logits(hidden[i:i + rows])
-            if self.is_driver:
+            if self.is_sampler:
                 parts.append(prompt_logprobs(logits, targets[i:i + rows], k))
         if not parts:
             return None
@@ -429,6 +449,15 @@ class ModelRunner:
         if not step.is_read:
             self._read(step)
         return step.output
+
+    def pipeline_output(self, index: int) -> ModelRunnerOutput | None:
+        """The sampling rank's results of launched step `index` (None on the other ranks), which
+        rank 0 fetches with a pipeline; every rank reads the step, as `get_output` does."""
+        step = next((s for s in self._unread if s.index == index), None)
+        if step is None:
+            raise RuntimeError(f"step {index} is not among this rank's unread steps")
+        output = self.get_output(step)
+        return output if self.is_sampler else None
 
     def _read(self, step: PendingStep) -> None:
         result = ModelRunnerOutput(failed_req_ids=step.failed_req_ids)

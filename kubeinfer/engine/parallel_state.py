@@ -1,41 +1,69 @@
 """The parallel groups of this process: which ranks a layer's collectives meet.
 
-One module owns them, so layers read the group from here and nothing else keeps a copy: the
-tensor-parallel group today (every rank of the engine), the pipeline-parallel group next. With no
-group joined the process is one device and every collective below is a no-op.
-`init_tensor_parallel` joins the group (NCCL between GPUs, gloo on CPU for tests).
+One module owns them, so layers read the group from here and nothing else keeps a copy. The
+engine's ranks form a grid of pipeline stages x tensor-parallel ranks (vLLM's layout): global rank
+r is tensor rank r % tp of stage r // tp. The tensor-parallel group is the tp ranks of this
+process's stage (every rank of the engine when there is one stage, exactly as before pipeline
+parallelism); the pipeline group is the ranks of every stage with this process's tensor rank, and
+hidden states go point to point along it. With no group joined the process is one device and every
+collective below is a no-op. `init_parallel` joins the groups (NCCL between GPUs, gloo on CPU).
 """
 from __future__ import annotations
 
 import datetime
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from kubeinfer.engine.errors import ConfigError
-
 _TP_GROUP: dist.ProcessGroup | None = None
+_PP_RANKS: list[int] | None = None  # global ranks of this process's pipeline group, by stage
+_PP_RANK = 0
+_PP_PARTITION: tuple[int, ...] | None = None  # layers per stage, when the user set them
+# how long a collective or point-to-point receive waits for a peer before raising (a worker
+# node that never arrives, a stage stuck); the executor's death watch stops the engine sooner
+# when a local worker dies
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
+
+
+def init_parallel(rank: int, tp: int, pp: int, init_method: str, device: torch.device,
+                  timeout: datetime.timedelta = COLLECTIVE_TIMEOUT,
+                  layer_partition: tuple[int, ...] | None = None) -> None:
+    """Join the engine's tp x pp ranks rendezvousing at `init_method` (tcp://host:port) as global
+    rank `rank`, then its tensor-parallel and pipeline groups. `layer_partition`: layers per stage
+    (--pp-layer-partition), read by the models through `pp_layer_partition`."""
+    global _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
+                            rank=rank, world_size=tp * pp, timeout=timeout)
+    if pp == 1:
+        _TP_GROUP = dist.group.WORLD
+        return
+    # every rank creates every group, in the same order (new_group is a collective)
+    for stage in range(pp):
+        group = dist.new_group(list(range(stage * tp, (stage + 1) * tp)))
+        if stage == rank // tp:
+            _TP_GROUP = group
+    _PP_RANKS = [stage * tp + rank % tp for stage in range(pp)]
+    _PP_RANK = rank // tp
+    _PP_PARTITION = layer_partition
 
 
 def init_tensor_parallel(rank: int, world_size: int, port: int, device: torch.device) -> None:
     """Join the tensor-parallel group of `world_size` ranks rendezvousing on 127.0.0.1:port."""
-    global _TP_GROUP
-    if device.type == "cuda":
-        torch.cuda.set_device(device.index or 0)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(hours=1))
-    _TP_GROUP = dist.group.WORLD
+    init_parallel(rank, world_size, 1, f"tcp://127.0.0.1:{port}", device)
 
 
-def destroy_tensor_parallel(tear_down: bool) -> None:
-    """Forget the group; with `tear_down` also leave it (gloo). An NCCL group whose all-reduces
+def destroy_parallel(tear_down: bool) -> None:
+    """Forget the groups; with `tear_down` also leave them (gloo). An NCCL group whose all-reduces
     were captured in CUDA graphs is never torn down (executor.py says why)."""
-    global _TP_GROUP
-    _TP_GROUP = None
+    global _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION
+    _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION = None, None, 0, None
     if tear_down and dist.is_initialized():
         dist.destroy_process_group()
+
+
+destroy_tensor_parallel = destroy_parallel
 
 
 def tp_size() -> int:
@@ -67,3 +95,54 @@ def tp_broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
         dist.broadcast(x, src=dist.get_global_rank(_TP_GROUP, 0), group=_TP_GROUP)
     return x
 
+
+# ---- pipeline stages ---------------------------------------------------------------------------
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def pp_size() -> int:
+    return 1 if _PP_RANKS is None else len(_PP_RANKS)
+
+
+def pp_rank() -> int:
+    return _PP_RANK
+
+
+def pp_layer_partition() -> tuple[int, ...] | None:
+    return _PP_PARTITION
+
+
+def is_first_stage() -> bool:
+    return _PP_RANK == 0
+
+
+def is_last_stage() -> bool:
+    return _PP_RANK == pp_size() - 1
+
+
+def sampler_rank() -> int:
+    """The global rank that samples: tensor rank 0 of the last stage (rank 0 with one stage)."""
+    return 0 if _PP_RANKS is None else (pp_size() - 1) * (dist.get_world_size() // pp_size())
+
+
+def pp_send_next(tensors: list[torch.Tensor]) -> None:
+    """Send `tensors` to the same tensor rank of the next stage (in order, each whole)."""
+    dst = _PP_RANKS[_PP_RANK + 1]
+    for t in tensors:
+        dist.send(t.contiguous(), dst=dst)
+
+
+def pp_recv_prev(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Receive into `tensors` (preallocated, the sender's shapes) from the previous stage."""
+    src = _PP_RANKS[_PP_RANK - 1]
+    for t in tensors:
+        dist.recv(t, src=src)
+    return tensors
+
+
+def world_broadcast(x: torch.Tensor, src: int) -> torch.Tensor:
+    """Global rank `src`'s `x` on every rank of the engine; in place."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(x, src=src)
+    return x

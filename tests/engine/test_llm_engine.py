@@ -84,12 +84,6 @@ def test_max_model_len_larger_than_cache_fails_at_start(tiny_model_dir):
             num_gpu_blocks_override=2)
 
 
-def test_pipeline_parallel_refused_with_clear_message(tiny_model_dir):
-    with pytest.raises(ConfigError, match="pipeline-parallel-size=2 is not supported yet.*"
-                                          "--tensor-parallel-size"):
-        LLM(str(tiny_model_dir("llama")), pipeline_parallel_size=2)
-
-
 def test_smollm2_matches_hf_first_32_tokens(smollm2_dir):
     """The real default model: our greedy ids equal HF transformers' on the same converted weights."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]

@@ -56,9 +56,10 @@ def test_tensor_parallel_that_does_not_divide_the_heads_is_refused_clearly():
     assert proc.stderr.count("does not divide") == 1  # said once, found when the model's config is read
 
 
-def test_pipeline_parallel_is_refused_clearly():
-    proc = run_serve("--pipeline-parallel-size", "2")
-    assert_clean_failure(proc, 1, "error: --pipeline-parallel-size=2 is not supported yet")
+def test_a_pipeline_partition_that_does_not_fit_is_refused_clearly():
+    proc = run_serve("--pipeline-parallel-size", "2", "--pp-layer-partition", "1,2,3")
+    assert_clean_failure(proc, 1, "error: --pp-layer-partition (KUBEINFER_PP_LAYER_PARTITION) "
+                                  "1,2,3 names 3 stages but --pipeline-parallel-size is 2")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -22,6 +22,9 @@ from kubeinfer.engine.layers.linear import (MergedColumnParallelLinear, QKVParal
                                             RowParallelLinear, default_weight_loader)
 from kubeinfer.engine.layers.norm import RMSNorm
 from kubeinfer.engine.layers.rotary import RotaryEmbedding, get_rope
+from kubeinfer.engine.parallel_state import is_first_stage, is_last_stage
+from kubeinfer.engine.pipeline_stage import (IntermediateTensors, PPMissingLayer,
+                                             stage_layer_range)
 
 
 def _sliding_window(config: Any, layer_idx: int) -> int | None:
@@ -104,25 +107,38 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack, or this pipeline stage's share of it: layers [start, end), the embedding
+    on the first stage, the final norm on the last (pipeline_stage.py)."""
+
     def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool,
                  make_mlp: Callable[[Any, int], nn.Module] = lambda config, _: LlamaMLP(config)):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.is_first, self.is_last = is_first_stage(), is_last_stage()
+        self.start, self.end = stage_layer_range(config.num_hidden_layers)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+                             if self.is_first else PPMissingLayer())
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # One table shared by all layers: for Llama 3.1 it is 131072 x 128 float32 (64 MiB).
         rotary_emb = get_rope(config, head_dim)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm,
-                                                      make_mlp(config, i))
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm, make_mlp(config, i))
+            if self.start <= i < self.end else PPMissingLayer()
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else PPMissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        # a vision-language model passes the embeddings with its images merged in (models/llava.py)
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        residual = None
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
+        if self.is_first:
+            # a vision-language model passes the embeddings with its images merged in (llava.py)
+            hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            residual = None
+        else:
+            hidden_states, residual = intermediate.hidden_states, intermediate.residual
+        for layer in self.layers[self.start:self.end]:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        if not self.is_last:
+            return IntermediateTensors(hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -131,6 +147,7 @@ class LlamaForCausalLM(nn.Module):
     """The model runner's interface: forward(input_ids [T], positions [T]) -> hidden [T, hidden];
     compute_logits(hidden [N, hidden]) -> float32 logits [N, vocab]; load_weights(HF names)."""
 
+    supports_pp = True  # pipeline stages: LlamaModel holds a stage's layers (pipeline_stage.py)
     qkv_bias_always = False  # Qwen2 has q/k/v bias without saying so in its config
     qk_norm = False  # Qwen3 normalises each head of q and k before rotary
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -145,9 +162,12 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         qkv_bias = self.qkv_bias_always or getattr(config, "attention_bias", False)
         self.model = LlamaModel(config, qkv_bias, self.qk_norm, self.make_mlp)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
+        self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size)
+                        if self.model.is_last else PPMissingLayer())
+        # a last stage without the embedding loads its tied LM head from the embedding's tensor
+        self.lm_head_from_embedding = self.tie_word_embeddings and not self.model.is_first
+        if self.tie_word_embeddings and self.model.is_first and self.model.is_last:
             self.lm_head.tie_to(self.model.embed_tokens)
 
     def make_mlp(self, config: Any, layer_idx: int) -> nn.Module:
@@ -155,9 +175,12 @@ class LlamaForCausalLM(nn.Module):
         mixture-of-experts families return their sparse block here."""
         return LlamaMLP(config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, positions, inputs_embeds)
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
+        """Hidden states [T, hidden]; on a pipeline stage other than the last, what the next
+        stage takes as `intermediate` (the first stage takes input ids, the others don't)."""
+        return self.model(input_ids, positions, intermediate, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden_states).float()
@@ -172,6 +195,10 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb." in name or (self.tie_word_embeddings and name.startswith("lm_head.")):
+                continue
+            if self.lm_head_from_embedding and name == "model.embed_tokens.weight":
+                name = "lm_head.weight"
+            elif self._on_another_stage(name):
                 continue
             for fused, piece, shard_id in self.stacked_params_mapping:
                 if piece in name:
@@ -189,6 +216,15 @@ class LlamaForCausalLM(nn.Module):
                                  "the checkpoint does not match its config.json architecture")
             loaded.add(target)
         return loaded
+
+    def _on_another_stage(self, name: str) -> bool:
+        """Whether a checkpoint tensor belongs to a layer another pipeline stage holds."""
+        model = self.model
+        if name.startswith("model.layers."):
+            index = int(name.split(".")[2])
+            return not model.start <= index < model.end
+        return ((name.startswith("model.embed_tokens.") and not model.is_first)
+                or (name.startswith(("model.norm.", "lm_head.")) and not model.is_last))
 
 
 class MistralForCausalLM(LlamaForCausalLM):

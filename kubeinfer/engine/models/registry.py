@@ -205,6 +205,20 @@ def tensor_parallel_refusal(hf_config: Any) -> str | None:
             "yet; serve it with --tensor-parallel-size 1.")
 
 
+def pipeline_parallel_refusal(hf_config: Any, model_impl: str = "auto") -> str | None:
+    """Why --pipeline-parallel-size > 1 cannot run this config: only classes that hold a stage's
+    layers (`supports_pp = True`) can, and the message names their architectures."""
+    cls = get_model_class(hf_config, "generate", model_impl)
+    if getattr(cls, "supports_pp", False):
+        return None
+    able = sorted(n for n, (module, name) in _MODELS.items()
+                  if getattr(_load_class(module, name), "supports_pp", False))
+    names = ", ".join(_architectures(hf_config)) or cls.__name__
+    return (f"{names} does not support pipeline parallelism; the architectures that do are "
+            f"{', '.join(able)}. Serve it with --pipeline-parallel-size 1 (and "
+            "--tensor-parallel-size for several GPUs).")
+
+
 def _architectures(hf_config: Any) -> list[str]:
     names = list(getattr(hf_config, "architectures", None) or [])
     if not names and getattr(hf_config, "model_type", None) in _MODEL_TYPES:

@@ -54,6 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="on SIGTERM, seconds to let running requests finish; those still open "
                         "then get an error (a stream an error event and [DONE], a request a 503 "
                         "with Retry-After) and the process exits 1 (default: 30)")
+    g.add_argument("--headless", action="store_true", default=False,
+                   help="a worker node of a multi-node engine (--node-rank > 0): no API server, "
+                        "only this node's ranks, which node 0 drives")
     g.add_argument("--trust-request-chat-template", action="store_true", default=False,
                    help="render a request's own `chat_template` (in jinja2's sandbox, which "
                         "bounds neither time nor memory); without it such a request is a 400")
@@ -83,11 +86,34 @@ def _check_tool_flags(args: argparse.Namespace) -> None:
                           "llama3_json, mistral or pythonic: the format of the model's tool calls)")
 
 
+def _run_headless(config) -> int:
+    """A worker node: only its ranks, driven by node 0, until node 0 stops them."""
+    logging.basicConfig(level="INFO", format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+                        datefmt="%m-%d %H:%M:%S")
+    from kubeinfer.engine import model_loader
+    from kubeinfer.engine.node_relay import run_headless
+
+    device_type = config.device.resolve()
+    try:
+        return run_headless(config.parallel,
+                            lambda cfg: model_loader.resolve_model(cfg.model, device_type),
+                            device_type)
+    except ConfigError as e:
+        return _fail(str(e))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         config = EngineArgs.from_cli_args(args).create_engine_config()
     except ConfigError as e:
         return _fail(str(e))
+    node_rank = config.parallel.node_rank
+    if args.headless != (node_rank > 0):
+        return _fail(f"--node-rank {node_rank} with{'' if args.headless else 'out'} --headless: "
+                     "node 0 runs the API server and every other node runs --headless; fix the "
+                     "flags")
+    if args.headless:
+        return _run_headless(config)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         _check_tool_flags(args)

@@ -1,0 +1,84 @@
+"""A worker rank's process: start it, and what it runs (load this rank's shard, then run each
+call that arrives down its pipe on its own runner until told to stop).
+
+Rank 0's executor starts the workers of its own node; on a worker node (`--headless`,
+node_relay.py) the node's process starts its ranks the same way and relays the calls to them.
+Rank r uses GPU r % (ranks per node) of its node.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+from pathlib import Path
+
+import torch
+
+from kubeinfer.engine import cpu_threads
+from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.errors import ConfigError
+from kubeinfer.engine.model_runner import ModelRunner
+from kubeinfer.engine.parallel_state import destroy_parallel, init_parallel
+
+logger = logging.getLogger(__name__)
+
+
+def spawn_workers(config: EngineConfig, model_path: Path, ranks: range, init_method: str,
+                  device_type: str) -> tuple[list[multiprocessing.connection.Connection],
+                                             list[mp.process.BaseProcess]]:
+    """Start one process per rank in `ranks`; their pipes and processes, in rank order."""
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+    conns, procs = [], []
+    for rank in ranks:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker_main, name=f"kubeinfer-tp{rank}", daemon=True,
+                           args=(config, str(model_path), rank, init_method, device_type, child))
+        proc.start()
+        child.close()
+        conns.append(parent)
+        procs.append(proc)
+    return conns, procs
+
+
+def worker_main(config: EngineConfig, model_path: str, rank: int, init_method: str,
+                device_type: str, conn) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
+    par = config.parallel
+    per_node = par.world_size // par.nnodes
+    device = torch.device("cuda", rank % per_node) if device_type == "cuda" else torch.device("cpu")
+    cpu_threads.configure(device, per_node)
+    code = 0
+    try:
+        init_parallel(rank, par.tensor_parallel_size, par.pipeline_parallel_size, init_method,
+                      device, layer_partition=par.pp_layer_partition)
+        runner, error = None, None
+        try:
+            runner = ModelRunner.load(config, Path(model_path), device)
+        except Exception as e:  # reported by rank 0, which stops every rank
+            error = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+        if conn.recv() == "loaded":
+            conn.send(error)
+            if runner is not None:
+                _serve(runner, conn)
+            else:
+                conn.recv()  # rank 0's stop
+    except (EOFError, KeyboardInterrupt):
+        pass  # rank 0 went away
+    except BaseException:
+        logger.exception("tensor-parallel worker %d failed", rank)
+        code = 1
+    if device_type == "cuda":
+        logging.shutdown()
+        os._exit(code)  # leave the NCCL group without its teardown (see executor.py)
+    destroy_parallel(tear_down=True)
+    raise SystemExit(code)
+
+
+def _serve(runner: ModelRunner, conn) -> None:
+    """A worker's loop: run each call on this rank's runner until rank 0 says stop (None)."""
+    while (msg := conn.recv()) is not None:
+        method, args, reply = msg
+        result = getattr(runner, method)(*args)
+        if reply:
+            conn.send(result)
