@@ -86,7 +86,8 @@ def _pick_tokenizer(args: argparse.Namespace) -> None:
     if args.tokenizer or any(os.path.exists(os.path.join(model, f))
                              for f in ("tokenizer.json", "tokenizer_config.json")):
         return
-    from kubeinfer.engine.model_loader import convert_gguf, find_default_gguf
+    from kubeinfer.engine.loader.gguf import convert_gguf
+    from kubeinfer.engine.loader.resolve import find_default_gguf
 
     gguf = find_default_gguf()
     if gguf is None:

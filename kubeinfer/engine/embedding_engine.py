@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kubeinfer.engine import cpu_threads, model_loader
+from kubeinfer.engine import cpu_threads
+from kubeinfer.engine.loader.hf_config import get_max_model_len, load_tokenizer
+from kubeinfer.engine.loader.model import load_model
+from kubeinfer.engine.loader.resolve import resolve_model
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.errors import RequestError
@@ -63,15 +66,15 @@ class EmbeddingEngine:
         self.config = config
         self.stat_loggers = list(stat_loggers)
         torch.manual_seed(config.model.seed)
-        path = model_loader.resolve_model(config.model)
-        self.model, self.hf_config = model_loader.load_model(config.model, self.device, path=path,
+        path = resolve_model(config.model)
+        self.model, self.hf_config = load_model(config.model, self.device, path=path,
                                                              runner="pooling")
         self.task = "classify" if hasattr(self.model, "classify") else "embed"
         self.max_model_len = _max_model_len(path, self.hf_config, config.model.max_model_len,
                                             getattr(self.model, "position_offset", 0))
         self.tokenizer = None
         if not config.model.skip_tokenizer_init:
-            self.tokenizer = model_loader.load_tokenizer(path, config.model)
+            self.tokenizer = load_tokenizer(path, config.model)
         self.vocab_size = self.hf_config.vocab_size
         self.hidden_size = self.hf_config.hidden_size
         self.pad_token_id = getattr(self.hf_config, "pad_token_id", None) or 0
@@ -291,7 +294,7 @@ def _max_model_len(path: Path, hf_config, max_model_len: int | None,
     """The model's limit from config.json, less the positions the model reserves (RoBERTa's
     padding_idx + 1); without --max-model-len, also at most the sentence-transformers
     `max_seq_length` the model was trained with, as vLLM serves it."""
-    limit = model_loader.get_max_model_len(hf_config, None) - position_offset
+    limit = get_max_model_len(hf_config, None) - position_offset
     if max_model_len is not None:
         if max_model_len > limit:
             extra = (f" ({position_offset} of max_position_embeddings are reserved below the "

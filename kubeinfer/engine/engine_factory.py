@@ -13,11 +13,12 @@ def make_engine(config: EngineConfig, stat_loggers: list[StatLogger] | tuple = (
     """The engine for the model's runner (--runner, auto by architecture): an `LLMEngine` that
     generates, or an `EmbeddingEngine` for encoder-only embedding models. Blocking (it loads the
     model); raises ConfigError for what a user can fix."""
-    from kubeinfer.engine import model_loader
+    from kubeinfer.engine.loader.hf_config import load_hf_config
+    from kubeinfer.engine.loader.resolve import resolve_model
     from kubeinfer.engine.models.registry import resolve_runner
 
-    path = model_loader.resolve_model(config.model, config.device.resolve())  # GGUF: for its dtype
-    runner = resolve_runner(config.model.runner, model_loader.load_hf_config(path, config.model))
+    path = resolve_model(config.model, config.device.resolve())  # GGUF: for its dtype
+    runner = resolve_runner(config.model.runner, load_hf_config(path, config.model))
     if runner == "pooling":
         from kubeinfer.engine.embedding_engine import EmbeddingEngine
 

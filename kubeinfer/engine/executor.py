@@ -65,9 +65,9 @@ class Executor:
             raise ConfigError("a tensor- or pipeline-parallel engine is running in this process; "
                               "shut it down (engine.shutdown()) before starting another engine")
         if tp * self.pp > 1:
-            from kubeinfer.engine import model_loader
+            from kubeinfer.engine.loader.hf_config import load_hf_config
 
-            hf_config = model_loader.load_hf_config(model_path, config.model)
+            hf_config = load_hf_config(model_path, config.model)
             check_pipeline_parallel(hf_config, config, device.type, torch.cuda.device_count())
             check_tensor_parallel(hf_config, tp, device.type, torch.cuda.device_count())
             self.workers = _Workers(config, model_path, device)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from kubeinfer.engine import cpu_threads, model_loader
+from kubeinfer.engine import cpu_threads
+from kubeinfer.engine.loader.hf_config import get_eos_token_ids, load_tokenizer
+from kubeinfer.engine.loader.resolve import resolve_model
 from kubeinfer.engine.config import (DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING, GENERATION_KEYS,
                                      EngineConfig)
 from kubeinfer.engine.errors import ConfigError, RequestError
@@ -61,7 +63,7 @@ class LLMEngine:
         # the media limits (--limit-mm-per-prompt, ...) fail the start, not a later request
         MultiModalConfig.from_model_config(config.model)
         torch.manual_seed(config.model.seed)
-        path = model_loader.resolve_model(config.model, self.device.type)  # GGUF: dequantized for it
+        path = resolve_model(config.model, self.device.type)  # GGUF: dequantized for it
         self.executor: Executor | None = Executor(config, path, self.device)
         try:
             self._build(path)
@@ -77,8 +79,8 @@ class LLMEngine:
         self.dtype, self.max_model_len = self.runner.dtype, self.runner.max_model_len
         self.tokenizer = None
         if not config.model.skip_tokenizer_init:
-            self.tokenizer = model_loader.load_tokenizer(path, config.model)
-        self.eos_token_ids = frozenset(model_loader.get_eos_token_ids(path, self.tokenizer,
+            self.tokenizer = load_tokenizer(path, config.model)
+        self.eos_token_ids = frozenset(get_eos_token_ids(path, self.tokenizer,
                                                                       self.hf_config))
         self.vocab_size = self.hf_config.vocab_size
         self.default_sampling = self._default_sampling(path)

@@ -102,13 +102,14 @@ class ModelRunner:
     @classmethod
     def load(cls, config: EngineConfig, path: Path, device: torch.device) -> "ModelRunner":
         """Load this rank's shard of the model and wrap it (every rank, the same way)."""
-        from kubeinfer.engine import model_loader
+        from kubeinfer.engine.loader.hf_config import get_max_model_len
+        from kubeinfer.engine.loader.model import load_model
 
         torch.manual_seed(config.model.seed)
-        model, hf_config = model_loader.load_model(config.model, device, path=path)
+        model, hf_config = load_model(config.model, device, path=path)
         # a vision-language config nests its decoder's (vocabulary, hidden size, context length)
         hf_config = hf_config.get_text_config()
-        max_model_len = model_loader.get_max_model_len(hf_config, config.model.max_model_len)
+        max_model_len = get_max_model_len(hf_config, config.model.max_model_len)
         return cls(config, model, hf_config, device, next(model.parameters()).dtype, max_model_len)
 
     # ---- KV cache sizing -----------------------------------------------------------------------

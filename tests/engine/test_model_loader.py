@@ -14,9 +14,11 @@ from kubeinfer.engine.config import ModelConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.loader import gguf as gguf_mod
 from kubeinfer.engine.loader import resolve as resolve_mod
-from kubeinfer.engine.model_loader import (convert_gguf, get_eos_token_ids, get_max_model_len,
-                                           load_hf_config, load_model, load_tokenizer, resolve_dtype,
-                                           resolve_model, resolve_model_path, weight_files)
+from kubeinfer.engine.loader.gguf import convert_gguf
+from kubeinfer.engine.loader.hf_config import get_eos_token_ids, get_max_model_len, load_hf_config, load_tokenizer
+from kubeinfer.engine.loader.model import load_model, resolve_dtype
+from kubeinfer.engine.loader.resolve import resolve_model, resolve_model_path
+from kubeinfer.engine.loader.weights import weight_files
 from tests.fixtures.paged_runner import PagedRunner
 from tests.fixtures.tiny_models import build_tiny_gguf, tiny_config
 

@@ -200,7 +200,7 @@ def test_logits_match_hf(arch_case, arch):
     the logits themselves, which sampling and logprobs use, must match too."""
     from transformers import AutoModelForCausalLM
 
-    from kubeinfer.engine.model_loader import load_model
+    from kubeinfer.engine.loader.model import load_model
 
     path, prompts, _ = arch_case(arch)
     model, _ = load_model(ModelConfig(model=str(path), dtype="float32"))

@@ -7,7 +7,7 @@ import torch
 from kubeinfer.engine.config import ModelConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.layers.rotary import get_rope
-from kubeinfer.engine.model_loader import load_model
+from kubeinfer.engine.loader.model import load_model
 from kubeinfer.engine.models.registry import get_model_class, supported_architectures
 from tests.fixtures.paged_runner import PagedRunner
 from tests.fixtures.tiny_models import TINY_ARCHS, VOCAB_SIZE

@@ -90,13 +90,13 @@ def _run_headless(config) -> int:
     """A worker node: only its ranks, driven by node 0, until node 0 stops them."""
     logging.basicConfig(level="INFO", format="%(levelname)s %(asctime)s %(name)s: %(message)s",
                         datefmt="%m-%d %H:%M:%S")
-    from kubeinfer.engine import model_loader
+    from kubeinfer.engine.loader.resolve import resolve_model
     from kubeinfer.engine.node_relay import run_headless
 
     device_type = config.device.resolve()
     try:
         return run_headless(config.parallel,
-                            lambda cfg: model_loader.resolve_model(cfg.model, device_type),
+                            lambda cfg: resolve_model(cfg.model, device_type),
                             device_type)
     except ConfigError as e:
         return _fail(str(e))
