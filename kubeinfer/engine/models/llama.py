@@ -19,10 +19,11 @@ from kubeinfer.engine.layers.activation import SiluAndMul
 from kubeinfer.engine.layers.attention import Attention
 from kubeinfer.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kubeinfer.engine.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                            RowParallelLinear, default_weight_loader)
+                                            RowParallelLinear)
 from kubeinfer.engine.layers.norm import RMSNorm
 from kubeinfer.engine.layers.rotary import RotaryEmbedding, get_rope
 from kubeinfer.engine.parallel_state import is_first_stage, is_last_stage
+from kubeinfer.engine.models.stacked_weights import load_stacked_weights
 from kubeinfer.engine.pipeline_stage import (IntermediateTensors, PPMissingLayer,
                                              stage_layer_range)
 
@@ -188,34 +189,20 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors into this model; returns the parameter names filled.
 
-        q/k/v_proj land in qkv_proj and gate/up_proj in gate_up_proj; rotary tables and, when the
-        embeddings are tied, lm_head are skipped.
+        q/k/v_proj land in qkv_proj and gate/up_proj in gate_up_proj; rotary tables, a tied
+        lm_head and the layers of other pipeline stages are skipped.
         """
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb." in name or (self.tie_word_embeddings and name.startswith("lm_head.")):
-                continue
-            if self.lm_head_from_embedding and name == "model.embed_tokens.weight":
-                name = "lm_head.weight"
-            elif self._on_another_stage(name):
-                continue
-            for fused, piece, shard_id in self.stacked_params_mapping:
-                if piece in name:
-                    target = name.replace(piece, fused)
-                    param = params.get(target)
-                    if param is not None:
-                        param.weight_loader(param, tensor, shard_id)
-                    break
-            else:
-                target, param = name, params.get(name)
-                if param is not None:
-                    getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}; "
-                                 "the checkpoint does not match its config.json architecture")
-            loaded.add(target)
-        return loaded
+        named = ((n, t) for n, t in ((self._checkpoint_name(n), t) for n, t in weights)
+                 if n is not None)
+        return load_stacked_weights(self, named, self.stacked_params_mapping)
+
+    def _checkpoint_name(self, name: str) -> str | None:
+        """The parameter a checkpoint tensor fills (None: not on this rank)."""
+        if self.tie_word_embeddings and name.startswith("lm_head."):
+            return None
+        if self.lm_head_from_embedding and name == "model.embed_tokens.weight":
+            return "lm_head.weight"  # a tied head on a last stage that holds no embedding
+        return None if self._on_another_stage(name) else name
 
     def _on_another_stage(self, name: str) -> bool:
         """Whether a checkpoint tensor belongs to a layer another pipeline stage holds."""

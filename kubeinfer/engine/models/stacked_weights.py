@@ -1,6 +1,6 @@
 """Loading HF-named checkpoint tensors into models whose q/k/v and gate/up matrices are fused.
 
-The native models (other than llama.py, which keeps its own copy) share this loop: a checkpoint
+The native models share this loop: a checkpoint
 tensor whose name holds a stacked piece (".q_proj.") goes to the fused parameter (".qkv_proj.")
 with its shard id; any other goes to the parameter of the same name. Each parameter's
 `weight_loader` cuts this rank's slice, so tensor parallelism stays out of the model files.

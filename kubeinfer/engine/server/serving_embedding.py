@@ -7,22 +7,18 @@ Each input becomes one engine request; the engine batches them with whatever els
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
-from typing import Any
 
 import numpy as np
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
-from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.server.errors import APIError
 from kubeinfer.engine.server.protocol import EmbeddingRequest
-from kubeinfer.engine.server.drain import first_of
-from kubeinfer.engine.server.engine_stream import generate, merge, until_disconnect
 from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
-from kubeinfer.engine.server.response_parts import now, random_id
+from kubeinfer.engine.server.pooling_requests import run_pooling
+from kubeinfer.engine.server.response_parts import now
 
 logger = logging.getLogger("kubeinfer.server")
 
@@ -56,30 +52,9 @@ async def create_embedding(lifecycle: ModelLifecycle, req: EmbeddingRequest,
                        "--runner pooling) for /v1/embeddings.", 400, param="model")
     params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
     inputs = _inputs(req)
-    prompts = []
-    for i, item in enumerate(inputs):
-        label = "input" if len(inputs) == 1 else f"input[{i}]"
-        try:
-            prompts.append(engine.prepare_embedding_input(
-                item, params, req.truncate_prompt_tokens, req.add_special_tokens, label))
-        except RequestError as e:
-            raise APIError(str(e), 400, param=e.param or "input") from None
-    request_id = random_id("embd")
-    if lifecycle.log_requests:
-        logger.info("request %s: %d embedding input(s), %s tokens", request_id, len(prompts),
-                    [len(p) for p in prompts])
-    streams = [generate(engine, ids, params,
-                        request_id if len(prompts) == 1 else f"{request_id}-{i}", tag=i)
-               for i, ids in enumerate(prompts)]
-
-    async def collect() -> dict[int, Any]:
-        results: dict[int, Any] = {}
-        async with contextlib.aclosing(merge(streams)) as outputs:
-            async for tag, out in outputs:
-                results[tag] = out
-        return results
-
-    results = await until_disconnect(raw, first_of(collect(), lifecycle.drain))
+    request_id, prompts, results = await run_pooling(
+        lifecycle, engine, inputs, params, req.truncate_prompt_tokens, req.add_special_tokens,
+        "embd", raw)
     if results is None:
         return Response(status_code=499)  # nobody is listening
     num_tokens = sum(len(p) for p in prompts)
