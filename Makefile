@@ -37,9 +37,13 @@ run: install
 	@echo "kubeinfer: starting the server on http://$(HOST):$(PORT)/v1 (the default model loads first)"
 	$(VENV)/bin/kubeinfer serve --host $(HOST) --port $(PORT)
 
+# Two pytest workers (pytest-xdist), one torch thread each: the tests are small and many wait on
+# servers and subprocesses, so two single-threaded workers finish sooner than one two-threaded run.
+TEST_WORKERS ?= 2
+
 test: install
-	@echo "kubeinfer: running the test suite (a few minutes)"
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -ra tests
+	@echo "kubeinfer: running the test suite ($(TEST_WORKERS) workers, a few minutes)"
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) tests
 
 test-gpu: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m gpu tests

@@ -30,8 +30,14 @@ def poll(http, done, timeout: float = 60) -> dict[str, float]:
         time.sleep(0.05)
 
 
-def test_gauges_return_to_zero_after_clients_drop_their_streams(server, http):
-    body = dict(model=MODEL_NAME, max_tokens=120, stream=True, ignore_eos=True, temperature=0.8)
+def test_gauges_return_to_zero_after_clients_drop_their_streams(server, http, monkeypatch):
+    # A tiny model writes 200 tokens in a fraction of a second: 50 ms per step keeps the streams
+    # generating (10 s at least) while the test opens them all and reads the busy gauges.
+    engine = server.engine.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.05), step())[1])
+    # as long as the context allows, so the streams are still generating when they are dropped
+    body = dict(model=MODEL_NAME, max_tokens=200, stream=True, ignore_eos=True, temperature=0.8)
     with contextlib.ExitStack() as stack:
         for i in range(4):
             clients = stack.enter_context(server.http())
@@ -39,7 +45,8 @@ def test_gauges_return_to_zero_after_clients_drop_their_streams(server, http):
                 "POST", "/v1/completions", json=dict(body, prompt=f"stream {i} " * (3 + i))))
             assert resp.status_code == 200
             next(resp.iter_lines())  # the stream is open and generating
-        busy = poll(http, lambda v: v["vllm:num_requests_running"] > 0)
+        busy = poll(http, lambda v: v["vllm:num_requests_running"] > 0
+                    and v["vllm:kv_cache_usage_perc"] > 0)
         assert busy["vllm:num_requests_running"] > 0 and busy["vllm:kv_cache_usage_perc"] > 0
     # every client has gone away without reading to the end
     assert poll(http, lambda v: not any(v.values())) == dict.fromkeys(GAUGES, 0.0)
