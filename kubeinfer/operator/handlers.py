@@ -55,7 +55,7 @@ Children of InferenceService NAME in namespace NS (owner reference: controller, 
                    else a Warning InferencePoolNotServed once), selector as the Service's,
                    targetPorts [8000], endpointPickerRef spec.inferencePool.endpointPickerRef
                    (default NAME-epp:9002)
-    pipeline > 1 (refused by spec.py until the engine runs pipeline parallelism):
+    pipeline > 1 (refused by spec.py until the operator renders the engine's multi-node flags):
                    LeaderWorkerSet NAME-workers when leaderworkerset.x-k8s.io/v1 is served, else
                    StatefulSet NAME-G per replica G plus headless Service NAME-workers; Service NAME
                    and PodDisruptionBudget NAME as above.

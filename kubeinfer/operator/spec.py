@@ -20,10 +20,11 @@ GROUP, VERSION, KIND, PLURAL = "kubeinfer.io", "v1alpha1", "InferenceService", "
 API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_MODEL_URI = "default"  # the engine's default model, SmolLM2, shipped in the image
-# The engine refuses --pipeline-parallel-size > 1 today. The multi-pod rendering (render.py) stays,
-# tested directly, for when it lands; until then spec.parallelism.pipeline > 1 is an invalid spec.
+# The engine runs --pipeline-parallel-size > 1 (with --nnodes/--node-rank/--headless), but the
+# multi-pod rendering (render.py, tested directly) does not pass those flags yet and has no e2e, so
+# spec.parallelism.pipeline > 1 stays an invalid spec until it does.
 PIPELINE_SUPPORTED = False
-PIPELINE_UNSUPPORTED = ("pipeline parallelism is not supported by the engine yet: set it to 1 and "
+PIPELINE_UNSUPPORTED = ("pipeline parallelism is not supported by the operator yet: set it to 1 and "
                         "use spec.parallelism.tensor (up to 16 GPUs of one node), or a smaller or "
                         "quantized model")
 TENSOR_SIZES = (1, 2, 4, 8, 16)
