@@ -204,7 +204,7 @@ def bench_elementwise(copy_gbs: float) -> None:
 
 
 def bench_moe(copy_gbs: float) -> None:
-    """One MoE layer of Qwen3-30B-A3B (/work/shared/models/qwen3-30b-a3b-shape: 128 experts,
+    """One MoE layer of Qwen3-30B-A3B (benchmarks/models/qwen3-30b-a3b-shape: 128 experts,
     top-8, hidden 2048, expert intermediate 768): routing plus both grouped GEMMs. Decode batches
     are bound by reading the experts they hit (GB/s over those weights); prefill by the GEMMs
     (TFLOP/s over the routed tokens)."""
