@@ -26,8 +26,6 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import xgrammar as xgr
-
 from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.structured_output.params import StructuredOutputsParams
 
@@ -52,6 +50,10 @@ class StructuredOutputCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int],
                  max_workers: int = 2, cache_size: int = 256):
         self.vocab_size = vocab_size
+        # imported here, not at module level: an engine without constraints needs no xgrammar
+        import xgrammar as xgr
+
+        self._xgr_module = xgr
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(set(eos_token_ids)) or None)
         # xgrammar's own cache is off: ours keys on whitespace options too and holds Futures, so
@@ -129,11 +131,11 @@ class StructuredOutputCompiler:
         # EBNF/GBNF rules are written `name ::= ...`; Lark's `name: ...` has no `::=`.
         if "::=" in grammar:
             return self._xgr.compile_grammar(grammar)
-        return self._xgr.compile_grammar(xgr.Grammar.from_lark(grammar))
+        return self._xgr.compile_grammar(self._xgr_module.Grammar.from_lark(grammar))
 
     def _compile_structural_tag(self, tag: dict) -> Any:
         if "structures" in tag:  # vLLM's shape: {"structures": [{begin, schema, end}], "triggers"}
-            items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]),
+            items = [self._xgr_module.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]),
                                            end=s["end"]) for s in tag["structures"]]
             return self._xgr.compile_structural_tag(items, tag["triggers"])
         return self._xgr.compile_structural_tag(tag)

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-import xgrammar as xgr
 
 
 class ReasoningEndDetector(Protocol):
@@ -38,6 +37,8 @@ class StructuredOutputMatcher:
 
     def __init__(self, compiled: Any, reasoning: ReasoningEndDetector | None = None,
                  prompt_token_ids: Sequence[int] = ()):
+        import xgrammar as xgr  # here: an engine without constraints needs no xgrammar
+
         self._matcher = xgr.GrammarMatcher(compiled)
         self._reasoning = reasoning
         self._output_ids: list[int] = []  # every accepted token, reasoning included
