@@ -21,7 +21,8 @@ from kubeinfer.engine.server.auth import APIKeyMiddleware
 from kubeinfer.engine.server.errors import APIError, install_error_handlers
 from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
 from kubeinfer.engine.server.openapi import install_openapi, responses_for
-from kubeinfer.engine.server.protocol import (ChatCompletionRequest, CompletionRequest,
+from kubeinfer.engine.server.protocol import (ChatCompletionRequest, ClassificationRequest,
+                                              CompletionRequest,
                                               DetokenizeRequest, EmbeddingRequest,
                                               TokenizeRequest)
 from kubeinfer.engine.server.request_prologue import check_token_ids
@@ -33,8 +34,7 @@ from kubeinfer.engine.server.response_models import (ChatCompletionResponse, Cla
 from kubeinfer.engine.server.response_parts import now
 from kubeinfer.engine.server.serving_chat import (chat_template_for, create_chat_completion,
                                                   render_chat)
-from kubeinfer.engine.server.serving_classification import (ClassificationRequest,
-                                                            create_classification)
+from kubeinfer.engine.server.serving_classification import create_classification
 from kubeinfer.engine.server.serving_completion import create_completion
 from kubeinfer.engine.server.serving_embedding import create_embedding
 from kubeinfer.engine.server.strict_json import StrictJSONRoute

@@ -21,6 +21,19 @@ from kubeinfer.engine.server.response_parts import random_id
 logger = logging.getLogger("kubeinfer.server")
 
 
+def split_inputs(value: str | list) -> list[str | list[int]]:
+    """A pooling request's `input` as a list of inputs (a string, or one list of token ids, is one
+    input); a 400 for an empty one."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise APIError("input is empty: send a string, a list of strings, a list of token ids or "
+                       "a list of token-id lists.", 400, param="input")
+    if isinstance(value[0], int):
+        return [value]
+    return list(value)
+
+
 async def run_pooling(lifecycle: ModelLifecycle, engine: EngineClient,
                       inputs: list[str | list[int]], params: PoolingParams,
                       truncate_prompt_tokens: int | None, add_special_tokens: bool,

@@ -238,20 +238,17 @@ class DetokenizeRequest(_Body):
     tokens: list[StrictInt] = Field(...)
 
 
-class EmbeddingRequest(_Body):
-    """OpenAI's embeddings body, with vLLM's extras (truncate_prompt_tokens, add_special_tokens,
-    normalize). Strict types, so true is no token id and "1" is no number."""
+class _PoolingRequest(_Body):
+    """What /v1/embeddings and /classify take alike. Strict types, so true is no token id and "1"
+    is no number."""
 
     model: str | None = None
     # a string, a batch of strings, token ids, or a batch of token-id lists
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Int32 | None = None
     user: str | None = None
     # vLLM extras
     truncate_prompt_tokens: Int32 | None = None
     add_special_tokens: StrictBool = True
-    normalize: StrictBool | None = None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -267,3 +264,16 @@ class EmbeddingRequest(_Body):
             raise ValueError("must be a string, a list of strings, a list of token ids "
                              "(integers) or a list of token-id lists")
         return value
+
+
+class EmbeddingRequest(_PoolingRequest):
+    """OpenAI's embeddings body, with vLLM's extras (truncate_prompt_tokens, add_special_tokens,
+    normalize)."""
+
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Int32 | None = None
+    normalize: StrictBool | None = None
+
+
+class ClassificationRequest(_PoolingRequest):
+    """vLLM's ClassificationRequest (/classify)."""

@@ -7,7 +7,6 @@ Each input becomes one engine request; the engine batches them with whatever els
 from __future__ import annotations
 
 import base64
-import logging
 
 import numpy as np
 from fastapi import Request, Response
@@ -17,23 +16,8 @@ from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.server.errors import APIError
 from kubeinfer.engine.server.protocol import EmbeddingRequest
 from kubeinfer.engine.server.model_lifecycle import ModelLifecycle
-from kubeinfer.engine.server.pooling_requests import run_pooling
+from kubeinfer.engine.server.pooling_requests import run_pooling, split_inputs
 from kubeinfer.engine.server.response_parts import now
-
-logger = logging.getLogger("kubeinfer.server")
-
-
-def _inputs(req: EmbeddingRequest) -> list[str | list[int]]:
-    value = req.input
-    if isinstance(value, str):
-        return [value]
-    if not value:
-        raise APIError("input is empty: send a string, a list of strings, a list of token ids or "
-                       "a list of token-id lists.", 400, param="input")
-    if isinstance(value[0], int):
-        return [value]
-    return list(value)
-
 
 def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
@@ -51,7 +35,7 @@ async def create_embedding(lifecycle: ModelLifecycle, req: EmbeddingRequest,
                        "embedding model (such as a BertModel sentence-transformers model, "
                        "--runner pooling) for /v1/embeddings.", 400, param="model")
     params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
-    inputs = _inputs(req)
+    inputs = split_inputs(req.input)
     request_id, prompts, results = await run_pooling(
         lifecycle, engine, inputs, params, req.truncate_prompt_tokens, req.add_special_tokens,
         "embd", raw)
