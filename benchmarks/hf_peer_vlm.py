@@ -74,7 +74,7 @@ def run_static(a, dev: str, dtype: torch.dtype) -> dict:
 
     model = build_vlm(a.model, dtype, dev)
     cfg = model.config
-    with ImageWorkload(a.model, a.image_size, seed=1) as workload:
+    with ImageWorkload(a.model, a.image_size, seed=0) as workload:
         mm_inputs = workload.inputs([a.input_len] * a.prompts)
         warm = workload.inputs([a.input_len] * min(a.static_batch, a.prompts), first_index=a.prompts)
     gc = GenerationConfig(max_new_tokens=a.output_len, min_new_tokens=a.output_len,
