@@ -69,8 +69,6 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
 def _image_workload(args: argparse.Namespace, engine):
     """The run's ImageWorkload, or None without --image-size; SystemExit for a bad combination."""
     if args.image_size is None:
-        if args.shared_image:
-            raise SystemExit("error: --shared-image needs --image-size")
         return None
     from kubeinfer.bench_images import ImageWorkload
 
@@ -83,6 +81,8 @@ def _image_workload(args: argparse.Namespace, engine):
 def _check_images(args: argparse.Namespace) -> None:
     """The cheap checks of --image-size, before an engine is built."""
     if args.image_size is None:
+        if args.shared_image:
+            raise SystemExit("error: --shared-image needs --image-size")
         return
     from kubeinfer.bench_images import check_image_model, check_image_size
 
