@@ -70,8 +70,10 @@ def image_token_id(config) -> int:
 def run_static(a, dev: str, dtype: torch.dtype) -> dict:
     from transformers import GenerationConfig
 
-    from kubeinfer.bench_images import ImageWorkload
+    from kubeinfer.bench_images import ImageWorkload, check_image_model, check_image_size
 
+    check_image_size(a.image_size)  # before minutes of model building
+    check_image_model(a.model)
     model = build_vlm(a.model, dtype, dev)
     cfg = model.config
     with ImageWorkload(a.model, a.image_size, seed=0) as workload:
@@ -117,4 +119,8 @@ def main(a) -> None:
                          "without --var")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    print(json.dumps(run_static(a, dev, dtype)), flush=True)
+    try:
+        result = run_static(a, dev, dtype)
+    except ValueError as e:  # the bench's checks (image size, a text-only or unknown model)
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(result), flush=True)
