@@ -308,3 +308,26 @@ def test_unknown_gpu_has_no_peaks(benchmarks_on_path):
     assert gpu_peaks("NVIDIA H200") == (989.4, 4.8)
     with pytest.raises(ValueError, match="no data-sheet peaks for 'cpu'.*pass --tflops and --tbps"):
         gpu_peaks("cpu")
+
+
+def test_gpu_suite_vlm_steps_wait_for_their_architecture(benchmarks_on_path):
+    import argparse
+    import subprocess
+    import sys
+
+    import gpu_suite
+
+    table = gpu_suite.steps(argparse.Namespace(models="benchmarks/models", peer="benchmarks/hf_peer.py"))
+    for family in ("llava", "qwen_vl"):
+        for suffix in ("", "_peer", "_ttft"):
+            cmd, limit = table[family + suffix]
+            assert cmd[2] == gpu_suite.NEEDS_ARCH and limit <= 300
+    guard = [sys.executable, "-c", gpu_suite.NEEDS_ARCH]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    missing = subprocess.run(guard + ["NoSuchVLForConditionalGeneration", sys.executable, "-c",
+                                      "print('ran')"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and "ran" not in missing.stdout
+    assert "needs NoSuchVLForConditionalGeneration in kubeinfer's model registry" in missing.stderr
+    present = subprocess.run(guard + ["LlavaForConditionalGeneration", sys.executable, "-c",
+                                      "print('ran')"], capture_output=True, text=True, env=env)
+    assert present.returncode == 0 and present.stdout.strip() == "ran"
