@@ -58,6 +58,78 @@ finally:
 """
 
 
+# A step that needs an architecture the engine may not have yet: a clear line and exit 1 before
+# the command runs (argv: architecture, command...).
+NEEDS_ARCH = r"""
+import os, sys
+from kubeinfer.engine.models.registry import supported_architectures
+arch, cmd = sys.argv[1], sys.argv[2:]
+if arch not in supported_architectures():
+    sys.exit(f"this step needs {arch} in kubeinfer's model registry (models/registry.py), which "
+             "this tree does not have yet; merge the branch that adds it and run the step again")
+os.execv(cmd[0], cmd)
+"""
+
+# A VLM's time to first token (one request, one image, idle engine) beside its compute floor:
+# `kubeinfer bench latency --image-size`, then roofline_model.vlm_ttft_floor for the prompt it
+# measured, at the data-sheet peaks of the GPU it ran on (argv: step name, image size, bench args).
+VLM_TTFT = r"""
+import json, subprocess, sys
+sys.path.insert(0, "benchmarks")
+from roofline_model import gpu_peaks, vlm_ttft_floor
+name, image_size, model, bench = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+p = subprocess.run([sys.executable, "-m", "kubeinfer.bench", "latency", model, "--image-size",
+                    str(image_size), *bench], capture_output=True, text=True)
+sys.stderr.write(p.stderr[-4000:])
+rows = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+if p.returncode != 0 or not rows:
+    sys.exit(f"kubeinfer bench latency failed (rc {p.returncode})")
+row = rows[-1]
+try:
+    peaks = gpu_peaks(row["device"])
+except ValueError as e:
+    print(json.dumps(row))
+    sys.exit(f"no floor: {e}")
+floor = vlm_ttft_floor(model, image_size, round(row["mean_prompt_len"]), *peaks)
+ttft = row["time_to_first_token_ms"]
+print(json.dumps(dict(step=name, ttft_ms=ttft, floor_ms=floor["floor_ms"],
+                      ttft_over_floor=round(ttft / floor["floor_ms"], 2), bench=row, floor=floor)))
+print(f"TTFT {ttft} ms vs floor {floor['floor_ms']} ms (compute {floor['compute_ms']} ms + "
+      f"weight read {floor['weight_read_ms']} ms)")
+"""
+
+
+def vlm_steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
+    """The vision-language rows: 256 chat requests with one image each (LLaVA 1.5: 336 x 336,
+    576 image tokens; Qwen2.5-VL: 448 x 448, 256 image tokens), 64 words of text, 128 output
+    tokens, EOS ignored, random weights. Ours: all 256 submitted at once, output tok/s = output
+    tokens / wall time from the first add to the last token. The HF peer: the same 256 requests
+    (same ids and pixel values, seed 0) in static batches of 64 `generate` calls, bf16, sdpa,
+    output tok/s = output tokens / the summed batch times (about a minute on an H100 for these
+    shapes; 7-8B in bf16 plus the KV cache of 64 x 770 tokens fits one 80 GB GPU). Both process
+    the images before the clock starts. Then the TTFT of one request with one image at idle
+    against roofline_model.py's floor."""
+    py = sys.executable
+    bench = [py, "-m", "kubeinfer.bench"]
+    rows: dict[str, tuple[list[str], int]] = {}
+    for name, folder, size, arch in (
+            ("llava", "llava-1.5-7b-shape", 336, "LlavaForConditionalGeneration"),
+            ("qwen_vl", "qwen2.5-vl-7b-shape", 448, "Qwen2_5_VLForConditionalGeneration")):
+        model = os.path.join(a.models, folder)
+        load = ["--load-format", "dummy", "--max-model-len", "1024"]
+        work = ["--image-size", str(size), "--input-len", "64", "--output-len", "128"]
+        guard = [py, "-c", NEEDS_ARCH, arch]
+        rows[name] = (guard + bench + ["throughput", model, *load, *work, "--num-prompts", "256",
+                                       "--seed", "0"], 300)
+        rows[f"{name}_peer"] = (guard + [py, a.peer, "--model", model, "--mode", "static",
+                                         "--prompts", "256", "--static-batch", "64", *work], 300)
+        rows[f"{name}_ttft"] = (guard + [py, "-c", VLM_TTFT, f"{name}_ttft", str(size), model,
+                                         *load, "--input-len", "64", "--output-len", "8",
+                                         "--batch-size", "1", "--num-iters", "5",
+                                         "--num-iters-warmup", "2", "--max-num-seqs", "8"], 200)
+    return rows
+
+
 def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     py = sys.executable
     llama = os.path.join(a.models, "llama-3.1-8b-shape")
@@ -146,6 +218,7 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                               "--max-model-len", "1024", "--model-impl", "transformers"], 300),
         "qwen_peer": ([py, a.peer, "--model", qwen, "--mode", "static", "--prompts", "64",
                        "--input-len", "562", "--output-len", "562"], 300),
+        **vlm_steps(a),
     }
 
 

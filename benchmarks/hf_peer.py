@@ -6,6 +6,8 @@
 --mode cb      transformers' continuous batching (generate_batch / ContinuousBatchingManager)
 --mode static  model.generate in static batches of --static-batch prompts
 --var          input lengths U[100, input-len], output lengths U[100, output-len] (nano-vllm's bench.py)
+--image-size N a vision-language shape: chat requests with one N x N image and --input-len words
+               of text, static batches of generate with pixel values (hf_peer_vlm.py says how)
 
 Weights are random (normal 0.02, norms 1.0), prompts are random token ids (seed 1), EOS is ignored.
 Prints one JSON line: output tokens/s and total (prompt + output) tokens/s.
@@ -48,7 +50,12 @@ def main():
     ap.add_argument("--mode", choices=["cb", "static"], default="cb")
     ap.add_argument("--static-batch", type=int, default=64)
     ap.add_argument("--var", action="store_true")
+    ap.add_argument("--image-size", type=int, default=None)
     a = ap.parse_args()
+    if a.image_size is not None:
+        from hf_peer_vlm import main as vlm_main  # benchmarks/ is the script's folder
+
+        return vlm_main(a)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model = build(a.model, dtype, dev)

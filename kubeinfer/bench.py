@@ -3,6 +3,10 @@
 
 Prompts are random token ids and EOS is ignored, so a config-only model folder with
 `--load-format dummy` is enough (no tokenizer is loaded: vLLM's --skip-tokenizer-init).
+With `--image-size N` (a vision-language model) each request is instead a chat with one generated
+N x N image and `--input-len` words of text, built by the model's processor (bench_images.py; a
+config-only folder gets a synthetic processor, bench_processor.py). Images are processed before
+the clock starts, so the timings are the engine's: vision encoder, prefill and decode.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 
 # the full usage line lists every engine flag; an error message should stay readable
@@ -36,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="constrain every request's output to this JSON schema (structured "
                         "outputs); needs a tokenizer: the model's, --tokenizer, or else the "
                         "default model's (SmolLM2's) for a config-only folder")
+    _add_image_args(t)
     t.set_defaults(func=run_throughput)
     lat = bsub.add_parser("latency", help="one batch: time to first token, time per output token",
                           usage=_USAGE.format("latency"))
@@ -45,8 +51,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--num-iters", type=int, default=5)
     lat.add_argument("--num-iters-warmup", type=int, default=2)
+    _add_image_args(lat)
     lat.set_defaults(func=run_latency)
     add_serve_parser(bsub)
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
+                   help="a vision-language model: each request is a chat with one generated "
+                        "PIXELS x PIXELS RGB image (distinct per request) and --input-len words "
+                        "of text, through the model's chat template and processor")
+    p.add_argument("--shared-image", action="store_true",
+                   help="with --image-size: every request sends the same image (prefix caching "
+                        "and the encoder cache may then share it)")
+
+
+def _image_workload(args: argparse.Namespace, engine):
+    """The run's ImageWorkload, or None without --image-size; SystemExit for a bad combination."""
+    if args.image_size is None:
+        return None
+    from kubeinfer.bench_images import ImageWorkload
+
+    try:
+        return ImageWorkload(engine.model_path, args.image_size, args.seed, args.shared_image)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _check_images(args: argparse.Namespace) -> None:
+    """The cheap checks of --image-size, before an engine is built."""
+    if args.image_size is None:
+        if args.shared_image:
+            raise SystemExit("error: --shared-image needs --image-size")
+        return
+    from kubeinfer.bench_images import check_image_model, check_image_size
+
+    if getattr(args, "json_schema", None):
+        raise SystemExit("error: --json-schema and --image-size cannot be combined (the image "
+                         "benchmark builds its own prompts); drop one of them")
+    try:
+        check_image_size(args.image_size)
+        model = args.model or args.model_flag
+        if model and (Path(model) / "config.json").is_file():  # a hub name is checked later
+            check_image_model(model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _check(args: argparse.Namespace, names: tuple[str, ...]) -> None:
@@ -57,6 +106,7 @@ def _check(args: argparse.Namespace, names: tuple[str, ...]) -> None:
     ratio = getattr(args, "random_range_ratio", 0.0)
     if not 0 <= ratio < 1:
         raise SystemExit(f"error: --random-range-ratio must be in [0, 1), got {ratio}")
+    _check_images(args)
 
 
 def _make_llm(args: argparse.Namespace):
@@ -112,9 +162,11 @@ def _lengths(rng, n: int, length: int, ratio: float) -> list[int]:
     return [rng.randint(lo, hi) for _ in range(n)]
 
 
-def _run_all(engine, prompts, params_list) -> int:
+def _run_all(engine, prompts, params_list, mm_inputs=None) -> int:
+    """Run the requests to the end; prompts are token ids, or with mm_inputs each request's
+    MultiModalInputs (whose ids are its prompt)."""
     for i, (ids, params) in enumerate(zip(prompts, params_list)):
-        engine.add_request(str(i), ids, params)
+        engine.add_request(str(i), ids, params, mm_inputs=None if mm_inputs is None else mm_inputs[i])
     num_out = 0
     while engine.has_unfinished_requests():
         num_out += sum(len(o.new_token_ids) for o in engine.step())
@@ -135,11 +187,18 @@ def run_throughput(args: argparse.Namespace) -> int:
     _check(args, ("num_prompts", "input_len", "output_len"))
     schema = _read_schema(args.json_schema) if args.json_schema else None
     engine = _make_llm(args)
+    workload = _image_workload(args, engine)
     rng = random.Random(args.seed)
     vocab = engine.vocab_size
     in_lens = _lengths(rng, args.num_prompts, args.input_len, args.random_range_ratio)
     out_lens = _lengths(rng, args.num_prompts, args.output_len, args.random_range_ratio)
-    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in in_lens]
+    mm_inputs = None
+    if workload is None:
+        prompts = [[rng.randrange(vocab) for _ in range(n)] for n in in_lens]
+    else:  # one image per request; the text part is in_lens words
+        mm_inputs = _process(workload, in_lens)
+        prompts = [inp.prompt_token_ids for inp in mm_inputs]
+        in_lens = [len(ids) for ids in prompts]  # the expanded prompts, image tokens included
     temp = 0.0 if args.greedy else 1.0
     constraint = None if schema is None else {"json": schema}
     params = [SamplingParams(temperature=temp, max_tokens=n, ignore_eos=True,
@@ -151,18 +210,24 @@ def run_throughput(args: argparse.Namespace) -> int:
             engine.structured_output.validate(params[0].structured_outputs).result()
         except RequestError as e:
             raise SystemExit(f"error: --json-schema {args.json_schema}: {e}") from None
-    # warm-up: a few real-length prompts so kernel compilation stays out of the timing
-    _run_all(engine, prompts[:8], [SamplingParams(max_tokens=2, ignore_eos=True)] * len(prompts[:8]))
+    # warm-up: a few real-length prompts so kernel compilation stays out of the timing (with
+    # images: other images than the timed ones', so no encoder output or block is reused)
+    warm = [SamplingParams(max_tokens=2, ignore_eos=True)] * min(8, len(prompts))
+    if workload is None:
+        _run_all(engine, prompts[:8], warm)
+    else:
+        warm_mm = _process(workload, [args.input_len] * len(warm), first_index=args.num_prompts)
+        _run_all(engine, [m.prompt_token_ids for m in warm_mm], warm, warm_mm)
     engine.kv.pool.reset_prefix_cache()
     _sync(engine)
     so = engine.structured_output
     so.fill_seconds, so.num_fills = 0.0, 0
     start = time.perf_counter()
-    num_out = _run_all(engine, prompts, params)
+    num_out = _run_all(engine, prompts, params, mm_inputs)
     _sync(engine)
     elapsed = time.perf_counter() - start
     total = num_out + sum(in_lens)
-    extra = {}
+    extra = {} if workload is None else _image_fields(args, in_lens)
     if constraint is not None:
         extra = {"json_schema": args.json_schema,
                  "mask_fill_ms_per_step": round(1e3 * so.fill_seconds / max(so.num_fills, 1), 3)}
@@ -173,8 +238,27 @@ def run_throughput(args: argparse.Namespace) -> int:
         "tokens_per_second": round(total / elapsed, 1),
         "output_tokens_per_second": round(num_out / elapsed, 1),
         "device": _device_name(engine)}), flush=True)
+    if workload is not None:
+        workload.close()
     engine.shutdown()
     return 0
+
+
+def _process(workload, text_lens: list[int], first_index: int = 0) -> list:
+    from kubeinfer.engine.errors import RequestError, RequestFailedError
+
+    try:
+        return workload.inputs(text_lens, first_index)
+    except (RequestError, RequestFailedError) as e:
+        workload.close()
+        raise SystemExit(f"error: the model's processor refused the benchmark's image prompt: "
+                         f"{e}") from None
+
+
+def _image_fields(args: argparse.Namespace, prompt_lens: list[int]) -> dict:
+    return {"image_size": args.image_size, "images_per_request": 1,
+            "shared_image": bool(args.shared_image), "text_len": args.input_len,
+            "mean_prompt_len": round(statistics.mean(prompt_lens), 1)}
 
 
 def run_latency(args: argparse.Namespace) -> int:
@@ -184,16 +268,29 @@ def run_latency(args: argparse.Namespace) -> int:
 
     _check(args, ("batch_size", "input_len", "output_len", "num_iters"))
     engine = _make_llm(args)
+    workload = _image_workload(args, engine)
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(engine.vocab_size) for _ in range(args.input_len)]
                for _ in range(args.batch_size)]
+    iteration, preprocess_s, prompt_lens = 0, [], []
 
     def timed() -> tuple[float, float, float]:
         """One batch: time to the first tokens, time per output token after them, end to end."""
+        nonlocal iteration, prompts
         engine.kv.pool.reset_prefix_cache()  # every iteration computes its prompt
         params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        mm_inputs = None
+        if workload is not None:  # new images every iteration: the encoder runs each time
+            t = time.perf_counter()
+            mm_inputs = _process(workload, [args.input_len] * args.batch_size,
+                                 first_index=iteration * args.batch_size)
+            preprocess_s.append((time.perf_counter() - t) / args.batch_size)
+            prompts = [m.prompt_token_ids for m in mm_inputs]
+            prompt_lens.extend(len(ids) for ids in prompts)
+        iteration += 1
         for i, ids in enumerate(prompts):
-            engine.add_request(str(i), ids, params)
+            engine.add_request(str(i), ids, params,
+                               mm_inputs=None if mm_inputs is None else mm_inputs[i])
         _sync(engine)
         start, first = time.perf_counter(), None
         while engine.has_unfinished_requests():
@@ -207,8 +304,13 @@ def run_latency(args: argparse.Namespace) -> int:
         timed()
     runs = [timed() for _ in range(args.num_iters)]
     ttft, tpot, total = (statistics.median(r[i] for r in runs) for i in range(3))
+    extra = {}
+    if workload is not None:
+        extra = {**_image_fields(args, prompt_lens),
+                 "preprocess_ms_per_request": round(statistics.median(preprocess_s) * 1e3, 2)}
+        workload.close()
     print(json.dumps({
-        "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+        **extra, "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "time_to_first_token_ms": round(ttft * 1e3, 2), "time_per_output_token_ms": round(tpot * 1e3, 3),
         "e2e_latency_s": round(total, 3),
         "output_tokens_per_second": round(args.batch_size * args.output_len / total, 1),
