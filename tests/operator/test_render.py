@@ -319,3 +319,17 @@ def test_the_node_secret_manifest_carries_the_value_given():
     from kubeinfer.operator.multinode import node_secret
     secret = node_secret(make_spec({"parallelism": {"pipeline": 2}}), {"a": "b"}, "v" * 40)
     assert secret["metadata"]["name"] == "llm-node-secret" and secret["stringData"] == {"node-secret": "v" * 40}
+
+
+def test_the_rendered_leaderworkerset_is_valid_under_lws_crd_schema(settings):
+    """Against the vendored CRD (tests/k8s_emulator/crds): nothing pruned, nothing invalid."""
+    import yaml
+
+    from tests.k8s_emulator import schema
+    from tests.k8s_emulator.leaderworkersets import CRD_FILE
+    crd_schema = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = make_spec({"parallelism": {"pipeline": 4, "exclusiveTopology": "rack"}, "replicas": 2})
+    lws = render(spec, settings, use_lws=True)[0]
+    admitted, errors = schema.admit(lws, crd_schema)
+    assert errors == [] and schema.prune(lws, crd_schema, root=True) == lws
+    assert admitted["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"]["partition"] == 0   # a default
