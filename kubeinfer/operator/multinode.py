@@ -44,7 +44,7 @@ LWS_ROLLOUT = {"type": "RollingUpdate",
 # The StatefulSet's single template serves every rank: node 0 serves HTTP, the others run headless.
 _STS_WRAPPER = ('if [ "$' + NODE_RANK_ENV + '" != 0 ]; then set -- "$@" --headless; fi; '
                 'exec kubeinfer "$@"')
-_STS_HEALTH = ('test "$' + NODE_RANK_ENV + '" != 0 || python3 -c "import urllib.request; '
+_STS_HEALTH = ('test "$' + NODE_RANK_ENV + '" != 0 || python -c "import urllib.request; '
                f"urllib.request.urlopen('http://127.0.0.1:{podspec.PORT}/health', timeout=4)\"")
 
 

@@ -1,6 +1,8 @@
 """render: table-driven over the spec shapes a user writes; one assertion function per case."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from kubeinfer.operator.render import (LABEL_HASH, LABEL_IS, render, selector_string,
@@ -333,3 +335,25 @@ def test_the_rendered_leaderworkerset_is_valid_under_lws_crd_schema(settings):
     admitted, errors = schema.admit(lws, crd_schema)
     assert errors == [] and schema.prune(lws, crd_schema, root=True) == lws
     assert admitted["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"]["partition"] == 0   # a default
+
+
+def test_the_statefulset_wrapper_and_probe_run_per_rank(settings, tmp_path):
+    """The one StatefulSet template under a real /bin/sh: rank > 0 gets --headless and passes its
+    probe (nothing to ask), rank 0 runs the server and is probed on /health (none here: fails)."""
+    import os
+    import subprocess
+    fake = tmp_path / "kubeinfer"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    (tmp_path / "python").symlink_to(sys.executable)
+    c = engine(render(make_spec({"parallelism": {"pipeline": 2}, "replicas": 1}), settings)[0])
+    for rank, headless, probe_ok in (("1", True, True), ("0", False, False)):
+        env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "KUBEINFER_NODE_RANK": rank}
+        argv = [a.replace("$(KUBEINFER_NODE_RANK)", rank) for a in c["command"] + c["args"]]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.split()
+        assert out[0] == "serve" and ("--headless" in out) == headless and out[out.index("--node-rank") + 1] == rank
+        probe = subprocess.run(c["readinessProbe"]["exec"]["command"], env=env, capture_output=True, text=True)
+        if probe_ok:
+            assert probe.returncode == 0, probe.stderr
+        else:   # it asked 127.0.0.1:8000/health (whatever listens there on this machine)
+            assert probe.returncode == 0 or "urlopen" in probe.stderr, probe.stderr
