@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,8 +88,10 @@ def chat(cluster: Cluster) -> Any:
 def test_pipeline_group_serves_and_restarts_as_a_unit(cluster: Cluster, operator: OperatorProcess,
                                                       tiny_model_dir) -> None:
     kubectl = cluster.kubectl
+    start = time.monotonic()
     kubectl.apply(manifest(str(tiny_model_dir("llama"))))
     found = wait_for("the pipeline group to serve", lambda: serving(cluster), 180, operator)
+    print(f"serving after {time.monotonic() - start:.1f} s", flush=True)
 
     lws = kubectl.get(*LWS, f"{NAME}-workers")
     assert lws["spec"]["leaderWorkerTemplate"]["size"] == 2
@@ -102,7 +105,9 @@ def test_pipeline_group_serves_and_restarts_as_a_unit(cluster: Cluster, operator
     reply = chat(cluster)
     assert reply.usage.completion_tokens > 0 and reply.model == NAME
 
+    start = time.monotonic()
     kubectl.delete("v1", "Pod", WORKER)
     wait_for("the group to be recreated and serve again",
              lambda: serving(cluster, not_leader_uid=found[LEADER]["metadata"]["uid"]), 180, operator)
+    print(f"recreated and serving after {time.monotonic() - start:.1f} s", flush=True)
     assert chat(cluster).usage.completion_tokens > 0
