@@ -62,11 +62,11 @@ OWNED_ENV = {
     "HF_TOKEN": "spec.model.credentialsSecretRef", "HF_HOME": "spec.model.cache",
     "KUBEINFER_API_KEY": "spec.apiKeySecretRef",
     "KUBEINFER_TERMINATION_LOG": "nothing: the engine's start-up error goes to /dev/termination-log",
-    "KUBEINFER_PP_SIZE": "spec.parallelism.pipeline", "KUBEINFER_PP_RANK": "spec.parallelism.pipeline",
-    "KUBEINFER_LEADER_ADDRESS": "spec.parallelism.pipeline",
-    "KUBEINFER_GROUP_INDEX": "spec.parallelism.pipeline", "KUBEINFER_DIST_PORT": "spec.parallelism.pipeline",
+    # pipeline > 1 (multinode.py); LWS_* are LeaderWorkerSet's own
     "KUBEINFER_NODE_SECRET": "nothing: the operator creates the Secret NAME-node-secret for it",
-    "KUBEINFER_POD_IP": "spec.parallelism.pipeline",
+    "KUBEINFER_POD_IP": "spec.parallelism.pipeline", "KUBEINFER_NODE_RANK": "spec.parallelism.pipeline",
+    "LWS_LEADER_ADDRESS": "spec.parallelism.pipeline", "LWS_WORKER_INDEX": "spec.parallelism.pipeline",
+    "LWS_GROUP_SIZE": "spec.parallelism.pipeline",
 }
 PROBE_FIELDS = ("initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold")
 
