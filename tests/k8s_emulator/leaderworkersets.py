@@ -18,9 +18,11 @@ worker-index, template-revision-hash), the size annotation and LWS's env in ever
 - restartPolicy RecreateGroupOnPodRestart: a group with a pod missing or being deleted, a
   container restarted (restartCount > 0) or a pod Failed has all its pods deleted; once they are
   gone the group is created afresh (with new ports). Other policies replace only missing pods.
-- A group whose pods carry an old template-revision-hash is recreated the same way, at most one
-  group per pass (no maxSurge: a rollout here does not keep a one-replica set serving, as the
-  real one does with maxSurge 1). Groups with index >= replicas are deleted.
+- Rollouts (rolloutStrategy.rollingUpdateConfiguration): a changed template first adds maxSurge
+  groups (indices replicas ..) with the new one, then recreates outdated groups from the highest
+  index down while at least replicas - maxUnavailable groups stay ready; the surge groups go once
+  every group below replicas is updated and ready. So maxSurge 1 keeps a one-replica set serving.
+  Other groups with index >= replicas are deleted. (No partition.)
 - status: replicas (groups with pods), readyReplicas (groups with `size` ready pods),
   updatedReplicas, hpaPodSelector, conditions Available and Progressing.
 """
@@ -30,6 +32,7 @@ import asyncio
 import copy
 import json
 import logging
+import math
 import socket
 from pathlib import Path
 from typing import Any
@@ -149,24 +152,44 @@ class LeaderWorkerSetController:
         groups: dict[int, list[dict[str, Any]]] = {}
         for pod in pods:
             groups.setdefault(int(pod["metadata"]["labels"].get(GROUP_INDEX, "0")), []).append(pod)
-        rolled = False   # one outdated group at a time
-        for g in range(replicas):
-            members = groups.get(g, [])
-            active = [p for p in members if not p["metadata"].get("deletionTimestamp")]
+        rolling = (spec.get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
+        surge = _count(rolling.get("maxSurge", 0), replicas, round_up=True)
+        unavailable = _count(rolling.get("maxUnavailable", 1), replicas, round_up=False)
+        if surge == 0 and unavailable == 0:
+            unavailable = 1   # LWS refuses both 0; never stall here
+
+        def active(g: int) -> list[dict[str, Any]]:
+            return [p for p in groups.get(g, []) if not p["metadata"].get("deletionTimestamp")]
+
+        def ready(g: int) -> bool:
+            return len(active(g)) >= size and all(map(is_pod_ready, active(g)))
+
+        outdated = [g for g in range(replicas)
+                    if any(p["metadata"]["labels"].get(REVISION) != revision for p in active(g))]
+        bursting = any(g >= replicas and active(g) for g in groups)
+        # surge groups (indices replicas ..) with the new template, kept until the rest is updated and ready
+        limit = replicas + surge if outdated or (bursting and not all(map(ready, range(replicas)))) else replicas
+        for g in range(limit):
+            members, live = groups.get(g, []), active(g)
             if not members:
                 self._create_group(lws, g, size, leader_t, worker_t, revision)
-                continue
-            outdated = any(p["metadata"]["labels"].get(REVISION) != revision for p in active)
-            broken = len(active) < size or any(_restarted(p) for p in active)
-            if recreate and (broken or (outdated and not rolled)):
-                rolled = rolled or outdated
-                self._delete(active)
-            elif not recreate and len(active) < size and len(members) == len(active):
-                self._create_group(lws, g, size, leader_t, worker_t, revision,
-                                   only_missing={p["metadata"]["name"] for p in active})
-        for g, members in groups.items():
-            if g >= replicas:
-                self._delete([p for p in members if not p["metadata"].get("deletionTimestamp")])
+            elif len(live) < size or any(_restarted(p) for p in live):
+                if recreate:
+                    self._delete(live)
+                    groups[g] = []
+                elif len(members) == len(live):
+                    self._create_group(lws, g, size, leader_t, worker_t, revision,
+                                       only_missing={p["metadata"]["name"] for p in live})
+        ready_now = sum(1 for g in range(limit) if ready(g))
+        for g in sorted(outdated, reverse=True):   # LWS updates from the highest index down
+            if ready_now - ready(g) < replicas - unavailable:
+                break
+            ready_now -= ready(g)
+            self._delete(active(g))
+            groups[g] = []
+        for g in list(groups):
+            if g >= limit:
+                self._delete(active(g))
         self._write_status(rt, lws, groups, size, replicas, revision)
 
     def _create_group(self, lws: dict[str, Any], g: int, size: int, leader_t: dict[str, Any],
@@ -239,6 +262,14 @@ class LeaderWorkerSetController:
         except ApiError as e:
             if e.code != 404:
                 raise
+
+
+def _count(value: Any, total: int, round_up: bool) -> int:
+    """An int-or-percent of `total` (maxSurge rounds up, maxUnavailable down, as LWS)."""
+    if isinstance(value, str) and value.endswith("%"):
+        exact = total * int(value[:-1]) / 100
+        return math.ceil(exact) if round_up else math.floor(exact)
+    return int(value or 0)
 
 
 def _restarted(pod: dict[str, Any]) -> bool:

@@ -86,3 +86,44 @@ def test_a_group_starts_meets_on_shared_ports_and_restarts_as_a_unit(emu_with_ku
     # the log file of a pod name is appended to: the second start is the new group's
     wait_for("the new worker to reach the new node 0",
              lambda: (emu.kubelet.logs("default", "grp-0") or "").count("joined 1") == 2)
+
+
+def ready_groups(kube: Client) -> dict[str, set[str]]:
+    """group index -> the template revisions of its pods, for groups whose two pods are all ready."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for pod in by_name(kube).values():
+        groups.setdefault(pod["metadata"]["labels"]["leaderworkerset.sigs.k8s.io/group-index"], []).append(pod)
+    ready = {}
+    for g, members in groups.items():
+        if len(members) == 2 and all(any(c["type"] == "Ready" and c["status"] == "True"
+                                         for c in (p.get("status") or {}).get("conditions") or [])
+                                     for p in members):
+            ready[g] = {p["metadata"]["labels"]["leaderworkerset.sigs.k8s.io/template-revision-hash"]
+                        for p in members}
+    return ready
+
+
+def test_a_rollout_with_a_surge_group_keeps_one_replica_serving(emu_with_kubelet):
+    import time
+    emu, kube = emu_with_kubelet, Client(emu_with_kubelet)
+    install_leaderworkerset_crd(emu.store)
+    body = lws()
+    # ready only after a probe (the kubelet probes at most once a second), so a gap would be seen
+    body["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["readinessProbe"] = {
+        "exec": {"command": ["true"]}, "periodSeconds": 1}
+    body["spec"]["rolloutStrategy"] = {"type": "RollingUpdate",
+                                       "rollingUpdateConfiguration": {"maxUnavailable": 0, "maxSurge": 1}}
+    kube.ok("POST", LWS_PATH, body)
+    before = wait_for("group 0 ready", lambda: ready_groups(kube).get("0"))
+    current = kube.ok("GET", f"{LWS_PATH}/grp")
+    current["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["env"] = [
+        {"name": "VERSION", "value": "2"}]
+    kube.ok("PUT", f"{LWS_PATH}/grp", current)
+    deadline = time.monotonic() + 30
+    while True:   # the invariant at every look: some group is whole and ready
+        groups = ready_groups(kube)
+        assert groups, "no group was ready during the rollout"
+        if set(groups) == {"0"} and groups["0"].isdisjoint(before) and len(by_name(kube)) == 2:
+            break   # done: group 0 on the new template, the surge group gone
+        assert time.monotonic() < deadline, f"the rollout did not finish: {groups}"
+        time.sleep(0.05)
