@@ -16,13 +16,16 @@ the engine, the API server and torch.distributed's store; every other node runs
     StatefulSet       one per group, one template for every pod: R is the pod-index label (downward
                       API), the leader is pod 0's stable name behind the headless Service; a small
                       shell wrapper adds --headless for R > 0, and the probes ask /health only on R
-                      0 (an exec probe), since a headless node serves no HTTP.
+                      0 (an exec probe), since a headless node serves no HTTP. A lost node ends
+                      its peers' processes (node_relay), so the group restarts and meets again;
+                      exclusiveTopology becomes pod affinity (together) and anti-affinity (apart
+                      from the other groups) on the topology key.
 
 Headless LWS workers get no probes: they serve nothing to probe, and a worker that dies (or whose
 leader dies) exits, which restarts the group. The node Secret (NAME-node-secret, key node-secret)
 is created once by the operator with a random value (apply.ensure_secret) and reaches every pod as
-$KUBEINFER_NODE_SECRET through a secretKeyRef; its value never appears in a manifest the operator
-renders, logs or writes to a status.
+$KUBEINFER_NODE_SECRET through a secretKeyRef; its value is in that Secret only (and in the output
+of `kubeinfer render`, which includes a fresh one), never in a log line, an event or a status.
 """
 from __future__ import annotations
 
