@@ -37,6 +37,17 @@ def _authkey() -> bytes:
     return ("kubeinfer-nodes:" + os.environ.get(NODE_SECRET_ENV, "")).encode()
 
 
+def warn_default_secret() -> bool:
+    """Log a warning when the node connections use the built-in key (anyone who can reach
+    master-port + 1 could then drive this engine's ranks). True when it warned."""
+    if os.environ.get(NODE_SECRET_ENV):
+        return False
+    logger.warning("$%s is not set: the node connections use the built-in default key; set it to "
+                   "the same random value on every node (the Kubernetes operator does)",
+                   NODE_SECRET_ENV)
+    return True
+
+
 def _shape(par: ParallelConfig) -> tuple[int, int, int]:
     return par.tensor_parallel_size, par.pipeline_parallel_size, par.nnodes
 
@@ -57,6 +68,7 @@ def accept_worker_nodes(config: EngineConfig) -> list[WorkerNode]:
     the engine's config, and return them by node rank. ConfigError naming the nodes missing after
     --rendezvous-timeout seconds, or one started with other sizes."""
     par = config.parallel
+    warn_default_secret()
     expected = 2 * (par.nnodes - 1)
     listener = Listener(("0.0.0.0", par.master_port + 1), authkey=_authkey())
     arrived: queue.Queue = queue.Queue()
@@ -127,6 +139,7 @@ def run_headless(par: ParallelConfig, resolve_path, device_type: str) -> int:
     """A worker node: join node 0, start this node's ranks, relay node 0's calls to them until it
     says stop. Returns the exit status (0 when node 0 stopped it)."""
     deadline = time.monotonic() + par.rendezvous_timeout
+    warn_default_secret()
     calls = _connect(par, "calls", deadline)
     watch = _connect(par, "watch", deadline)
     config: EngineConfig = calls.recv()

@@ -16,6 +16,8 @@ Calls, all JSON over the official client's connection (kubeconfig or in-cluster,
     GET    pods/NAME:8000/proxy/metrics                                  autoscaling's scrape through
                                                                          the API server (--scrape-via)
     GET, POST, PUT leases/NAME (in the operator's namespace)             leader election (leader.py)
+    GET, POST secrets/NAME-node-secret                                   pipeline > 1: made once
+                                                                         (ensure_secret), never changed
 
 Idempotent: AlreadyExists on create fetches the object and updates it (when it is ours), NotFound on
 update creates it, NotFound on delete is success. The RBAC rules in charts/kubeinfer grant exactly
@@ -43,11 +45,13 @@ RESOURCES = {
     "Pod": ("/api/v1", "pods"),
     "InferenceService": ("/apis/kubeinfer.io/v1alpha1", "inferenceservices"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
+    "Secret": ("/api/v1", "secrets"),
 }
 API_VERSIONS = {"Deployment": "apps/v1", "StatefulSet": "apps/v1", "Service": "v1",
                 "PodDisruptionBudget": "policy/v1", "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1",
                 "InferencePool": "inference.networking.k8s.io/v1", "Pod": "v1",
-                "InferenceService": "kubeinfer.io/v1alpha1", "Lease": "coordination.k8s.io/v1"}
+                "InferenceService": "kubeinfer.io/v1alpha1", "Lease": "coordination.k8s.io/v1",
+                "Secret": "v1"}
 RETRYABLE = {0, 403, 404, 408, 409, 429, 500, 502, 503, 504}
 
 
@@ -220,6 +224,22 @@ class KubeApi:
 
     def serves_leaderworkerset(self) -> bool:
         return self.serves("LeaderWorkerSet")   # else StatefulSets
+
+
+def ensure_secret(api: KubeApi, obj: dict) -> bool:
+    """Create the Secret `obj` unless one of its name exists (whatever its value: a Secret made
+    once is kept, so running pods keep matching it). True when it was created now. Its data is
+    never logged: errors name the Secret only."""
+    meta = obj["metadata"]
+    if api.get("Secret", meta["namespace"], meta["name"]) is not None:
+        return False
+    try:
+        api.create(obj)
+    except ApiError as e:
+        if e.status == 409:   # created meanwhile (another replica of the operator)
+            return False
+        raise
+    return True
 
 
 def merged_for_update(desired: dict, current: dict) -> dict:

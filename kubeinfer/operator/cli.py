@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import secrets
 import sys
 
 from kubeinfer.operator.settings import LWS_MODES, SCRAPE_MODES, OperatorSettings
@@ -126,8 +127,9 @@ def check(doc: object, schema: dict | None) -> tuple[dict, list[Problem]]:
 def run_render(args: argparse.Namespace) -> int:
     import yaml
 
+    from kubeinfer.operator import multinode
     from kubeinfer.operator import schema as crd_schema
-    from kubeinfer.operator.render import render
+    from kubeinfer.operator.render import common_labels, render
     from kubeinfer.operator.spec import parse_spec
 
     try:
@@ -172,6 +174,8 @@ def run_render(args: argparse.Namespace) -> int:
         spec = parse_spec(meta["name"], namespace, doc.get("spec") or {},
                           default_image=settings.engine_image)
         objs = render(spec, settings, use_lws=args.leaderworkerset)
+        if spec.pipeline > 1:   # the operator makes it once; here a fresh value, so the output applies
+            objs.insert(0, multinode.node_secret(spec, common_labels(spec.name), secrets.token_urlsafe(32)))
         header = (f"# kubeinfer render: what the operator applies for InferenceService {namespace}/"
                   f"{meta['name']}\n# (plus an ownerReference to it, once it exists in the cluster)\n")
         out.append(header + yaml.safe_dump_all(objs, sort_keys=False, default_flow_style=False))

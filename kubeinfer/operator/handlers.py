@@ -76,8 +76,9 @@ The engine container ("engine")
     env: HF_HOME=/var/cache/kubeinfer/huggingface (emptyDir, or spec.model.cache.claimName),
     HF_TOKEN (secretKeyRef spec.model.credentialsSecretRef, key "token"), KUBEINFER_API_KEY
     (secretKeyRef spec.apiKeySecretRef, key "api-key"), KUBEINFER_TERMINATION_LOG=/dev/termination-log
-    (the engine writes its fatal start-up error there), for pipeline > 1 KUBEINFER_PP_SIZE,
-    KUBEINFER_PP_RANK, KUBEINFER_LEADER_ADDRESS, KUBEINFER_DIST_PORT; then spec.engine.env.
+    (the engine writes its fatal start-up error there), for pipeline > 1 KUBEINFER_NODE_SECRET
+    (secretKeyRef NAME-node-secret, made once by the operator) and the multi-node flags
+    (multinode.py); then spec.engine.env.
     Probes: GET /health on port "http" (startup 10 s x 180, readiness 5 s, liveness 20 s).
 
 Status (patched through the status subresource)

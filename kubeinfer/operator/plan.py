@@ -23,6 +23,8 @@ IMMUTABLE = {
     "Deployment": (("spec", "selector"),),
     "StatefulSet": (("spec", "selector"), ("spec", "serviceName"), ("spec", "podManagementPolicy")),
     "Service": (("spec", "clusterIP"),),
+    # LWS's webhook: a group's size (spec.parallelism.pipeline) is fixed once created
+    "LeaderWorkerSet": (("spec", "leaderWorkerTemplate", "size"),),
 }
 
 

@@ -12,12 +12,15 @@ kopf errors, so the whole loop runs in tests against a fake API.
 from __future__ import annotations
 
 import datetime
+import secrets
 import time
 from dataclasses import dataclass, field
 
-from kubeinfer.operator.apply import ApiError, Done, KubeApi, execute
+from kubeinfer.operator import multinode
+from kubeinfer.operator.apply import ApiError, Done, KubeApi, ensure_secret, execute
 from kubeinfer.operator.plan import plan
-from kubeinfer.operator.render import LABEL_HASH, LABEL_IS, render, selector_labels
+from kubeinfer.operator.render import (LABEL_HASH, LABEL_IS, common_labels, owner_reference, render,
+                                       selector_labels)
 from kubeinfer.operator.settings import OperatorSettings
 from kubeinfer.operator.spec import InferenceServiceSpec, InvalidSpec, Problem, parse_spec
 from kubeinfer.operator.status import compute_status, invalid_status, transition_events
@@ -157,7 +160,9 @@ def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
         (("InferencePool",) if pools_served else ())
     failed: list[Failure] = []
     observed, unknown = _observe(api, spec, kinds, failed)
-    done = []
+    done: list[Done] = []
+    if spec.pipeline > 1:   # before the pods that read it
+        _ensure_node_secret(api, spec, body, done, failed)
     for action in plan([o for o in desired if o["kind"] not in unknown], observed, uid):
         try:
             done.append(execute(api, action, uid))
@@ -180,6 +185,21 @@ def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
         failed.append(Failure("list Pods", e))
         return Outcome(dict(body.get("status") or {}), events, done=done, failed=failed)
     return Outcome(found.status, events + found.events, done=done, failed=failed)
+
+
+def _ensure_node_secret(api: KubeApi, spec: InferenceServiceSpec, body: dict, done: list[Done],
+                        failed: list[Failure]) -> None:
+    """The pipeline groups' Secret, made once with a random value (multinode.py); owned by the
+    InferenceService, so it goes with it."""
+    secret = multinode.node_secret(spec, common_labels(spec.name), secrets.token_urlsafe(32))
+    if body["metadata"].get("uid"):
+        secret["metadata"]["ownerReferences"] = [owner_reference(body)]
+    name = secret["metadata"]["name"]
+    try:
+        if ensure_secret(api, secret):
+            done.append(Done("created", "Secret", name))
+    except ApiError as e:
+        failed.append(Failure(f"create Secret {name}", e))
 
 
 def refresh(api: KubeApi, body: dict, settings: OperatorSettings,

@@ -5,6 +5,10 @@
                          Service NAME (leaders only), PodDisruptionBudget NAME
     pipeline > 1, no LWS StatefulSet NAME-G per replica G (`pipeline` pods, started in parallel),
                          headless Service NAME-workers, Service NAME (rank-0 pods), PDB NAME
+    pipeline > 1         + Secret NAME-node-secret, created once by reconcile.py (not rendered here:
+                         its value is random), multinode.node_secret
+
+The multi-node pods themselves (flags, ranks, probes, the node secret's env) are multinode.py's.
 
 With spec.router inference-pool, an InferencePool NAME (Gateway API Inference Extension,
 inference.networking.k8s.io/v1) follows, selecting the pods that serve HTTP, when the cluster
@@ -20,7 +24,7 @@ import copy
 import hashlib
 import json
 
-from kubeinfer.operator import podspec
+from kubeinfer.operator import multinode, podspec
 from kubeinfer.operator.settings import OperatorSettings
 from kubeinfer.operator.spec import API_VERSION, KIND, InferenceServiceSpec
 from kubeinfer.operator.traffic import ROUTER_INFERENCE_POOL
@@ -97,25 +101,20 @@ def deployment(spec: InferenceServiceSpec) -> dict:
     }
 
 
-def _field_env(name: str, label: str) -> dict:
-    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{label}']"}}}
-
-
-def _pipeline_env(spec: InferenceServiceSpec, rank_label: str, leader: str) -> list[dict]:
-    return [{"name": "KUBEINFER_PP_SIZE", "value": str(spec.pipeline)},
-            _field_env("KUBEINFER_PP_RANK", rank_label),
-            {"name": "KUBEINFER_LEADER_ADDRESS", "value": leader},
-            {"name": "KUBEINFER_DIST_PORT", "value": str(podspec.DIST_PORT)}]
-
-
 def statefulsets(spec: InferenceServiceSpec, settings: OperatorSettings) -> list[dict]:
-    """One StatefulSet per replica: `pipeline` pods whose rank is their ordinal."""
+    """One StatefulSet per replica: `pipeline` pods whose rank is their ordinal (multinode.py)."""
     out = []
     workers = workers_name(spec.name)
     for group in range(spec.replicas):
         name = f"{spec.name}-{group}"
         leader = f"{name}-0.{settings.service_host(workers, spec.namespace)}"
-        labels = {**common_labels(spec.name), LABEL_GROUP: str(group)}
+        group_labels = {LABEL_GROUP: str(group)}
+        template = multinode.statefulset_template(spec, {**common_labels(spec.name), **group_labels},
+                                                  STS_POD_INDEX, leader)
+        affinity = multinode.statefulset_affinity(spec, group_labels, selector_labels(spec.name))
+        if affinity:
+            template["spec"]["affinity"] = {**template["spec"].get("affinity", {}), **affinity}
+        template["metadata"]["labels"][LABEL_HASH] = stable_hash(template)
         out.append({
             "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(spec, name),
             "spec": {
@@ -124,32 +123,26 @@ def statefulsets(spec: InferenceServiceSpec, settings: OperatorSettings) -> list
                 # rank 0 waits for its peers: OrderedReady would never start them
                 "podManagementPolicy": "Parallel",
                 "revisionHistoryLimit": 3,
-                "selector": {"matchLabels": {**selector_labels(spec.name), LABEL_GROUP: str(group)}},
+                "selector": {"matchLabels": {**selector_labels(spec.name), **group_labels}},
                 "updateStrategy": {"type": "RollingUpdate"},
-                "template": _hashed_template(spec, labels,
-                                             _pipeline_env(spec, STS_POD_INDEX, leader)),
+                "template": template,
             },
         })
     return out
 
 
-def leaderworkerset(spec: InferenceServiceSpec, settings: OperatorSettings) -> dict:
-    """One LeaderWorkerSet; LWS names group G's leader NAME-workers-G behind headless NAME-workers."""
-    name = workers_name(spec.name)
-    group_env = _field_env("KUBEINFER_GROUP_INDEX", LWS_GROUP_INDEX)
-    leader = f"{name}-$(KUBEINFER_GROUP_INDEX).{settings.service_host(name, spec.namespace)}"
-    template = _hashed_template(spec, common_labels(spec.name),
-                                [group_env, *_pipeline_env(spec, LWS_WORKER_INDEX, leader)])
-    return {
-        "apiVersion": LWS_API_VERSION, "kind": "LeaderWorkerSet", "metadata": _meta(spec, name),
-        "spec": {
-            "replicas": spec.replicas,
-            "startupPolicy": "LeaderCreated",
-            "leaderWorkerTemplate": {"size": spec.pipeline,
-                                     "restartPolicy": "RecreateGroupOnPodRestart",
-                                     "workerTemplate": template},
-        },
-    }
+def leaderworkerset(spec: InferenceServiceSpec) -> dict:
+    """One LeaderWorkerSet; LWS names group G's leader NAME-workers-G behind headless NAME-workers.
+    Both templates carry one hash, of the pair, so either changing rolls the groups."""
+    leader, worker = multinode.lws_templates(spec, common_labels(spec.name))
+    digest = stable_hash({"leader": leader, "worker": worker})
+    for template in (leader, worker):
+        template["metadata"]["labels"][LABEL_HASH] = digest
+    meta = _meta(spec, workers_name(spec.name))
+    if multinode.lws_annotations(spec):
+        meta["annotations"] = multinode.lws_annotations(spec)
+    return {"apiVersion": LWS_API_VERSION, "kind": "LeaderWorkerSet", "metadata": meta,
+            "spec": multinode.lws_spec(spec, leader, worker)}
 
 
 def service(spec: InferenceServiceSpec, use_lws: bool = False) -> dict:
@@ -218,8 +211,11 @@ def owner_reference(owner: dict) -> dict:
 
 
 def _finish(obj: dict, owner: dict | None) -> dict:
-    obj["metadata"]["annotations"] = {ANNOTATION_SPEC_HASH: stable_hash(
-        {"labels": obj["metadata"]["labels"], "spec": obj["spec"]})}
+    annotations = obj["metadata"].get("annotations") or {}
+    hashed = {"labels": obj["metadata"]["labels"], "spec": obj["spec"]}
+    if annotations:
+        hashed["annotations"] = annotations
+    obj["metadata"]["annotations"] = {**annotations, ANNOTATION_SPEC_HASH: stable_hash(hashed)}
     if owner is not None:
         obj["metadata"]["ownerReferences"] = [owner_reference(owner)]
     return obj
@@ -232,7 +228,7 @@ def render(spec: InferenceServiceSpec, settings: OperatorSettings, *, owner: dic
     if spec.pipeline == 1:
         objs = [deployment(spec), service(spec), pod_disruption_budget(spec)]
     elif use_lws:
-        objs = [leaderworkerset(spec, settings), service(spec, use_lws=True),
+        objs = [leaderworkerset(spec), service(spec, use_lws=True),
                 pod_disruption_budget(spec)]
     else:
         objs = [*statefulsets(spec, settings), headless_service(spec), service(spec),

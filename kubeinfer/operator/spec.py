@@ -20,13 +20,12 @@ GROUP, VERSION, KIND, PLURAL = "kubeinfer.io", "v1alpha1", "InferenceService", "
 API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_MODEL_URI = "default"  # the engine's default model, SmolLM2, shipped in the image
-# The engine runs --pipeline-parallel-size > 1 (with --nnodes/--node-rank/--headless), but the
-# multi-pod rendering (render.py, tested directly) does not pass those flags yet and has no e2e, so
-# spec.parallelism.pipeline > 1 stays an invalid spec until it does.
-PIPELINE_SUPPORTED = False
-PIPELINE_UNSUPPORTED = ("pipeline parallelism is not supported by the operator yet: set it to 1 and "
-                        "use spec.parallelism.tensor (up to 16 GPUs of one node), or a smaller or "
-                        "quantized model")
+# spec.parallelism.pipeline > 1 runs one pod per stage (multinode.py): a LeaderWorkerSet group, or
+# a StatefulSet where LWS is not served. The switch stays so a build can turn the path off again.
+PIPELINE_SUPPORTED = True
+PIPELINE_UNSUPPORTED = ("pipeline parallelism is not supported by this operator build: set it to 1 "
+                        "and use spec.parallelism.tensor (up to 16 GPUs of one node), or a smaller "
+                        "or quantized model")
 TENSOR_SIZES = (1, 2, 4, 8, 16)
 GPU = "nvidia.com/gpu"
 NO_ACCELERATOR = "none"
@@ -54,15 +53,20 @@ OWNED_FLAGS = {
     "--port": "nothing: the port is 8000, the Service port",
     "--api-key": "spec.apiKeySecretRef",
     "--timeout-graceful-shutdown": "spec.terminationGracePeriodSeconds",
+    "--nnodes": "spec.parallelism.pipeline", "--node-rank": "spec.parallelism.pipeline",
+    "--master-addr": "spec.parallelism.pipeline", "--master-port": "spec.parallelism.pipeline",
+    "--headless": "spec.parallelism.pipeline",
 }
 # Environment variables the operator sets itself -> the spec field a user sets instead.
 OWNED_ENV = {
     "HF_TOKEN": "spec.model.credentialsSecretRef", "HF_HOME": "spec.model.cache",
     "KUBEINFER_API_KEY": "spec.apiKeySecretRef",
     "KUBEINFER_TERMINATION_LOG": "nothing: the engine's start-up error goes to /dev/termination-log",
-    "KUBEINFER_PP_SIZE": "spec.parallelism.pipeline", "KUBEINFER_PP_RANK": "spec.parallelism.pipeline",
-    "KUBEINFER_LEADER_ADDRESS": "spec.parallelism.pipeline",
-    "KUBEINFER_GROUP_INDEX": "spec.parallelism.pipeline", "KUBEINFER_DIST_PORT": "spec.parallelism.pipeline",
+    # pipeline > 1 (multinode.py); LWS_* are LeaderWorkerSet's own
+    "KUBEINFER_NODE_SECRET": "nothing: the operator creates the Secret NAME-node-secret for it",
+    "KUBEINFER_POD_IP": "spec.parallelism.pipeline", "KUBEINFER_NODE_RANK": "spec.parallelism.pipeline",
+    "LWS_LEADER_ADDRESS": "spec.parallelism.pipeline", "LWS_WORKER_INDEX": "spec.parallelism.pipeline",
+    "LWS_GROUP_SIZE": "spec.parallelism.pipeline",
 }
 PROBE_FIELDS = ("initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold")
 
@@ -117,6 +121,7 @@ class InferenceServiceSpec:
     accelerator: str = GPU
     tensor: int = 1
     pipeline: int = 1
+    exclusive_topology: str = ""   # a node label key: each pipeline group alone in one such domain
     resources: dict = field(default_factory=dict)   # {} -> defaults from render
     replicas: int = 1
     scheduling: Scheduling = field(default_factory=Scheduling)
@@ -330,9 +335,16 @@ def parse_spec(name: str, namespace: str, spec: dict, *, default_image: str,
     accelerator = r.str(spec, "accelerator", "spec.accelerator", GPU) or GPU
     if accelerator != NO_ACCELERATOR and not _RESOURCE_NAME.match(accelerator):
         r.bad("spec.accelerator", accelerator, f"{GPU} (or another extended resource), or 'none' for CPU")
-    if accelerator == NO_ACCELERATOR and tensor * pipeline > 1:
-        r.bad("spec.parallelism", {"tensor": tensor, "pipeline": pipeline},
-              "tensor and pipeline must be 1 when spec.accelerator is 'none'")
+    # pipeline stages on CPU talk over gloo (the e2e runs them); tensor parallelism wants GPUs
+    if accelerator == NO_ACCELERATOR and tensor > 1:
+        r.bad("spec.parallelism.tensor", tensor, "must be 1 when spec.accelerator is 'none'")
+    exclusive = r.str(par, "exclusiveTopology", "spec.parallelism.exclusiveTopology")
+    if exclusive and not _RESOURCE_NAME.match(exclusive):
+        r.bad("spec.parallelism.exclusiveTopology", exclusive,
+              "a node label key such as topology.kubernetes.io/zone")
+    elif exclusive and pipeline == 1:
+        r.bad("spec.parallelism.exclusiveTopology", exclusive,
+              "only applies to pipeline groups: set spec.parallelism.pipeline > 1, or remove it")
     resources = r.obj(spec, "resources", "spec.resources")
     _check_resources(r, resources, accelerator, tensor)
 
@@ -350,7 +362,7 @@ def parse_spec(name: str, namespace: str, spec: dict, *, default_image: str,
     _check_name(r, name, pipeline)
     result = InferenceServiceSpec(
         name=name, namespace=namespace, model=model_spec, engine=engine_spec, accelerator=accelerator,
-        tensor=tensor, pipeline=pipeline, resources=resources,
+        tensor=tensor, pipeline=pipeline, exclusive_topology=exclusive, resources=resources,
         replicas=r.int(spec, "replicas", "spec.replicas", 1, 0), scheduling=scheduling,
         api_key=r.secret_ref(spec, "apiKeySecretRef", "spec.apiKeySecretRef", "api-key"),
         probes=_read_probes(r, r.obj(spec, "probes", "spec.probes")),

@@ -5,6 +5,7 @@ real cluster, so a naive comparison shows up here as an endless update loop rath
 """
 from __future__ import annotations
 
+import base64
 import ipaddress
 import itertools
 from typing import Any
@@ -96,6 +97,13 @@ def apply_builtin_defaults(kind: str, obj: dict[str, Any], old: dict[str, Any] |
         for port in spec.get("ports") or []:
             port.setdefault("protocol", "TCP")
             port.setdefault("targetPort", port.get("port"))
+    elif kind == "Secret":
+        # stringData is write-only: the server folds it into data (base64) and never returns it
+        string_data = obj.pop("stringData", None) or {}
+        data = obj.setdefault("data", {}) if string_data or obj.get("data") is not None else None
+        for key, value in string_data.items():
+            data[key] = base64.b64encode(str(value).encode()).decode()
+        obj.setdefault("type", "Opaque")
     elif kind == "Namespace":
         obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
         obj.setdefault("metadata", {}).setdefault("labels", {})["kubernetes.io/metadata.name"] = \

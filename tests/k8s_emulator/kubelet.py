@@ -239,6 +239,7 @@ class Kubelet:
                 continue
             if not runtime.ports:
                 runtime.ports = {int(p["containerPort"]): podenv.free_port() for p in container.get("ports") or []}
+                runtime.ports.update(podenv.group_ports(pod))   # shared by a LeaderWorkerSet group
             declared = {v["name"] for v in container.get("env") or []}
             argv, env, rewritten = podenv.remap_ports(argv, env, declared, runtime.ports)
             mounts = podenv.volume_dirs(pod, container, self.workdir)

@@ -5,7 +5,10 @@
   `python`/`python3` -> the test's interpreter.
 - `$(VAR)` references in command and args are expanded from the container's environment, as Kubernetes does.
 - Every containerPort gets a free local port; `--port 8000`, `--port=8000` and env values equal to the
-  container port are rewritten to it, so that several pods can listen on "8000" at once.
+  container port are rewritten to it, so that several pods can listen on "8000" at once. Ports a
+  group of pods must share (a multi-node engine's `--master-port`) come from the pod's
+  `k8s-emulator.kubeinfer.io/group-ports` annotation, which the LeaderWorkerSet controller writes
+  once per group (`group_ports`); `--master-port N` is rewritten like `--port N`.
 - env: value, valueFrom secretKeyRef / configMapKeyRef / fieldRef (metadata.name, metadata.namespace,
   metadata.uid, metadata.labels['x'], spec.nodeName, status.podIP), resourceFieldRef (limits/requests
   as written); envFrom secretRef / configMapRef. Secrets' data is base64-decoded.
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -26,6 +30,16 @@ from .store import Store
 
 class ContainerConfigError(Exception):
     """The pod cannot start this container (status reason CreateContainerConfigError)."""
+
+
+PORT_FLAGS = ("--port", "-p", "--master-port")
+GROUP_PORTS_ANNOTATION = "k8s-emulator.kubeinfer.io/group-ports"
+
+
+def group_ports(pod: dict[str, Any]) -> dict[int, int]:
+    """containerPort -> the local port every pod of its group uses (from the annotation)."""
+    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(GROUP_PORTS_ANNOTATION)
+    return {int(k): int(v) for k, v in json.loads(raw).items()} if raw else {}
 
 
 def free_port() -> int:
@@ -154,10 +168,10 @@ def remap_ports(argv: list[str], env: dict[str, str], declared: set[str], ports:
     out, rewritten = list(argv), False
     for i, arg in enumerate(out):
         for container_port, local in ports.items():
-            if arg in ("--port", "-p") and i + 1 < len(out) and out[i + 1] == str(container_port):
+            if arg in PORT_FLAGS and i + 1 < len(out) and out[i + 1] == str(container_port):
                 out[i + 1], rewritten = str(local), True
-            elif arg == f"--port={container_port}":
-                out[i], rewritten = f"--port={local}", True
+            elif arg in (f"{f}={container_port}" for f in PORT_FLAGS):
+                out[i], rewritten = f"{arg.split('=')[0]}={local}", True
     env = dict(env)
     for key in declared:
         value = env.get(key, "")

@@ -49,18 +49,26 @@ spec:
 """
 
 
-def test_render_refuses_pipeline_parallelism(tmp_path, capsys):
+def test_render_pipeline_parallelism_as_statefulsets_by_default(tmp_path, capsys):
+    (tmp_path / "mn.yaml").write_text(MULTI_NODE)
+    rc, out, _ = render(["-f", str(tmp_path / "mn.yaml")], capsys)
+    docs = list(yaml.safe_load_all(out))
+    assert rc == 0 and [d["kind"] for d in docs[:2]] == ["Secret", "StatefulSet"]   # applies as is
+    assert docs[0]["metadata"]["name"] == "big-node-secret" and len(docs[0]["stringData"]["node-secret"]) >= 32
+
+
+def test_render_refuses_pipeline_parallelism_when_switched_off(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(spec_module, "PIPELINE_SUPPORTED", False)
     (tmp_path / "mn.yaml").write_text(MULTI_NODE)
     rc, out, err = render(["-f", str(tmp_path / "mn.yaml")], capsys)
     assert rc == 1 and out == ""
     assert "spec.parallelism.pipeline: got 2; pipeline parallelism is not supported" in err
 
 
-def test_render_leaderworkerset_flag(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(spec_module, "PIPELINE_SUPPORTED", True)   # for when the engine runs it
+def test_render_leaderworkerset_flag(tmp_path, capsys):
     (tmp_path / "mn.yaml").write_text(MULTI_NODE)
     rc, out, _ = render(["-f", str(tmp_path / "mn.yaml"), "--leaderworkerset"], capsys)
-    assert rc == 0 and next(yaml.safe_load_all(out))["kind"] == "LeaderWorkerSet"
+    assert rc == 0 and list(yaml.safe_load_all(out))[1]["kind"] == "LeaderWorkerSet"
 
 
 def test_render_engine_image_flag(capsys):

@@ -115,7 +115,9 @@ def _all_renders():
                                                "embeddings.yaml", "router.yaml")
              for doc in example_docs(f)]
     cases += [("pvc", {"model": {"uri": "pvc://weights/m"}, "apiKeySecretRef": {"name": "k"}}, False),
-              ("pipeline+lws", {"parallelism": {"tensor": 2, "pipeline": 2}, "replicas": 2}, True)]
+              ("pipeline+lws", {"parallelism": {"tensor": 2, "pipeline": 2}, "replicas": 2}, True),
+              ("pipeline+statefulsets", {"parallelism": {"pipeline": 3, "exclusiveTopology": "rack"},
+                                         "replicas": 2}, False)]
     return cases
 
 
@@ -125,11 +127,13 @@ def test_rendered_manifests_pass_kubernetes_validate(name, spec, lws):
     objs = render(make_spec(spec), make_settings(), owner=owner, use_lws=lws)
     checked = 0
     for obj in objs:
-        if obj["kind"] == "LeaderWorkerSet":   # a CRD type: no offline schema; check its pod template
-            template = obj["spec"]["leaderWorkerTemplate"]["workerTemplate"]
-            obj = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t", "namespace": "ns"},
-                   "template": template}
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        if obj["kind"] == "LeaderWorkerSet":   # a CRD type: no offline schema; check its pod templates
+            for role in ("leaderTemplate", "workerTemplate"):
+                kubernetes_validate.validate(
+                    {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t", "namespace": "ns"},
+                     "template": obj["spec"]["leaderWorkerTemplate"][role]}, K8S_VERSION, strict=True)
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         checked += 1
     assert checked == len(objs)
 

@@ -110,6 +110,14 @@ def test_immutable_selector_change_recreates():
     assert [(a.verb, a.reason) for a in plan(want, have, "uid-1")] == [("recreate", "immutable")]
 
 
+def test_a_new_group_size_recreates_the_leaderworkerset_and_a_new_count_updates_it():
+    def lws(pipeline: int, replicas: int = 1) -> dict:
+        return desired({"parallelism": {"pipeline": pipeline}, "replicas": replicas}, use_lws=True)[0]
+    have = [as_server_returns(lws(2))]
+    assert [(a.verb, a.reason) for a in plan([lws(4)], have, "uid-1")] == [("recreate", "immutable")]
+    assert [(a.verb, a.reason) for a in plan([lws(2, replicas=3)], have, "uid-1")] == [("update", "changed")]
+
+
 def test_orphans_of_someone_else_are_left_alone():
     want = desired()
     stranger = as_server_returns(desired({"parallelism": {"pipeline": 2}})[0])   # a StatefulSet

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 
-from kubeinfer.operator import spec as spec_module
 from kubeinfer.operator.apply import ApiError, NotOurs, execute
 from kubeinfer.operator.plan import Action
 from kubeinfer.operator.reconcile import LwsDiscovery, reconcile
@@ -92,20 +91,37 @@ def test_pods_drive_the_status(fake_api):
     assert out.status["phase"] == "Ready" and out.status["readyReplicas"] == 1
 
 
-@pytest.fixture
-def pipeline_supported(monkeypatch):
-    """The engine refuses pipeline parallelism today; these keep the multi-pod path tested for when
-    it lands."""
-    monkeypatch.setattr(spec_module, "PIPELINE_SUPPORTED", True)
+def test_pipeline_creates_its_node_secret_once_and_keeps_it(fake_api):
+    body = inference_service({"parallelism": {"pipeline": 2}})
+    out = run(fake_api, body)
+    secret = fake_api.objects[("Secret", "ns", "llm-node-secret")]
+    value = secret["stringData"]["node-secret"]
+    assert len(value) >= 32 and secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert ("Normal", "Created", "created Secret llm-node-secret") in out.events
+    assert value not in repr(out.status) and value not in repr(out.events)   # never in a status or event
+    out = run(fake_api, inference_service({"parallelism": {"pipeline": 2}, "replicas": 2}, generation=2))
+    assert fake_api.objects[("Secret", "ns", "llm-node-secret")]["stringData"]["node-secret"] == value
+    assert not [e for e in out.events if "Secret" in e[2]]
+    env = {e["name"]: e for e in fake_api.objects[("StatefulSet", "ns", "llm-0")]["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["KUBEINFER_NODE_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "llm-node-secret",
+                                                                         "key": "node-secret"}
 
 
-def test_pipeline_is_an_invalid_spec_today(fake_api):
-    outcome = run(fake_api, inference_service({"parallelism": {"pipeline": 2}}))
-    assert outcome.invalid is not None and fake_api.kinds() == []
-    assert outcome.status["phase"] == "Failed" and "spec.parallelism.tensor" in str(outcome.invalid)
+def test_a_failed_secret_create_is_retried_and_the_rest_applied(fake_api):
+    fake_api.fail[("POST", "Secret")] = ApiError(503, "ServiceUnavailable", "try again")
+    out = run(fake_api, inference_service({"parallelism": {"pipeline": 2}}))
+    assert [str(f) for f in out.failed] == ["create Secret llm-node-secret: 503 ServiceUnavailable: try again"]
+    assert ("StatefulSet", "llm-0") in fake_api.kinds()
+    out = run(fake_api, inference_service({"parallelism": {"pipeline": 2}}))
+    assert out.failed == [] and ("Secret", "llm-node-secret") in fake_api.kinds()
 
 
-@pytest.mark.usefixtures("pipeline_supported")
+def test_a_single_pod_service_makes_no_secret(fake_api):
+    run(fake_api, inference_service())
+    assert not [k for k in fake_api.kinds() if k[0] == "Secret"]
+
+
 def test_leaderworkerset_when_served_and_back_to_a_deployment():
     api = FakeApi(lws=True)
     body = inference_service({"parallelism": {"pipeline": 2}})
@@ -115,7 +131,6 @@ def test_leaderworkerset_when_served_and_back_to_a_deployment():
     assert ("LeaderWorkerSet", "llm-workers") not in api.kinds() and ("Deployment", "llm") in api.kinds()
 
 
-@pytest.mark.usefixtures("pipeline_supported")
 def test_statefulsets_without_leaderworkerset(fake_api):
     run(fake_api, inference_service({"parallelism": {"pipeline": 2}, "replicas": 2}))
     assert [n for k, n in fake_api.kinds() if k == "StatefulSet"] == ["llm-0", "llm-1"]

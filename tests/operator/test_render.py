@@ -1,6 +1,8 @@
 """render: table-driven over the spec shapes a user writes; one assertion function per case."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from kubeinfer.operator.render import (LABEL_HASH, LABEL_IS, render, selector_string,
@@ -150,18 +152,33 @@ def check_statefulsets(objs):
         assert sts["spec"]["replicas"] == 2 and sts["spec"]["podManagementPolicy"] == "Parallel"
         assert sts["spec"]["serviceName"] == "llm-workers"
         assert sts["spec"]["selector"]["matchLabels"]["kubeinfer.io/group"] == str(group)
-        e = env(sts)
-        assert e["KUBEINFER_PP_SIZE"]["value"] == "2"
-        assert e["KUBEINFER_PP_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        e, c = env(sts), engine(sts)
+        assert e["KUBEINFER_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
             "metadata.labels['apps.kubernetes.io/pod-index']"
-        assert e["KUBEINFER_LEADER_ADDRESS"]["value"] == f"llm-{group}-0.llm-workers.ns.svc"
-        assert engine(sts)["resources"]["limits"]["nvidia.com/gpu"] == 4
+        assert e["KUBEINFER_NODE_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "llm-node-secret"
+        # one template for every rank: the wrapper adds --headless past rank 0, then runs kubeinfer
+        assert c["command"][:2] == ["/bin/sh", "-c"] and c["command"][3] == "kubeinfer"
+        assert "--headless" in c["command"][2] and 'exec kubeinfer "$@"' in c["command"][2]
+        assert flag(sts, "--nnodes") == "2" and flag(sts, "--node-rank") == "$(KUBEINFER_NODE_RANK)"
+        assert flag(sts, "--master-addr") == f"llm-{group}-0.llm-workers.ns.svc"
+        assert flag(sts, "--master-port") == "29500"
         assert flag(sts, "--pipeline-parallel-size") == "2"
-        assert {"name": "dist", "containerPort": 29500, "protocol": "TCP"} in engine(sts)["ports"]
+        assert "exec" in c["readinessProbe"] and "/health" in c["readinessProbe"]["exec"]["command"][2]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+        assert {"name": "dist", "containerPort": 29500, "protocol": "TCP"} in c["ports"]
     headless, svc = kinds["Service"]
     assert headless["metadata"]["name"] == "llm-workers" and headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["publishNotReadyAddresses"] is True
     assert svc["metadata"]["name"] == "llm" and svc["spec"]["selector"]["apps.kubernetes.io/pod-index"] == "0"
+
+
+def lws_container(lws, role):
+    return lws["spec"]["leaderWorkerTemplate"][f"{role}Template"]["spec"]["containers"][0]
+
+
+def lws_flag(lws, role, name):
+    args = lws_container(lws, role)["args"]
+    return args[args.index(name) + 1] if name in args else None
 
 
 def check_lws(objs):
@@ -169,13 +186,32 @@ def check_lws(objs):
     assert [o["kind"] for o in objs] == ["LeaderWorkerSet", "Service", "PodDisruptionBudget"]
     lws = kinds["LeaderWorkerSet"][0]
     assert lws["metadata"]["name"] == "llm-workers" and lws["spec"]["replicas"] == 2
-    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 2
-    assert lws["spec"]["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"
-    names = [e["name"] for e in engine(lws)["env"]]
-    assert names.index("KUBEINFER_GROUP_INDEX") < names.index("KUBEINFER_LEADER_ADDRESS")  # $(VAR) order
-    assert env(lws)["KUBEINFER_LEADER_ADDRESS"]["value"] == \
-        "llm-workers-$(KUBEINFER_GROUP_INDEX).llm-workers.ns.svc"
+    lwt = lws["spec"]["leaderWorkerTemplate"]
+    assert lwt["size"] == 2 and lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
+    assert lws["spec"]["rolloutStrategy"] == {
+        "type": "RollingUpdate", "rollingUpdateConfiguration": {"maxUnavailable": 0, "maxSurge": 1}}
+    leader, worker = lws_container(lws, "leader"), lws_container(lws, "worker")
+    # node 0: the API server, its own pod IP as the master address
+    assert "--headless" not in leader["args"] and lws_flag(lws, "leader", "--node-rank") == "0"
+    assert lws_flag(lws, "leader", "--master-addr") == "$(KUBEINFER_POD_IP)"
+    assert {e["name"]: e for e in leader["env"]}["KUBEINFER_POD_IP"]["valueFrom"]["fieldRef"] == \
+        {"fieldPath": "status.podIP"}
+    assert leader["readinessProbe"]["httpGet"]["path"] == "/health" and "startupProbe" in leader
+    # the others: headless, rank and leader address from LWS's env, no HTTP to probe
+    assert "--headless" in worker["args"]
+    assert lws_flag(lws, "worker", "--node-rank") == "$(LWS_WORKER_INDEX)"
+    assert lws_flag(lws, "worker", "--master-addr") == "$(LWS_LEADER_ADDRESS)"
+    assert not {"startupProbe", "readinessProbe", "livenessProbe"} & set(worker)
+    assert "http" not in [p["name"] for p in worker["ports"]]
+    for c in (leader, worker):
+        assert {e["name"]: e for e in c["env"]}["KUBEINFER_NODE_SECRET"]["valueFrom"]["secretKeyRef"] == \
+            {"name": "llm-node-secret", "key": "node-secret"}
+        assert c["args"][c["args"].index("--nnodes") + 1] == "2"
+        assert c["args"][c["args"].index("--master-port") + 1] == "29500"
+    hashes = {lwt[f"{r}Template"]["metadata"]["labels"][LABEL_HASH] for r in ("leader", "worker")}
+    assert len(hashes) == 1   # one hash for the pair: either changing rolls the groups
     assert kinds["Service"][0]["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
+    assert "leaderworkerset.sigs.k8s.io/exclusive-topology" not in lws["metadata"]["annotations"]
 
 
 PIPELINE = {"model": {"uri": "hf://meta-llama/Llama-3.1-405B-Instruct"},
@@ -238,7 +274,7 @@ def test_cluster_domain_and_selector_string():
     settings = make_settings(cluster_domain="cluster.local")
     spec = make_spec({"parallelism": {"pipeline": 2}, "replicas": 1})
     sts = render(spec, settings)[0]
-    assert env(sts)["KUBEINFER_LEADER_ADDRESS"]["value"] == "llm-0-0.llm-workers.ns.svc.cluster.local"
+    assert flag(sts, "--master-addr") == "llm-0-0.llm-workers.ns.svc.cluster.local"
     assert selector_string(make_spec({})) == "app.kubernetes.io/name=kubeinfer,kubeinfer.io/inferenceservice=llm"
     assert selector_string(spec).endswith(",apps.kubernetes.io/pod-index=0")
     assert selector_string(spec, use_lws=True).endswith(",leaderworkerset.sigs.k8s.io/worker-index=0")
@@ -258,3 +294,66 @@ def test_zero_replicas_pipeline_keeps_services(settings):
 def test_stable_hash():
     assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
     assert len(stable_hash({})) == 16
+
+
+def test_exclusive_topology_on_the_leaderworkerset_and_as_affinity_on_statefulsets(settings):
+    spec = make_spec({"parallelism": {"pipeline": 2, "exclusiveTopology": "topology.kubernetes.io/zone"},
+                      "replicas": 2, "scheduling": {"affinity": {"nodeAffinity": {"x": 1}}}})
+    lws = render(spec, settings, use_lws=True)[0]
+    assert lws["metadata"]["annotations"]["leaderworkerset.sigs.k8s.io/exclusive-topology"] == \
+        "topology.kubernetes.io/zone"
+    plain = render(make_spec({"parallelism": {"pipeline": 2}, "replicas": 2}), settings, use_lws=True)[0]
+    assert lws["metadata"]["annotations"]["kubeinfer.io/spec-hash"] != \
+        plain["metadata"]["annotations"]["kubeinfer.io/spec-hash"]   # adding it is an update
+    sts = render(spec, settings)[1]
+    affinity = pod_spec(sts)["affinity"]
+    assert affinity["nodeAffinity"] == {"x": 1}   # the user's own affinity stays
+    together = affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert together == {"labelSelector": {"matchLabels": {"kubeinfer.io/group": "1"}},
+                        "topologyKey": "topology.kubernetes.io/zone"}
+    apart = affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert apart["labelSelector"]["matchExpressions"] == [
+        {"key": "kubeinfer.io/group", "operator": "NotIn", "values": ["1"]}]
+    assert apart["labelSelector"]["matchLabels"]["kubeinfer.io/inferenceservice"] == "llm"
+
+
+def test_the_node_secret_manifest_carries_the_value_given():
+    from kubeinfer.operator.multinode import node_secret
+    secret = node_secret(make_spec({"parallelism": {"pipeline": 2}}), {"a": "b"}, "v" * 40)
+    assert secret["metadata"]["name"] == "llm-node-secret" and secret["stringData"] == {"node-secret": "v" * 40}
+
+
+def test_the_rendered_leaderworkerset_is_valid_under_lws_crd_schema(settings):
+    """Against the vendored CRD (tests/k8s_emulator/crds): nothing pruned, nothing invalid."""
+    import yaml
+
+    from tests.k8s_emulator import schema
+    from tests.k8s_emulator.leaderworkersets import CRD_FILE
+    crd_schema = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = make_spec({"parallelism": {"pipeline": 4, "exclusiveTopology": "rack"}, "replicas": 2})
+    lws = render(spec, settings, use_lws=True)[0]
+    admitted, errors = schema.admit(lws, crd_schema)
+    assert errors == [] and schema.prune(lws, crd_schema, root=True) == lws
+    assert admitted["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"]["partition"] == 0   # a default
+
+
+def test_the_statefulset_wrapper_and_probe_run_per_rank(settings, tmp_path):
+    """The one StatefulSet template under a real /bin/sh: rank > 0 gets --headless and passes its
+    probe (nothing to ask), rank 0 runs the server and is probed on /health (none here: fails)."""
+    import os
+    import subprocess
+    fake = tmp_path / "kubeinfer"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    (tmp_path / "python").symlink_to(sys.executable)
+    c = engine(render(make_spec({"parallelism": {"pipeline": 2}, "replicas": 1}), settings)[0])
+    for rank, headless, probe_ok in (("1", True, True), ("0", False, False)):
+        env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "KUBEINFER_NODE_RANK": rank}
+        argv = [a.replace("$(KUBEINFER_NODE_RANK)", rank) for a in c["command"] + c["args"]]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.split()
+        assert out[0] == "serve" and ("--headless" in out) == headless and out[out.index("--node-rank") + 1] == rank
+        probe = subprocess.run(c["readinessProbe"]["exec"]["command"], env=env, capture_output=True, text=True)
+        if probe_ok:
+            assert probe.returncode == 0, probe.stderr
+        else:   # it asked 127.0.0.1:8000/health (whatever listens there on this machine)
+            assert probe.returncode == 0 or "urlopen" in probe.stderr, probe.stderr

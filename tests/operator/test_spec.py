@@ -27,13 +27,15 @@ def test_model_uri_is_required():
         assert "is required" in str(problem) and "'default'" in str(problem), problem
 
 
-def test_pipeline_parallelism_is_refused_until_the_engine_runs_it():
+def test_pipeline_parallelism_is_accepted_also_on_cpu_with_an_exclusive_topology():
+    spec = parse_spec("llm", "ns", {"model": {"uri": "default"}, "accelerator": "none", "parallelism": {
+        "pipeline": 2, "exclusiveTopology": "topology.kubernetes.io/zone"}}, default_image="i")
+    assert (spec.pipeline, spec.exclusive_topology) == (2, "topology.kubernetes.io/zone")
+    # a build can still switch the multi-pod path off, with the message saying what to use
     with pytest.raises(InvalidSpec) as info:
-        parse_spec("llm", "ns", {"model": {"uri": "default"}, "parallelism": {"pipeline": 2}}, default_image="i")
-    text = str(info.value)
-    assert "spec.parallelism.pipeline: got 2" in text and "spec.parallelism.tensor" in text
-    assert parse_spec("llm", "ns", {"model": {"uri": "default"}, "parallelism": {"pipeline": 1}},
-                      default_image="i").pipeline == 1
+        parse_spec("llm", "ns", {"model": {"uri": "default"}, "parallelism": {"pipeline": 2}},
+                   default_image="i", pipeline_supported=False)
+    assert "spec.parallelism.pipeline: got 2" in str(info.value) and "spec.parallelism.tensor" in str(info.value)
 
 
 def test_secret_ref_keys_default_and_override():
@@ -64,7 +66,15 @@ INVALID = [
     ({"parallelism": {"tensor": 3}}, "llm", "spec.parallelism.tensor", ["1, 2, 4, 8, 16", "attention heads"]),
     ({"parallelism": {"tensor": 0}}, "llm", "spec.parallelism.tensor", [">= 1"]),
     ({"parallelism": {"pipeline": 0}}, "llm", "spec.parallelism.pipeline", [">= 1"]),
-    ({"accelerator": "none", "parallelism": {"tensor": 2}}, "llm", "spec.parallelism", ["'none'"]),
+    ({"accelerator": "none", "parallelism": {"tensor": 2}}, "llm", "spec.parallelism.tensor", ["'none'"]),
+    ({"parallelism": {"pipeline": 2, "exclusiveTopology": "not a key!"}}, "llm",
+     "spec.parallelism.exclusiveTopology", ["topology.kubernetes.io/zone"]),
+    ({"parallelism": {"exclusiveTopology": "topology.kubernetes.io/zone"}}, "llm",
+     "spec.parallelism.exclusiveTopology", ["pipeline > 1"]),
+    ({"engine": {"args": ["--nnodes=2"]}}, "llm", "spec.engine.args[0]", ["spec.parallelism.pipeline"]),
+    ({"engine": {"args": ["--headless"]}}, "llm", "spec.engine.args[0]", ["spec.parallelism.pipeline"]),
+    ({"engine": {"env": [{"name": "KUBEINFER_NODE_SECRET", "value": "x"}]}}, "llm", "spec.engine.env[0].name",
+     ["node-secret"]),
     ({"accelerator": "Not A Resource!"}, "llm", "spec.accelerator", ["'none' for CPU"]),
     ({"resources": {"limits": {"nvidia.com/gpu": 2}}}, "llm", "spec.resources.limits.nvidia.com/gpu",
      ["spec.parallelism.tensor (1)"]),

@@ -66,6 +66,9 @@ The operator's permissions: exactly the verbs kubeinfer/operator/apply.py and ko
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]                      # status: which pods are ready, and why not
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create"]                      # pipeline > 1: NAME-node-secret, made once
 {{- if eq .Values.autoscaling.scrapeVia "apiserver" }}
 - apiGroups: [""]
   resources: ["pods/proxy"]
