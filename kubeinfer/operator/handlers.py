@@ -114,7 +114,9 @@ from kubeinfer.operator.spec import GROUP, PLURAL, VERSION
 from kubeinfer.operator.status_follower import StatusFollower, publish
 
 CHILDREN = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"),
-            ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"))
+            ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"),
+            ("batch", "v1", "jobs"), ("", "v1", "persistentvolumeclaims"))
+JOBS = ("batch", "v1", "jobs")   # any change of a download Job reconciles: its end releases the pods
 LWS = ("leaderworkerset.x-k8s.io", "v1", "leaderworkersets")
 # whose events refresh the owner's status: pods (readiness, crashes), workloads (rollout conditions)
 STATUS_SOURCES = (("", "v1", "pods"), ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"))
@@ -229,14 +231,17 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
                 logger.info(message)
                 kopf.event(body, type=type_, reason=reason, message=message)
 
-    def on_child_event(type, body, logger, **_):
-        if type != "DELETED":
+    def on_child_event(type, body, logger, resource=None, **_):
+        if type != "DELETED" and not (type and resource is not None and
+                                      (resource.group, resource.version, resource.plural) == JOBS):
             return  # edits are found by the resync timer; deletions are put back at once
         meta = body.get("metadata", {})
         namespace, owner_name = meta.get("namespace", ""), (meta.get("labels") or {}).get(LABEL_IS, "")
         if not owner_name:
             return
-        child = f"{body.get('kind', 'child')} {meta.get('name')}"
+        # a download Job that moved on reconciles too: its success releases the engine pods
+        child = f"{'deleted' if type == 'DELETED' else 'changed'} {body.get('kind', 'child')} {meta.get('name')}"
+        doing = "restoring the" if type == "DELETED" else "reconciling after the"
         where = f"InferenceService {namespace}/{owner_name}"
         try:
             with locks.hold(namespace, owner_name), metrics.reconciling("restore") as timed:
@@ -255,10 +260,10 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
                     for type_, reason, message in outcome.events:
                         kopf.event(owner, type=type_, reason=reason, message=message)
         except ApiError as e:
-            log.warning(f"{where}: could not restore the deleted {child}: {e}; the resync timer will try again")
+            log.warning(f"{where}: could not act on the {child}: {e}; the resync timer will try again")
             return
         if outcome.failed:
-            log.warning(f"{where}: restoring the deleted {child}: {_failed_message(where, outcome)}; "
+            log.warning(f"{where}: {doing} {child}: {_failed_message(where, outcome)}; "
                         "the resync timer will try again")
 
     for group, version, plural in child_resources(settings):
