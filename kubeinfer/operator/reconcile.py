@@ -117,7 +117,8 @@ def _template_hashes(objs: list[dict]) -> frozenset[str]:
         spec = o.get("spec", {})
         template = spec.get("template") or spec.get("leaderWorkerTemplate", {}).get("workerTemplate")
         if template:
-            out.add(template["metadata"]["labels"][LABEL_HASH])
+            if LABEL_HASH in template["metadata"]["labels"]:   # engine pods (not the download Job's)
+                out.add(template["metadata"]["labels"][LABEL_HASH])
     return frozenset(out)
 
 
