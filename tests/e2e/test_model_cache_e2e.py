@@ -67,10 +67,11 @@ def test_a_cached_model_is_downloaded_once_then_served(cluster: Cluster, operato
                    "spec": {"model": {"uri": "hf://kubeinfer-test/tiny",
                                       "cache": {"storageClass": "standard", "size": "1Gi"}},
                             "accelerator": "none",
-                            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+                            "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
+                                          "limits": {"memory": "4Gi"}},
                             "probes": {"startup": {"failureThreshold": 60, "periodSeconds": 5}}}})
-    ready = wait_for("the InferenceService to become Ready", lambda: (
-        obj := seen(kubectl.get(*IS, NAME))) and (obj.get("status") or {}).get("phase") == "Ready" and obj, 180, operator)
+    ready = wait_for("the InferenceService to become Ready", lambda: (obj := seen(kubectl.get(*IS, NAME)))
+                     and (obj.get("status") or {}).get("phase") == "Ready" and obj, 180, operator)
 
     # the phase only moved forward, and ends Ready, serving from the cache
     assert set(phases) <= set(PHASES) and phases[-1] == "Ready", phases

@@ -68,20 +68,24 @@ class JobController:
         spec, status = job["spec"], dict(job.get("status") or {})
         pods = [p for p in self.store.items(self.pods, ns) if _controlled_by(p, job)]
         phases = [(p.get("status") or {}).get("phase") for p in pods]
-        active = [p for p, ph in zip(pods, phases) if ph not in FINISHED and not p["metadata"].get("deletionTimestamp")]
+        active = [p for p, ph in zip(pods, phases)
+                  if ph not in FINISHED and not p["metadata"].get("deletionTimestamp")]
         failed, succeeded = phases.count("Failed"), phases.count("Succeeded")
         status.setdefault("startTime", now())
         conditions: list[dict[str, Any]] = []
         deadline = spec.get("activeDeadlineSeconds")
         if succeeded:
             status["completionTime"] = now()
-            conditions = [self._condition("SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods"),
-                          self._condition("Complete", "CompletionsReached", "Reached expected number of succeeded pods")]
+            done = "Reached expected number of succeeded pods"
+            conditions = [self._condition("SuccessCriteriaMet", "CompletionsReached", done),
+                          self._condition("Complete", "CompletionsReached", done)]
         elif failed > int(spec.get("backoffLimit", 6)):
-            conditions = [self._condition("FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
-                          self._condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]
+            said = "Job has reached the specified backoff limit"
+            conditions = [self._condition("FailureTarget", "BackoffLimitExceeded", said),
+                          self._condition("Failed", "BackoffLimitExceeded", said)]
         elif deadline is not None and _seconds_since(status["startTime"]) > int(deadline):
-            conditions = [self._condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]
+            said = "Job was active longer than specified deadline"
+            conditions = [self._condition("Failed", "DeadlineExceeded", said)]
             for pod in active:
                 self._delete(ns, pod["metadata"]["name"])
             active = []
