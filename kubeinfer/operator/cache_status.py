@@ -68,6 +68,11 @@ def cache_state(spec: InferenceServiceSpec, job: dict | None, claim: dict | None
             f"spec.model.cache.pvc names PersistentVolumeClaim {claim_name}, which does not exist in "
             f"namespace {spec.namespace}: create it (ReadWriteMany, larger than the model), or set "
             "storageClass and size instead of pvc and the operator creates one"))
+    modes = ((claim or {}).get("status") or {}).get("accessModes") or ((claim or {}).get("spec") or {}).get(
+        "accessModes") or []
+    if claim is not None and modes and "ReadWriteMany" not in modes:
+        # a ReadWriteOnce claim works while every pod lands on the node that has it mounted
+        where += f" (the claim is {', '.join(modes)}, not ReadWriteMany: pods on other nodes cannot mount it)"
     if job is None:
         return CacheState(DOWNLOADING, f"creating the download Job for {where}")
     name = job["metadata"]["name"]
@@ -114,14 +119,14 @@ def with_cache(status: dict, state: CacheState, *, held: bool, generation: int, 
     if not held or state.ready:
         return out
     failed = state.reason == FAILED
+    problem = failed or state.reason == CLAIM_NOT_FOUND
     out["phase"] = "Failed" if failed else "Downloading"
     by_type = {
         "Ready": _condition("Ready", False, state.reason, state.message, generation, prev, now),
         "Progressing": _condition("Progressing", not failed, state.reason, state.message, generation,
                                   prev, now),
-        "Degraded": _condition("Degraded", failed or state.reason == CLAIM_NOT_FOUND,
-                               state.reason if failed or state.reason == CLAIM_NOT_FOUND else "AsExpected",
-                               state.message if failed else "no problems seen", generation, prev, now),
+        "Degraded": _condition("Degraded", problem, state.reason if problem else "AsExpected",
+                               state.message if problem else "no problems seen", generation, prev, now),
     }
     out["conditions"] = [by_type.get(c["type"], c) for c in conditions]
     return out

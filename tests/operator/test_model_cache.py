@@ -229,3 +229,16 @@ def test_a_workload_serving_the_old_model_is_kept_while_the_new_revision_downloa
     run(api, body)
     after = api.objects[("Deployment", "ns", "llm")]["spec"]["template"]["spec"]["containers"][0]["args"][1]
     assert after.endswith("/v2")
+
+
+def test_a_claim_that_is_not_read_write_many_is_named_in_the_condition():
+    api = FakeApi()
+    body = inference_service(model({"pvc": "rwo"}))
+    api.put_object({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "rwo", "namespace": "ns"},
+                    "spec": {"accessModes": ["ReadWriteOnce"]}, "status": {"phase": "Bound"}})
+    run(api, body)
+    finish(api, the_job(api), "Complete")
+    cached = condition(run(api, body).status, "ModelCached")
+    assert cached["status"] == "True" and "ReadWriteOnce, not ReadWriteMany" in cached["message"]
+    assert condition(run(api, inference_service(model({"pvc": "nope"}), name="x")).status, "Degraded")[
+        "reason"] == "ClaimNotFound"
