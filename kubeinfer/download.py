@@ -33,13 +33,15 @@ _HF = re.compile(r"^hf://([A-Za-z0-9][-A-Za-z0-9_.]*)/([A-Za-z0-9][-A-Za-z0-9_.]
 IGNORE = ["consolidated*", "original/*", "*.pth", "*.pt", "*.msgpack", "*.h5", "*.ot", "*.onnx*",
           "*.tflite", ".gitattributes"]
 MESSAGE_BYTES = 4096
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class _Lines:
     """tqdm's file: each refresh ("\\r" + bar) becomes one `progress:` line on stdout."""
 
     def write(self, text: str) -> None:
-        line = text.rsplit("\r", 1)[-1].strip()
+        # tqdm moves the cursor between stacked bars (ESC[A); a log wants plain lines
+        line = _ESCAPES.sub("", text.rsplit("\r", 1)[-1]).strip()
         if line:
             print(f"progress: {line}", flush=True)
 

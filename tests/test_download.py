@@ -67,3 +67,10 @@ def test_unknown_repo_and_bad_uri(hub):
     assert main(["download", "pvc://claim/path", "--dir", str(folder)]) == 2
     assert "hf://ORG/NAME" in (hub / "termination-log").read_text()
     assert not download.is_complete(folder)
+
+
+def test_progress_lines_are_plain(capsys):
+    lines = download._Lines()
+    lines.write("\r\x1b[A\x1b[A")            # tqdm moving between stacked bars: nothing to log
+    lines.write("\rFetching 7 files:  43%|####| 3/7\x1b[A")
+    assert capsys.readouterr().out == "progress: Fetching 7 files:  43%|####| 3/7\n"
