@@ -24,7 +24,10 @@ RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4G
 
 
 def _container(spec: InferenceServiceSpec) -> dict:
-    env = [{"name": "KUBEINFER_TERMINATION_LOG", "value": TERMINATION_LOG}]
+    # the hub client's own state (token cache, xet chunk cache) in a scratch emptyDir, not in a home
+    # directory that may not be writable, nor on the shared claim
+    env = [{"name": "KUBEINFER_TERMINATION_LOG", "value": TERMINATION_LOG},
+           {"name": "HF_HOME", "value": podspec.HF_HOME}]
     if spec.model.credentials is not None:
         ref = spec.model.credentials
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
@@ -36,7 +39,8 @@ def _container(spec: InferenceServiceSpec) -> dict:
                  "--dir", model_cache.model_dir(spec)],
         "env": env,
         "resources": copy.deepcopy(RESOURCES),
-        "volumeMounts": [{"name": model_cache.VOLUME, "mountPath": model_cache.MOUNT}],
+        "volumeMounts": [{"name": model_cache.VOLUME, "mountPath": model_cache.MOUNT},
+                         {"name": "hf-home", "mountPath": podspec.CACHE_DIR}],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
@@ -57,7 +61,8 @@ def _pod_spec(spec: InferenceServiceSpec) -> dict:
                             "fsGroup": podspec.RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [_container(spec)],
         "volumes": [{"name": model_cache.VOLUME,
-                     "persistentVolumeClaim": {"claimName": model_cache.claim_name(spec)}}],
+                     "persistentVolumeClaim": {"claimName": model_cache.claim_name(spec)}},
+                    {"name": "hf-home", "emptyDir": {}}],
     }
     # the same nodes as the engine pods (the claim's topology, the pull secrets), but no GPU:
     # the toleration lets it run on a GPU node without asking for a GPU

@@ -70,8 +70,9 @@ def test_created_claim_job_and_pods_render():
     pod = job["spec"]["template"]["spec"]
     [c] = pod["containers"]
     assert c["args"] == ["download", HF, "--revision", "v1.0", "--dir", folder]
-    assert c["volumeMounts"] == [{"name": "model-store", "mountPath": "/model-store"}]   # read-write
-    assert pod["volumes"] == [{"name": "model-store", "persistentVolumeClaim": {"claimName": "llm-model-cache"}}]
+    assert c["volumeMounts"][0] == {"name": "model-store", "mountPath": "/model-store"}   # read-write
+    assert pod["volumes"][0] == {"name": "model-store", "persistentVolumeClaim": {"claimName": "llm-model-cache"}}
+    assert {"name": "hf-home", "emptyDir": {}} in pod["volumes"]
     assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] >= 1
     assert job["spec"]["activeDeadlineSeconds"] > 0 and c["resources"]["limits"]["memory"]
     env = {e["name"]: e for e in c["env"]}
