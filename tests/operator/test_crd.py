@@ -79,6 +79,8 @@ REJECTED = [
     ({"model": {"url": "hf://a/b"}}, "spec.model.uri"),
     ({"model": {"uri": "default"}, "parallelism": {"pipeline": 65}}, "spec.parallelism.pipeline"),
     ({"replicas": -1}, "spec.replicas"),
+    ({"model": {"uri": "hf://a/b", "cache": {"size": "1Gi", "reclaimPolicy": "Keep"}}},
+     "spec.model.cache.reclaimPolicy"),
     ({"model": {"uri": "s3://bucket/m"}}, "spec.model.uri"),
     ({"model": {"uri": "hf://only-one-part"}}, "spec.model.uri"),
     ({"parallelism": {"tensor": 3}}, "spec.parallelism.tensor"),
