@@ -1,4 +1,4 @@
-"""`kubeinfer serve | operator | render | bench | router`. Each subcommand lives beside what it runs."""
+"""`kubeinfer serve | operator | render | bench | router | download`. Each subcommand lives beside what it runs."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ _SUBCOMMAND_MODULES = (
     "kubeinfer.operator.cli",
     "kubeinfer.bench",
     "kubeinfer.router.cli",
+    "kubeinfer.download",
 )
 
 

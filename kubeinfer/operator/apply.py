@@ -13,6 +13,7 @@ Calls, all JSON over the official client's connection (kubeconfig or in-cluster,
            metadata.resourceVersion: 409 when it changed since the GET)  status refresh on pod events
     merge PATCH inferenceservices/NAME {"spec": {"replicas": N}} (with
            metadata.resourceVersion)                                     spec.autoscaling
+    GET    pods/NAME/log?tailLines=N                                     the model download's progress
     GET    pods/NAME:8000/proxy/metrics                                  autoscaling's scrape through
                                                                          the API server (--scrape-via)
     GET, POST, PUT leases/NAME (in the operator's namespace)             leader election (leader.py)
@@ -42,6 +43,8 @@ RESOURCES = {
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "LeaderWorkerSet": ("/apis/leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
     "InferencePool": ("/apis/inference.networking.k8s.io/v1", "inferencepools"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Pod": ("/api/v1", "pods"),
     "InferenceService": ("/apis/kubeinfer.io/v1alpha1", "inferenceservices"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
@@ -49,9 +52,9 @@ RESOURCES = {
 }
 API_VERSIONS = {"Deployment": "apps/v1", "StatefulSet": "apps/v1", "Service": "v1",
                 "PodDisruptionBudget": "policy/v1", "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1",
-                "InferencePool": "inference.networking.k8s.io/v1", "Pod": "v1",
-                "InferenceService": "kubeinfer.io/v1alpha1", "Lease": "coordination.k8s.io/v1",
-                "Secret": "v1"}
+                "InferencePool": "inference.networking.k8s.io/v1", "Pod": "v1", "Job": "batch/v1",
+                "PersistentVolumeClaim": "v1", "Secret": "v1",
+                "InferenceService": "kubeinfer.io/v1alpha1", "Lease": "coordination.k8s.io/v1"}
 RETRYABLE = {0, 403, 404, 408, 409, 429, 500, 502, 503, 504}
 
 
@@ -175,6 +178,12 @@ class KubeApi:
             if e.status == 404:
                 return None
             raise
+
+    def pod_log(self, namespace: str, name: str, tail_lines: int) -> str:
+        """The last lines of a pod's (only) container's log."""
+        return self._call("GET", _path("Pod", namespace, name) + "/log", None,
+                          [("tailLines", str(tail_lines))], "application/json", "text/plain, */*"
+                          ).decode("utf-8", errors="replace")
 
     def create(self, obj: dict) -> dict:
         meta = obj["metadata"]

@@ -37,7 +37,7 @@ What it watches
     minReplicas 0 the round runs every tick, so a held request scales it up from zero within a
     second or so (without --router-url: a Warning NoRouter event, once).
     Children labelled app.kubernetes.io/managed-by=kubeinfer-operator (Deployments, StatefulSets,
-    Services, PodDisruptionBudgets, and LeaderWorkerSets unless --leaderworkerset off; the label is
+    Services, PodDisruptionBudgets, Jobs, PersistentVolumeClaims, and LeaderWorkerSets unless --leaderworkerset off; the label is
     a server-side selector on each watch): a DELETED event reconciles the owner at once and posts
     its events and status (with metadata.resourceVersion) like any reconcile.
     Pods labelled app.kubernetes.io/managed-by=kubeinfer-operator (a server-side label selector on
@@ -51,6 +51,10 @@ What it watches
 
 Children of InferenceService NAME in namespace NS (owner reference: controller, blockOwnerDeletion)
     pipeline == 1: Deployment NAME, Service NAME (ClusterIP, port 8000 "http"), PodDisruptionBudget NAME
+    spec.model.cache pvc | storageClass+size: PersistentVolumeClaim NAME-model-cache (ReadWriteMany;
+                   only for storageClass+size; no owner reference with reclaimPolicy Retain) and Job
+                   NAME-download-HASH (`kubeinfer download`); the workload is created only once the
+                   Job is Complete, and every event of the Job reconciles at once
     spec.router inference-pool: InferencePool NAME (inference.networking.k8s.io/v1, when served;
                    else a Warning InferencePoolNotServed once), selector as the Service's,
                    targetPorts [8000], endpointPickerRef spec.inferencePool.endpointPickerRef
@@ -71,7 +75,9 @@ The engine container ("engine")
     "--served-model-name", SERVED, "--tensor-parallel-size", T, "--pipeline-parallel-size", P,
     "--timeout-graceful-shutdown", S, ("--revision", REV for hf://), "--device", cuda|cpu,
     *spec.engine.args]. MODEL: hf://ORG/NAME -> ORG/NAME; pvc://CLAIM/PATH -> /models/CLAIM/PATH
-    (PVC mounted read-only); /abs/path -> as is; "default" -> omitted, the engine's default
+    (PVC mounted read-only); with spec.model.cache pvc|storageClass the hf:// model is
+    /model-store/models/ORG--NAME/REVISION on the cache claim (mounted read-only, HF_HUB_OFFLINE=1,
+    no --revision, no HF_TOKEN); /abs/path -> as is; "default" -> omitted, the engine's default
     model (SmolLM2, shipped in the image); spec.model.uri is required. SERVED: spec.model.servedName or NAME.
     env: HF_HOME=/var/cache/kubeinfer/huggingface (emptyDir, or spec.model.cache.claimName),
     HF_TOKEN (secretKeyRef spec.model.credentialsSecretRef, key "token"), KUBEINFER_API_KEY
@@ -82,8 +88,9 @@ The engine container ("engine")
     Probes: GET /health on port "http" (startup 10 s x 180, readiness 5 s, liveness 20 s).
 
 Status (patched through the status subresource)
-    observedGeneration, phase (Pending | Loading | Ready | Degraded | Failed), replicas, readyReplicas,
-    selector, url (http://NAME.NS.svc:8000/v1), conditions Ready / Progressing / Degraded. Readiness
+    observedGeneration, phase (Pending | Downloading | Loading | Ready | Degraded | Failed), replicas,
+    readyReplicas, selector, url (http://NAME.NS.svc:8000/v1), conditions Ready / Progressing /
+    Degraded, and ModelCached with spec.model.cache (cache_status.py). Readiness
     is counted from pods matching the selector (condition Ready=True), see status.py.
     Events: Normal Created/Updated/Deleted/Recreated/Ready/Loading/ScaledUp/ScaledDown,
     Warning DriftCorrected, InvalidSpec, InsufficientGPU, ImagePullFailed, CrashLoop, ModelLoadFailed, ...
@@ -115,7 +122,9 @@ from kubeinfer.operator.spec import GROUP, PLURAL, VERSION
 from kubeinfer.operator.status_follower import StatusFollower, publish
 
 CHILDREN = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"),
-            ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"))
+            ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"),
+            ("batch", "v1", "jobs"), ("", "v1", "persistentvolumeclaims"))
+JOBS = ("batch", "v1", "jobs")   # any change of a download Job reconciles: its end releases the pods
 LWS = ("leaderworkerset.x-k8s.io", "v1", "leaderworkersets")
 # whose events refresh the owner's status: pods (readiness, crashes), workloads (rollout conditions)
 STATUS_SOURCES = (("", "v1", "pods"), ("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"))
@@ -230,14 +239,17 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
                 logger.info(message)
                 kopf.event(body, type=type_, reason=reason, message=message)
 
-    def on_child_event(type, body, logger, **_):
-        if type != "DELETED":
+    def on_child_event(type, body, logger, resource=None, **_):
+        if type != "DELETED" and not (type and resource is not None and
+                                      (resource.group, resource.version, resource.plural) == JOBS):
             return  # edits are found by the resync timer; deletions are put back at once
         meta = body.get("metadata", {})
         namespace, owner_name = meta.get("namespace", ""), (meta.get("labels") or {}).get(LABEL_IS, "")
         if not owner_name:
             return
-        child = f"{body.get('kind', 'child')} {meta.get('name')}"
+        # a download Job that moved on reconciles too: its success releases the engine pods
+        child = f"{'deleted' if type == 'DELETED' else 'changed'} {body.get('kind', 'child')} {meta.get('name')}"
+        doing = "restoring the" if type == "DELETED" else "reconciling after the"
         where = f"InferenceService {namespace}/{owner_name}"
         try:
             with locks.hold(namespace, owner_name), metrics.reconciling("restore") as timed:
@@ -256,10 +268,10 @@ def build_registry(settings: OperatorSettings, api: KubeApi | None = None,
                     for type_, reason, message in outcome.events:
                         kopf.event(owner, type=type_, reason=reason, message=message)
         except ApiError as e:
-            log.warning(f"{where}: could not restore the deleted {child}: {e}; the resync timer will try again")
+            log.warning(f"{where}: could not act on the {child}: {e}; the resync timer will try again")
             return
         if outcome.failed:
-            log.warning(f"{where}: restoring the deleted {child}: {_failed_message(where, outcome)}; "
+            log.warning(f"{where}: {doing} {child}: {_failed_message(where, outcome)}; "
                         "the resync timer will try again")
 
     for group, version, plural in child_resources(settings):

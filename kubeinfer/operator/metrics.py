@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-PHASES = ("Pending", "Loading", "Ready", "Degraded", "Failed")
+PHASES = ("Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed")
 REGISTRY = CollectorRegistry(auto_describe=True)
 RECONCILES = Counter("kubeinfer_operator_reconciles_total", "Reconciles and status refreshes by outcome",
                      ["trigger", "result"], registry=REGISTRY)

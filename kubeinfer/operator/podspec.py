@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+from kubeinfer.operator import model_cache
 from kubeinfer.operator.spec import InferenceServiceSpec
 
 PORT = 8000
@@ -35,6 +36,8 @@ def model_argument(spec: InferenceServiceSpec) -> str | None:
     uri, scheme = spec.model.uri, spec.model.scheme
     if scheme == "default":
         return None
+    if model_cache.enabled(spec):
+        return model_cache.model_dir(spec)   # downloaded by the Job, mounted read-only
     if scheme == "hf":
         return uri[len("hf://"):]
     if scheme == "pvc":
@@ -91,7 +94,7 @@ def engine_args(spec: InferenceServiceSpec) -> list[str]:
     args += ["--host", "0.0.0.0", "--port", str(PORT), "--served-model-name", spec.served_name,
              "--tensor-parallel-size", str(spec.tensor), "--pipeline-parallel-size", str(spec.pipeline),
              "--timeout-graceful-shutdown", str(shutdown_seconds(spec)[1])]
-    if spec.model.scheme == "hf":
+    if spec.model.scheme == "hf" and not model_cache.enabled(spec):
         args += ["--revision", spec.model.revision]
     args += ["--device", "cuda" if spec.uses_gpu else "cpu"]
     return args + list(spec.engine.args)
@@ -104,7 +107,9 @@ def _secret_env(name: str, ref) -> dict:
 def engine_env(spec: InferenceServiceSpec, extra_env: list[dict]) -> list[dict]:
     env = [{"name": "HF_HOME", "value": HF_HOME},
            {"name": "KUBEINFER_TERMINATION_LOG", "value": TERMINATION_LOG}]
-    if spec.model.credentials is not None:
+    if model_cache.enabled(spec):
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})   # the files are on the volume
+    elif spec.model.credentials is not None:
         env.append(_secret_env("HF_TOKEN", spec.model.credentials))
     if spec.api_key is not None:
         env.append(_secret_env("KUBEINFER_API_KEY", spec.api_key))
@@ -125,6 +130,10 @@ def volumes(spec: InferenceServiceSpec) -> tuple[list[dict], list[dict]]:
         empty = {"sizeLimit": spec.model.cache_size_limit} if spec.model.cache_size_limit else {}
         vols.append({"name": "model-cache", "emptyDir": empty})
     mounts.append({"name": "model-cache", "mountPath": CACHE_DIR})
+    if model_cache.enabled(spec):
+        vol, mount = model_cache.engine_volume(spec)
+        vols.append(vol)
+        mounts.append(mount)
     if spec.model.scheme == "pvc":
         claim = spec.model.uri[len("pvc://"):].partition("/")[0]
         vols.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})

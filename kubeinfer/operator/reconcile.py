@@ -16,8 +16,10 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from kubeinfer.operator import multinode
+from kubeinfer.operator import model_cache, multinode
 from kubeinfer.operator.apply import ApiError, Done, KubeApi, ensure_secret, execute
+from kubeinfer.operator.cache_reader import read_cache
+from kubeinfer.operator.cache_status import FAILED, CacheState, with_cache
 from kubeinfer.operator.plan import plan
 from kubeinfer.operator.render import (LABEL_HASH, LABEL_IS, common_labels, owner_reference, render,
                                        selector_labels)
@@ -26,7 +28,8 @@ from kubeinfer.operator.spec import InferenceServiceSpec, InvalidSpec, Problem, 
 from kubeinfer.operator.status import compute_status, invalid_status, transition_events
 from kubeinfer.operator.traffic import ROUTER_INFERENCE_POOL
 
-CHILD_KINDS = ("Deployment", "StatefulSet", "Service", "PodDisruptionBudget")   # + LWS, InferencePool
+CHILD_KINDS = ("Deployment", "StatefulSet", "Service", "PodDisruptionBudget",
+               "Job", "PersistentVolumeClaim")   # + LWS, InferencePool
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
 LWS_DISCOVERY_TTL = 60.0
 
@@ -116,7 +119,8 @@ def _template_hashes(objs: list[dict]) -> frozenset[str]:
         spec = o.get("spec", {})
         template = spec.get("template") or spec.get("leaderWorkerTemplate", {}).get("workerTemplate")
         if template:
-            out.add(template["metadata"]["labels"][LABEL_HASH])
+            if LABEL_HASH in template["metadata"]["labels"]:   # engine pods (not the download Job's)
+                out.add(template["metadata"]["labels"][LABEL_HASH])
     return frozenset(out)
 
 
@@ -160,10 +164,15 @@ def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
         (("InferencePool",) if pools_served else ())
     failed: list[Failure] = []
     observed, unknown = _observe(api, spec, kinds, failed)
+    cache, held = _cache(api, spec, desired, observed, failed)
+    # while the model is not cached the workloads are held: none created, an existing one (serving
+    # the model of before) neither changed nor deleted
+    keep = unknown | (set(WORKLOAD_KINDS) if held else set())
     done: list[Done] = []
     if spec.pipeline > 1:   # before the pods that read it
         _ensure_node_secret(api, spec, body, done, failed)
-    for action in plan([o for o in desired if o["kind"] not in unknown], observed, uid):
+    for action in plan([o for o in desired if o["kind"] not in keep],
+                       [o for o in observed if o["kind"] not in keep], uid):
         try:
             done.append(execute(api, action, uid))
         except ApiError as e:
@@ -180,7 +189,7 @@ def reconcile(api: KubeApi, body: dict, settings: OperatorSettings,
         observed += again
     events = [_event_for(d) for d in done] + _pool_warning(spec, pools_served, pools)
     try:
-        found = _status(api, body, spec, observed, desired, use_lws, settings, now)
+        found = _status(api, body, spec, observed, desired, use_lws, settings, now, cache)
     except ApiError as e:
         failed.append(Failure("list Pods", e))
         return Outcome(dict(body.get("status") or {}), events, done=done, failed=failed)
@@ -217,11 +226,25 @@ def refresh(api: KubeApi, body: dict, settings: OperatorSettings,
     use_lws = spec.pipeline > 1 and lws_served
     desired = render(spec, settings, owner=body, use_lws=use_lws)
     kinds = tuple(k for k in WORKLOAD_KINDS if lws_served or k != "LeaderWorkerSet")
-    return _status(api, body, spec, _observe(api, spec, kinds)[0], desired, use_lws, settings, now)
+    cache = read_cache(api, spec, desired) if model_cache.enabled(spec) else None
+    return _status(api, body, spec, _observe(api, spec, kinds)[0], desired, use_lws, settings, now, cache)
+
+
+def _cache(api: KubeApi, spec: InferenceServiceSpec, desired: list[dict], observed: list[dict],
+           failed: list[Failure]) -> tuple[CacheState | None, bool]:
+    """(the model cache's state or None without one, whether the workloads wait for it)."""
+    if not model_cache.enabled(spec):
+        return None, False
+    try:
+        cache = read_cache(api, spec, desired, observed)
+    except ApiError as e:
+        failed.append(Failure("read the model cache", e))
+        return None, True   # not knowing, hold: never start pods on a half-downloaded model
+    return cache, not cache.ready
 
 
 def _status(api: KubeApi, body: dict, spec: InferenceServiceSpec, observed: list[dict], desired: list[dict],
-            use_lws: bool, settings: OperatorSettings, now: str) -> Outcome:
+            use_lws: bool, settings: OperatorSettings, now: str, cache: CacheState | None = None) -> Outcome:
     previous = body.get("status") or {}
     workloads = [o for o in observed if o["kind"] in WORKLOAD_KINDS]
     selector = ",".join(f"{k}={v}" for k, v in selector_labels(spec.name).items())
@@ -229,4 +252,10 @@ def _status(api: KubeApi, body: dict, spec: InferenceServiceSpec, observed: list
     status = compute_status(spec, pods, workloads, generation=body["metadata"].get("generation", 0),
                             previous=previous, now=now, settings=settings, use_lws=use_lws,
                             template_hashes=_template_hashes(desired))
-    return Outcome(status, transition_events(previous, status))
+    events = transition_events(previous, status)
+    if cache is not None:
+        status = with_cache(status, cache, held=not workloads, generation=body["metadata"].get("generation", 0),
+                            previous=previous, now=now)
+        events = [("Warning" if reason in (FAILED, "ClaimNotFound") else type_, reason, message)
+                  for type_, reason, message in transition_events(previous, status)]
+    return Outcome(status, events)

@@ -10,6 +10,10 @@
 
 The multi-node pods themselves (flags, ranks, probes, the node secret's env) are multinode.py's.
 
+With spec.model.cache pvc or storageClass, the cache's PersistentVolumeClaim NAME-model-cache (only
+when the operator creates it) and the download Job NAME-download-HASH come first (model_cache.py,
+download_job.py); reconcile.py holds the workloads back until the Job succeeded.
+
 With spec.router inference-pool, an InferencePool NAME (Gateway API Inference Extension,
 inference.networking.k8s.io/v1) follows, selecting the pods that serve HTTP, when the cluster
 serves that kind (reconcile.py asks).
@@ -24,7 +28,8 @@ import copy
 import hashlib
 import json
 
-from kubeinfer.operator import multinode, podspec
+from kubeinfer.operator import model_cache, multinode, podspec
+from kubeinfer.operator.download_job import download_job
 from kubeinfer.operator.settings import OperatorSettings
 from kubeinfer.operator.spec import API_VERSION, KIND, InferenceServiceSpec
 from kubeinfer.operator.traffic import ROUTER_INFERENCE_POOL
@@ -235,4 +240,19 @@ def render(spec: InferenceServiceSpec, settings: OperatorSettings, *, owner: dic
                 pod_disruption_budget(spec)]
     if pools and spec.traffic.router == ROUTER_INFERENCE_POOL:
         objs.append(inference_pool(spec, use_lws))
-    return [_finish(copy.deepcopy(o), owner) for o in objs]
+    out = [_finish(copy.deepcopy(o), owner) for o in objs]
+    if model_cache.enabled(spec):
+        out = cache_children(spec, owner) + out
+    return out
+
+
+def cache_children(spec: InferenceServiceSpec, owner: dict | None) -> list[dict]:
+    """The model cache's claim (when the operator creates it; without an owner when
+    reclaimPolicy is Retain, so it outlives the InferenceService) and its download Job."""
+    labels = common_labels(spec.name)
+    out = []
+    claim = model_cache.persistent_volume_claim(spec, labels)
+    if claim is not None:
+        out.append(_finish(claim, None if spec.model.cache.retain else owner))
+    out.append(_finish(download_job(spec, labels), owner))
+    return out

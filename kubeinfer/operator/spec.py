@@ -9,9 +9,10 @@ ones because an older CRD may be installed, and `kubeinfer render` runs without 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kubeinfer.operator.cache_spec import CacheSpec, read_cache
 from kubeinfer.operator.problem import InvalidSpec, Problem
 from kubeinfer.operator.quantity import is_quantity, parse_quantity
 from kubeinfer.operator.traffic import Autoscaling, Traffic, read_traffic
@@ -85,6 +86,7 @@ class ModelSpec:
     credentials: SecretRef | None = None
     cache_claim: str = ""         # a PVC for HF_HOME; "" -> an emptyDir
     cache_size_limit: str = ""    # emptyDir sizeLimit; "" -> none
+    cache: CacheSpec | None = None   # downloaded once by a Job into a shared claim (cache_spec.py)
 
     @property
     def scheme(self) -> str:
@@ -296,17 +298,12 @@ def parse_spec(name: str, namespace: str, spec: dict, *, default_image: str,
     else:
         _check_uri(r, uri)
     served = r.str(model, "servedName", "spec.model.servedName")
-    cache = r.obj(model, "cache", "spec.model.cache")
-    cache_claim = r.str(cache, "claimName", "spec.model.cache.claimName")
-    if cache_claim and not _DNS1123.match(cache_claim):
-        r.bad("spec.model.cache.claimName", cache_claim, "must name a PersistentVolumeClaim")
-    size_limit = r.str(cache, "sizeLimit", "spec.model.cache.sizeLimit")
-    if size_limit and not is_quantity(size_limit):
-        r.bad("spec.model.cache.sizeLimit", size_limit, "must be a quantity such as 100Gi")
     model_spec = ModelSpec(
         uri=uri, served_name=served, revision=r.str(model, "revision", "spec.model.revision", "main") or "main",
-        credentials=r.secret_ref(model, "credentialsSecretRef", "spec.model.credentialsSecretRef", "token"),
-        cache_claim=cache_claim, cache_size_limit=size_limit)
+        credentials=r.secret_ref(model, "credentialsSecretRef", "spec.model.credentialsSecretRef", "token"))
+    cache_claim, size_limit, cache = read_cache(r.obj(model, "cache", "spec.model.cache"),
+                                                model_spec.scheme, r.bad)
+    model_spec = replace(model_spec, cache_claim=cache_claim, cache_size_limit=size_limit, cache=cache)
 
     engine = r.obj(spec, "engine", "spec.engine")
     shm = r.str(engine, "shmSize", "spec.engine.shmSize")

@@ -21,11 +21,13 @@ from aiohttp import web
 from .controllers import Controllers
 from .endpointslices import EndpointSliceController, declared_port, kubelet_ports
 from .gc import GarbageCollector
+from .jobs import JobController
 from .kubelet import Kubelet
 from .leaderworkersets import LeaderWorkerSetController
 from .proxy import make_proxy, service_url
 from .server import ApiServer
 from .store import Store
+from .volumes import ClaimBinder
 
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
@@ -45,6 +47,8 @@ class Emulator:
             if with_controllers else None
         # idle until the LeaderWorkerSet CRD is installed (leaderworkersets.install_leaderworkerset_crd)
         self.leaderworkersets = LeaderWorkerSetController(self.store) if with_controllers else None
+        self.jobs = JobController(self.store) if with_controllers else None
+        self.claims = ClaimBinder(self.store) if with_controllers else None
         self.gc = GarbageCollector(self.store) if with_gc else None
         if self.kubelet is not None:
             self.server.proxy = make_proxy(self.kubelet)
@@ -94,7 +98,8 @@ class Emulator:
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        for part in (self.gc, self.controllers, self.leaderworkersets, self.endpointslices, self.kubelet):
+        for part in (self.gc, self.controllers, self.leaderworkersets, self.jobs, self.claims,
+                     self.endpointslices, self.kubelet):
             if part is not None:
                 self._tasks.append(asyncio.create_task(part.run(), name=type(part).__name__))
 

@@ -80,6 +80,7 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
     _t("apps", "v1", "deployments", "Deployment", short=("deploy",), subs=("status", "scale")),
     _t("apps", "v1", "replicasets", "ReplicaSet", short=("rs",), subs=("status", "scale")),
     _t("apps", "v1", "statefulsets", "StatefulSet", short=("sts",), subs=("status", "scale")),
+    _t("batch", "v1", "jobs", "Job", subs=("status",)),
     _t("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short=("pdb",), subs=("status",)),
     _t("events.k8s.io", "v1", "events", "Event", short=("ev",)),
     _t("coordination.k8s.io", "v1", "leases", "Lease"),

@@ -59,6 +59,7 @@ class FakeApi(KubeApi):
         self.calls: list[tuple[str, str]] = []
         self.lws = lws
         self.fail: dict[tuple[str, str], ApiError] = {}       # (method, kind) -> error to raise once
+        self.logs: dict[tuple[str, str], str] = {}            # (namespace, pod) -> its log
         self._rv = itertools.count(1)
 
     def _parse(self, path: str):
@@ -138,6 +139,12 @@ class FakeApi(KubeApi):
                 obj["metadata"]["generation"] = obj["metadata"].get("generation", 0) + 1
             return copy.deepcopy(obj)
         raise AssertionError(f"unexpected {method} {path}")
+
+    def pod_log(self, namespace: str, name: str, tail_lines: int) -> str:
+        self.calls.append(("GET", f"/api/v1/namespaces/{namespace}/pods/{name}/log"))
+        if (namespace, name) not in self.logs:
+            raise ApiError(404, "NotFound", f"pod {name} has no log")
+        return "\n".join(self.logs[(namespace, name)].splitlines()[-tail_lines:])
 
     def put_object(self, obj: dict) -> None:
         meta = obj["metadata"]

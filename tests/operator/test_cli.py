@@ -30,6 +30,7 @@ def render(argv: list[str], capsys) -> tuple[int, str, str]:
     ("cpu.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
     ("embeddings.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
     ("multi-gpu.yaml", ["Deployment", "Service", "PodDisruptionBudget"]),
+    ("model-cache.yaml", ["PersistentVolumeClaim", "Job", "Deployment", "Service", "PodDisruptionBudget"]),
 ])
 def test_render_examples(example, kinds, capsys):
     rc, out, err = render(["-f", str(EXAMPLES / example)], capsys)

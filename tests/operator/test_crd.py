@@ -53,7 +53,7 @@ def test_schema_is_structural():
 
 
 @pytest.mark.parametrize("example", ["inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml", "embeddings.yaml",
-                                     "router.yaml"])
+                                     "router.yaml", "model-cache.yaml"])
 def test_examples_pass_the_schema(example):
     for doc in example_docs(example):
         defaulted, problems = schema.validate(doc)
@@ -79,6 +79,8 @@ REJECTED = [
     ({"model": {"url": "hf://a/b"}}, "spec.model.uri"),
     ({"model": {"uri": "default"}, "parallelism": {"pipeline": 65}}, "spec.parallelism.pipeline"),
     ({"replicas": -1}, "spec.replicas"),
+    ({"model": {"uri": "hf://a/b", "cache": {"size": "1Gi", "reclaimPolicy": "Keep"}}},
+     "spec.model.cache.reclaimPolicy"),
     ({"model": {"uri": "s3://bucket/m"}}, "spec.model.uri"),
     ({"model": {"uri": "hf://only-one-part"}}, "spec.model.uri"),
     ({"parallelism": {"tensor": 3}}, "spec.parallelism.tensor"),
@@ -112,12 +114,13 @@ def test_schema_rejects(spec, field):
 
 def _all_renders():
     cases = [(f, doc["spec"], False) for f in ("inferenceservice.yaml", "cpu.yaml", "multi-gpu.yaml",
-                                               "embeddings.yaml", "router.yaml")
+                                               "embeddings.yaml", "router.yaml", "model-cache.yaml")
              for doc in example_docs(f)]
     cases += [("pvc", {"model": {"uri": "pvc://weights/m"}, "apiKeySecretRef": {"name": "k"}}, False),
               ("pipeline+lws", {"parallelism": {"tensor": 2, "pipeline": 2}, "replicas": 2}, True),
               ("pipeline+statefulsets", {"parallelism": {"pipeline": 3, "exclusiveTopology": "rack"},
-                                         "replicas": 2}, False)]
+                                         "replicas": 2}, False),
+              ("cache-pvc", {"model": {"uri": "hf://o/m", "cache": {"pvc": "shared"}}}, False)]
     return cases
 
 
@@ -140,5 +143,5 @@ def test_rendered_manifests_pass_kubernetes_validate(name, spec, lws):
 
 def test_examples_are_what_render_reads():
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == \
-        ["cpu.yaml", "embeddings.yaml", "inferenceservice.yaml", "multi-gpu.yaml", "router.yaml",
-         "vlm.yaml"]
+        ["cpu.yaml", "embeddings.yaml", "inferenceservice.yaml", "model-cache.yaml", "multi-gpu.yaml",
+         "router.yaml", "vlm.yaml"]

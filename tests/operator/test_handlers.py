@@ -48,6 +48,7 @@ def test_registered_handlers():
         ("child-deployments", "apps", "deployments"), ("child-statefulsets", "apps", "statefulsets"),
         ("child-services", "", "services"), ("child-poddisruptionbudgets", "policy", "poddisruptionbudgets"),
         ("child-leaderworkersets", "leaderworkerset.x-k8s.io", "leaderworkersets"),
+        ("child-jobs", "batch", "jobs"), ("child-persistentvolumeclaims", "", "persistentvolumeclaims"),
         ("status-pods", "", "pods"), ("status-deployments", "apps", "deployments"),
         ("status-statefulsets", "apps", "statefulsets")}
     for h in registry._watching.get_all_handlers():
@@ -66,7 +67,8 @@ def test_kopf_settings():
     selectors = {(k.group, k.any_name): v for k, v in s.watching.label_selectors.items()}
     assert selectors == {(g, p): "app.kubernetes.io/managed-by=kubeinfer-operator" for g, p in (
         ("", "pods"), ("apps", "deployments"), ("apps", "statefulsets"), ("", "services"),
-        ("policy", "poddisruptionbudgets"), ("leaderworkerset.x-k8s.io", "leaderworkersets"))}
+        ("policy", "poddisruptionbudgets"), ("leaderworkerset.x-k8s.io", "leaderworkersets"),
+        ("batch", "jobs"), ("", "persistentvolumeclaims"))}
     assert max(s.networking.error_backoffs) <= 5
     assert handlers._run_kwargs(make_settings()) == {
         "standalone": True, "clusterwide": True, "liveness_endpoint": "http://0.0.0.0:8080/healthz"}

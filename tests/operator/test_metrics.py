@@ -36,9 +36,11 @@ def test_phase_tracker_counts_per_phase():
     phases.set("ns", "b", "Ready")
     phases.set("ns", "c", "Failed")
     phases.set("ns", "b", "Loading")
+    phases.set("ns", "d", "Downloading")
+    phases.set("ns", "d", "Ready")   # a model cache done: Downloading goes back to 0
     phases.set("ns", "a", None)
     got = {p: r.get_sample_value("phases_test", {"phase": p}) for p in metrics.PHASES}
-    assert got == {"Pending": 0, "Loading": 1, "Ready": 0, "Degraded": 0, "Failed": 1}
+    assert got == {"Pending": 0, "Downloading": 0, "Loading": 1, "Ready": 1, "Degraded": 0, "Failed": 1}
 
 
 def test_handlers_feed_the_metrics(monkeypatch):

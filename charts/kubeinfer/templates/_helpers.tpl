@@ -63,12 +63,21 @@ The operator's permissions: exactly the verbs kubeinfer/operator/apply.py and ko
 - apiGroups: ["inference.networking.k8s.io"]
   resources: ["inferencepools"]
   verbs: ["get", "list", "create", "update", "delete"]   # spec.router inference-pool
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "update", "delete"]   # spec.model.cache's download Job
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "update", "delete"]   # spec.model.cache's claim
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]                      # status: which pods are ready, and why not
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create"]                      # pipeline > 1: NAME-node-secret, made once
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]                                # the download Job's progress line
 {{- if eq .Values.autoscaling.scrapeVia "apiserver" }}
 - apiGroups: [""]
   resources: ["pods/proxy"]
