@@ -1,0 +1,174 @@
+"""Where the time to first token goes, on rank 0: host phases, the forward's GPU time, and the
+kernels (GEMMs, attention, NCCL, the custom all-reduce) of one first-token path.
+
+    python3 benchmarks/profile_ttft.py --model DIR -tp 2 [--disable-custom-all-reduce]
+
+The engine is built as `kubeinfer bench latency` builds it (CUDA graphs, async scheduling on); one
+request of --input-len tokens is timed from its first step to its first token, --num-iters times
+after two warm-up requests. The host phases are wall time with no synchronisation added (what the
+engine's loop really spends in each, a launch returns once enqueued), so
+
+- host phases that add up to the TTFT with a short `read_wait` mean the host is the bottleneck
+  (launch overhead, eager collectives holding the host, a synchronising call: see the host-op
+  table, e.g. cudaStreamSynchronize / cudaMemcpy / nccl calls with large self time);
+- a long `read_wait` with `forward_gpu_ms` close to the TTFT means the GPU is; then NCCL kernel
+  time far above the all-reduce's bandwidth cost is rank 0 waiting in a collective for a rank
+  whose host is late (the workers run the same launch code behind a pipe).
+Prints the tables, then one JSON line (collected by gpu_suite.py).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kubeinfer.engine import model_runner as mr  # noqa: E402
+from kubeinfer.engine import parallel_state  # noqa: E402
+from kubeinfer.engine.args import EngineArgs  # noqa: E402
+from kubeinfer.engine.custom_all_reduce import CustomAllReduce  # noqa: E402
+from kubeinfer.engine.llm_engine import LLMEngine  # noqa: E402
+from kubeinfer.engine.sampling_params import SamplingParams  # noqa: E402
+
+HOST: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])  # name -> [calls, s]
+GPU_FORWARD: list[tuple] = []  # (start, end) CUDA events of the driver's forwards
+CUDA = torch.cuda.is_available()
+SYNC = torch.cuda.synchronize if CUDA else (lambda: None)  # the script also runs on CPU (gloo)
+
+
+def timed(name, fn):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            HOST[name][0] += 1
+            HOST[name][1] += time.perf_counter() - t
+    return wrapper
+
+
+def gpu_timed(fn):
+    def wrapper(*a, **k):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        r = fn(*a, **k)
+        end.record()
+        GPU_FORWARD.append((start, end))
+        return r
+    return wrapper
+
+
+def instrument(engine: LLMEngine) -> None:
+    runner, sched = engine.runner, engine.scheduler
+    sched.schedule = timed("schedule", sched.schedule)
+    sched.resolve = timed("update", sched.resolve)
+    if engine.executor.workers is not None:
+        w = engine.executor.workers
+        w.send = timed("rpc_send", w.send)
+    runner._update_states = timed("update_states", runner._update_states)
+    runner.batch.prepare = timed("prepare_inputs", runner.batch.prepare)
+    runner._forward = timed("forward_enqueue",
+                            gpu_timed(runner._forward) if CUDA else runner._forward)
+    runner.model.compute_logits = timed("logits_enqueue", runner.model.compute_logits)
+    runner.sampler.sample = timed("sample_enqueue", runner.sampler.sample)
+    mr.tp_broadcast_from_first = timed("broadcast_ids", mr.tp_broadcast_from_first)
+    runner._read = timed("read_wait", runner._read)
+    engine.output_processor.process = timed("outputs", engine.output_processor.process)
+    torch.distributed.all_reduce = timed("nccl_all_reduce_host", torch.distributed.all_reduce)
+    CustomAllReduce.all_reduce = timed("custom_all_reduce_host", CustomAllReduce.all_reduce)
+
+
+def first_token(engine: LLMEngine, ids: list[int], req_id: str) -> tuple[float, dict]:
+    """Seconds from the request's first step to its first token, and the host phases until then
+    (calls, seconds); then the request runs to its end."""
+    engine.kv.pool.reset_prefix_cache()
+    engine.add_request(req_id, ids, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    SYNC()
+    start, ttft, phases = time.perf_counter(), None, {}
+    while engine.has_unfinished_requests():
+        if engine.step() and ttft is None:
+            ttft = time.perf_counter() - start
+            phases = {k: v[:] for k, v in HOST.items()}
+    SYNC()
+    return ttft, phases
+
+
+def kernel_table(prof) -> dict[str, float]:
+    """Device time (ms) of the profiled run by kind of kernel."""
+    kinds = collections.defaultdict(float)
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if not us or evt.key.startswith("aten::") or evt.key.startswith("cuda"):
+            continue
+        name = evt.key.lower()
+        kind = ("nccl" if "nccl" in name else
+                "custom_all_reduce" if "all_reduce" in name or "allreduce" in name else
+                "gemm" if any(k in name for k in ("gemm", "nvjet", "cutlass", "sm90", "cublas")) else
+                "attention" if "attention" in name else "copy" if "memcpy" in name else "other")
+        kinds[kind] += us / 1e3
+    return {k: round(v, 3) for k, v in sorted(kinds.items())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(ap)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--num-iters", type=int, default=5)
+    a = ap.parse_args()
+    a.skip_tokenizer_init = True
+    engine = LLMEngine(EngineArgs.from_cli_args(a).create_engine_config())
+    rng = random.Random(0)
+    prompt = lambda: [rng.randrange(engine.vocab_size) for _ in range(a.input_len)]  # noqa: E731
+    # the first requests show any first-use cost (lazy init, compilation) the start-up missed
+    warm_ms = [round(1e3 * first_token(engine, prompt(), f"warm{i}")[0], 2) for i in range(2)]
+    instrument(engine)
+    runs = []
+    for i in range(a.num_iters):
+        HOST.clear()
+        GPU_FORWARD.clear()
+        ttft, phases = first_token(engine, prompt(), f"run{i}")
+        SYNC()
+        forward_gpu = GPU_FORWARD[0][0].elapsed_time(GPU_FORWARD[0][1]) if CUDA else 0.0
+        runs.append((ttft, forward_gpu, phases))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if CUDA:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        first_token(engine, prompt(), "profiled")
+    ttft_ms = 1e3 * statistics.median(r[0] for r in runs)
+    phases = {k: round(1e3 * statistics.median(r[2].get(k, [0, 0.0])[1] for r in runs), 3)
+              for k in sorted({k for r in runs for k in r[2]})}
+    calls = {k: runs[-1][2][k][0] for k in runs[-1][2]}
+    print(f"== host phases on rank 0 until the first token (ms, median of {a.num_iters}); time "
+          f"to first token {ttft_ms:.2f} ms (warm-up requests: {warm_ms} ms)")
+    for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
+        print(f"   {k:24s} {v:9.3f} ms  {calls.get(k, 0):6d} calls")
+    print("== host ops by self CPU time (the profiled request)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                    max_name_column_width=50))
+    if CUDA:
+        print("== kernels by device time (the profiled request)")
+        sort = "device_time_total" if hasattr(prof.key_averages()[0], "device_time_total") \
+            else "cuda_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
+    custom = parallel_state.custom_all_reduce()
+    print(json.dumps({
+        "step": "ttft_profile", "tensor_parallel_size": a.tensor_parallel_size,
+        "custom_all_reduce": custom is not None, "input_len": a.input_len,
+        "time_to_first_token_ms": round(ttft_ms, 2), "warm_up_ttft_ms": warm_ms,
+        "prefill_forward_gpu_ms": round(statistics.median(r[1] for r in runs), 3),
+        "host_ms": phases, "kernel_ms": kernel_table(prof),
+        "device": torch.cuda.get_device_name() if CUDA else "cpu"}), flush=True)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
