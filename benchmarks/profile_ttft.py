@@ -13,7 +13,8 @@ engine's loop really spends in each, a launch returns once enqueued), so
   table, e.g. cudaStreamSynchronize / cudaMemcpy / nccl calls with large self time);
 - a long `read_wait` with `forward_gpu_ms` close to the TTFT means the GPU is; then NCCL kernel
   time far above the all-reduce's bandwidth cost is rank 0 waiting in a collective for a rank
-  whose host is late (the workers run the same launch code behind a pipe).
+  whose host is late (the workers run the same launch code behind a pipe): every rank profiles
+  the same request (rank_profiler.py), so the late rank's own host-op table is printed too.
 Prints the tables, then one JSON line (collected by gpu_suite.py).
 """
 from __future__ import annotations
@@ -101,22 +102,6 @@ def first_token(engine: LLMEngine, ids: list[int], req_id: str) -> tuple[float, 
     return ttft, phases
 
 
-def kernel_table(prof) -> dict[str, float]:
-    """Device time (ms) of the profiled run by kind of kernel."""
-    kinds = collections.defaultdict(float)
-    for evt in prof.key_averages():
-        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if not us or evt.key.startswith("aten::") or evt.key.startswith("cuda"):
-            continue
-        name = evt.key.lower()
-        kind = ("nccl" if "nccl" in name else
-                "custom_all_reduce" if "all_reduce" in name or "allreduce" in name else
-                "gemm" if any(k in name for k in ("gemm", "nvjet", "cutlass", "sm90", "cublas")) else
-                "attention" if "attention" in name else "copy" if "memcpy" in name else "other")
-        kinds[kind] += us / 1e3
-    return {k: round(v, 3) for k, v in sorted(kinds.items())}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     EngineArgs.add_cli_args(ap)
@@ -138,11 +123,10 @@ def main() -> None:
         SYNC()
         forward_gpu = GPU_FORWARD[0][0].elapsed_time(GPU_FORWARD[0][1]) if CUDA else 0.0
         runs.append((ttft, forward_gpu, phases))
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if CUDA:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        first_token(engine, prompt(), "profiled")
+    # every rank profiles the same request (ModelRunner.profile -> rank_profiler.py)
+    engine.executor.collective_rpc("profile", "start")
+    first_token(engine, prompt(), "profiled")
+    by_rank = engine.executor.collective_rpc("profile", "stop")
     ttft_ms = 1e3 * statistics.median(r[0] for r in runs)
     phases = {k: round(1e3 * statistics.median(r[2].get(k, [0, 0.0])[1] for r in runs), 3)
               for k in sorted({k for r in runs for k in r[2]})}
@@ -151,21 +135,23 @@ def main() -> None:
           f"to first token {ttft_ms:.2f} ms (warm-up requests: {warm_ms} ms)")
     for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
         print(f"   {k:24s} {v:9.3f} ms  {calls.get(k, 0):6d} calls")
-    print("== host ops by self CPU time (the profiled request)")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
-                                    max_name_column_width=50))
-    if CUDA:
-        print("== kernels by device time (the profiled request)")
-        sort = "device_time_total" if hasattr(prof.key_averages()[0], "device_time_total") \
-            else "cuda_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
+    for rank, summary in enumerate(by_rank):
+        print(f"== rank {rank}, the profiled request: device time by kind (ms) "
+              f"{summary['kernel_ms']}")
+        if summary["kernels_top"]:
+            print("   top kernels (ms, calls):")
+            for name, ms, n in summary["kernels_top"]:
+                print(f"      {ms:9.3f} {n:6d}  {name}")
+        print("   host ops by self CPU time (ms, calls):")
+        for name, ms, n in summary["host_ops_ms"]:
+            print(f"      {ms:9.3f} {n:6d}  {name}")
     custom = parallel_state.custom_all_reduce()
     print(json.dumps({
         "step": "ttft_profile", "tensor_parallel_size": a.tensor_parallel_size,
         "custom_all_reduce": custom is not None, "input_len": a.input_len,
         "time_to_first_token_ms": round(ttft_ms, 2), "warm_up_ttft_ms": warm_ms,
         "prefill_forward_gpu_ms": round(statistics.median(r[1] for r in runs), 3),
-        "host_ms": phases, "kernel_ms": kernel_table(prof),
+        "host_ms": phases, "kernel_ms_by_rank": [r["kernel_ms"] for r in by_rank],
         "device": torch.cuda.get_device_name() if CUDA else "cpu"}), flush=True)
     engine.shutdown()
 
