@@ -87,9 +87,10 @@ def instrument(engine: LLMEngine) -> None:
     CustomAllReduce.all_reduce = timed("custom_all_reduce_host", CustomAllReduce.all_reduce)
 
 
-def first_token(engine: LLMEngine, ids: list[int], req_id: str) -> tuple[float, dict]:
+def first_token(engine: LLMEngine, ids: list[int], req_id: str,
+                on_first=lambda: None) -> tuple[float, dict]:
     """Seconds from the request's first step to its first token, and the host phases until then
-    (calls, seconds); then the request runs to its end."""
+    (calls, seconds); `on_first()` runs at the first token, then the request runs to its end."""
     engine.kv.pool.reset_prefix_cache()
     engine.add_request(req_id, ids, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     SYNC()
@@ -98,6 +99,7 @@ def first_token(engine: LLMEngine, ids: list[int], req_id: str) -> tuple[float, 
         if engine.step() and ttft is None:
             ttft = time.perf_counter() - start
             phases = {k: v[:] for k, v in HOST.items()}
+            on_first()
     SYNC()
     return ttft, phases
 
@@ -124,9 +126,11 @@ def main() -> None:
         forward_gpu = GPU_FORWARD[0][0].elapsed_time(GPU_FORWARD[0][1]) if CUDA else 0.0
         runs.append((ttft, forward_gpu, phases))
     # every rank profiles the same request (ModelRunner.profile -> rank_profiler.py)
+    # ... until its first token (the step launched after the prefill included, as in the TTFT)
+    by_rank = []
     engine.executor.collective_rpc("profile", "start")
-    first_token(engine, prompt(), "profiled")
-    by_rank = engine.executor.collective_rpc("profile", "stop")
+    first_token(engine, prompt(), "profiled",
+                on_first=lambda: by_rank.extend(engine.executor.collective_rpc("profile", "stop")))
     ttft_ms = 1e3 * statistics.median(r[0] for r in runs)
     phases = {k: round(1e3 * statistics.median(r[2].get(k, [0, 0.0])[1] for r in runs), 3)
               for k in sorted({k for r in runs for k in r[2]})}
@@ -136,8 +140,8 @@ def main() -> None:
     for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
         print(f"   {k:24s} {v:9.3f} ms  {calls.get(k, 0):6d} calls")
     for rank, summary in enumerate(by_rank):
-        print(f"== rank {rank}, the profiled request: device time by kind (ms) "
-              f"{summary['kernel_ms']}")
+        print(f"== rank {rank}, the profiled request until its first token: device time by kind "
+              f"(ms; busy {sum(summary['kernel_ms'].values()):.3f}) {summary['kernel_ms']}")
         if summary["kernels_top"]:
             print("   top kernels (ms, calls):")
             for name, ms, n in summary["kernels_top"]:
@@ -152,6 +156,7 @@ def main() -> None:
         "time_to_first_token_ms": round(ttft_ms, 2), "warm_up_ttft_ms": warm_ms,
         "prefill_forward_gpu_ms": round(statistics.median(r[1] for r in runs), 3),
         "host_ms": phases, "kernel_ms_by_rank": [r["kernel_ms"] for r in by_rank],
+        "device_busy_ms_by_rank": [round(sum(r["kernel_ms"].values()), 3) for r in by_rank],
         "device": torch.cuda.get_device_name() if CUDA else "cpu"}), flush=True)
     engine.shutdown()
 
