@@ -92,3 +92,24 @@ def test_gpu_tensor_parallel_custom_all_reduce_equals_nccl():
         assert isinstance(checked, list), f"rank {rank}: {checked}"
         kinds = {kind for *_, kind in checked}
         assert kinds == {"one_shot", "two_shot", None}, kinds  # every path was compared
+
+
+def test_tp_all_reduce_sends_the_messages_it_takes_to_the_custom_kernel(monkeypatch):
+    from kubeinfer.engine import parallel_state
+
+    class Fake:  # stands for the GPU object: takes float32 messages of up to 64 bytes
+        calls = []
+
+        def should_use(self, x):
+            return x.dtype == torch.float32 and x.numel() * 4 <= 64
+
+        def all_reduce(self, x):
+            self.calls.append(x.numel())
+            return x.mul_(2)  # what two ranks holding the same x would sum to
+
+    monkeypatch.setattr(parallel_state, "_CUSTOM_AR", Fake())
+    assert parallel_state.tp_all_reduce(torch.ones(16)).tolist() == [2.0] * 16
+    # not taken: with no group in this process the sum over one rank is x itself
+    assert parallel_state.tp_all_reduce(torch.ones(17)).tolist() == [1.0] * 17
+    assert parallel_state.tp_all_reduce(torch.ones(4, dtype=torch.float64)).tolist() == [1.0] * 4
+    assert Fake.calls == [16]
