@@ -110,6 +110,8 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                                       "--max-model-len", "1024", "--max-num-seqs", "8",
                                       "--tensor-parallel-size", "2", "--disable-custom-all-reduce"],
                              100),
+        # NCCL vs the custom kernels at every message size, in graphs and eager (thresholds)
+        "allreduce_tp2": ([py, "benchmarks/bench_all_reduce.py", "--world-size", "2"], 150),
         # where TTFT goes (benchmarks/profile_ttft.py): host phases, prefill GPU time, kernels by
         # kind, at TP 1, TP 2 and TP 2 on NCCL only
         "ttft_profile": ([py, "benchmarks/profile_ttft.py", *ttft], 150),

@@ -119,20 +119,34 @@ class CustomAllReduce:
         """Sum `x` over the group in place (as dist.all_reduce) and return it. The caller checks
         `should_use(x)` first."""
         nbytes = x.numel() * x.element_size()
-        buf = self.buffer[:nbytes].view(x.dtype)
-        buf.copy_(x.view(-1))
         if kernel_for(nbytes, x.dtype, self.max_bytes) == "one_shot":
             self.num_one_shot += 1
-            if x.data_ptr() % 16 == 0:
-                torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self.group_name, x.view(-1))
-            else:
-                out = self.scratch[:nbytes].view(x.dtype)
-                torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self.group_name, out)
-                x.view(-1).copy_(out)
+            return self.one_shot(x)
+        self.num_two_shot += 1
+        return self.two_shot(x)
+
+    # the two kernels, for any message that fits the buffer (benchmarks/bench_all_reduce.py
+    # times each at every size)
+    def one_shot(self, x: torch.Tensor) -> torch.Tensor:
+        nbytes = x.numel() * x.element_size()
+        buf = self.buffer[:nbytes].view(x.dtype)
+        buf.copy_(x.view(-1))
+        if x.data_ptr() % 16 == 0:
+            torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self.group_name, x.view(-1))
         else:
-            self.num_two_shot += 1
-            torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", self.group_name)
-            x.view(-1).copy_(buf)
+            if nbytes > self.scratch.numel():  # all_reduce never sends one this big here
+                raise ValueError(f"an unaligned one-shot message of {nbytes} bytes is larger "
+                                 f"than the scratch buffer ({self.scratch.numel()})")
+            out = self.scratch[:nbytes].view(x.dtype)
+            torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self.group_name, out)
+            x.view(-1).copy_(out)
+        return x
+
+    def two_shot(self, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffer[:x.numel() * x.element_size()].view(x.dtype)
+        buf.copy_(x.view(-1))
+        torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", self.group_name)
+        x.view(-1).copy_(buf)
         return x
 
 
