@@ -138,6 +138,8 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     phi3 = os.path.join(a.models, "phi-3-mini-shape")
     moe = os.path.join(a.models, "qwen3-30b-a3b-shape")
     bench = [py, "-m", "kubeinfer.bench"]
+    ttft = ["--model", llama, "--load-format", "dummy", "--input-len", "512", "--max-model-len",
+            "1024", "--max-num-seqs", "8"]
     return {
         "ceilings": ([py, "-c", CEILINGS], 60),
         "tests": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
@@ -156,8 +158,10 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                                   "--num-iters", "3", "--num-iters-warmup", "1",
                                   "--max-model-len", "1024", "--max-num-seqs", "8",
                                   "--no-async-scheduling"], 120),
+        # the TP engine's greedy ids (custom all-reduce on) and the custom all-reduce against NCCL
         "tests_tp": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                      "tests/engine/test_gpu_engine.py", "-k", "tensor_parallel"], 150),
+                      "tests/engine/test_gpu_engine.py", "tests/engine/test_custom_all_reduce.py",
+                      "-k", "tensor_parallel"], 300),
         "tests_pp": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                       "tests/engine/test_gpu_engine.py", "-k", "pipeline_parallel"], 150),
         "llama_tp2": (bench + ["throughput", "--model", llama, "--load-format", "dummy",
@@ -167,10 +171,25 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "llama_pp2": (bench + ["throughput", "--model", llama, "--load-format", "dummy",
                                "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
                                "--max-model-len", "1024", "--pipeline-parallel-size", "2"], 180),
+        # TP 2 uses the custom all-reduce by default; latency_tp2_nccl is the same run on NCCL only
         "latency_tp2": (bench + ["latency", "--model", llama, "--load-format", "dummy",
                                  "--batch-size", "1", "--input-len", "512", "--output-len", "256",
                                  "--num-iters", "3", "--num-iters-warmup", "1", "--max-model-len",
                                  "1024", "--max-num-seqs", "8", "--tensor-parallel-size", "2"], 100),
+        "latency_tp2_nccl": (bench + ["latency", "--model", llama, "--load-format", "dummy",
+                                      "--batch-size", "1", "--input-len", "512", "--output-len",
+                                      "256", "--num-iters", "3", "--num-iters-warmup", "1",
+                                      "--max-model-len", "1024", "--max-num-seqs", "8",
+                                      "--tensor-parallel-size", "2", "--disable-custom-all-reduce"],
+                             100),
+        # NCCL vs the custom kernels at every message size, in graphs and eager (thresholds)
+        "allreduce_tp2": ([py, "benchmarks/bench_all_reduce.py", "--world-size", "2"], 150),
+        # where TTFT goes (benchmarks/profile_ttft.py): host phases, prefill GPU time, kernels by
+        # kind, at TP 1, TP 2 and TP 2 on NCCL only
+        "ttft_profile": ([py, "benchmarks/profile_ttft.py", *ttft], 150),
+        "ttft_tp2_profile": ([py, "benchmarks/profile_ttft.py", *ttft, "-tp", "2"], 150),
+        "ttft_tp2_nccl_profile": ([py, "benchmarks/profile_ttft.py", *ttft, "-tp", "2",
+                                   "--disable-custom-all-reduce"], 150),
         "llama_serve": ([py, "-c", SERVE, llama, "256", "512", "256", "128256", "1024"], 300),
         "llama_peer": ([py, a.peer, "--model", llama, "--mode", "static", "--prompts", "256",
                         "--input-len", "512", "--output-len", "256"], 150),

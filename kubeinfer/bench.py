@@ -237,7 +237,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "requests_per_second": round(args.num_prompts / elapsed, 3),
         "tokens_per_second": round(total / elapsed, 1),
         "output_tokens_per_second": round(num_out / elapsed, 1),
-        "device": _device_name(engine)}), flush=True)
+        "device": _device_name(engine), **_parallel(engine)}), flush=True)
     if workload is not None:
         workload.close()
     engine.shutdown()
@@ -314,9 +314,20 @@ def run_latency(args: argparse.Namespace) -> int:
         "time_to_first_token_ms": round(ttft * 1e3, 2), "time_per_output_token_ms": round(tpot * 1e3, 3),
         "e2e_latency_s": round(total, 3),
         "output_tokens_per_second": round(args.batch_size * args.output_len / total, 1),
-        "device": _device_name(engine)}), flush=True)
+        "device": _device_name(engine), **_parallel(engine)}), flush=True)
     engine.shutdown()
     return 0
+
+
+def _parallel(engine) -> dict:
+    """With tensor parallelism: its size and whether the custom all-reduce runs (it falls back to
+    NCCL with a warning in the log when its set-up fails)."""
+    tp = engine.config.parallel.tensor_parallel_size
+    if tp == 1:
+        return {}
+    from kubeinfer.engine.parallel_state import custom_all_reduce
+
+    return {"tensor_parallel_size": tp, "custom_all_reduce": custom_all_reduce() is not None}
 
 
 def _device_name(engine) -> str:

@@ -32,6 +32,18 @@ def test_latency_on_config_only_folder(config_only, capsys):
                  "--num-iters-warmup", "0", "--max-model-len", "128"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["time_per_output_token_ms"] > 0 and result["batch_size"] == 2
+    assert "custom_all_reduce" not in result  # reported with tensor parallelism only
+
+
+def test_tensor_parallel_runs_report_whether_the_custom_all_reduce_ran():
+    from types import SimpleNamespace
+
+    from kubeinfer.bench import _parallel
+    from kubeinfer.engine.config import EngineConfig, ParallelConfig
+
+    engine = SimpleNamespace(config=EngineConfig(parallel=ParallelConfig(tensor_parallel_size=2)))
+    # no tensor group in this process: NCCL (or gloo) does every all-reduce
+    assert _parallel(engine) == {"tensor_parallel_size": 2, "custom_all_reduce": False}
 
 
 def test_throughput_with_a_json_schema(config_only, tiny_model_dir, tmp_path, capsys):

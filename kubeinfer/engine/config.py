@@ -378,6 +378,10 @@ class ParallelConfig:
                                       "other nodes use the next port", parse=int)
     rendezvous_timeout: int = setting(300, "seconds to wait for every node to join (node 0) or "
                                            "for node 0 to answer (the others)", parse=positive_int)
+    # vLLM's flag: tensor-parallel all-reduces up to 8 MiB go through P2P symmetric-memory kernels
+    # (custom_all_reduce.py) on GPUs of one node, NCCL otherwise; off: NCCL for every one
+    disable_custom_all_reduce: bool = setting(False, "NCCL for every tensor-parallel all-reduce "
+                                                     "(no P2P one-shot/two-shot kernels)")
 
     def __post_init__(self) -> None:
         for flag, v in (("--tensor-parallel-size", self.tensor_parallel_size),
@@ -407,6 +411,13 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def tries_custom_all_reduce(self) -> bool:
+        """Whether the ranks try the P2P all-reduce: one node (NVLink peers), one stage (the
+        decode graphs it is for; stages run eagerly), not disabled. It may still fall back."""
+        return (not self.disable_custom_all_reduce and self.nnodes == 1
+                and self.pipeline_parallel_size == 1 and self.tensor_parallel_size > 1)
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,8 @@ class _Workers:
         self._watcher = threading.Thread(target=self._watch, name="kubeinfer-tp-watch", daemon=True)
         self._watcher.start()
         init_parallel(0, par.tensor_parallel_size, par.pipeline_parallel_size, method, device,
-                      layer_partition=par.pp_layer_partition)
+                      layer_partition=par.pp_layer_partition,
+                      custom_all_reduce=par.tries_custom_all_reduce)
         logger.info("tensor parallel: %d ranks x pipeline parallel: %d stages (%d ranks on %d "
                     "node(s), %s), local workers pid %s", par.tensor_parallel_size,
                     par.pipeline_parallel_size, par.world_size, par.nnodes,

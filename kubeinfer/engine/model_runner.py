@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kubeinfer.engine import rank_profiler
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.cuda_graphs import CUDAGraphRunner
 from kubeinfer.engine.encoder_runner import EncoderRunner
@@ -459,6 +460,11 @@ class ModelRunner:
             raise RuntimeError(f"step {index} is not among this rank's unread steps")
         output = self.get_output(step)
         return output if self.is_sampler else None
+
+    def profile(self, action: str) -> dict | None:
+        """torch.profiler on this rank (every rank, through collective_rpc): "start", then "stop",
+        which returns its summary (rank_profiler.py; benchmarks/profile_ttft.py)."""
+        return rank_profiler.start() if action == "start" else rank_profiler.stop()
 
     def _read(self, step: PendingStep) -> None:
         result = ModelRunnerOutput(failed_req_ids=step.failed_req_ids)

@@ -6,7 +6,9 @@ r is tensor rank r % tp of stage r // tp. The tensor-parallel group is the tp ra
 process's stage (every rank of the engine when there is one stage, exactly as before pipeline
 parallelism); the pipeline group is the ranks of every stage with this process's tensor rank, and
 hidden states go point to point along it. With no group joined the process is one device and every
-collective below is a no-op. `init_parallel` joins the groups (NCCL between GPUs, gloo on CPU).
+collective below is a no-op. `init_parallel` joins the groups (NCCL between GPUs, gloo on CPU)
+and, on GPUs of one node, builds the tensor group's custom all-reduce (custom_all_reduce.py), which
+`tp_all_reduce` uses for the messages it takes; NCCL does the rest.
 """
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ import datetime
 import torch
 import torch.distributed as dist
 
+from kubeinfer.engine.custom_all_reduce import CustomAllReduce
+
 _TP_GROUP: dist.ProcessGroup | None = None
 _PP_RANKS: list[int] | None = None  # global ranks of this process's pipeline group, by stage
 _PP_RANK = 0
 _PP_PARTITION: tuple[int, ...] | None = None  # layers per stage, when the user set them
+_CUSTOM_AR: CustomAllReduce | None = None  # the tensor group's P2P all-reduce (GPUs), if built
 # how long a collective or point-to-point receive waits for a peer before raising (a worker
 # node that never arrives, a stage stuck); the executor's death watch stops the engine sooner
 # when a local worker dies
@@ -27,17 +32,22 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
 
 def init_parallel(rank: int, tp: int, pp: int, init_method: str, device: torch.device,
                   timeout: datetime.timedelta = COLLECTIVE_TIMEOUT,
-                  layer_partition: tuple[int, ...] | None = None) -> None:
+                  layer_partition: tuple[int, ...] | None = None,
+                  custom_all_reduce: bool = False) -> None:
     """Join the engine's tp x pp ranks rendezvousing at `init_method` (tcp://host:port) as global
     rank `rank`, then its tensor-parallel and pipeline groups. `layer_partition`: layers per stage
-    (--pp-layer-partition), read by the models through `pp_layer_partition`."""
-    global _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION
+    (--pp-layer-partition), read by the models through `pp_layer_partition`. `custom_all_reduce`:
+    try the P2P all-reduce for the tensor group (GPUs of one node, one pipeline stage); every rank
+    passes the same value."""
+    global _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION, _CUSTOM_AR
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
                             rank=rank, world_size=tp * pp, timeout=timeout)
     if pp == 1:
         _TP_GROUP = dist.group.WORLD
+        if custom_all_reduce and device.type == "cuda" and tp > 1:
+            _CUSTOM_AR = CustomAllReduce.create(_TP_GROUP, device)
         return
     # every rank creates every group, in the same order (new_group is a collective)
     for stage in range(pp):
@@ -57,8 +67,8 @@ def init_tensor_parallel(rank: int, world_size: int, port: int, device: torch.de
 def destroy_parallel(tear_down: bool) -> None:
     """Forget the groups; with `tear_down` also leave them (gloo). An NCCL group whose all-reduces
     were captured in CUDA graphs is never torn down (executor.py says why)."""
-    global _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION
-    _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION = None, None, 0, None
+    global _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION, _CUSTOM_AR
+    _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION, _CUSTOM_AR = None, None, 0, None, None
     if tear_down and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -75,9 +85,18 @@ def tp_rank() -> int:
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over the tensor group, in place: the P2P kernel for the messages the custom
+    all-reduce takes (decode-sized, on GPUs), NCCL or gloo for the rest."""
+    if _CUSTOM_AR is not None and _CUSTOM_AR.should_use(x):
+        return _CUSTOM_AR.all_reduce(x)
     if tp_size() > 1:
         dist.all_reduce(x, group=_TP_GROUP)
     return x
+
+
+def custom_all_reduce() -> CustomAllReduce | None:
+    """The tensor group's custom all-reduce, or None where NCCL (or gloo) does every one."""
+    return _CUSTOM_AR
 
 
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

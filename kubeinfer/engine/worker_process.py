@@ -51,7 +51,8 @@ def worker_main(config: EngineConfig, model_path: str, rank: int, init_method: s
     code = 0
     try:
         init_parallel(rank, par.tensor_parallel_size, par.pipeline_parallel_size, init_method,
-                      device, layer_partition=par.pp_layer_partition)
+                      device, layer_partition=par.pp_layer_partition,
+                      custom_all_reduce=par.tries_custom_all_reduce)
         runner, error = None, None
         try:
             runner = ModelRunner.load(config, Path(model_path), device)

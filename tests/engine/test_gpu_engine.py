@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kubeinfer import LLM, SamplingParams
+from kubeinfer.engine.parallel_state import custom_all_reduce
 from tests.engine.test_consistency import NUM_OUT, hf_greedy, make_prompts
 
 pytestmark = [pytest.mark.gpu,
@@ -41,8 +42,9 @@ def test_gpu_sampling_runs_on_device(tiny_model_dir):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_gpu_tensor_parallel_2_matches_hf(tiny_model_dir):
-    """Two ranks over NCCL, all-reduces captured in the CUDA graphs, async scheduling on. One
-    tensor-parallel engine per process on CUDA (kubeinfer/engine/executor.py says why)."""
+    """Two ranks over NCCL and the custom all-reduce (P2P kernels for the small messages),
+    all-reduces captured in the CUDA graphs, async scheduling on. One tensor-parallel engine per
+    process on CUDA (kubeinfer/engine/executor.py says why)."""
     path = tiny_model_dir("qwen3")
     llm = LLM(str(path), dtype="float32", device="cuda", tensor_parallel_size=2,
               max_model_len=256, max_num_batched_tokens=64, gpu_memory_utilization=0.3)
@@ -52,6 +54,10 @@ def test_gpu_tensor_parallel_2_matches_hf(tiny_model_dir):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts)
         assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+        # ... with the decode all-reduces on the custom P2P kernels (the default), not NCCL
+        custom = custom_all_reduce()
+        assert custom is not None, "the custom all-reduce fell back to NCCL: see the log"
+        assert custom.num_one_shot > 0
     finally:
         llm.engine.shutdown()
 
