@@ -1,11 +1,10 @@
 """Qwen2-VL and Qwen2.5-VL: a dynamic-resolution vision tower before a native Qwen2 decoder with
 M-RoPE (three position ids per token: temporal, height, width).
 
-The vision side is transformers' own tower (`Qwen2VisionTransformerPretrainedModel` /
-`Qwen2_5_VisionTransformerPretrainedModel`: the Conv3d patch embedding, 2-D rotary in its blocks,
-Qwen2.5-VL's window attention with full attention at `fullatt_block_indexes`, the 2x2 patch
-merger), loaded with the checkpoint's weights; it runs once per image (encoder_runner.py), and
-running HF's code keeps the image rows exactly HF's. The decoder is models/llama.py's Qwen2 with
+The vision tower is native (`qwen2_vl_vision.py`: the patch embedding as a linear layer, 2-D
+rotary in its blocks, Qwen2.5-VL's window attention with full attention at
+`fullatt_block_indexes`, the 2x2 patch merger); it runs once per image (encoder_runner.py), its
+rows cached until the image's positions are computed. The decoder is models/llama.py's Qwen2 with
 its rotary swapped for `layers/mrotary.py`'s M-RoPE; `mrope_positions.py` computes each request's
 3-D positions from its images' `image_grid_thw` when the runner admits it.
 
@@ -21,10 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubeinfer.engine.layers.linear import default_weight_loader
 from kubeinfer.engine.layers.mrotary import get_mrope
-from kubeinfer.engine.loader.meta_init import materialize_meta_params, params_on_meta
 from kubeinfer.engine.models.llama import Qwen2ForCausalLM
+from kubeinfer.engine.models.qwen2_vl_vision import Qwen2VisionTower
 from kubeinfer.engine.mrope_positions import MRopePositions
 
 # checkpoint prefix -> this model's; transformers 5's layout and the hub's older one
@@ -35,8 +33,7 @@ _PREFIXES = (("model.visual.", "visual."), ("visual.", "visual."),
 class Qwen2VLForConditionalGeneration(nn.Module):
     is_multimodal = True
     uses_mrope = True
-    _hf_module = "transformers.models.qwen2_vl.modeling_qwen2_vl"
-    _hf_vision = "Qwen2VisionTransformerPretrainedModel"
+    windowed_vision = False  # Qwen2.5-VL's tower: window attention, RMSNorm, SwiGLU
 
     def __init__(self, config: Any):
         super().__init__()
@@ -50,13 +47,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         for layer in decoder.layers[decoder.start:decoder.end]:
             layer.self_attn.rotary_emb = mrope
         self.mrope = MRopePositions(config.vision_config.spatial_merge_size)
-        import importlib
-
-        with params_on_meta():
-            visual = getattr(importlib.import_module(self._hf_module), self._hf_vision)._from_config(
-                config.vision_config)
-        materialize_meta_params(visual, next(self.language_model.parameters()).device)
-        self.visual = visual
+        self.visual = Qwen2VisionTower(config.vision_config, self.windowed_vision)
 
     # ---- the runner's interface ----
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -67,7 +58,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         weight = next(self.visual.parameters())
         pixels = encoder_inputs["pixel_values"].to(weight.device, weight.dtype)
         grid = encoder_inputs["image_grid_thw"].to(weight.device).reshape(-1, 3)
-        return self.visual(pixels, grid_thw=grid).pooler_output
+        return self.visual(pixels, grid)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,11 +81,9 @@ class Qwen2VLForConditionalGeneration(nn.Module):
                     raise ValueError(f"checkpoint tensor {name!r} has no place in "
                                      f"{type(self).__name__}")
                 if target.startswith("visual."):
-                    param = visual_params.get(target[len("visual."):])
-                    if param is None:
+                    if not self.visual.load_weight(visual_params, target[len("visual."):], tensor):
                         raise ValueError(f"checkpoint tensor {name!r} has no place in the vision "
                                          f"tower of {type(self).__name__}")
-                    default_weight_loader(param, tensor)
                     loaded.add(target)
                     continue
                 yield target, tensor
@@ -108,5 +97,4 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     """Qwen2.5-VL: RMSNorm and SwiGLU in the vision blocks, window attention except at
     `fullatt_block_indexes` (HF's tower); the decoder and M-RoPE are Qwen2-VL's."""
 
-    _hf_module = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
-    _hf_vision = "Qwen2_5_VisionTransformerPretrainedModel"
+    windowed_vision = True

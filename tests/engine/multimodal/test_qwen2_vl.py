@@ -18,7 +18,7 @@ from kubeinfer.engine.multimodal.inputs import ImageFeature, PlaceholderRange
 from kubeinfer.engine.multimodal.qwen2_vl_processor import load_qwen2_vl_processor
 from kubeinfer.engine.sampling_params import SamplingParams
 from tests.engine.multimodal.test_vlm_models import conversation, images, pil_part
-from tests.fixtures.tiny_vlm import save_tiny_vlm_weights
+from tests.fixtures.tiny_vlm import make_image, save_tiny_vlm_weights
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 MAX_NEW = 6
@@ -86,6 +86,23 @@ def test_mrope_positions_equal_hf_get_rope_index(family, qwen, llms):
     ours, delta = MRopePositions(2).prompt_positions(inputs["input_ids"].shape[1], features)
     assert np.array_equal(ours, want[:, 0].numpy())
     assert delta == int(want_delta) < 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_tower_equals_hf(family, qwen, llms):
+    """The native tower's rows for one image equal HF's `get_image_features` (Qwen2.5-VL: a
+    112 x 84 image is 3 x 4 merged cells: four windows of up to 2 x 2, and one full-attention block)."""
+    _, model, proc = qwen(family)
+    img = make_image(109, 83, 77)
+    inputs = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[[img]],
+                  return_tensors="pt")
+    with torch.no_grad():
+        want = model.model.get_image_features(inputs["pixel_values"],
+                                              inputs["image_grid_thw"]).pooler_output[0]
+        ours = llms(family).engine.runner.model.embed_image(
+            {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]})
+    assert ours.shape == want.shape == (12, 64)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
 
 
 def test_step_positions_cut_chunks_and_decode_from_the_delta():
