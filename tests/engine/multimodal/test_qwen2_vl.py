@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.llm import LLM
 from kubeinfer.engine.mrope_positions import MRopePositions, step_positions
 from kubeinfer.engine.multimodal.inputs import ImageFeature, PlaceholderRange
@@ -184,24 +185,37 @@ def test_preemption_recomputes_the_positions(qwen):
         llm.shutdown()
 
 
-def test_the_7b_shape_loads_with_dummy_weights(tmp_path):
-    """benchmarks/models/qwen2.5-vl-7b-shape, scaled down (the same keys, tiny sizes), loads with
-    --load-format dummy and generates from token ids, as the GPU benchmark runs it."""
+def small_7b_shape(folder: Path, mrope_section=(2, 3, 3)) -> Path:
+    """benchmarks/models/qwen2.5-vl-7b-shape with the same keys and tiny sizes."""
     config = json.loads((REPO / "benchmarks/models/qwen2.5-vl-7b-shape/config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
     text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=512, layer_types=["full_attention"] * 2,
-                max_position_embeddings=1024)
-    text["rope_parameters"]["mrope_section"] = [2, 3, 3]
+                max_position_embeddings=1024, bos_token_id=1, eos_token_id=1)
+    if mrope_section is None:
+        del text["rope_parameters"]["mrope_section"]
+    else:
+        text["rope_parameters"]["mrope_section"] = list(mrope_section)
     vision.update(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                   fullatt_block_indexes=[1, 3])
-    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                "bos_token_id", "eos_token_id"):
-        config[key] = 500 + len(key) % 7
-    text["bos_token_id"] = text["eos_token_id"] = 1
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    llm = LLM(str(tmp_path), dtype="float32", load_format="dummy", skip_tokenizer_init=True,
-              num_gpu_blocks_override=16, block_size=8, max_model_len=128)
+    for i, key in enumerate(("image_token_id", "video_token_id", "vision_start_token_id",
+                             "vision_end_token_id")):
+        config[key] = 500 + i
+    config["bos_token_id"] = config["eos_token_id"] = 1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def dummy_llm(folder: Path) -> LLM:
+    return LLM(str(folder), dtype="float32", load_format="dummy", skip_tokenizer_init=True,
+               num_gpu_blocks_override=16, block_size=8, max_model_len=128)
+
+
+def test_the_7b_shape_loads_with_dummy_weights(tmp_path):
+    """The benchmark's config (scaled down) loads with --load-format dummy and generates from
+    token ids, as the GPU benchmark runs it."""
+    llm = dummy_llm(small_7b_shape(tmp_path))
     try:
         assert type(llm.engine.runner.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
         outs = llm.generate([{"prompt_token_ids": list(range(3, 20))}],
@@ -209,3 +223,24 @@ def test_the_7b_shape_loads_with_dummy_weights(tmp_path):
         assert len(outs[0].outputs[0].token_ids) == 4
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("section, words", [(None, "no mrope_section"),
+                                            ((2, 3, 4), "summing to half")])
+def test_a_bad_mrope_section_fails_the_start(section, words, tmp_path):
+    with pytest.raises(ConfigError, match=words):
+        dummy_llm(small_7b_shape(tmp_path, section))
+
+
+def test_async_scheduling_with_images(qwen, llms):
+    """The one-step-ahead loop (the CUDA default) with chunks that cut images and two requests in
+    one batch: positions come from each request's own prompt and delta."""
+    family = "qwen2_5_vl"
+    _, model, proc = qwen(family)
+    first, second = images(2, seed=81), images(1, seed=83)
+    want = [hf_greedy(model, proc, 2, first), hf_greedy(model, proc, 1, second)]
+    llm = llms(family, async_scheduling=True, max_num_batched_tokens=10)
+    assert llm.engine.config.scheduler.async_scheduling
+    outs = llm.chat([conversation(2, image_part=pil_part(first)),
+                     conversation(1, image_part=pil_part(second))], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == want
