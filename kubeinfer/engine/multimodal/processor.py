@@ -6,7 +6,8 @@ processor on torchvision, and PyPI's torchvision does not import beside the CPU 
 installs. Each family also has a PIL/numpy image processor (`*ImageProcessorPil`); loading with
 `backend="pil"` picks it, and it gives the same pixel values the model was trained with (the PIL
 path is transformers' reference). Families whose processor needs a video processor or torchvision
-for other parts are refused at start-up with a ConfigError that says so.
+for other parts are refused at start-up with a ConfigError that says so; Qwen2-VL and Qwen2.5-VL,
+whose processor would build a video processor, are built image-only (qwen2_vl_processor.py).
 
 `process(prompt, images)` calls the processor once on the whole prompt (so ids and pixel values are
 the processor's, bit for bit), then finds each image's placeholder positions: the positions of the
