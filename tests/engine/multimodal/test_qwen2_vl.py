@@ -150,18 +150,24 @@ def test_prefix_cache_keeps_two_images_apart(family, qwen, llms):
     assert out[0].num_cached_tokens <= image_start
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_chunked_prefill_splits_an_image(family, qwen, llms):
+@pytest.mark.parametrize("family, async_scheduling", [("qwen2_vl", False), ("qwen2_5_vl", True)])
+def test_chunked_prefill_splits_an_image(family, async_scheduling, qwen, llms):
+    """A step budget smaller than the prompt cuts an image's placeholder across steps, with a
+    second request in the batch; Qwen2.5-VL under the one-step-ahead loop (the CUDA default).
+    Each chunk's positions come from its own request's prompt and delta."""
     _, model, proc = qwen(family)
-    imgs = images(2, seed=3)
-    want = hf_greedy(model, proc, 2, imgs)
+    imgs, other = images(2, seed=3), images(1, seed=83)
+    want = [hf_greedy(model, proc, 2, imgs), hf_greedy(model, proc, 1, other)]
     budget = 10
-    llm = llms(family, max_num_batched_tokens=budget, max_num_seqs=2, enable_prefix_caching=False)
+    llm = llms(family, max_num_batched_tokens=budget, max_num_seqs=2, enable_prefix_caching=False,
+               async_scheduling=async_scheduling)
+    assert llm.engine.config.scheduler.async_scheduling == async_scheduling
     conv = conversation(2, image_part=pil_part(imgs))
-    out = llm.chat(conv, GREEDY)
-    assert out[0].outputs[0].token_ids == want
+    outs = llm.chat([conv, conversation(1, image_part=pil_part(other))], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    # the first request, admitted first, takes the whole budget until its prompt is done
     ranges = [f.placeholder for f in llm.mm_preprocessor.chat(conv).features]
-    boundaries = range(budget, len(out[0].prompt_token_ids), budget)
+    boundaries = range(budget, len(outs[0].prompt_token_ids), budget)
     assert any(r.offset < k < r.end for r in ranges for k in boundaries)
     assert llm.engine.scheduler.encoder_cache.num_free == budget
 
@@ -231,16 +237,3 @@ def test_a_bad_mrope_section_fails_the_start(section, words, tmp_path):
     with pytest.raises(ConfigError, match=words):
         dummy_llm(small_7b_shape(tmp_path, section))
 
-
-def test_async_scheduling_with_images(qwen, llms):
-    """The one-step-ahead loop (the CUDA default) with chunks that cut images and two requests in
-    one batch: positions come from each request's own prompt and delta."""
-    family = "qwen2_5_vl"
-    _, model, proc = qwen(family)
-    first, second = images(2, seed=81), images(1, seed=83)
-    want = [hf_greedy(model, proc, 2, first), hf_greedy(model, proc, 1, second)]
-    llm = llms(family, async_scheduling=True, max_num_batched_tokens=10)
-    assert llm.engine.config.scheduler.async_scheduling
-    outs = llm.chat([conversation(2, image_part=pil_part(first)),
-                     conversation(1, image_part=pil_part(second))], GREEDY)
-    assert [o.outputs[0].token_ids for o in outs] == want
