@@ -60,18 +60,10 @@ def load_qwen2_vl_processor(path: str | Path, model_type: str) -> Any:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = Path(path)
-    settings: dict[str, Any] = {}
-    if (path / "preprocessor_config.json").is_file():
-        settings = json.loads((path / "preprocessor_config.json").read_text())
-    elif (path / "processor_config.json").is_file():
-        settings = json.loads((path / "processor_config.json").read_text()).get("image_processor", {})
-    if not settings:
+    if not any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
         raise ConfigError(f"{path} has no image processor settings (preprocessor_config.json or "
-                          "processor_config.json with an image_processor); it cannot take images")
-    # the PIL class takes the settings, not the class names the file records
-    settings = {k: v for k, v in settings.items()
-                if k not in ("image_processor_type", "processor_class", "backend")}
-    image_processor = Qwen2VLImageProcessorPil(**settings)
+                          "processor_config.json); it cannot take images")
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     chat_template = None
     if (path / "chat_template.jinja").is_file():

@@ -237,3 +237,13 @@ def test_a_bad_mrope_section_fails_the_start(section, words, tmp_path):
     with pytest.raises(ConfigError, match=words):
         dummy_llm(small_7b_shape(tmp_path, section))
 
+
+
+def test_the_processor_refuses_videos_and_a_folder_without_settings(qwen, tmp_path):
+    from kubeinfer.engine.errors import RequestError
+
+    _, _, proc = qwen("qwen2_vl")
+    with pytest.raises(RequestError, match="videos are not supported"):
+        proc(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[[images(1)[0]] * 2])
+    with pytest.raises(ConfigError, match="no image processor settings"):
+        load_qwen2_vl_processor(tmp_path, "qwen2_vl")
