@@ -247,3 +247,17 @@ def test_the_processor_refuses_videos_and_a_folder_without_settings(qwen, tmp_pa
         proc(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[[images(1)[0]] * 2])
     with pytest.raises(ConfigError, match="no image processor settings"):
         load_qwen2_vl_processor(tmp_path, "qwen2_vl")
+
+
+def test_tensor_parallel_with_images_equals_hf(qwen):
+    """Two ranks on gloo: each holds half the decoder's heads and the whole vision tower, runs the
+    encoder on the same images and computes the same 3-D positions; the tokens are HF's."""
+    family = "qwen2_5_vl"
+    folder, model, proc = qwen(family)
+    imgs = images(2, seed=91)
+    want = hf_greedy(model, proc, 2, imgs)
+    with LLM(str(folder), dtype="float32", device="cpu", max_model_len=256, block_size=8,
+             num_gpu_blocks_override=40, tensor_parallel_size=2) as llm:
+        assert llm.engine.runner.attn_layers[0].num_heads == 2
+        out = llm.chat(conversation(2, image_part=pil_part(imgs)), GREEDY)
+    assert out[0].outputs[0].token_ids == want
