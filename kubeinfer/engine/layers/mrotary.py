@@ -29,7 +29,9 @@ class MRotaryEmbedding(RotaryEmbedding):
         if sum(mrope_section) != half or len(mrope_section) != 3:
             raise ConfigError(f"mrope_section {list(mrope_section)} in config.json must be three "
                               f"sizes summing to half the rotary dimension ({half})")
-        section = torch.repeat_interleave(torch.arange(3), torch.tensor(list(mrope_section)))
+        # built on the CPU: the default device may be meta while a model is laid out
+        section = torch.repeat_interleave(torch.arange(3, device="cpu"),
+                                          torch.tensor(list(mrope_section), device="cpu"))
         # [1, 1, rotary_dim]: the position row each cos and sin feature reads
         index = torch.cat([section, section]).view(1, 1, -1)
         self.register_buffer("section_index", index.to(torch.get_default_device()),
