@@ -57,10 +57,11 @@ class CUDAGraphRunner:
         for size in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
             meta = self._meta(size)
             with set_forward_context(meta):
-                self.hidden[:size] = self.model(self.input_ids[:size], self.positions[..., :size])  # warm-up
+                positions = self.positions[..., :size]  # [3, size] under M-RoPE
+                self.hidden[:size] = self.model(self.input_ids[:size], positions)  # warm-up
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.hidden[:size] = self.model(self.input_ids[:size], self.positions[..., :size])
+                    self.hidden[:size] = self.model(self.input_ids[:size], positions)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[size] = graph

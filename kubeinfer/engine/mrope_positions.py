@@ -25,7 +25,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class MRopePositions:
-    """What a request's M-RoPE ids depend on besides its images: the vision tower's spatial merge."""
+    """What a request's M-RoPE ids depend on besides its images: the tower's spatial merge."""
 
     spatial_merge_size: int
 
@@ -41,7 +41,8 @@ class MRopePositions:
         out = np.empty((3, num_prompt_tokens), dtype=np.int64)
         text_start = next_pos = 0  # prompt index where the current text run starts; its position
         for f in features:
-            t, h, w = (int(x) for x in np.asarray(f.encoder_inputs["image_grid_thw"]).reshape(-1)[:3])
+            grid = np.asarray(f.encoder_inputs["image_grid_thw"]).reshape(-1)
+            t, h, w = (int(x) for x in grid[:3])
             h, w = h // merge, w // merge
             offset, length = f.placeholder.offset, f.placeholder.length
             if f.placeholder.is_embed is not None or length != t * h * w:

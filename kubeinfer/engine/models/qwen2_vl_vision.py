@@ -121,7 +121,8 @@ class Qwen2VisionTower(nn.Module):
         self.merge = config.spatial_merge_size
         self.patch_size = config.patch_size
         if windowed:  # Qwen2.5-VL
-            dim, out_dim, hidden = config.hidden_size, config.out_hidden_size, config.intermediate_size
+            dim, out_dim = config.hidden_size, config.out_hidden_size
+            hidden = config.intermediate_size
 
             def make_norm(d):
                 return VisionRMSNorm(d, 1e-6)
@@ -156,7 +157,8 @@ class Qwen2VisionTower(nn.Module):
         unit = self.merge * self.merge
         if self.windowed:
             order, window_lens = self._window_order(t, h, w)
-            patch_order = (order.to(device)[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
+            within = torch.arange(unit, device=device)  # the patches of one merged cell
+            patch_order = (order.to(device)[:, None] * unit + within).reshape(-1)
             x, freqs = x[patch_order], freqs[patch_order]
             window_mask = self._block_mask([n * unit for n in window_lens], device)
         emb = torch.cat([freqs, freqs], dim=-1)

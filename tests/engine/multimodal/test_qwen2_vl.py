@@ -83,7 +83,8 @@ def test_mrope_positions_equal_hf_get_rope_index(family, qwen, llms):
     inputs = hf_inputs(proc, 2, imgs)
     want, want_delta = model.model.get_rope_index(
         inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])
-    features = llms(family).mm_preprocessor.chat(conversation(2, image_part=pil_part(imgs))).features
+    conv = conversation(2, image_part=pil_part(imgs))
+    features = llms(family).mm_preprocessor.chat(conv).features
     ours, delta = MRopePositions(2).prompt_positions(inputs["input_ids"].shape[1], features)
     assert np.array_equal(ours, want[:, 0].numpy())
     assert delta == int(want_delta) < 0
@@ -92,7 +93,8 @@ def test_mrope_positions_equal_hf_get_rope_index(family, qwen, llms):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vision_tower_equals_hf(family, qwen, llms):
     """The native tower's rows for one image equal HF's `get_image_features` (Qwen2.5-VL: a
-    112 x 84 image is 3 x 4 merged cells: four windows of up to 2 x 2, and one full-attention block)."""
+    112 x 84 image is 3 x 4 merged cells: four windows of up to 2 x 2, and one full-attention
+    block)."""
     _, model, proc = qwen(family)
     img = make_image(109, 83, 77)
     inputs = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[[img]],
@@ -112,7 +114,8 @@ def test_step_positions_cut_chunks_and_decode_from_the_delta():
     merge = MRopePositions(2)
 
     # a 2x4 grid of merged patches at positions 3..10 of a 14-token prompt
-    feature = ImageFeature("hash", PlaceholderRange(3, 8), {"image_grid_thw": torch.tensor([[1, 4, 8]])})
+    feature = ImageFeature("hash", PlaceholderRange(3, 8),
+                           {"image_grid_thw": torch.tensor([[1, 4, 8]])})
     ids, delta = merge.prompt_positions(14, [feature])
     assert ids[:, :3].tolist() == [[0, 1, 2]] * 3
     assert ids[:, 3:11].tolist() == [[3] * 8, [3, 3, 3, 3, 4, 4, 4, 4], [3, 4, 5, 6] * 2]
