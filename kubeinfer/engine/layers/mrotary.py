@@ -37,18 +37,36 @@ class MRotaryEmbedding(RotaryEmbedding):
         self.register_buffer("section_index", index.to(torch.get_default_device()),
                              persistent=False)
         self.mrope_section = tuple(mrope_section)
+        self._step = None  # (positions, token index, per-token rows) of the forward in progress
+
+    def begin_forward(self) -> None:
+        """Forget the last forward's tables: the model calls this first in every forward, so a
+        CUDA-graph capture recomputes them inside the graph rather than reading the warm-up's."""
+        self._step = None
+
+    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token index [T], per-token cos/sin rows [T, rotary_dim]) of positions [3, T]. Every
+        layer of one forward gets the same positions tensor, so they are built once per forward
+        (the memo keeps that tensor alive, which makes the identity check sound; a caller that
+        rewrites positions in place between forwards calls begin_forward, as the model does)."""
+        step = getattr(self, "_step", None)
+        if step is not None and step[0] is positions:
+            return step[1], step[2]
+        num_tokens = positions.shape[1]
+        rows = self.cos_sin_cache[positions]  # [3, T, rotary_dim]
+        per_token = rows.gather(0, self.section_index.expand(1, num_tokens, -1))[0]
+        token_index = torch.arange(num_tokens, device=positions.device)
+        self._step = (positions, token_index, per_token)
+        return token_index, per_token
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:
             return super().forward(positions, q, k)
-        num_tokens = positions.shape[1]
-        rows = self.cos_sin_cache[positions]  # [3, T, rotary_dim]
-        per_token = rows.gather(0, self.section_index.expand(1, num_tokens, -1))[0]
+        token_index, per_token = self._tables(positions)
         q_shape, k_shape = q.shape, k.shape
-        q = q.view(num_tokens, -1, self.head_size)
-        k = k.view(num_tokens, -1, self.head_size)
-        token_index = torch.arange(num_tokens, device=positions.device)
+        q = q.view(q.shape[0], -1, self.head_size)
+        k = k.view(k.shape[0], -1, self.head_size)
         q, k = ops.rotary_embedding(token_index, q, k, per_token)
         return q.reshape(q_shape), k.reshape(k_shape)
 

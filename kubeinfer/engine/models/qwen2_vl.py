@@ -46,6 +46,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         mrope = get_mrope(text_config, head_dim)
         for layer in decoder.layers[decoder.start:decoder.end]:
             layer.self_attn.rotary_emb = mrope
+        self.rotary = mrope
         self.mrope = MRopePositions(config.vision_config.spatial_merge_size)
         self.visual = Qwen2VisionTower(config.vision_config, self.windowed_vision)
 
@@ -62,6 +63,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        self.rotary.begin_forward()  # the layers share one M-RoPE table per forward
         return self.language_model(input_ids, positions, inputs_embeds=inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
