@@ -264,3 +264,14 @@ def test_tensor_parallel_with_images_equals_hf(qwen):
         assert llm.engine.runner.attn_layers[0].num_heads == 2
         out = llm.chat(conversation(2, image_part=pil_part(imgs)), GREEDY)
     assert out[0].outputs[0].token_ids == want
+
+
+def test_generate_with_multi_modal_data(qwen, llms):
+    """`LLM.generate` with a prompt that writes the vision tokens itself."""
+    family = "qwen2_vl"
+    _, model, proc = qwen(family)
+    imgs = images(1, seed=97)
+    prompt = proc.apply_chat_template(conversation(1), tokenize=False, add_generation_prompt=True)
+    want = hf_greedy(model, proc, 1, imgs)
+    out = llms(family).generate({"prompt": prompt, "multi_modal_data": {"image": imgs[0]}}, GREEDY)
+    assert out[0].outputs[0].token_ids == want
