@@ -33,7 +33,9 @@ class CUDAGraphRunner:
         n = self.sizes[-1]
         self.table_width = -(-max_model_len // block_size)
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        # an M-RoPE model (Qwen2-VL) takes three position ids per token (StepInputs.rope_positions)
+        shape = (3, n) if getattr(model, "uses_mrope", False) else (n,)
+        self.positions = torch.zeros(shape, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
@@ -55,10 +57,11 @@ class CUDAGraphRunner:
         for size in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
             meta = self._meta(size)
             with set_forward_context(meta):
-                self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size])  # warm-up
+                positions = self.positions[..., :size]  # [3, size] under M-RoPE
+                self.hidden[:size] = self.model(self.input_ids[:size], positions)  # warm-up
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size])
+                    self.hidden[:size] = self.model(self.input_ids[:size], positions)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[size] = graph
@@ -82,7 +85,7 @@ class CUDAGraphRunner:
         self.input_ids[:num].copy_(self._host(batch.input_ids), non_blocking=True)
         if fill_ids is not None:
             fill_ids(self.input_ids[:num])
-        self.positions[:num].copy_(self._host(batch.positions), non_blocking=True)
+        self.positions[..., :num].copy_(self._host(batch.rope_positions), non_blocking=True)
         self.slot_mapping[:num].copy_(self._host(batch.slot_mapping), non_blocking=True)
         self.seq_lens[:num].copy_(self._host(batch.seq_lens), non_blocking=True)
         self.block_tables[:num, :w].copy_(self._host(batch.block_tables), non_blocking=True)

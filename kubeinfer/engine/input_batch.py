@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kubeinfer.engine.forward_context import AttentionArrays, build_attention_arrays
+from kubeinfer.engine.mrope_positions import MRopePositions, step_positions
 from kubeinfer.engine.request import PLACEHOLDER
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.scheduler_output import NewRequestData
@@ -32,6 +33,10 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     prompt_logits_start: int | None = None  # see Request.prompt_logits_start
+    # M-RoPE models (mrope_positions.py): the prompt's [3, P] ids (None: plain positions) and the
+    # offset of every later position
+    mrope_positions: np.ndarray | None = None
+    mrope_delta: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -81,6 +86,12 @@ class StepInputs:
     prompt_target_ids: np.ndarray | None = None  # [Q] int64: the prompt token each one predicts
     # (req_id, top-k asked, first position, number of positions) for each such request, in Q order
     prompt_logprobs_reqs: list[tuple[str, int, int, int]] | None = None
+    mrope_positions: np.ndarray | None = None  # [3, T] int64 for an M-RoPE model, else None
+
+    @property
+    def rope_positions(self) -> np.ndarray:
+        """The position ids the model's rotary takes: [3, T] under M-RoPE, else [T]."""
+        return self.attn.positions if self.mrope_positions is None else self.mrope_positions
 
     @property
     def num_tokens(self) -> int:
@@ -119,8 +130,9 @@ class StepInputs:
 class InputBatch:
     """The requests the runner holds, by id."""
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, mrope: MRopePositions | None = None):
         self.block_size = block_size
+        self.mrope = mrope  # set for an M-RoPE model: each request gets its 3-D positions
         self.states: dict[str, CachedRequestState] = {}
 
     def add_request(self, new: NewRequestData) -> CachedRequestState:
@@ -132,6 +144,9 @@ class InputBatch:
             eos_token_ids=new.eos_token_ids, block_ids=list(new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
             prompt_logits_start=new.prompt_logits_start)
+        if self.mrope is not None:
+            state.mrope_positions, state.mrope_delta = self.mrope.prompt_positions(
+                len(new.prompt_token_ids), new.mm_features)
         self.states[new.req_id] = state
         return state
 
@@ -171,6 +186,11 @@ class InputBatch:
         inputs = StepInputs(req_ids=list(num_scheduled_tokens), input_ids=np.array(ids, dtype=np.int64),
                             attn=attn, logits_indices=np.asarray(logits_indices, dtype=np.int64),
                             sample_states=sample_states)
+        if self.mrope is not None:
+            states = [self.states[r] for r in num_scheduled_tokens]
+            inputs.mrope_positions = step_positions(
+                attn.positions, starts, query_lens, [s.mrope_positions for s in states],
+                [s.mrope_delta for s in states])
         if prompt_reqs:
             inputs.prompt_logits_indices = np.asarray(prompt_indices, dtype=np.int64)
             inputs.prompt_target_ids = np.asarray(prompt_targets, dtype=np.int64)

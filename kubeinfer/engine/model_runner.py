@@ -85,7 +85,7 @@ class ModelRunner:
         first = self.attn_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         self.sampler = Sampler()
-        self.batch = InputBatch(self.block_size)
+        self.batch = InputBatch(self.block_size, getattr(model, "mrope", None))  # Qwen2-VL: 3-D
         self._failed: set[str] = set()  # requests that could not join; skipped until finished
         self._unread: deque[PendingStep] = deque()
         # prompt_logprobs turn this many positions at a time into logits: the rows the memory
@@ -391,10 +391,11 @@ class ModelRunner:
             fill_ids(input_ids)
         with set_forward_context(meta):
             if embeds_for is None:
-                hidden = self.model(input_ids, self._to_device(inputs.positions))
+                hidden = self.model(input_ids, self._to_device(inputs.rope_positions))
             else:  # a chunk covers image positions: merge their encoder rows into the embeddings
                 embeds = self.encoders.input_embeds(input_ids, *embeds_for)
-                hidden = self.model(input_ids, self._to_device(inputs.positions), inputs_embeds=embeds)
+                hidden = self.model(input_ids, self._to_device(inputs.rope_positions),
+                                    inputs_embeds=embeds)
         prompt_hidden = None
         if inputs.prompt_logits_indices is not None:
             prompt_hidden = hidden[self._to_device(inputs.prompt_logits_indices)]

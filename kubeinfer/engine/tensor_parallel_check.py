@@ -32,6 +32,9 @@ def check_tensor_parallel(hf_config: Any, tp: int, device_type: str, num_gpus: i
     refusal = tensor_parallel_refusal(hf_config)
     if refusal:
         raise ConfigError(refusal)
+    # a vision-language config nests the decoder's, which is what the ranks split (the vision
+    # tower is replicated)
+    hf_config = hf_config.get_text_config()
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     # MLP widths split over the ranks: the dense MLP's (each family's name for it) and, in

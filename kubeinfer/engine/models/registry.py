@@ -50,11 +50,14 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
     "LlavaNextForConditionalGeneration": ("llava", "LlavaNextForConditionalGeneration"),
     "Idefics3ForConditionalGeneration": ("llava", "Idefics3ForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
 }
 
 # Native classes that take images (tested with images in tests/engine/multimodal/test_vlm_models.py)
 _VISION_LANGUAGE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                    "Idefics3ForConditionalGeneration")
+                    "Idefics3ForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                    "Qwen2_5_VLForConditionalGeneration")
 
 # Served through the transformers backend; each is checked token for token against transformers.
 _TRANSFORMERS_MODELS: tuple[str, ...] = (

@@ -6,7 +6,7 @@ Modules (each says its contract): `config.py` (MultiModalConfig, --limit-mm-per-
 `media_fetcher.py` (data/https/file URLs under the allow-lists, time and byte caps),
 `image_decoder.py` (bytes -> RGB PIL image, pixel cap before decoding), `hashing.py` (image
 content hash), `processor.py` (the HF processor on its PIL backend; placeholder ranges; per-image
-encoder inputs), `inputs.py` (the plain data the engine receives), `preprocessor.py` (the front
+encoder inputs), `qwen2_vl_processor.py` (Qwen2-VL's processor without a video processor), `inputs.py` (the plain data the engine receives), `preprocessor.py` (the front
 door, on a thread pool), `block_keys.py` (image keys of prefix-cache block hashes),
 `chunk_images.py` (which images a chunk needs; which encoder rows go where), `encoder_cache.py`
 (the scheduler's bookkeeping), `encoder_outputs.py` (the runner's tensors).

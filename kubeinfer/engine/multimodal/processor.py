@@ -6,7 +6,8 @@ processor on torchvision, and PyPI's torchvision does not import beside the CPU 
 installs. Each family also has a PIL/numpy image processor (`*ImageProcessorPil`); loading with
 `backend="pil"` picks it, and it gives the same pixel values the model was trained with (the PIL
 path is transformers' reference). Families whose processor needs a video processor or torchvision
-for other parts are refused at start-up with a ConfigError that says so.
+for other parts are refused at start-up with a ConfigError that says so; Qwen2-VL and Qwen2.5-VL,
+whose processor would build a video processor, are built image-only (qwen2_vl_processor.py).
 
 `process(prompt, images)` calls the processor once on the whole prompt (so ids and pixel values are
 the processor's, bit for bit), then finds each image's placeholder positions: the positions of the
@@ -60,9 +61,16 @@ class MultiModalProcessor:
         """Load the folder's processor on the PIL backend. ConfigError when it cannot be built."""
         from transformers import AutoProcessor
 
+        from kubeinfer.engine.multimodal.qwen2_vl_processor import (QWEN2_VL_MODEL_TYPES,
+                                                                    load_qwen2_vl_processor)
+
         path = Path(model_path)
+        model_type = _model_type(path)
         try:
-            hf = AutoProcessor.from_pretrained(str(path), backend="pil")
+            if model_type in QWEN2_VL_MODEL_TYPES:  # AutoProcessor would need torchvision
+                hf = load_qwen2_vl_processor(path, model_type)
+            else:
+                hf = AutoProcessor.from_pretrained(str(path), backend="pil")
         except Exception as e:  # transformers raises ImportError, ValueError, OSError, ...
             raise ConfigError(f"cannot build the image processor of {path} without torchvision "
                               f"({type(e).__name__}: {e}). Serve a model whose processor has a PIL "
@@ -143,6 +151,13 @@ class MultiModalProcessor:
         """Image tokens one image expands to, by processing it alone (the generic, slower path)."""
         out = self.hf(text=[self.placeholder], images=[[image]], return_tensors="pt")
         return out["input_ids"][0].tolist().count(self.image_token_id)
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def _image_token_id(config: dict[str, Any], hf: Any) -> int:
