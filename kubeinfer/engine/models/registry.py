@@ -50,11 +50,15 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
     "LlavaNextForConditionalGeneration": ("llava", "LlavaNextForConditionalGeneration"),
     "Idefics3ForConditionalGeneration": ("llava", "Idefics3ForConditionalGeneration"),
+    # ... with bidirectional attention spans (images; PaliGemma's whole prompt)
+    "Gemma3ForConditionalGeneration": ("gemma_vlm", "Gemma3ForConditionalGeneration"),
+    "PaliGemmaForConditionalGeneration": ("gemma_vlm", "PaliGemmaForConditionalGeneration"),
 }
 
 # Native classes that take images (tested with images in tests/engine/multimodal/test_vlm_models.py)
 _VISION_LANGUAGE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                    "Idefics3ForConditionalGeneration")
+                    "Idefics3ForConditionalGeneration", "Gemma3ForConditionalGeneration",
+                    "PaliGemmaForConditionalGeneration")
 
 # Served through the transformers backend; each is checked token for token against transformers.
 _TRANSFORMERS_MODELS: tuple[str, ...] = (
@@ -94,12 +98,6 @@ _REFUSED: dict[str, str] = {
     "BartForConditionalGeneration": "an encoder-decoder model; kubeinfer serves decoder-only models",
     "MambaForCausalLM": _SSM,
     "FalconMambaForCausalLM": _SSM,
-    "Gemma3ForConditionalGeneration": "a vision-language model with bidirectional attention among "
-                                      "an image's tokens, which kubeinfer's causal paged attention "
-                                      "cannot do exactly yet",
-    "PaliGemmaForConditionalGeneration": "a vision-language model with a bidirectional prefix, "
-                                         "which kubeinfer's causal paged attention cannot do "
-                                         "exactly yet",
     "JambaForCausalLM": "a hybrid of attention and Mamba state-space layers; kubeinfer has no state "
                         "cache for the Mamba layers",
 }
