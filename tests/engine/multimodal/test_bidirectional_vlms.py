@@ -149,21 +149,34 @@ def test_prefix_cache_keeps_two_images_apart(family, vlm, llms):
         assert out.num_cached_tokens == 0
 
 
-@pytest.mark.parametrize("family,budget", [("gemma3", 6), ("paligemma", 16)])
-def test_chunked_prefill_never_splits_a_span(family, budget, vlm, llms):
-    """A budget smaller than the prompt: chunks stop before a span they would cut, so the
-    tokens are still HF's."""
-    _, model, proc = vlm(family)
+def test_chunked_prefill_never_splits_an_image(vlm, llms):
+    """Gemma 3 with a 7-token budget: the prompt needs several steps and budget-sized chunks
+    would cut its 4-token images; chunks stop before them, so the tokens are still HF's."""
+    _, model, proc = vlm("gemma3")
     imgs = images(2, seed=3)
-    text = "Describe" if family == "gemma3" else "cap"
-    inputs = hf_inputs(family, proc, imgs, text)
-    want = hf_greedy(model, inputs)
-    llm = llms(family, max_num_batched_tokens=budget, max_num_seqs=2,
+    inputs = hf_inputs("gemma3", proc, imgs)
+    llm = llms("gemma3", max_num_batched_tokens=7, max_num_seqs=2, enable_prefix_caching=False)
+    out = ours("gemma3", llm, imgs)
+    assert out.outputs[0].token_ids == hf_greedy(model, inputs)
+    ranges = [(f.placeholder.offset, f.placeholder.end)
+              for f in llm.mm_preprocessor.chat(conversation(imgs)).features]
+    assert any(s < k < e for s, e in ranges for k in range(7, len(out.prompt_token_ids), 7))
+
+
+def test_a_prefix_waits_for_room_rather_than_split(vlm, llms):
+    """PaliGemma, two prompts at once under a 16-token budget that holds only one of them: the
+    second waits for a step with room for its whole prefix; both are HF's."""
+    _, model, proc = vlm("paligemma")
+    llm = llms("paligemma", max_num_batched_tokens=16, max_num_seqs=2,
                enable_prefix_caching=False)
-    assert ours(family, llm, imgs, text).outputs[0].token_ids == want
-    if family == "gemma3":  # the prompt needed several steps, and budget-sized ones would cut
-        n = inputs["input_ids"].shape[1]
-        assert n > budget
+    cases = [images(2, seed=5), images(2, seed=8)]
+    prompts = [{"prompt": paligemma_prompt(2, "cap"), "multi_modal_data": {"image": imgs}}
+               for imgs in cases]
+    outs = llm.generate(prompts, GREEDY)
+    assert 2 * len(outs[0].prompt_token_ids) > 16
+    for imgs, out in zip(cases, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model, hf_inputs("paligemma", proc, imgs,
+                                                                      "cap"))
 
 
 def test_span_longer_than_the_budget_is_refused(vlm, llms):
