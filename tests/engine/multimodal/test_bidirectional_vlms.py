@@ -187,3 +187,21 @@ def test_span_longer_than_the_budget_is_refused(vlm, llms):
                       "multi_modal_data": {"image": images(1)[0]}}, GREEDY)
     # the engine goes on
     assert ours("paligemma", llm, images(1), "cap").outputs[0].token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family,n_images,budget", [("gemma3", 2, 7), ("gemma3", 1, 512),
+                                                    ("paligemma2", 1, 512)])
+def test_gpu_greedy_ids_equal_hf(family, n_images, budget, vlm):
+    """The Triton kernel's span path (Gemma 3's window over images, PaliGemma 2's prefix over its
+    window) in the engine, CUDA graphs for the decodes; HF runs on the CPU."""
+    folder, model, proc = vlm(family)
+    imgs = images(n_images, seed=30)
+    want = hf_greedy(model, hf_inputs(family, proc, imgs))
+    llm = LLM(str(folder), dtype="float32", device="cuda", max_model_len=256, block_size=16,
+              max_num_batched_tokens=budget)
+    try:
+        assert ours(family, llm, imgs).outputs[0].token_ids == want
+    finally:
+        llm.shutdown()
