@@ -99,3 +99,17 @@ def test_prefix_cache_never_hits_half_a_span_and_keys_blocks_by_span():
     s2.finish_request("d", s2.requests["d"].status.FINISHED_ABORTED)
     _, num_cached = kv2.get_computed_blocks(req("e", [(1, 3)]))
     assert num_cached == 12
+
+
+@pytest.mark.parametrize("arch", ["Gemma3ForConditionalGeneration",
+                                  "PaliGemmaForConditionalGeneration"])
+def test_vision_language_models_are_refused_on_the_transformers_backend(arch):
+    # the backend would run their spans causally: a clear ConfigError instead
+    from types import SimpleNamespace
+
+    from kubeinfer.engine.errors import ConfigError
+    from kubeinfer.engine.models import registry
+
+    config = SimpleNamespace(architectures=[arch], model_type="x")
+    with pytest.raises(ConfigError, match="--model-impl auto or native"):
+        registry.get_model_class(config, "generate", "transformers")

@@ -55,8 +55,7 @@ def test_greedy_ids_equal_hf(gemma3, client):
 
 def test_span_longer_than_the_budget_is_a_400(smollm2_dir, tmp_path_factory):
     folder = build_tiny_gemma_vlm("paligemma", smollm2_dir, tmp_path_factory.mktemp("pali"))
-    save_tiny_gemma_vlm_weights(folder, "paligemma")
-    config = tiny_config(folder)
+    config = tiny_config(folder, load_format="dummy")  # no weights: the request never runs
     from dataclasses import replace
 
     config = replace(config, scheduler=replace(config.scheduler, max_num_batched_tokens=32))

@@ -289,6 +289,11 @@ def _transformers_backend(hf_config: Any, names: list[str], shown: str,
                           explicit: bool) -> type[nn.Module]:
     from kubeinfer.engine.models.transformers_support import hf_causal_lm_class, unsupported_reason
 
+    if any(n in _VISION_LANGUAGE for n in names):
+        raise ConfigError(f"{shown} is a vision-language model, which kubeinfer runs natively only "
+                          "(the transformers backend takes no images and would run Gemma 3's and "
+                          "PaliGemma's bidirectional attention causally): use --model-impl auto "
+                          "or native.")
     refused = next((_REFUSED[n] for n in names if n in _REFUSED), None)
     if refused:
         raise ConfigError(f"model architecture {shown} is not supported by kubeinfer: it is {refused}. "
