@@ -113,3 +113,16 @@ def test_vision_language_models_are_refused_on_the_transformers_backend(arch):
     config = SimpleNamespace(architectures=[arch], model_type="x")
     with pytest.raises(ConfigError, match="--model-impl auto or native"):
         registry.get_model_class(config, "generate", "transformers")
+
+
+def test_gemma3_spans_are_the_runs_of_image_tokens():
+    # pan-and-scan: one image's placeholder holds several crops with text markers between them
+    from kubeinfer.engine.models.gemma_vlm import (Gemma3ForConditionalGeneration,
+                                                   PaliGemmaForConditionalGeneration)
+    from kubeinfer.engine.multimodal.inputs import ImageFeature, PlaceholderRange
+
+    crops = ImageFeature("h", PlaceholderRange(5, 7, (True, True, False, False, True, True, True)))
+    whole = ImageFeature("g", PlaceholderRange(20, 3))
+    assert Gemma3ForConditionalGeneration.bidirectional_spans(30, (crops, whole)) == [
+        (5, 7), (9, 12), (20, 23)]
+    assert PaliGemmaForConditionalGeneration.bidirectional_spans(30, (whole,)) == [(0, 30)]

@@ -54,8 +54,21 @@ class Gemma3ForConditionalGeneration(_GemmaVisionLanguage):
     @staticmethod
     def bidirectional_spans(num_prompt_tokens: int, mm_features: tuple[Any, ...]
                             ) -> list[tuple[int, int]]:
-        """Each image's soft tokens (its placeholder range)."""
-        return [(f.placeholder.offset, f.placeholder.end) for f in mm_features]
+        """Each run of image soft tokens: an image's placeholder range, or with pan-and-scan
+        crops each crop's run (HF groups consecutive image tokens; the markers between crops
+        are text, is_embed False)."""
+        spans = []
+        for f in mm_features:
+            rng = f.placeholder
+            embed = rng.is_embed or (True,) * rng.length
+            start = None
+            for k, is_image in enumerate((*embed, False)):
+                if is_image and start is None:
+                    start = k
+                elif not is_image and start is not None:
+                    spans.append((rng.offset + start, rng.offset + k))
+                    start = None
+        return spans
 
 
 class PaliGemmaForConditionalGeneration(_GemmaVisionLanguage):
