@@ -10,7 +10,9 @@ one forward pass. So:
 
 - the scheduler never ends a chunk inside a span (`stop_before_span`: the whole span or stop
   before it, vLLM's `disable_chunked_mm_input`); a span longer than the step's token budget is
-  refused when the request is added (`check_span_budget`);
+  refused when the request is added (`check_span_budget`). A span waits for a step with room
+  for all of it: running requests go first, so a span as long as the whole budget waits until no
+  other request takes tokens in that step (as vLLM's);
 - the prefix cache never hits part of a span (`round_cache_hit`), and a block holding span
   positions folds the span into its hash (`block_span_keys`), so K/V computed under one span is
   never reused under another;
