@@ -132,6 +132,24 @@ def test_causal_attention_would_differ(family, vlm, llms, monkeypatch):
     assert ours(family, llm, imgs).outputs[0].token_ids != want
 
 
+@pytest.mark.parametrize("family", ["gemma3", "paligemma2"])
+def test_the_other_window_rule_would_differ(family, vlm, llms, monkeypatch):
+    """Gemma 3 ANDs its sliding window over the image spans, PaliGemma 2 ORs its prefix over the
+    window: the other way round gives other tokens, so the tests above see the difference. (A
+    picture and text of its own: the blocks this run caches are keyed by them, so no other test
+    reuses them.)"""
+    from kubeinfer.engine.layers.attention import get_attention_layers
+
+    _, model, proc = vlm(family)
+    imgs = images(1, seed=77)
+    text = "Describe the colours, the shapes and the mood of this picture in a few words"
+    want = hf_greedy(model, hf_inputs(family, proc, imgs, text))
+    llm = llms(family)
+    for layer in get_attention_layers(llm.engine.model):
+        monkeypatch.setattr(layer, "span_over_window", not layer.span_over_window)
+    assert ours(family, llm, imgs, text).outputs[0].token_ids != want
+
+
 @pytest.mark.parametrize("family", ["gemma3", "paligemma"])
 def test_prefix_cache_keeps_two_images_apart(family, vlm, llms):
     _, model, proc = vlm(family)
