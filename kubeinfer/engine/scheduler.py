@@ -167,7 +167,7 @@ class Scheduler:
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             num_new = self._plan_encoders(req, req.num_computed_tokens, num_new, encoder_budget)
             num_new = stop_before_span(req.bidir_spans, req.num_computed_tokens, num_new)
-            if num_new == 0:  # its next image's encoder cannot run this step
+            if num_new == 0:  # its next image's encoder, or its next whole span, has no room
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, num_new):
