@@ -219,6 +219,9 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "tests_models": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                           "tests/engine/test_native_models.py", "tests/engine/test_moe_models.py",
                           "tests/engine/test_alibi_models.py"], 300),
+        # Gemma 3 / PaliGemma 2 images: the attention kernel's bidirectional-span path, vs HF
+        "tests_vlm": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                       "tests/engine/multimodal/test_bidirectional_vlms.py"], 200),
         "gemma2": (bench + ["throughput", "--model", gemma2, "--load-format", "dummy",
                             "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
                             "--max-model-len", "1024"], 300),

@@ -29,6 +29,10 @@ class AttentionArrays:
     block_tables: np.ndarray  # [R, W] int32
     max_query_len: int
     max_seq_len: int
+    # bidirectional spans (attention_spans.token_bounds): per token the first position of its span
+    # and the last key position it may see; None when every token of the step is causal
+    span_lo: np.ndarray | None = None  # [T] int32
+    span_hi: np.ndarray | None = None  # [T] int32
 
     @property
     def num_reqs(self) -> int:
@@ -86,6 +90,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_reqs, max_num_blocks_per_req] int32
     max_query_len: int
     max_seq_len: int
+    # bidirectional spans (attention_spans.py), None when every token is causal: query token t sees
+    # keys <= span_hi[t] (its own position when causal); span_lo[t] is its span's first position
+    span_lo: torch.Tensor | None = None  # [num_tokens] int32
+    span_hi: torch.Tensor | None = None  # [num_tokens] int32
 
     @property
     def num_reqs(self) -> int:
@@ -99,7 +107,9 @@ class AttentionMetadata:
         return cls(slot_mapping=to_device(arrays.slot_mapping),
                    query_start_loc=to_device(arrays.query_start_loc),
                    seq_lens=to_device(arrays.seq_lens), block_tables=to_device(arrays.block_tables),
-                   max_query_len=arrays.max_query_len, max_seq_len=arrays.max_seq_len)
+                   max_query_len=arrays.max_query_len, max_seq_len=arrays.max_seq_len,
+                   span_lo=None if arrays.span_lo is None else to_device(arrays.span_lo),
+                   span_hi=None if arrays.span_hi is None else to_device(arrays.span_hi))
 
 
 _context: AttentionMetadata | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kubeinfer.engine.attention_spans import token_bounds
 from kubeinfer.engine.forward_context import AttentionArrays, build_attention_arrays
 from kubeinfer.engine.mrope_positions import MRopePositions, step_positions
 from kubeinfer.engine.request import PLACEHOLDER
@@ -37,6 +38,7 @@ class CachedRequestState:
     # offset of every later position
     mrope_positions: np.ndarray | None = None
     mrope_delta: int = 0
+    bidir_spans: tuple[tuple[int, int], ...] = ()  # see Request.bidir_spans
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -143,7 +145,7 @@ class InputBatch:
             output_token_ids=list(new.output_token_ids), sampling_params=new.sampling_params,
             eos_token_ids=new.eos_token_ids, block_ids=list(new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
-            prompt_logits_start=new.prompt_logits_start)
+            prompt_logits_start=new.prompt_logits_start, bidir_spans=tuple(new.bidir_spans))
         if self.mrope is not None:
             state.mrope_positions, state.mrope_delta = self.mrope.prompt_positions(
                 len(new.prompt_token_ids), new.mm_features)
@@ -183,6 +185,11 @@ class InputBatch:
                 logits_indices.append(offset - 1)
                 sample_states.append(state)
         attn = build_attention_arrays(starts, query_lens, tables, self.block_size, min_table_width)
+        spans = [self.states[r].bidir_spans for r in num_scheduled_tokens]
+        if any(spans):
+            bounds = token_bounds(spans, starts, query_lens)
+            if bounds is not None:
+                attn.span_lo, attn.span_hi = bounds
         inputs = StepInputs(req_ids=list(num_scheduled_tokens), input_ids=np.array(ids, dtype=np.int64),
                             attn=attn, logits_indices=np.asarray(logits_indices, dtype=np.int64),
                             sample_states=sample_states)

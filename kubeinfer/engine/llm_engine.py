@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kubeinfer.engine import cpu_threads
+from kubeinfer.engine.attention_spans import check_span_budget
 from kubeinfer.engine.loader.hf_config import get_eos_token_ids, load_tokenizer
 from kubeinfer.engine.loader.resolve import resolve_model
 from kubeinfer.engine.config import (DEFAULT_MODEL, DEFAULT_MODEL_SAMPLING, GENERATION_KEYS,
@@ -167,12 +168,13 @@ class LLMEngine:
         if mm_inputs is not None:
             prompt_token_ids = mm_inputs.prompt_token_ids
         max_tokens = self.validate_request(prompt_token_ids, params)
+        spans = self.bidirectional_spans(len(prompt_token_ids), mm_features)
         for i in range(params.n):
             child = params.clone_for_child(i)
             child.max_tokens = max_tokens
             req_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(req_id, list(prompt_token_ids), child, self.eos_token_ids,
-                          priority=priority, mm_features=mm_features)
+                          priority=priority, mm_features=mm_features, bidir_spans=spans)
             self.output_processor.add(request_id, i, req, params.prompt_logprobs is not None)
             self.scheduler.add_request(req)
         self._record(IterationStats())  # the waiting gauge moved
@@ -200,6 +202,16 @@ class LLMEngine:
                     "image or raise --max-num-batched-tokens", "messages")
         return tuple(mm_inputs.features)
 
+    def bidirectional_spans(self, num_prompt_tokens: int, mm_features: tuple) -> tuple:
+        """The prompt's bidirectional attention spans, from the model (Gemma 3's images,
+        PaliGemma's prefix; attention_spans.py), each checked to fit one step's token budget."""
+        rule = getattr(self.model, "bidirectional_spans", None)
+        if rule is None:
+            return ()
+        spans = tuple(rule(num_prompt_tokens, mm_features))
+        check_span_budget(spans, self.config.scheduler.max_num_batched_tokens)
+        return spans
+
     def validate_priority(self, priority: int) -> None:
         if priority and self.config.scheduler.scheduling_policy != "priority":
             raise RequestError(f"priority={priority} needs a server started with "
@@ -215,6 +227,7 @@ class LLMEngine:
         if bad is not None:
             raise RequestError(f"token id {bad} is out of vocabulary [0, {self.vocab_size})", "prompt")
         params.check_vocab(self.vocab_size)  # top_k, stop ids and logit_bias within the vocabulary
+        self.bidirectional_spans(num_prompt, ())  # PaliGemma: the prompt must fit one step
         if params.structured_outputs is not None and self.tokenizer is None:
             raise RequestError("structured outputs need the model's tokenizer, and this engine was "
                                "started with --skip-tokenizer-init: leave the constraint out",

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kubeinfer.engine import rank_profiler
+from kubeinfer.engine.attention_spans import token_bounds
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.cuda_graphs import CUDAGraphRunner
 from kubeinfer.engine.encoder_runner import EncoderRunner
@@ -212,17 +213,23 @@ class ModelRunner:
             if sum(query_lens) > min(budget, num_blocks * self.block_size) or max(query_lens) > cap:
                 continue
             self._run_prompts(query_lens)
+            if getattr(self.model, "bidirectional_spans", None) is not None:
+                self._run_prompts(query_lens, spans=True)  # the kernels' span variants too
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _run_prompts(self, lens: list[int]):
+    def _run_prompts(self, lens: list[int], spans: bool = False):
         """Forward fresh prompts of the given lengths through the cache's first blocks (request r
         owns a contiguous run of them). For profiling and warm-up only: what it writes is garbage
         in blocks that no request holds yet. A pipeline stage runs alone, on zeros for the
-        previous stage's output (and returns its own for the next)."""
+        previous stage's output (and returns its own for the next). spans: each prompt is one
+        bidirectional span."""
         per_req = -(-max(lens) // self.block_size)
         tables = [list(range(r * per_req, (r + 1) * per_req)) for r in range(len(lens))]
         arrays = build_attention_arrays([0] * len(lens), lens, tables, self.block_size)
+        if spans and max(lens) > 1:
+            arrays.span_lo, arrays.span_hi = token_bounds([[(0, n)] for n in lens],
+                                                          [0] * len(lens), lens)
         num_tokens = len(arrays.positions)
         args = (torch.zeros(num_tokens, dtype=torch.long, device=self.device),
                 self._to_device(arrays.positions))

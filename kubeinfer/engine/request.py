@@ -59,6 +59,8 @@ class Request:
     # the prompt's images in prompt order (multimodal/inputs.py): hashes and placeholder ranges
     # for the scheduler and the KV manager; their tensors only travel on to the runner
     mm_features: tuple[ImageFeature, ...] = ()
+    # bidirectional attention spans (start, end) of the prompt (attention_spans.py), ascending
+    bidir_spans: tuple[tuple[int, int], ...] = ()
 
     @property
     def priority_key(self) -> tuple[int, float]:

@@ -10,6 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from kubeinfer.engine.attention_spans import stop_before_span
 from kubeinfer.engine.config import SchedulerConfig
 from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
@@ -165,7 +166,8 @@ class Scheduler:
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             num_new = self._plan_encoders(req, req.num_computed_tokens, num_new, encoder_budget)
-            if num_new == 0:  # its next image's encoder cannot run this step
+            num_new = stop_before_span(req.bidir_spans, req.num_computed_tokens, num_new)
+            if num_new == 0:  # its next image's encoder, or its next whole span, has no room
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, num_new):
@@ -201,6 +203,7 @@ class Scheduler:
                     break
                 num_new = min(num_new, budget)
                 num_new = self._plan_encoders(req, num_cached, num_new, encoder_budget)
+                num_new = stop_before_span(req.bidir_spans, num_cached, num_new)
                 if num_new == 0 or not self.kv.allocate_slots(req, num_new, hits):
                     break
                 encoder_budget -= self._commit_encoders(req, num_cached, num_new, encoder_inputs)
@@ -289,7 +292,8 @@ class Scheduler:
                 output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
                 eos_token_ids=req.eos_token_ids, block_ids=block_ids,
                 num_computed_tokens=req.num_computed_tokens,
-                prompt_logits_start=req.prompt_logits_start, mm_features=req.mm_features))
+                prompt_logits_start=req.prompt_logits_start, mm_features=req.mm_features,
+                bidir_spans=req.bidir_spans))
             self._num_sent_blocks[req.req_id] = len(block_ids)
             out.num_scheduled_tokens[req.req_id] = n
         out.structured_output_req_ids = {req.req_id for req, _ in running + admitted

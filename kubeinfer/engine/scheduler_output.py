@@ -29,6 +29,8 @@ class NewRequestData:
     prompt_logits_start: int | None = None
     # the prompt's images (multimodal.inputs.ImageFeature, tensors included), sent once
     mm_features: tuple[Any, ...] = ()
+    # bidirectional attention spans (start, end) of the prompt (attention_spans.py)
+    bidir_spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass

@@ -79,18 +79,24 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
                       scale: float, sliding_window: int | None = None,
                       softcap: float | None = None, out: torch.Tensor | None = None,
-                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                      alibi_slopes: torch.Tensor | None = None,
+                      span_lo: torch.Tensor | None = None, span_hi: torch.Tensor | None = None,
+                      span_over_window: bool = False) -> torch.Tensor:
     """Triton version of `reference.unified_attention` (same arguments and result)."""
     return launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_lens,
                                     block_tables, max_query_len, max_seq_len, scale,
                                     sliding_window=sliding_window, softcap=softcap, out=out,
-                                    alibi_slopes=alibi_slopes)
+                                    alibi_slopes=alibi_slopes, span_lo=span_lo, span_hi=span_hi,
+                                    span_over_window=span_over_window)
 
 
 def launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_lens, block_tables,
                              max_query_len, max_seq_len, scale, sliding_window=None, softcap=None,
                              out=None, num_segments: int | None = None,
-                             alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                             alibi_slopes: torch.Tensor | None = None,
+                             span_lo: torch.Tensor | None = None,
+                             span_hi: torch.Tensor | None = None,
+                             span_over_window: bool = False) -> torch.Tensor:
     """`unified_attention` with the split-KV choice exposed: num_segments=None picks from the
     shapes; an int > 1 forces the split-KV path (all-decode batches only)."""
     num_tokens, num_heads, head_size = q.shape
@@ -109,6 +115,13 @@ def launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_len
     group = num_heads // num_kv_heads
     head_size_padded = triton.next_power_of_2(head_size)
     decode_only = max_query_len <= 1
+    # a 1-token chunk cannot hold a span of 2 or more (the scheduler computes a span whole)
+    use_spans = span_hi is not None and not decode_only
+    if use_spans:
+        assert span_hi.shape == (num_tokens,) and span_hi.dtype == torch.int32, \
+            "span_hi must be [num_tokens] int32"
+        assert not span_over_window or (span_lo is not None and span_lo.shape == span_hi.shape
+                                        and span_lo.dtype == torch.int32)
     num_sms = _sm_count(q.device)
     block_q, block_m, tile_n, num_warps, num_stages = _tile_config(
         head_size_padded, group, max_query_len, decode_only, q.dtype, num_tokens, num_kv_heads,
@@ -146,6 +159,8 @@ def launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_len
         query_start_loc_ptr=query_start_loc, segm_out_ptr=segm_out, segm_max_ptr=segm_max,
         segm_sum_ptr=segm_sum,
         alibi_slopes_ptr=alibi_slopes if alibi_slopes is not None else segm_max,  # unused if None
+        span_lo_ptr=span_lo if use_spans and span_lo is not None else seq_lens,  # unused if not
+        span_hi_ptr=span_hi if use_spans else seq_lens,
         qk_scale=qk_scale, softcap_scale=softcap_scale,
         num_reqs=num_reqs,
         stride_q_t=q.stride(0), stride_q_h=q.stride(1),
@@ -159,7 +174,8 @@ def launch_unified_attention(q, key_cache, value_cache, query_start_loc, seq_len
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
         DECODE_BLOCK_M=decode_cfg[1], DECODE_TILE_N=decode_cfg[2],
         SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=bool(softcap),
-        USE_ALIBI=alibi_slopes is not None,
+        USE_ALIBI=alibi_slopes is not None, USE_SPANS=use_spans,
+        SPAN_OVER_WINDOW=use_spans and span_over_window and bool(sliding_window),
         DECODE_ONLY=decode_only, NUM_SEGMENTS=num_segments,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

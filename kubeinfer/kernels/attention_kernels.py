@@ -6,6 +6,10 @@ scale * log2(e) and exponentiated with exp2). With NUM_SEGMENTS > 1 it covers on
 context and writes partial (max, sum, acc) that `_reduce_segments_kernel` merges (split-KV).
 With USE_ALIBI each row adds slope[head] * (key_pos - q_pos) to its scores (in the log2 domain, so
 the slope is scaled by log2(e) once per program).
+With USE_SPANS (bidirectional spans, engine/attention_spans.py) each row sees keys up to its own
+bound span_hi (>= its position) instead of its position, and with a window keys from
+pos - window + 1 on (or from its span's start, min'd in, with SPAN_OVER_WINDOW); the tile ranges
+and the unmasked middle are computed from those per-row bounds. Without it nothing changes.
 """
 from __future__ import annotations
 
@@ -38,12 +42,13 @@ def _tanh(x):
 
 
 @triton.jit
-def _attend_tiles(acc, m_i, l_i, q, q_pos, alibi, tile_lo, tile_hi, key_end, block_row, k_base,
+def _attend_tiles(acc, m_i, l_i, q, q_pos, row_lo, row_hi, alibi, tile_lo, tile_hi, key_end,
+                  block_row, k_base,
                   v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale,
                   HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, MASKED: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SPANS: tl.constexpr,
+                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [tile_lo, tile_hi). MASKED=False
     is for tiles every row sees whole: no key or score masks."""
     offs_n = tl.arange(0, TILE_N)
@@ -77,9 +82,14 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, alibi, tile_lo, tile_hi, key_end, blo
             # alibi [BLOCK_M] = slope * log2(e); the bias is <= 0 on every key a row may see.
             s += alibi[:, None] * (key_pos[None, :] - q_pos[:, None]).to(tl.float32)
         if MASKED:
-            mask = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
-            if SLIDING_WINDOW > 0:
-                mask = mask & (key_pos[None, :] > q_pos[:, None] - SLIDING_WINDOW)
+            if USE_SPANS:  # row_lo / row_hi: each row's first and last visible key
+                mask = key_valid[None, :] & (key_pos[None, :] <= row_hi[:, None])
+                if SLIDING_WINDOW > 0:
+                    mask = mask & (key_pos[None, :] >= row_lo[:, None])
+            else:
+                mask = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
+                if SLIDING_WINDOW > 0:
+                    mask = mask & (key_pos[None, :] > q_pos[:, None] - SLIDING_WINDOW)
             s = tl.where(mask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no key yet keeps m = -inf; subtract 0 to avoid inf - inf.
@@ -103,15 +113,16 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, alibi, tile_lo, tile_hi, key_end, blo
 
 @triton.jit
 def _attend_chunk(out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, segm_out_ptr,
-                  segm_max_ptr, segm_sum_ptr, alibi_slopes_ptr, qk_scale, softcap_scale, req,
-                  kv_head, segment,
+                  segm_max_ptr, segm_sum_ptr, alibi_slopes_ptr, span_lo_ptr, span_hi_ptr, qk_scale,
+                  softcap_scale, req, kv_head, segment,
                   q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h, stride_o_t,
                   stride_o_h, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s,
                   stride_v_h, stride_bt_r,
                   GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_SIZE_PADDED: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                   TILE_N: tl.constexpr, SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                  USE_ALIBI: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+                  USE_ALIBI: tl.constexpr, USE_SPANS: tl.constexpr,
+                  SPAN_OVER_WINDOW: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """Attention of query tokens [local_q0, local_q0 + BLOCK_Q) of request `req` (x the GROUP
     heads of `kv_head`) over its cache, or over one split-KV segment of it."""
@@ -147,13 +158,38 @@ def _attend_chunk(out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_p
     # [lo, hi) into masked [lo, a), unmasked [a, b), masked [b, hi). Keys below
     # context_len + local_q0 (the chunk's first position) are visible to every row; with a window,
     # so are keys above key_end - 1 - SLIDING_WINDOW (its last position's window start).
-    lo = first_tile
-    hi = end_tile
-    full_lo = lo
-    if SLIDING_WINDOW > 0:
-        full_lo = tl.maximum(tl.cdiv(key_end - SLIDING_WINDOW, TILE_N), lo)
-    a = tl.minimum(full_lo, hi)
-    b = tl.minimum(tl.maximum((context_len + local_q0 + 1) // TILE_N, a), hi)
+    row_lo = q_pos
+    row_hi = q_pos
+    if USE_SPANS:
+        # Per-row bounds [row_lo, row_hi]; the same split from their extremes over the real rows
+        # (every key in [max row_lo, min row_hi] is visible to every row).
+        row_hi = tl.load(span_hi_ptr + token, mask=row_valid, other=0)
+        if SLIDING_WINDOW > 0:
+            row_lo = q_pos - SLIDING_WINDOW + 1
+            if SPAN_OVER_WINDOW:
+                row_lo = tl.minimum(row_lo, tl.load(span_lo_ptr + token, mask=row_valid, other=0))
+            first_tile = tl.maximum(tl.min(tl.where(row_valid, row_lo, seq_len), 0), 0) // TILE_N
+        causal_end = key_end
+        key_end = tl.minimum(tl.maximum(tl.max(tl.where(row_valid, row_hi + 1, 0), 0), key_end),
+                             seq_len)
+        end_tile = tl.cdiv(key_end, TILE_N)
+        lo = first_tile
+        hi = end_tile
+        full_lo = lo
+        if SLIDING_WINDOW > 0:
+            max_lo = tl.max(tl.where(row_valid, row_lo, 0), 0)
+            full_lo = tl.maximum(tl.cdiv(tl.minimum(max_lo, causal_end), TILE_N), lo)
+        a = tl.minimum(full_lo, hi)
+        min_hi = tl.min(tl.where(row_valid, row_hi, seq_len), 0)
+        b = tl.minimum(tl.maximum((min_hi + 1) // TILE_N, a), hi)
+    else:
+        lo = first_tile
+        hi = end_tile
+        full_lo = lo
+        if SLIDING_WINDOW > 0:
+            full_lo = tl.maximum(tl.cdiv(key_end - SLIDING_WINDOW, TILE_N), lo)
+        a = tl.minimum(full_lo, hi)
+        b = tl.minimum(tl.maximum((context_len + local_q0 + 1) // TILE_N, a), hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -163,19 +199,19 @@ def _attend_chunk(out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_p
     v_base = value_cache_ptr + kv_head * stride_v_h
     if SLIDING_WINDOW > 0:
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, q_pos, alibi, lo, a, key_end, block_row, k_base, v_base, stride_k_b,
+            acc, m_i, l_i, q, q_pos, row_lo, row_hi, alibi, lo, a, key_end, block_row, k_base, v_base, stride_k_b,
             stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale, HEAD_SIZE,
-            HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, True,
+            HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_SPANS, True,
             DOT_PRECISION)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, q_pos, alibi, a, b, key_end, block_row, k_base, v_base, stride_k_b,
+        acc, m_i, l_i, q, q_pos, row_lo, row_hi, alibi, a, b, key_end, block_row, k_base, v_base, stride_k_b,
         stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale, HEAD_SIZE,
-        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, False,
+        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_SPANS, False,
         DOT_PRECISION)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, q_pos, alibi, b, hi, key_end, block_row, k_base, v_base, stride_k_b,
+        acc, m_i, l_i, q, q_pos, row_lo, row_hi, alibi, b, hi, key_end, block_row, k_base, v_base, stride_k_b,
         stride_k_s, stride_v_b, stride_v_s, qk_scale, softcap_scale, HEAD_SIZE,
-        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, True,
+        HEAD_SIZE_PADDED, BLOCK_SIZE, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_SPANS, True,
         DOT_PRECISION)
 
     if NUM_SEGMENTS == 1:
@@ -206,6 +242,8 @@ def _unified_attention_kernel(
     segm_max_ptr,  # [T, H, NUM_SEGMENTS] float32, log2 domain (split-KV only)
     segm_sum_ptr,  # [T, H, NUM_SEGMENTS] float32 (split-KV only)
     alibi_slopes_ptr,  # [H] float32 (ALiBi only)
+    span_lo_ptr,  # [T] int32: first position of each query token's span (USE_SPANS only)
+    span_hi_ptr,  # [T] int32: last key position each query token sees (USE_SPANS only)
     qk_scale,  # float32: scale * log2(e); scale / softcap when soft-capping
     softcap_scale,  # float32: softcap * log2(e) (soft-capping only)
     num_reqs,
@@ -226,6 +264,8 @@ def _unified_attention_kernel(
     SLIDING_WINDOW: tl.constexpr,  # 0: no window
     USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr,  # add slope[head] * (key_pos - q_pos) to the scores
+    USE_SPANS: tl.constexpr,  # bidirectional spans: rows see keys up to span_hi
+    SPAN_OVER_WINDOW: tl.constexpr,  # a span's keys stay visible beyond the window
     DECODE_ONLY: tl.constexpr,  # every request has <= 1 query token: program 0 index = request
     NUM_SEGMENTS: tl.constexpr,  # 1: write out; > 1: write split-KV partials
     DOT_PRECISION: tl.constexpr,
@@ -251,20 +291,21 @@ def _unified_attention_kernel(
         if q_len == 1:
             _attend_chunk(
                 out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, segm_out_ptr,
-                segm_max_ptr, segm_sum_ptr, alibi_slopes_ptr, qk_scale, softcap_scale, req,
-                kv_head, segment, q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h,
+                segm_max_ptr, segm_sum_ptr, alibi_slopes_ptr, span_lo_ptr, span_hi_ptr, qk_scale,
+                softcap_scale, req, kv_head, segment, q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h,
                 stride_o_t, stride_o_h, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s,
                 stride_v_h, stride_bt_r, GROUP, HEAD_SIZE, HEAD_SIZE_PADDED, BLOCK_SIZE, 1,
-                DECODE_BLOCK_M, DECODE_TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI,
-                NUM_SEGMENTS, DOT_PRECISION)
+                DECODE_BLOCK_M, DECODE_TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_SPANS,
+                SPAN_OVER_WINDOW, NUM_SEGMENTS, DOT_PRECISION)
             return
     _attend_chunk(
         out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, segm_out_ptr,
-        segm_max_ptr, segm_sum_ptr, alibi_slopes_ptr, qk_scale, softcap_scale, req, kv_head,
-        segment, q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h, stride_o_t,
+        segm_max_ptr, segm_sum_ptr, alibi_slopes_ptr, span_lo_ptr, span_hi_ptr, qk_scale,
+        softcap_scale, req, kv_head, segment, q_start, q_len, local_q0, seq_len, stride_q_t, stride_q_h, stride_o_t,
         stride_o_h, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s,
         stride_v_h, stride_bt_r, GROUP, HEAD_SIZE, HEAD_SIZE_PADDED, BLOCK_SIZE, BLOCK_Q,
-        BLOCK_M, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, NUM_SEGMENTS, DOT_PRECISION)
+        BLOCK_M, TILE_N, SLIDING_WINDOW, USE_SOFTCAP, USE_ALIBI, USE_SPANS, SPAN_OVER_WINDOW,
+        NUM_SEGMENTS, DOT_PRECISION)
 
 
 @triton.jit

@@ -66,12 +66,15 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
                       scale: float, sliding_window: int | None = None,
                       softcap: float | None = None, out: torch.Tensor | None = None,
-                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                      alibi_slopes: torch.Tensor | None = None,
+                      span_lo: torch.Tensor | None = None, span_hi: torch.Tensor | None = None,
+                      span_over_window: bool = False) -> torch.Tensor:
     impl = _triton_module("attention") if use_triton(q) else reference
     return impl.unified_attention(q, key_cache, value_cache, query_start_loc, seq_lens,
                                   block_tables, max_query_len, max_seq_len, scale,
                                   sliding_window=sliding_window, softcap=softcap, out=out,
-                                  alibi_slopes=alibi_slopes)
+                                  alibi_slopes=alibi_slopes, span_lo=span_lo, span_hi=span_hi,
+                                  span_over_window=span_over_window)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -30,7 +30,9 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
                       scale: float, sliding_window: int | None = None,
                       softcap: float | None = None, out: torch.Tensor | None = None,
-                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                      alibi_slopes: torch.Tensor | None = None,
+                      span_lo: torch.Tensor | None = None, span_hi: torch.Tensor | None = None,
+                      span_over_window: bool = False) -> torch.Tensor:
     """Causal attention of each request's query tokens over its paged context.
 
     q [T, H, D]; caches [NB, BS, KVH, D]; query_start_loc [R+1]; seq_lens [R]; block_tables [R, MB].
@@ -40,6 +42,13 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     adds slope[h] * (key_pos - query_pos) to head h's scores after the scale (and the cap): ALiBi
     in its relative form, which differs from Bloom's slope * key_pos by a constant per query row
     and so gives the same softmax. Computed in float32; returns [T, H, D] in q's dtype. Rows of `out` that belong to no request's query are left as they were.
+
+    Bidirectional spans (engine/attention_spans.py): span_lo, span_hi [T] int32, when given, let
+    query token t see keys up to span_hi[t] (>= its position, < its request's seq len) instead of
+    its own position. The window still bounds keys from below (key > pos - window: Gemma 3, whose
+    sliding layers AND the window over the or-ed causal and image masks); with span_over_window a
+    token also sees its span's keys from span_lo[t] on whatever the window (PaliGemma 2, whose
+    prefix is OR-ed over the sliding-window mask).
 
     Batched, not a loop per request: the requests are padded to [R, KVH, GROUP * Lq, D] queries
     (the GROUP query heads of a KV head folded into the query axis, so K/V are never repeated) and
@@ -62,7 +71,8 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         step = max(1, _GROUP_BYTES // per_req)
         for i in range(0, req_ids.numel(), step):
             _attend_padded(q, key_cache, value_cache, starts, query_lens, seq_lens, block_tables,
-                           req_ids[i:i + step], scale, sliding_window, softcap, alibi_slopes, out)
+                           req_ids[i:i + step], scale, sliding_window, softcap, alibi_slopes, out,
+                           (span_lo, span_hi, span_over_window) if span_hi is not None else None)
     return out
 
 
@@ -70,7 +80,8 @@ def _attend_padded(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.
                    starts: torch.Tensor, query_lens: torch.Tensor, seq_lens: torch.Tensor,
                    block_tables: torch.Tensor, req_ids: torch.Tensor, scale: float,
                    sliding_window: int | None, softcap: float | None,
-                   alibi_slopes: torch.Tensor | None, out: torch.Tensor) -> None:
+                   alibi_slopes: torch.Tensor | None, out: torch.Tensor,
+                   spans: tuple[torch.Tensor, torch.Tensor, bool] | None = None) -> None:
     """Attention of requests `req_ids` (each with >= 1 query token) as one padded batch."""
     num_reqs, (_, num_heads, head_dim) = req_ids.numel(), q.shape
     num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
@@ -96,10 +107,15 @@ def _attend_padded(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.
     k = key_cache.view(flat)[slots].float().permute(0, 2, 1, 3)  # [R, KVH, Lk, D]
     v = value_cache.view(flat)[slots].float().permute(0, 2, 1, 3)
 
-    # Keys past the sequence are excluded by causality (qpos <= slen - 1).
-    mask = kpos[None, None, :] <= qpos[:, :, None]  # [R, Lq, Lk]
+    # Keys past the sequence are excluded by causality (qpos <= slen - 1), and by the scheduler
+    # under spans (a span is computed whole, so span_hi <= slen - 1).
+    hi = qpos if spans is None else spans[1].long()[tokens]
+    mask = kpos[None, None, :] <= hi[:, :, None]  # [R, Lq, Lk]
     if sliding_window:
-        mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
+        lo = qpos - sliding_window + 1
+        if spans is not None and spans[2]:
+            lo = torch.minimum(lo, spans[0].long()[tokens])
+        mask &= kpos[None, None, :] >= lo[:, :, None]
     mask = mask[:, None, None].expand(num_reqs, 1, group, lq, lk).reshape(
         num_reqs, 1, group * lq, lk)
     qg = q[tokens].float().view(num_reqs, lq, num_kv_heads, group, head_dim)

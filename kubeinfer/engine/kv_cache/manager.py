@@ -5,6 +5,7 @@ to do when they don't.
 """
 from __future__ import annotations
 
+from kubeinfer.engine.attention_spans import block_span_keys, round_cache_hit
 from kubeinfer.engine.kv_cache.block_pool import BlockPool, KVCacheBlock
 from kubeinfer.engine.multimodal.block_keys import block_image_keys
 from kubeinfer.engine.request import Request
@@ -62,6 +63,8 @@ class KVCacheManager:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
             keys = block_image_keys(spans, i * bs, (i + 1) * bs) if spans else ()
+            if req.bidir_spans:  # K/V inside a span depends on the whole span
+                keys += block_span_keys(req.bidir_spans, i * bs, (i + 1) * bs)
             hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]), keys))
         return hashes
 
@@ -88,6 +91,9 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
+        if req.bidir_spans:  # never half a span: its K/V is computed in one step, whole
+            hits = hits[:round_cache_hit(req.bidir_spans, len(hits) * self.block_size,
+                                         self.block_size) // self.block_size]
         self._queries += req.num_tokens
         self._hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size

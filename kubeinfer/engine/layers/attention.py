@@ -7,6 +7,9 @@ forward context, so model code passes only q, k and v.
 
 ALiBi models (Bloom, MPT, Falcon's alibi variant) pass this rank's per-head slopes; the kernels add
 slope[h] * (key_pos - query_pos) to the scores (layers/alibi.py computes the slopes).
+
+Bidirectional spans (engine/attention_spans.py) come with the step's metadata; `span_over_window`
+(set by PaliGemma on its layers) says a span's keys stay visible beyond a sliding window.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ class Attention(nn.Module):
         # Plain attributes, not buffers: the cache belongs to the runner, is never saved, and must not
         # be moved or cast by model.to().
         self.k_cache = self.v_cache = torch.tensor([])
+        # HF ORs PaliGemma's prefix over the window mask, but ANDs Gemma 3's window over its images
+        self.span_over_window = False
 
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         expected = (self.num_kv_heads, self.head_dim)
@@ -69,7 +74,8 @@ class Attention(nn.Module):
                 seq_lens=meta.seq_lens, block_tables=meta.block_tables,
                 max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, scale=self.scale,
                 sliding_window=self.sliding_window, softcap=self.softcap,
-                alibi_slopes=self.alibi_slopes)
+                alibi_slopes=self.alibi_slopes, span_lo=meta.span_lo, span_hi=meta.span_hi,
+                span_over_window=self.span_over_window)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _forward_no_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@
 
 Attention soft-capping is gone from the released configs (attn_logit_softcapping is null), final
 logit soft-capping is optional; both are honoured when a config sets them. The multimodal
-Gemma3ForConditionalGeneration checkpoints (language_model.* names) are not served here.
+Gemma3ForConditionalGeneration wraps this decoder (models/gemma_vlm.py).
 """
 from __future__ import annotations
 

@@ -55,16 +55,17 @@ class LlavaForConditionalGeneration(nn.Module):
     _vision_prefixes = _VISION_PREFIXES  # checkpoint prefix -> name in the HF base model
     _language_prefixes = _LANGUAGE_PREFIXES  # checkpoint prefix -> name in our decoder
     _encoder_keys = ("pixel_values", "image_sizes")  # the processor outputs the encoder takes
+    _language_models = _LANGUAGE_MODELS  # text_config.model_type -> our decoder class
 
     def __init__(self, config: Any):
         super().__init__()
         self.config = config
         text_config = config.text_config
-        lm_cls = _LANGUAGE_MODELS.get(text_config.model_type)
+        lm_cls = self._language_models.get(text_config.model_type)
         if lm_cls is None:
             raise ConfigError(f"{type(self).__name__} with a {text_config.model_type!r} language "
-                              f"model is not supported; kubeinfer runs LLaVA over "
-                              f"{', '.join(sorted(_LANGUAGE_MODELS))}")
+                              f"model is not supported; kubeinfer runs it over "
+                              f"{', '.join(sorted(self._language_models))}")
         self.language_model = lm_cls(text_config)
         import transformers
 

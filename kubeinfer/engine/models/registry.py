@@ -52,12 +52,16 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Idefics3ForConditionalGeneration": ("llava", "Idefics3ForConditionalGeneration"),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
+    # ... with bidirectional attention spans (images; PaliGemma's whole prompt)
+    "Gemma3ForConditionalGeneration": ("gemma_vlm", "Gemma3ForConditionalGeneration"),
+    "PaliGemmaForConditionalGeneration": ("gemma_vlm", "PaliGemmaForConditionalGeneration"),
 }
 
 # Native classes that take images (tested with images in tests/engine/multimodal/test_vlm_models.py)
 _VISION_LANGUAGE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                     "Idefics3ForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                    "Qwen2_5_VLForConditionalGeneration")
+                    "Qwen2_5_VLForConditionalGeneration", "Gemma3ForConditionalGeneration",
+                    "PaliGemmaForConditionalGeneration")
 
 # Served through the transformers backend; each is checked token for token against transformers.
 _TRANSFORMERS_MODELS: tuple[str, ...] = (
@@ -97,12 +101,6 @@ _REFUSED: dict[str, str] = {
     "BartForConditionalGeneration": "an encoder-decoder model; kubeinfer serves decoder-only models",
     "MambaForCausalLM": _SSM,
     "FalconMambaForCausalLM": _SSM,
-    "Gemma3ForConditionalGeneration": "a vision-language model with bidirectional attention among "
-                                      "an image's tokens, which kubeinfer's causal paged attention "
-                                      "cannot do exactly yet",
-    "PaliGemmaForConditionalGeneration": "a vision-language model with a bidirectional prefix, "
-                                         "which kubeinfer's causal paged attention cannot do "
-                                         "exactly yet",
     "JambaForCausalLM": "a hybrid of attention and Mamba state-space layers; kubeinfer has no state "
                         "cache for the Mamba layers",
 }
@@ -294,6 +292,11 @@ def _transformers_backend(hf_config: Any, names: list[str], shown: str,
                           explicit: bool) -> type[nn.Module]:
     from kubeinfer.engine.models.transformers_support import hf_causal_lm_class, unsupported_reason
 
+    if any(n in _VISION_LANGUAGE for n in names):
+        raise ConfigError(f"{shown} is a vision-language model, which kubeinfer runs natively only "
+                          "(the transformers backend takes no images and would run Gemma 3's and "
+                          "PaliGemma's bidirectional attention causally): use --model-impl auto "
+                          "or native.")
     refused = next((_REFUSED[n] for n in names if n in _REFUSED), None)
     if refused:
         raise ConfigError(f"model architecture {shown} is not supported by kubeinfer: it is {refused}. "
