@@ -117,6 +117,7 @@ class LLMEngine:
         # scheduling (launch N+1, then read N), one per stage with pipeline stages
         self._in_flight: deque[LaunchedStep] = deque()
         self._max_in_flight = pp if pp > 1 else 1 + bool(config.scheduler.async_scheduling)
+        self.peak_steps_in_flight = 0  # the deepest the queue got (benchmarks report it)
 
     def _reasoning_parser(self):
         """--reasoning-parser's parser over this tokenizer (ConfigError for an unknown name or a
@@ -291,6 +292,7 @@ class LLMEngine:
                 launched = LaunchedStep(sched_out, handle, self.scheduler.advance(sched_out))
                 stats.num_scheduled_tokens += sched_out.total_num_scheduled_tokens
                 queue.append(launched)
+                self.peak_steps_in_flight = max(self.peak_steps_in_flight, len(queue))
         ready = []
         if queue and (launched is None or len(queue) >= self._max_in_flight):
             ready.append(queue.popleft())
