@@ -30,6 +30,7 @@ from kubeinfer.engine.layers.attention import allocate_kv_cache, get_attention_l
 from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.parallel_state import (global_rank, is_first_stage, is_last_stage, pp_size,
                                              tp_broadcast_from_first, tp_rank)
+from kubeinfer.engine.pipeline_cuda_graphs import StageGraphRunner
 from kubeinfer.engine.pipeline_stage import IntermediateTensors
 from kubeinfer.engine.pipeline_step import execute_stage_step, pipeline_output
 from kubeinfer.engine.request import PLACEHOLDER
@@ -189,8 +190,10 @@ class ModelRunner:
         self._allocate_kv_cache(num_blocks)
         if self.device.type == "cuda":
             self._warm_up_kernels(num_blocks)
-        if self.device.type == "cuda" and not self.config.device.enforce_eager and self.pp_size == 1:
-            self.graph_runner = CUDAGraphRunner(
+        if self.device.type == "cuda" and not self.config.device.enforce_eager:
+            # a pipeline stage captures its share of the forward (pipeline_cuda_graphs.py)
+            graph_cls = CUDAGraphRunner if self.pp_size == 1 else StageGraphRunner
+            self.graph_runner = graph_cls(
                 self.model, max_batch_size=min(self.config.scheduler.max_num_seqs, 512),
                 max_model_len=self.max_model_len, block_size=self.block_size,
                 hidden_size=self.hf_config.hidden_size, dtype=self.dtype, device=self.device,

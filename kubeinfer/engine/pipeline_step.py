@@ -15,7 +15,8 @@ another, so up to one step per stage is in flight (the engine's batch queue, llm
   sends that token to every rank in the step's plan (`SchedulerOutput.resolved_output_tokens`),
   where it replaces the placeholder the rank appended at launch.
 
-CUDA graphs are not used with more than one stage: each step runs eagerly.
+A pure-decode step replays the stage's CUDA graph (pipeline_cuda_graphs.py); the others run
+eagerly.
 """
 from __future__ import annotations
 
@@ -101,21 +102,24 @@ def _launch(runner: Runner, step: Step, inputs: StepInputs) -> None:
 
 def _stage_forward(runner: Runner, inputs: StepInputs) -> torch.Tensor | None:
     """The last stage's hidden states [T, hidden]; None on the others, after sending theirs on."""
-    meta = AttentionMetadata.from_arrays(inputs.attn, runner._to_device)
-    positions = runner._to_device(inputs.positions)
-    input_ids, intermediate = None, None
+    intermediate = None
     if is_first_stage():
         if (inputs.input_ids == PLACEHOLDER).any():
             raise RuntimeError("a pipeline step's input token is a placeholder: a request was "
                                "scheduled before its previous step was read")
-        input_ids = runner._to_device(inputs.input_ids)
     else:
         shape = (inputs.num_tokens, runner.hf_config.hidden_size)
         hidden, residual = pp_recv_prev([torch.empty(shape, dtype=runner.dtype, device=runner.device)
                                          for _ in range(2)])
         intermediate = IntermediateTensors(hidden, residual)
-    with set_forward_context(meta):
-        out = runner.model(input_ids, positions, intermediate)
+    graphs = runner.graph_runner
+    if graphs is not None and inputs.prompt_logits_indices is None and graphs.can_run(inputs):
+        out = graphs.run_stage(inputs, intermediate)
+    else:
+        meta = AttentionMetadata.from_arrays(inputs.attn, runner._to_device)
+        input_ids = runner._to_device(inputs.input_ids) if intermediate is None else None
+        with set_forward_context(meta):
+            out = runner.model(input_ids, runner._to_device(inputs.positions), intermediate)
     if is_last_stage():
         return out
     pp_send_next([out.hidden_states, out.residual])
