@@ -93,11 +93,11 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                                "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
                                "--max-model-len", "1024", "--tensor-parallel-size", "2"], 120),
         # two pipeline stages of 16 layers, two steps in flight (each with half of the running
-        # requests: its JSON line says peak_steps_in_flight 2), eager (no CUDA graphs with PP);
-        # compare with "llama" (one GPU) from the same call
+        # requests: its JSON line says peak_steps_in_flight 2), CUDA graphs per stage; compare
+        # with "llama" (one GPU) from the same call
         "llama_pp2": (bench + ["throughput", "--model", llama, "--load-format", "dummy",
                                "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
-                               "--max-model-len", "1024", "--pipeline-parallel-size", "2"], 180),
+                               "--max-model-len", "1024", "--pipeline-parallel-size", "2"], 220),
         # Llama 3.1 70B (141 GB in bf16) on two GPUs, dummy weights created per rank on its GPU:
         # tensor parallel, then two pipeline stages of 40 layers; roofline:
         # roofline_model.py benchmarks/models/llama-3.1-70b-shape --tp 2 (or --pp 2) --tbps --tflops
