@@ -135,9 +135,29 @@ def test_three_stages_keep_three_steps_in_flight(three_layer_llama):
         assert tokens == expected
         assert max_in_flight == 3
         assert run_greedy(llm, prompts, penalized)[0] == expected_penalized
+        assert aborted_in_flight(llm, prompts) == expected[1:]
     finally:
         llm.engine.shutdown()
     assert not multiprocessing.active_children()
+
+
+def aborted_in_flight(llm, prompts):
+    """Abort request 0 while its step is in flight; the others' greedy ids, and a whole pool."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    tokens = {str(i): [] for i in range(len(prompts))}
+    while not any("0" in step.sched_out.num_scheduled_tokens for step in engine._in_flight):
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    engine.abort_request("0")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    assert engine.kv.num_free_blocks == engine.num_blocks
+    assert len(tokens.pop("0")) < NUM_OUT
+    return [tokens[str(i)] for i in range(1, len(prompts))]
 
 
 def with_logprobs(llm, prompts):
