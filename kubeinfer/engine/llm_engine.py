@@ -5,9 +5,9 @@ the executor (`execute_model`), and updates the scheduler with a step's results.
 scheduling the update of step N happens after step N+1 is launched; synchronously the same code
 reads the step it just launched. With N pipeline stages up to N steps are in flight (vLLM's batch
 queue): each takes requests that no step in flight holds, and they are read in launch order, so
-stage 0 computes a step while later stages compute the earlier ones. A request the runner could not prepare fails alone (status
-FINISHED_ERROR, finish_reason "error"); anything else raised by a step propagates to the caller,
-which must treat the engine as dead.
+stage 0 computes a step while later stages compute the earlier ones. A request the runner could
+not prepare fails alone (status FINISHED_ERROR, finish_reason "error"); anything else raised by a
+step propagates to the caller, which must treat the engine as dead.
 """
 from __future__ import annotations
 
