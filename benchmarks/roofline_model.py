@@ -63,11 +63,14 @@ def roofline(c: dict, n: int, inp: int, out: int, tbps: float, tflops: float, tp
     # per GPU and decode step: pp micro-batches each read the stage's 1/pp of the weights
     decode_seconds = (out * weight_bytes(n / pp) / tp + kv / gpus) / (tbps * 1e12)
     seconds = prefill_flops / (tflops * 1e12 * gpus) + decode_seconds
-    hw_seconds = (prefill_flops / (tflops * 1e12) + (out * weight_bytes(n) + kv) / (tbps * 1e12)) / gpus
-    hit = c["num_experts"] * (1 - (1 - 1 / c["num_experts"]) ** (n * c["top_k"])) if c["num_experts"] else 0
+    decode_bytes = out * weight_bytes(n) + kv  # on one GPU
+    hw_seconds = (prefill_flops / (tflops * 1e12) + decode_bytes / (tbps * 1e12)) / gpus
+    hit = 0
+    if c["num_experts"]:
+        hit = c["num_experts"] * (1 - (1 - 1 / c["num_experts"]) ** (n * c["top_k"]))
     result = dict(params_b=round(c["total"] / 1e9, 2), active_b=round(active / 1e9, 2),
                   experts_hit_per_layer=round(hit, 1), prefill_pflop=round(prefill_flops / 1e15, 3),
-                  decode_tb=round((out * weight_bytes(n) + kv) / 1e12, 2), seconds=round(seconds, 3),
+                  decode_tb=round(decode_bytes / 1e12, 2), seconds=round(seconds, 3),
                   out_tok_s=round(n * out / seconds))
     if gpus > 1:
         result.update(tp=tp, pp=pp, out_tok_s_hw=round(n * out / hw_seconds))

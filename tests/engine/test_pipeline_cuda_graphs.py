@@ -41,7 +41,8 @@ def as_stage(monkeypatch, stage, num_stages, build):
 
 def stage_model(path, kv):
     model, config = load_model(ModelConfig(model=str(path), dtype="float32"), "cpu")
-    kv.append(allocate_kv_cache(get_attention_layers(model), NUM_BLOCKS, BLOCK, torch.float32, "cpu"))
+    layers = get_attention_layers(model)
+    kv.append(allocate_kv_cache(layers, NUM_BLOCKS, BLOCK, torch.float32, "cpu"))
     return model, config
 
 
