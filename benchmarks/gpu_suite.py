@@ -133,6 +133,7 @@ def vlm_steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
 def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     py = sys.executable
     llama = os.path.join(a.models, "llama-3.1-8b-shape")
+    llama70b = os.path.join(a.models, "llama-3.1-70b-shape")
     qwen = os.path.join(a.models, "qwen3-0.6b-shape")
     gemma2 = os.path.join(a.models, "gemma-2-9b-shape")
     phi3 = os.path.join(a.models, "phi-3-mini-shape")
@@ -168,11 +169,23 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "llama_tp2": (bench + ["throughput", "--model", llama, "--load-format", "dummy",
                                "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
                                "--max-model-len", "1024", "--tensor-parallel-size", "2"], 120),
-        # two pipeline stages of 16 layers, one batch in flight, eager (no CUDA graphs with PP)
+        # two pipeline stages of 16 layers, two steps in flight (each with half of the running
+        # requests: its JSON line says peak_steps_in_flight 2), CUDA graphs per stage; compare
+        # with "llama" (one GPU) from the same call
         "llama_pp2": (bench + ["throughput", "--model", llama, "--load-format", "dummy",
                                "--num-prompts", "256", "--input-len", "512", "--output-len", "256",
-                               "--max-model-len", "1024", "--pipeline-parallel-size", "2"], 180),
-        # TP 2 uses the custom all-reduce by default; latency_tp2_nccl is the same run on NCCL only
+                               "--max-model-len", "1024", "--pipeline-parallel-size", "2"], 220),
+        # Llama 3.1 70B (141 GB in bf16) on two GPUs, dummy weights created per rank on its GPU:
+        # tensor parallel, then two pipeline stages of 40 layers; roofline:
+        # roofline_model.py benchmarks/models/llama-3.1-70b-shape --tp 2 (or --pp 2) --tbps --tflops
+        "llama70b_tp2": (bench + ["throughput", "--model", llama70b, "--load-format", "dummy",
+                                  "--num-prompts", "256", "--input-len", "512", "--output-len",
+                                  "256", "--max-model-len", "1024", "--tensor-parallel-size", "2",
+                                  "--gpu-memory-utilization", "0.95"], 420),
+        "llama70b_pp2": (bench + ["throughput", "--model", llama70b, "--load-format", "dummy",
+                                  "--num-prompts", "256", "--input-len", "512", "--output-len",
+                                  "256", "--max-model-len", "1024", "--pipeline-parallel-size", "2",
+                                  "--gpu-memory-utilization", "0.95"], 420),
         "latency_tp2": (bench + ["latency", "--model", llama, "--load-format", "dummy",
                                  "--batch-size", "1", "--input-len", "512", "--output-len", "256",
                                  "--num-iters", "3", "--num-iters-warmup", "1", "--max-model-len",

@@ -29,6 +29,12 @@ idle), from `vlm_ttft_floor`:
 
     python3 benchmarks/roofline_model.py benchmarks/models/llava-1.5-7b-shape --ttft \
         --image-size 336 --prompt-len 650 --gpu "NVIDIA H100 80GB HBM3"
+On several GPUs (`--tp`, `--pp`; the ceilings are one GPU's): tensor parallelism splits every
+FLOP and byte over the GPUs. Pipeline stages split the prefill FLOPs and the KV reads too, but with
+one micro-batch per stage in flight (N/pp requests each) every micro-batch reads its stage's
+weights, so each GPU still reads as many weight bytes per decode step as one GPU would: PP does
+not make decode faster than one GPU's weight reads, only the prefill and the KV reads.
+`out_tok_s_hw` is the bound of the GPUs themselves (as tensor parallelism over all of them).
 """
 from __future__ import annotations
 
@@ -58,20 +64,37 @@ def counts(path: str) -> dict:
                 embed=cfg.vocab_size * cfg.hidden_size)
 
 
-def roofline(c: dict, n: int, inp: int, out: int, tbps: float, tflops: float) -> dict:
+def roofline(c: dict, n: int, inp: int, out: int, tbps: float, tflops: float, tp: int = 1,
+             pp: int = 1) -> dict:
     dense = c["total"] - c["experts"]
     per_expert = c["experts"] / c["num_experts"] if c["num_experts"] else 0
     active = dense + per_expert * c["top_k"] - c["embed"]  # the embedding is a lookup, no FLOPs
     prefill_flops = 2 * active * n * inp + 4 * c["layers"] * c["heads"] * c["head_dim"] * inp**2 / 2 * n
-    hit = c["num_experts"] * (1 - (1 - 1 / c["num_experts"]) ** (n * c["top_k"])) if c["num_experts"] else 0
-    step_weights = 2 * (dense + per_expert * hit)
     kv = sum(n * (inp + i) * c["kv_bytes"] for i in range(out))
-    decode_bytes = out * step_weights + kv
-    seconds = prefill_flops / (tflops * 1e12) + decode_bytes / (tbps * 1e12)
-    return dict(params_b=round(c["total"] / 1e9, 2), active_b=round(active / 1e9, 2),
-                experts_hit_per_layer=round(hit, 1), prefill_pflop=round(prefill_flops / 1e15, 3),
-                decode_tb=round(decode_bytes / 1e12, 2), seconds=round(seconds, 3),
-                out_tok_s=round(n * out / seconds))
+
+    def weight_bytes(batch: float) -> float:
+        """Weights one decode step of `batch` requests reads."""
+        if not c["num_experts"]:
+            return 2 * dense
+        hit = c["num_experts"] * (1 - (1 - 1 / c["num_experts"]) ** (batch * c["top_k"]))
+        return 2 * (dense + per_expert * hit)
+
+    gpus = tp * pp
+    # per GPU and decode step: pp micro-batches each read the stage's 1/pp of the weights
+    decode_seconds = (out * weight_bytes(n / pp) / tp + kv / gpus) / (tbps * 1e12)
+    seconds = prefill_flops / (tflops * 1e12 * gpus) + decode_seconds
+    decode_bytes = out * weight_bytes(n) + kv  # on one GPU
+    hw_seconds = (prefill_flops / (tflops * 1e12) + decode_bytes / (tbps * 1e12)) / gpus
+    hit = 0
+    if c["num_experts"]:
+        hit = c["num_experts"] * (1 - (1 - 1 / c["num_experts"]) ** (n * c["top_k"]))
+    result = dict(params_b=round(c["total"] / 1e9, 2), active_b=round(active / 1e9, 2),
+                  experts_hit_per_layer=round(hit, 1), prefill_pflop=round(prefill_flops / 1e15, 3),
+                  decode_tb=round(decode_bytes / 1e12, 2), seconds=round(seconds, 3),
+                  out_tok_s=round(n * out / seconds))
+    if gpus > 1:
+        result.update(tp=tp, pp=pp, out_tok_s_hw=round(n * out / hw_seconds))
+    return result
 
 
 # data-sheet dense bf16 TFLOP/s (no sparsity) and HBM TB/s, by a part of torch's device name
@@ -197,6 +220,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=336)
     ap.add_argument("--prompt-len", type=int, help="--ttft: prompt tokens, image tokens included")
     ap.add_argument("--gpu", default="H100 80GB HBM3", help="--ttft: the GPU's name, for its peaks")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (one GPU each)")
     a = ap.parse_args()
     if a.ttft:
         if a.prompt_len is None:
@@ -208,7 +233,7 @@ def main() -> None:
     if a.tbps is None or a.tflops is None:
         ap.error("--tbps and --tflops are required (the measured ceilings)")
     print(json.dumps(dict(model=a.model, **roofline(counts(a.model), a.prompts, a.input_len,
-                                                   a.output_len, a.tbps, a.tflops))))
+                                                   a.output_len, a.tbps, a.tflops, a.tp, a.pp))))
 
 
 if __name__ == "__main__":

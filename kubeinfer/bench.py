@@ -228,6 +228,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     total = num_out + sum(in_lens)
     extra = {} if workload is None else _image_fields(args, in_lens)
+    if engine.config.parallel.pipeline_parallel_size > 1:  # the batch queue filled (or not)
+        extra["peak_steps_in_flight"] = engine.peak_steps_in_flight
     if constraint is not None:
         extra = {"json_schema": args.json_schema,
                  "mask_fill_ms_per_step": round(1e3 * so.fill_seconds / max(so.num_fills, 1), 3)}

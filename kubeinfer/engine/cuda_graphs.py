@@ -57,16 +57,19 @@ class CUDAGraphRunner:
         for size in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
             meta = self._meta(size)
             with set_forward_context(meta):
-                positions = self.positions[..., :size]  # [3, size] under M-RoPE
-                self.hidden[:size] = self.model(self.input_ids[:size], positions)  # warm-up
+                self._forward(size)  # warm-up
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.hidden[:size] = self.model(self.input_ids[:size], positions)
+                    self._forward(size)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def _forward(self, size: int) -> None:
+        """What a graph of `size` rows records: the forward from the input buffers into `hidden`."""
+        self.hidden[:size] = self.model(self.input_ids[:size], self.positions[..., :size])  # [3, size] under M-RoPE
 
     def can_run(self, batch: StepInputs) -> bool:
         return batch.is_pure_decode and batch.num_reqs <= self.sizes[-1] \

@@ -10,7 +10,9 @@ parallel_state.py; those of other nodes through node_relay.py), writes (method, 
 a pipe and runs the method itself; the workers loop running whatever arrives on their own runner. Each rank loads its shard of every layer (the layers'
 weight loaders slice the checkpoint by rank, reading the group from `parallel_state.py`; a
 pipeline stage builds only its layers, pipeline_stage.py). With pipeline stages the sampling rank is
-tensor rank 0 of the last stage: `get_output` fetches its results from it (`pipeline_output`).
+tensor rank 0 of the last stage: `get_output` fetches its results from it alone (`pipeline_output`
+down its pipe; relayed to its whole node when it is on another node), so reading a step waits for
+that step only, never for the steps launched after it.
 
 A worker that fails to load reports its error, which the engine raises as a ConfigError. A worker
 that dies later leaves its peers waiting in a collective forever, so a watcher thread exits the
@@ -96,10 +98,10 @@ class Executor:
 
     def get_output(self, step: PendingStep) -> ModelRunnerOutput:
         """A launched step's results. With one stage rank 0 samples and reading them is no
-        collective; with several, every rank reads the step and the last stage's sampler answers."""
+        collective; with several, the last stage's sampler answers (no other rank takes part)."""
         if self.pp == 1:
             return self.driver.get_output(step)
-        return self.collective_rpc("pipeline_output", step.index)[self.sampler_rank]
+        return self.workers.call(self.sampler_rank, "pipeline_output", step.index)
 
     def shutdown(self) -> None:
         if self.workers is not None:
@@ -150,6 +152,17 @@ class _Workers:
         for conn in self.conns:
             conn.send(msg)
         send_all(self.nodes, msg)
+
+    def call(self, rank: int, method: str, *args: Any) -> Any:
+        """Run `ModelRunner.<method>(*args)` on one rank and return its result: down its pipe
+        when it is this node's; a rank of another node gets it through its node's relay, as all
+        of that node's ranks do (the others answer their part, e.g. `pipeline_output`'s None)."""
+        if rank <= len(self.conns):
+            conn = self.conns[rank - 1]
+            conn.send((method, args, True))
+            return conn.recv()
+        self.send((method, args, True))
+        return self.gather()[rank - 1]
 
     def gather(self) -> list[Any]:
         """Each worker's reply to the last call that asks for one, by rank."""

@@ -3,15 +3,18 @@
 One pipeline for both scheduling modes: `step()` schedules, launches the step on every rank through
 the executor (`execute_model`), and updates the scheduler with a step's results. With async
 scheduling the update of step N happens after step N+1 is launched; synchronously the same code
-reads the step it just launched. A request the runner could not prepare fails alone (status
-FINISHED_ERROR, finish_reason "error"); anything else raised by a step propagates to the caller,
-which must treat the engine as dead.
+reads the step it just launched. With N pipeline stages up to N steps are in flight (vLLM's batch
+queue): each takes requests that no step in flight holds, and they are read in launch order, so
+stage 0 computes a step while later stages compute the earlier ones. A request the runner could
+not prepare fails alone (status FINISHED_ERROR, finish_reason "error"); anything else raised by a
+step propagates to the caller, which must treat the engine as dead.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,11 +109,16 @@ class LLMEngine:
             pin_memory=self.device.type == "cuda" and bool(config.scheduler.async_scheduling))
         # only rank 0 samples, so only its runner masks logits (workers never see the manager)
         self.runner.grammar_bitmask = self.structured_output.grammar_bitmask
+        pp = config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len,
-                                   self.structured_output)
+                                   self.structured_output, pipeline_depth=pp)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_blocks = num_blocks
-        self._pending: LaunchedStep | None = None  # the launched, unread step (async scheduling)
+        # launched, unread steps, oldest first: at most one synchronously, two with async
+        # scheduling (launch N+1, then read N), one per stage with pipeline stages
+        self._in_flight: deque[LaunchedStep] = deque()
+        self._max_in_flight = pp if pp > 1 else 1 + bool(config.scheduler.async_scheduling)
+        self.peak_steps_in_flight = 0  # the deepest the queue got (benchmarks report it)
 
     def _reasoning_parser(self):
         """--reasoning-parser's parser over this tokenizer (ConfigError for an unknown name or a
@@ -267,7 +275,7 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._pending is not None
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -279,25 +287,30 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """schedule -> execute -> update. With async scheduling, step N+1 is launched before
-        step N's results are read, and this returns step N's outputs; synchronously the step
-        launched is the step read."""
+        """schedule -> execute -> update. A step is launched while fewer than `_max_in_flight`
+        are; the oldest is read once the queue is full or nothing new was launched. With async
+        scheduling, step N+1 is launched before step N's results are read, and this returns step
+        N's outputs; synchronously the step launched is the step read; with pipeline stages up to
+        one step per stage is in flight."""
         stats = IterationStats()
         launched = None
+        queue = self._in_flight
         # penalties count the previous tokens on the device: let the step in flight land first
-        if self._pending is None or not self._needs_known_tokens():
+        # (with pipeline stages a request waits for its step anyway: in_flight.py)
+        if len(queue) < self._max_in_flight and (
+                not queue or self.scheduler.in_flight.enabled or not self._needs_known_tokens()):
             sched_out = self.scheduler.schedule()
             if not sched_out.is_empty:
                 handle = self.executor.execute_model(sched_out)
                 launched = LaunchedStep(sched_out, handle, self.scheduler.advance(sched_out))
                 stats.num_scheduled_tokens += sched_out.total_num_scheduled_tokens
-        ready = [] if self._pending is None else [self._pending]
+                queue.append(launched)
+                self.peak_steps_in_flight = max(self.peak_steps_in_flight, len(queue))
+        ready = []
+        if queue and (launched is None or len(queue) >= self._max_in_flight):
+            ready.append(queue.popleft())
         if launched is None and not ready and self.scheduler.compiling:
             self.structured_output.wait_for_any(0.05)  # only grammars are left: no busy loop
-        if self.config.scheduler.async_scheduling:
-            self._pending = launched
-        elif launched is not None:
-            ready.append(launched)
         outputs: list[RequestOutput] = self._grammar_failures(stats)
         for step in ready:
             outputs += self._update(step, stats)

@@ -32,8 +32,9 @@ from kubeinfer.engine.layers.attention import allocate_kv_cache, get_attention_l
 from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.parallel_state import (global_rank, is_first_stage, is_last_stage, pp_size,
                                              tp_broadcast_from_first, tp_rank)
+from kubeinfer.engine.pipeline_cuda_graphs import StageGraphRunner
 from kubeinfer.engine.pipeline_stage import IntermediateTensors
-from kubeinfer.engine.pipeline_step import launch_stage_step
+from kubeinfer.engine.pipeline_step import execute_stage_step, pipeline_output
 from kubeinfer.engine.request import PLACEHOLDER
 from kubeinfer.engine.sampler import (Sampler, SamplingMetadata, pack, prompt_logprobs, unpack,
                                       unpack_prompt_logprobs)
@@ -191,8 +192,10 @@ class ModelRunner:
         self._allocate_kv_cache(num_blocks)
         if self.device.type == "cuda":
             self._warm_up_kernels(num_blocks)
-        if self.device.type == "cuda" and not self.config.device.enforce_eager and self.pp_size == 1:
-            self.graph_runner = CUDAGraphRunner(
+        if self.device.type == "cuda" and not self.config.device.enforce_eager:
+            # a pipeline stage captures its share of the forward (pipeline_cuda_graphs.py)
+            graph_cls = CUDAGraphRunner if self.pp_size == 1 else StageGraphRunner
+            self.graph_runner = graph_cls(
                 self.model, max_batch_size=min(self.config.scheduler.max_num_seqs, 512),
                 max_model_len=self.max_model_len, block_size=self.block_size,
                 hidden_size=self.hf_config.hidden_size, dtype=self.dtype, device=self.device,
@@ -249,19 +252,20 @@ class ModelRunner:
         left out of this step and skipped in later ones until it is finished. The same happens on
         every rank, since every rank prepares the same data the same way.
         """
-        self._read_all_but_last()
+        if self.pp_size == 1:
+            self._read_all_but_last()
         prev = self._unread[-1] if self._unread else None
         step = PendingStep(failed_req_ids=self._update_states(out), index=self._num_launched)
         self._num_launched += 1
+        if self.pp_size > 1:  # a stage's share; steps stay in flight (pipeline_step.py)
+            return execute_stage_step(self, out, step)
         if self.encoders is not None:
             for req_id in self.encoders.run_encoders(out):
                 self.batch.remove_request(req_id)
                 self._failed.add(req_id)
                 step.failed_req_ids.append(req_id)
         scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in self._failed}
-        if scheduled and self.pp_size > 1:
-            launch_stage_step(self, step, self.batch.prepare(scheduled), prev)
-        elif scheduled:
+        if scheduled:
             self._launch(step, self.batch.prepare(scheduled), prev, out.structured_output_req_ids)
         self._unread.append(step)
         return step
@@ -461,13 +465,9 @@ class ModelRunner:
         return step.output
 
     def pipeline_output(self, index: int) -> ModelRunnerOutput | None:
-        """The sampling rank's results of launched step `index` (None on the other ranks), which
-        rank 0 fetches with a pipeline; every rank reads the step, as `get_output` does."""
-        step = next((s for s in self._unread if s.index == index), None)
-        if step is None:
-            raise RuntimeError(f"step {index} is not among this rank's unread steps")
-        output = self.get_output(step)
-        return output if self.is_sampler else None
+        """The sampling rank's results of launched step `index`, which rank 0 fetches with
+        pipeline stages (pipeline_step.py); None on the other ranks."""
+        return pipeline_output(self, index)
 
     def profile(self, action: str) -> dict | None:
         """torch.profiler on this rank (every rank, through collective_rpc): "start", then "stop",

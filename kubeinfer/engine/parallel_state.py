@@ -24,6 +24,7 @@ _PP_RANKS: list[int] | None = None  # global ranks of this process's pipeline gr
 _PP_RANK = 0
 _PP_PARTITION: tuple[int, ...] | None = None  # layers per stage, when the user set them
 _CUSTOM_AR: CustomAllReduce | None = None  # the tensor group's P2P all-reduce (GPUs), if built
+_PP_SENDS: list = []  # the last step's hidden-state sends to the next stage (dist.Work)
 # how long a collective or point-to-point receive waits for a peer before raising (a worker
 # node that never arrives, a stage stuck); the executor's death watch stops the engine sooner
 # when a local worker dies
@@ -67,8 +68,9 @@ def init_tensor_parallel(rank: int, world_size: int, port: int, device: torch.de
 def destroy_parallel(tear_down: bool) -> None:
     """Forget the groups; with `tear_down` also leave them (gloo). An NCCL group whose all-reduces
     were captured in CUDA graphs is never torn down (executor.py says why)."""
-    global _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION, _CUSTOM_AR
-    _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION, _CUSTOM_AR = None, None, 0, None, None
+    global _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION, _CUSTOM_AR, _PP_SENDS
+    _TP_GROUP, _PP_RANKS, _PP_RANK, _PP_PARTITION = None, None, 0, None
+    _CUSTOM_AR, _PP_SENDS = None, []
     if tear_down and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -140,16 +142,17 @@ def is_last_stage() -> bool:
     return _PP_RANK == pp_size() - 1
 
 
-def sampler_rank() -> int:
-    """The global rank that samples: tensor rank 0 of the last stage (rank 0 with one stage)."""
-    return 0 if _PP_RANKS is None else (pp_size() - 1) * (dist.get_world_size() // pp_size())
-
-
 def pp_send_next(tensors: list[torch.Tensor]) -> None:
-    """Send `tensors` to the same tensor rank of the next stage (in order, each whole)."""
+    """Send `tensors` to the same tensor rank of the next stage (in order, each whole) without
+    waiting for it to receive them, so this stage can start its next step while the next stage
+    computes this one. The previous call's sends are waited on first: one step's sends are
+    outstanding at most (on a GPU the wait is the stream's, not the host's)."""
+    global _PP_SENDS
+    for work in _PP_SENDS:
+        work.wait()
     dst = _PP_RANKS[_PP_RANK + 1]
-    for t in tensors:
-        dist.send(t.contiguous(), dst=dst)
+    # the works keep the tensors alive until they are sent
+    _PP_SENDS = [dist.isend(t.contiguous(), dst=dst) for t in tensors]
 
 
 def pp_recv_prev(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -159,9 +162,3 @@ def pp_recv_prev(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         dist.recv(t, src=src)
     return tensors
 
-
-def world_broadcast(x: torch.Tensor, src: int) -> torch.Tensor:
-    """Global rank `src`'s `x` on every rank of the engine; in place."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(x, src=src)
-    return x

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kubeinfer.engine.attention_spans import stop_before_span
 from kubeinfer.engine.config import SchedulerConfig
 from kubeinfer.engine.errors import RequestError
+from kubeinfer.engine.in_flight import InFlightRequests
 from kubeinfer.engine.kv_cache.manager import KVCacheManager
 from kubeinfer.engine.multimodal.chunk_images import end_before_image, images_in_chunk
 from kubeinfer.engine.multimodal.encoder_cache import EncoderCacheManager
@@ -35,8 +36,11 @@ class TokenUpdate:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int,
-                 structured_output: StructuredOutputManager | None = None):
+                 structured_output: StructuredOutputManager | None = None,
+                 pipeline_depth: int = 1):
         self.config = config
+        # pipeline stages: the requests of the steps in flight, each in one step at most
+        self.in_flight = InFlightRequests(pipeline_depth)
         self.structured_output = structured_output
         # constrained requests whose grammar is still compiling: they join `waiting` once it is
         # done, so a slow schema never holds up the queue behind it
@@ -157,11 +161,14 @@ class Scheduler:
         encoder_budget = self.config.max_num_batched_tokens  # encoder rows computed this step
         encoder_inputs: dict[str, list[int]] = {}
         now = time.monotonic()
+        limit = self.in_flight.step_limit(len(self.running) + len(self.waiting),
+                                          self.config.max_num_seqs)
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < limit:
             req = self.running[i]
-            if req.is_capped:  # async scheduling: its last token is already in flight
+            # async scheduling: its last token is already in flight; pipeline stages: its step is
+            if req.is_capped or req.req_id in self.in_flight:
                 i += 1
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -195,8 +202,11 @@ class Scheduler:
 
         num_running = len(scheduled)
         if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
+                    and len(scheduled) < limit:
                 req = self.waiting[0]
+                if req.req_id in self.in_flight:  # preempted while its step is still running
+                    break
                 hits, num_cached = self.kv.get_computed_blocks(req)
                 num_new = req.num_tokens - num_cached
                 if not self.config.enable_chunked_prefill and num_new > budget:
@@ -285,6 +295,10 @@ class Scheduler:
             cached.num_computed_tokens.append(req.num_computed_tokens)
             self._num_sent_blocks[req.req_id] = len(block_ids)
             out.num_scheduled_tokens[req.req_id] = n
+            if self.in_flight.enabled and req.output_token_ids:
+                # only the last stage sampled it; the other ranks hold a placeholder
+                out.resolved_output_tokens[req.req_id] = (req.num_output_tokens - 1,
+                                                          req.output_token_ids[-1])
         for req, n in admitted:
             block_ids = list(self.kv.get_block_ids(req.req_id))
             out.scheduled_new_reqs.append(NewRequestData(
@@ -343,6 +357,7 @@ class Scheduler:
         append a PLACEHOLDER for each token being sampled. Returns (request, output index) of each
         placeholder, in sampling order, for `resolve`."""
         pending = []
+        self.in_flight.launched(out.num_scheduled_tokens)
         for req_id, num_new in out.num_scheduled_tokens.items():
             req = self.requests[req_id]
             samples = req.num_computed_tokens + num_new == req.num_tokens
@@ -364,6 +379,7 @@ class Scheduler:
         the step computed its token for nothing, and the token is dropped. The step's prompt
         logprobs are collected first, so a request's are whole by the time its first token is."""
         sampled, logprobs, prompt_logprobs = result.sampled, result.logprobs, result.prompt_logprobs
+        self.in_flight.landed()  # steps are read in launch order
         if prompt_logprobs:
             for req_id, (start, rows) in prompt_logprobs.items():
                 req = self.requests.get(req_id)

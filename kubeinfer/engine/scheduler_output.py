@@ -6,6 +6,8 @@ the computed-token count). `num_scheduled_tokens` gives, in batch order, how man
 scheduled request computes this step. `finished_req_ids` and `preempted_req_ids` tell the runner
 which requests to drop from its persistent batch since the last step; a preempted one comes back
 later as a new request. This is what lets a step cross a pipe to another rank (executor.py).
+With pipeline stages only the last stage samples, so `resolved_output_tokens` carries each running
+request's last sampled token (known on the host by then) to every rank (pipeline_step.py).
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ class SchedulerOutput:
     freed_encoder_hashes: list[str] = field(default_factory=list)
     # scheduled requests under a structured-output constraint: the driver masks their logits
     structured_output_req_ids: set[str] = field(default_factory=set)
+    # pipeline stages: request id -> (output index, token id) of its last sampled token, for
+    # the ranks that hold it as a placeholder (every rank but the sampler's); empty with one stage
+    resolved_output_tokens: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -17,7 +17,7 @@ def llms(tiny_model_dir):
 def run(llm, prompts, params):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     engine = llm.engine
-    assert engine.kv.num_free_blocks == engine.num_blocks and engine._pending is None
+    assert engine.kv.num_free_blocks == engine.num_blocks and not engine._in_flight
     return [[(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in r.outputs] for r in outs]
 
 
@@ -62,7 +62,7 @@ def test_aborts_and_preemption_keep_the_pool_whole(llms):
         engine.step()
         steps += 1
         if steps == 1:
-            assert engine._pending is not None  # a step is in flight while the host goes on
+            assert engine._in_flight  # a step is in flight while the host goes on
         if steps in (2, 5):
             engine.abort_request(f"r{steps}")
     assert engine.scheduler._num_preemptions > 0

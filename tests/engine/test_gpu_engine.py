@@ -115,9 +115,9 @@ def test_gpu_structured_outputs_equal_cpu(tiny_model_dir, eager, async_sched):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_gpu_pipeline_parallel_2_matches_hf(tiny_model_dir):
-    """Two pipeline stages over NCCL (hidden states sent point to point, eager), async scheduling
-    on, tied embeddings loaded by the last stage. Its own pytest run (gpu_suite's tests_pp): one
-    NCCL engine per process."""
+    """Two pipeline stages over NCCL (hidden states sent point to point, two steps in flight,
+    decode steps replaying each stage's CUDA graphs), async scheduling on, tied embeddings loaded
+    by the last stage. Its own pytest run (gpu_suite's tests_pp): one NCCL engine per process."""
     path = tiny_model_dir("qwen3")
     llm = LLM(str(path), dtype="float32", device="cuda", pipeline_parallel_size=2,
               max_model_len=256, max_num_batched_tokens=64, gpu_memory_utilization=0.3)
@@ -127,5 +127,7 @@ def test_gpu_pipeline_parallel_2_matches_hf(tiny_model_dir):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts)
         assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+        assert llm.engine.peak_steps_in_flight == 2
+        assert llm.engine.runner.graph_runner is not None  # stage 0's graphs
     finally:
         llm.engine.shutdown()

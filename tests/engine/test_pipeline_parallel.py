@@ -1,8 +1,10 @@
 """Pipeline parallelism, run on CPU through gloo: each stage (a process, or tp processes) holds a
 contiguous range of layers and its own KV cache, and hands hidden states and residuals to the
-next; the greedy ids equal HF transformers' (float32) for 2 stages, 2 stages x 2 tensor ranks,
-uneven layer splits, chunked prefill with preemption, and async scheduling. Families without stage
-support, partitions that do not add up and dying stages give clear errors."""
+next; up to one step per stage is in flight, each with requests no other holds. The greedy ids
+equal HF transformers' (float32) for 2 and 3 stages, 2 stages x 2 tensor ranks, uneven layer
+splits, chunked prefill with preemption, and async scheduling, with the queue of steps full.
+Families without stage support, partitions that do not add up and dying stages give clear
+errors."""
 import multiprocessing
 import os
 import shutil
@@ -23,18 +25,35 @@ KW = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_toke
           num_gpu_blocks_override=40)
 
 
-def run_greedy(llm, prompts):
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
+def run_greedy(llm, prompts, params=None):
+    """Greedy ids of each prompt, the preemptions seen, and the most steps in flight at once.
+    Asserts that a step never takes a request that a step in flight holds."""
+    engine = llm.engine
+    params = params or SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
     for i, p in enumerate(prompts):
-        llm.engine.add_request(str(i), p, params)
+        engine.add_request(str(i), p, params)
     tokens = {str(i): [] for i in range(len(prompts))}
-    num_preemptions = 0
-    while llm.engine.has_unfinished_requests():
-        for out in llm.engine.step():
-            tokens[out.request_id] += out.new_token_ids
-        num_preemptions = max(num_preemptions, llm.engine.scheduler._num_preemptions)
-    assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
-    return [tokens[str(i)] for i in range(len(prompts))], num_preemptions
+    num_preemptions = max_in_flight = 0
+    launch = engine.executor.execute_model
+
+    def recording_launch(out):
+        nonlocal max_in_flight
+        mine = set(out.num_scheduled_tokens)
+        for step in engine._in_flight:
+            assert not mine & set(step.sched_out.num_scheduled_tokens), "a request in two steps"
+        max_in_flight = max(max_in_flight, len(engine._in_flight) + 1)
+        return launch(out)
+
+    engine.executor.execute_model = recording_launch
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+            num_preemptions = max(num_preemptions, engine.scheduler._num_preemptions)
+    finally:
+        del engine.executor.execute_model
+    assert engine.kv.num_free_blocks == engine.num_blocks
+    return [tokens[str(i)] for i in range(len(prompts))], num_preemptions, max_in_flight
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +84,9 @@ def test_pipeline_greedy_matches_hf(tiny_model_dir, arch, tp, extra):
         assert len(llm.engine.runner.attn_layers) == 1  # stage 0 holds layer 0 only
         prompts = make_prompts(llm.engine.vocab_size)
         expected = hf_greedy(path, prompts)
-        assert run_greedy(llm, prompts)[0] == expected
+        tokens, _, max_in_flight = run_greedy(llm, prompts)
+        assert tokens == expected
+        assert max_in_flight == 2  # the queue filled: one step per stage
         assert run_greedy(llm, prompts)[0] == expected  # prefix-cache hits on the second round
         with pytest.raises(ConfigError, match="parallel engine is running in this process"):
             LLM(str(path), **KW)  # would build a shard of this engine's model and hang
@@ -86,13 +107,57 @@ def test_uneven_split_with_chunked_prefill_and_preemption(three_layer_llama):
               num_gpu_blocks_override=8, max_num_seqs=6)
     try:
         assert len(llm.engine.runner.attn_layers) == partition[0]
-        tokens, num_preemptions = run_greedy(llm, prompts)
+        tokens, num_preemptions, max_in_flight = run_greedy(llm, prompts)
         assert tokens == expected
         assert num_preemptions > 0, "the small cache should have forced a preemption"
+        assert max_in_flight == 2
         # logprobs and prompt logprobs come from the last stage's sampler, as one device's
-        assert with_logprobs(llm, prompts[:3]) == one_device
+        assert_same_logprobs(with_logprobs(llm, prompts[:3]), one_device)
     finally:
         llm.engine.shutdown()
+
+
+def test_three_stages_keep_three_steps_in_flight(three_layer_llama):
+    """One layer a stage; greedy ids as HF's, and penalties (which read every earlier token of
+    a request on the sampling rank) as one device's, with the queue three steps deep."""
+    prompts = make_prompts(512)
+    penalized = SamplingParams(temperature=0.0, max_tokens=8, repetition_penalty=1.5,
+                               presence_penalty=0.5)
+    one_device = LLM(str(three_layer_llama), **KW)
+    try:
+        expected_penalized = run_greedy(one_device, prompts, penalized)[0]
+    finally:
+        one_device.engine.shutdown()
+    expected = hf_greedy(three_layer_llama, prompts)
+    llm = LLM(str(three_layer_llama), pipeline_parallel_size=3, **KW)
+    try:
+        tokens, _, max_in_flight = run_greedy(llm, prompts)
+        assert tokens == expected
+        assert max_in_flight == 3
+        assert run_greedy(llm, prompts, penalized)[0] == expected_penalized
+        assert aborted_in_flight(llm, prompts) == expected[1:]
+    finally:
+        llm.engine.shutdown()
+    assert not multiprocessing.active_children()
+
+
+def aborted_in_flight(llm, prompts):
+    """Abort request 0 while its step is in flight; the others' greedy ids, and a whole pool."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    tokens = {str(i): [] for i in range(len(prompts))}
+    while not any("0" in step.sched_out.num_scheduled_tokens for step in engine._in_flight):
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    engine.abort_request("0")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    assert engine.kv.num_free_blocks == engine.num_blocks
+    assert len(tokens.pop("0")) < NUM_OUT
+    return [tokens[str(i)] for i in range(1, len(prompts))]
 
 
 def with_logprobs(llm, prompts):
@@ -101,6 +166,28 @@ def with_logprobs(llm, prompts):
 
     return [(o.outputs[0].token_ids, rounded(o.outputs[0].logprobs), rounded(o.prompt_logprobs))
             for o in outs]
+
+
+def assert_same_logprobs(got, expected):
+    """Equal token ids and ranks; logprobs within 1e-3 (steps split into micro-batches sum in
+    other orders, so the last float32 digits move)."""
+    got_leaves, expected_leaves = list(leaves(got)), list(leaves(expected))
+    assert [type(v) for v in got_leaves] == [type(v) for v in expected_leaves]
+    for g, e in zip(got_leaves, expected_leaves):
+        assert g == pytest.approx(e, abs=1e-3) if isinstance(e, float) else g == e, (got, expected)
+
+
+def leaves(x):
+    """The scalars of nested lists, tuples and dicts (keys included), in order."""
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            yield from leaves(v)
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield k
+            yield from leaves(v)
+    else:
+        yield x
 
 
 def rounded(x):
