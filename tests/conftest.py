@@ -1,6 +1,7 @@
 """Shared fixtures. Model fixtures build once per session; see tests/fixtures/tiny_models.py."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,7 +61,18 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm_dir(smollm2_dir, tmp_path_factory):
+def smollm2_tokenizer_dir(request) -> Path:
+    """A folder with the default model's tokenizer (tokenizer.json + tokenizer_config.json): the
+    converted SmolLM2 folder, or $KUBEINFER_TEST_TOKENIZER_DIR where the 100 MB GGUF is not
+    installed (the GPU machine: the tiny VLMs need only the tokenizer)."""
+    override = os.environ.get("KUBEINFER_TEST_TOKENIZER_DIR")
+    if override:
+        return Path(override)
+    return request.getfixturevalue("smollm2_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(smollm2_tokenizer_dir, tmp_path_factory):
     """tiny_vlm_dir(family) -> folder of a tiny VLM of that family (tests/fixtures/tiny_vlm.py),
     built once per session from the SmolLM2 tokenizer of the default model."""
     pytest.importorskip("PIL", reason="pillow is a dependency: pip install pillow")
@@ -72,7 +84,7 @@ def tiny_vlm_dir(smollm2_dir, tmp_path_factory):
         if family not in VLM_FAMILIES:
             raise ValueError(f"unknown family {family!r}; choose one of {VLM_FAMILIES}")
         if family not in built:
-            built[family] = build_tiny_vlm(family, smollm2_dir, tmp_path_factory.mktemp(family))
+            built[family] = build_tiny_vlm(family, smollm2_tokenizer_dir, tmp_path_factory.mktemp(family))
         return built[family]
 
     return make

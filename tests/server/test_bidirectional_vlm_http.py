@@ -19,10 +19,10 @@ MAX_NEW = 5
 
 
 @pytest.fixture(scope="module")
-def gemma3(smollm2_dir, tmp_path_factory):
+def gemma3(smollm2_tokenizer_dir, tmp_path_factory):
     import transformers
 
-    folder = build_tiny_gemma_vlm("gemma3", smollm2_dir, tmp_path_factory.mktemp("gemma3"))
+    folder = build_tiny_gemma_vlm("gemma3", smollm2_tokenizer_dir, tmp_path_factory.mktemp("gemma3"))
     model = save_tiny_gemma_vlm_weights(folder, "gemma3")
     return folder, model, transformers.AutoProcessor.from_pretrained(str(folder), backend="pil")
 
@@ -53,8 +53,8 @@ def test_greedy_ids_equal_hf(gemma3, client):
     assert resp.choices[0].model_extra["token_ids"] == want
 
 
-def test_span_longer_than_the_budget_is_a_400(smollm2_dir, tmp_path_factory):
-    folder = build_tiny_gemma_vlm("paligemma", smollm2_dir, tmp_path_factory.mktemp("pali"))
+def test_span_longer_than_the_budget_is_a_400(smollm2_tokenizer_dir, tmp_path_factory):
+    folder = build_tiny_gemma_vlm("paligemma", smollm2_tokenizer_dir, tmp_path_factory.mktemp("pali"))
     config = tiny_config(folder, load_format="dummy")  # no weights: the request never runs
     from dataclasses import replace
 

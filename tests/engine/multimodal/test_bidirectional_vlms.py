@@ -41,7 +41,7 @@ def paligemma_prompt(n_images: int, text: str = "caption en") -> str:
 
 
 @pytest.fixture(scope="module")
-def vlm(smollm2_dir, tmp_path_factory):
+def vlm(smollm2_tokenizer_dir, tmp_path_factory):
     """family -> (folder, HF model, HF processor), built once per module."""
     import transformers
 
@@ -49,7 +49,7 @@ def vlm(smollm2_dir, tmp_path_factory):
 
     def make(family: str):
         if family not in built:
-            folder = build_tiny_gemma_vlm(family, smollm2_dir, tmp_path_factory.mktemp(family))
+            folder = build_tiny_gemma_vlm(family, smollm2_tokenizer_dir, tmp_path_factory.mktemp(family))
             model = save_tiny_gemma_vlm_weights(folder, family)
             proc = transformers.AutoProcessor.from_pretrained(str(folder), backend="pil")
             built[family] = (folder, model, proc)
