@@ -33,10 +33,9 @@ from kubeinfer.engine.parallel_state import (global_rank, is_first_stage, is_las
 from kubeinfer.engine.pipeline_stage import IntermediateTensors
 from kubeinfer.engine.pipeline_step import launch_stage_step
 from kubeinfer.engine.request import PLACEHOLDER
-from kubeinfer.engine.sampler import (Sampler, SamplingMetadata, pack, prompt_logprobs, unpack,
-                                      unpack_prompt_logprobs)
+from kubeinfer.engine.sample_step import KnownTokens, StepSampler
+from kubeinfer.engine.sampler import SamplingMetadata, prompt_logprobs, unpack, unpack_prompt_logprobs
 from kubeinfer.engine.scheduler_output import SchedulerOutput
-from kubeinfer.engine.structured_output.bitmask import apply_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +82,10 @@ class ModelRunner:
         self.attn_layers = get_attention_layers(model)
         first = self.attn_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
-        self.sampler = Sampler()
+        # the sampling half of a step (sample_step.py); `sampler` and `_sampling_metadata` are
+        # its parts under the names pipeline_step.py and benchmarks/profile_engine.py use
+        self.sampling = StepSampler(device, self._to_host)
+        self.sampler, self._sampling_metadata = self.sampling.sampler, self.sampling.metadata
         self.batch = InputBatch(self.block_size)
         self._failed: set[str] = set()  # requests that could not join; skipped until finished
         self._unread: deque[PendingStep] = deque()
@@ -91,13 +93,10 @@ class ModelRunner:
         # profile runs through the sampler, so they need no memory it did not count
         self.max_logits_rows = max(1, min(config.scheduler.max_num_seqs,
                                           config.scheduler.max_num_batched_tokens))
-        self._last_meta: tuple[tuple[str, ...], SamplingMetadata] | None = None
         self.kv_cache: torch.Tensor | None = None
         self.graph_runner: CUDAGraphRunner | None = None
         # vision-language models (models/llava.py): images' encoder outputs and embedding merge
         self.encoders = EncoderRunner(model) if getattr(model, "is_multimodal", False) else None
-        # rank 0 only, set by the engine: req_ids -> their grammar rows (structured_output.manager)
-        self.grammar_bitmask = None
 
     @classmethod
     def load(cls, config: EngineConfig, path: Path, device: torch.device) -> "ModelRunner":
@@ -307,12 +306,8 @@ class ModelRunner:
         if inputs.sample_states:
             logits = self.model.compute_logits(hidden)  # every rank: the LM head gathers
             if self.is_sampler:
-                if constrained:
-                    self._apply_grammar(logits, inputs.sample_states, constrained)
-                step.meta = self._sampling_metadata(inputs.sample_states)
-                sampled, raw_logprobs = self.sampler.sample(logits, step.meta)
-                sampled = tp_broadcast_from_first(sampled.long().contiguous())
-                step.host = self._to_host(pack(sampled, raw_logprobs, step.meta))
+                sampled = self.sampling.sample(step, logits, inputs.sample_states, constrained,
+                                               lambda: self._prev_tokens(prev))
             else:
                 sampled = tp_broadcast_from_first(torch.empty(
                     len(inputs.sample_states), dtype=torch.long, device=self.device))
@@ -326,18 +321,15 @@ class ModelRunner:
             step.event = torch.cuda.Event()
             step.event.record()
 
-    def _apply_grammar(self, logits: torch.Tensor, states: list[CachedRequestState],
-                       constrained: set[str]) -> None:
-        """Mask the constrained rows' logits to their grammars' allowed tokens, before penalties,
-        temperature and sampling. The forward and the LM head are only enqueued on a GPU when this
-        runs, so the CPU fills the rows while the device computes."""
-        rows = [i for i, state in enumerate(states) if state.req_id in constrained]
-        if not rows:
-            return  # every constrained request is in the middle of its prompt
-        mask = self.grammar_bitmask([states[i].req_id for i in rows])
-        if self.device.type == "cuda":
-            mask = mask.to(self.device, non_blocking=True)
-        apply_bitmask(logits, mask, rows)
+    def _prev_tokens(self, prev: PendingStep | None) -> KnownTokens:
+        """The previous step's sampled tokens, read on the host now (waiting for that step, which
+        ran before this one on the device): constrained requests' masks follow them."""
+        if prev is None or not prev.slots:
+            return ()
+        if not prev.is_read:
+            self._read(prev)
+        sampled = prev.output.sampled
+        return [(state.req_id, index, sampled[state.req_id]) for state, index in prev.slots]
 
     def _filler(self, inputs: StepInputs, prev: PendingStep | None):
         """fill_ids for a step whose input ids at placeholders are the previous step's samples,
@@ -425,15 +417,6 @@ class ModelRunner:
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
-        # Decode steps usually sample the same requests in the same order: reuse their tensors.
-        ids = tuple(state.req_id for state in states)
-        if self._last_meta is not None and self._last_meta[0] == ids and self._last_meta[1].is_reusable:
-            return self._last_meta[1]
-        meta = SamplingMetadata.build(states, self.device)
-        self._last_meta = (ids, meta)
-        return meta
 
     # ---- reading a step's results --------------------------------------------------------------
     def _read_all_but_last(self) -> None:

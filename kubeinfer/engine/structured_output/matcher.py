@@ -55,6 +55,25 @@ class StructuredOutputMatcher:
     def num_accepted_tokens(self) -> int:
         return len(self._output_ids)
 
+    @property
+    def is_grammar_driven(self) -> bool:
+        """The next token goes straight into the grammar (reasoning has ended, the grammar has
+        not): what `grammar_batch.GrammarBatch` may hand to xgrammar's batch calls."""
+        return self._content_start is not None and not self._matcher.is_terminated()
+
+    @property
+    def grammar_matcher(self) -> Any:
+        """The xgrammar GrammarMatcher, for batch calls on grammar-driven rows only."""
+        return self._matcher
+
+    def record_grammar_token(self, token_id: int) -> None:
+        """Count a token that a batch call fed to `grammar_matcher` and it accepted."""
+        self._output_ids.append(token_id)
+
+    def accepted_token(self, index: int) -> int:
+        """The index-th token this matcher accepted."""
+        return self._output_ids[index]
+
     def is_terminated(self) -> bool:
         """The grammar accepted a stop token: the request must finish."""
         return self._matcher.is_terminated()
