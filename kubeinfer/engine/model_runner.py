@@ -1,6 +1,7 @@
 """Runs the model for a scheduled step: the persistent batch, inputs to the device, forward,
-logits, sampling. Every rank runs the same methods on the same plain-data step (executor.py); the
-runner knows nothing of workers.
+logits; the sampling half (grammar masks, sampler, prompt logprobs) is sample_step.py's. Every rank
+runs the same methods on the same plain-data step (executor.py); the runner knows nothing of
+workers.
 
 `execute_model(SchedulerOutput)` launches a step and returns it unread (`PendingStep`); rank 0 reads
 the results with `get_output`, at once (synchronous scheduling) or after launching the next step
@@ -29,12 +30,11 @@ from kubeinfer.engine.input_batch import CachedRequestState, InputBatch, StepInp
 from kubeinfer.engine.layers.attention import allocate_kv_cache, get_attention_layers
 from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.parallel_state import (global_rank, is_first_stage, is_last_stage, pp_size,
-                                             tp_broadcast_from_first, tp_rank)
+                                             tp_rank)
 from kubeinfer.engine.pipeline_stage import IntermediateTensors
 from kubeinfer.engine.pipeline_step import launch_stage_step
-from kubeinfer.engine.request import PLACEHOLDER
 from kubeinfer.engine.sample_step import KnownTokens, StepSampler
-from kubeinfer.engine.sampler import SamplingMetadata, prompt_logprobs, unpack, unpack_prompt_logprobs
+from kubeinfer.engine.sampler import SamplingMetadata, unpack, unpack_prompt_logprobs
 from kubeinfer.engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,6 @@ class ModelRunner:
         self.attn_layers = get_attention_layers(model)
         first = self.attn_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
-        # the sampling half of a step (sample_step.py); `sampler` and `_sampling_metadata` are
-        # its parts under the names pipeline_step.py and benchmarks/profile_engine.py use
-        self.sampling = StepSampler(device, self._to_host)
-        self.sampler, self._sampling_metadata = self.sampling.sampler, self.sampling.metadata
         self.batch = InputBatch(self.block_size)
         self._failed: set[str] = set()  # requests that could not join; skipped until finished
         self._unread: deque[PendingStep] = deque()
@@ -93,6 +89,14 @@ class ModelRunner:
         # profile runs through the sampler, so they need no memory it did not count
         self.max_logits_rows = max(1, min(config.scheduler.max_num_seqs,
                                           config.scheduler.max_num_batched_tokens))
+        # the sampling half of a step (sample_step.py); `sampler`, `_sampling_metadata` and
+        # `_prompt_logprobs` are its parts under the names pipeline_step.py and
+        # benchmarks/profile_engine.py use
+        self.sampling = StepSampler(device, self._to_host, self._to_device,
+                                    lambda hidden: self.model.compute_logits(hidden),
+                                    self.is_sampler, self.max_logits_rows)
+        self.sampler, self._sampling_metadata = self.sampling.sampler, self.sampling.metadata
+        self._prompt_logprobs = self.sampling.prompt_logprobs
         self.kv_cache: torch.Tensor | None = None
         self.graph_runner: CUDAGraphRunner | None = None
         # vision-language models (models/llava.py): images' encoder outputs and embedding merge
@@ -305,17 +309,8 @@ class ModelRunner:
                 step.prompt_host = self._to_host(packed)
         if inputs.sample_states:
             logits = self.model.compute_logits(hidden)  # every rank: the LM head gathers
-            if self.is_sampler:
-                sampled = self.sampling.sample(step, logits, inputs.sample_states, constrained,
-                                               lambda: self._prev_tokens(prev))
-            else:
-                sampled = tp_broadcast_from_first(torch.empty(
-                    len(inputs.sample_states), dtype=torch.long, device=self.device))
-                step.host = self._to_host(sampled)
-            step.sampled = sampled
-            step.row_of = {state.req_id: i for i, state in enumerate(inputs.sample_states)}
-            step.slots = [(state, state.append_output_token(PLACEHOLDER))
-                          for state in inputs.sample_states]
+            self.sampling.sample(step, logits, inputs.sample_states, constrained,
+                                 lambda: self._prev_tokens(prev))
         if self.device.type == "cuda" and (step.host is not None or step.prompt_host is not None):
             # reading the copies later waits for this step only
             step.event = torch.cuda.Event()
@@ -401,22 +396,6 @@ class ModelRunner:
         if not self.encoders.needs_embeds(inputs.req_ids, starts, query_lens):
             return None
         return inputs.req_ids, starts, query_lens
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
-        """Packed prompt logprobs ([Q, 2 + 2k] on the device, see sampler.prompt_logprobs) of the
-        step's prompt_logprobs positions, a bounded number of rows of logits at a time. Every rank
-        computes the logits (the LM head gathers); rank 0 alone the logprobs."""
-        targets = self._to_device(inputs.prompt_target_ids) if self.is_sampler else None
-        k = max(k for _, k, _, _ in inputs.prompt_logprobs_reqs)
-        rows = self.max_logits_rows
-        parts = []
-        for i in range(0, hidden.shape[0], rows):
-            logits = self.model.compute_logits(hidden[i:i + rows])
-            if self.is_sampler:
-                parts.append(prompt_logprobs(logits, targets[i:i + rows], k))
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---- reading a step's results --------------------------------------------------------------
     def _read_all_but_last(self) -> None:
