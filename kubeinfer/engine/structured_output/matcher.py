@@ -1,10 +1,10 @@
 """`StructuredOutputMatcher`: one request's position in its grammar.
 
-Owned by the scheduler's per-request state (one per sample: with n > 1 each sample has its own
-matcher over the same cached CompiledGrammar). The scheduler calls `accept_tokens` with each
-step's new tokens (after async scheduling has resolved them), `rollback(n)` when tokens it had
-accepted are taken back (discarded speculative or placeholder tokens, or output that preemption
-throws away and recomputes), and the runner calls `fill_bitmask_row` before sampling the next token.
+Held by the manager (one per sample: with n > 1 each sample has its own matcher over the same
+cached CompiledGrammar). The manager feeds it each output token once, in order (`accept_tokens`,
+or xgrammar's batch accept through `grammar_batch.py`), and fills its row before the next token
+is sampled. `rollback(n)` forgets accepted tokens; the engine never needs it today (preemption
+keeps outputs, and no accepted token is ever discarded), it is there for speculative decoding.
 
 Reasoning: with a reasoning parser the constraint starts after the reasoning ends. Pass the
 parser as `reasoning` (anything with `is_reasoning_end(token_ids)`, see `ReasoningEndDetector`)
