@@ -318,13 +318,15 @@ class ModelRunner:
 
     def _prev_tokens(self, prev: PendingStep | None) -> KnownTokens:
         """The previous step's sampled tokens, read on the host now (waiting for that step, which
-        ran before this one on the device): constrained requests' masks follow them."""
+        ran before this one on the device): constrained requests' masks follow them. Only those
+        of requests still in the batch as they were: an id may since belong to a new request."""
         if prev is None or not prev.slots:
             return ()
         if not prev.is_read:
             self._read(prev)
-        sampled = prev.output.sampled
-        return [(state.req_id, index, sampled[state.req_id]) for state, index in prev.slots]
+        sampled, states = prev.output.sampled, self.batch.states
+        return [(state.req_id, index, sampled[state.req_id]) for state, index in prev.slots
+                if states.get(state.req_id) is state]
 
     def _filler(self, inputs: StepInputs, prev: PendingStep | None):
         """fill_ids for a step whose input ids at placeholders are the previous step's samples,
