@@ -2,9 +2,11 @@
 broadcast of the ids and the host copy of the results; and the prompt logprobs of a chunk.
 
 The model runner owns the forward half and calls `sample` on every rank once the step's forward
-and LM head are enqueued: the sampling rank samples, the others receive its ids. With structured outputs the mask of step N+1 depends on step N's tokens, which under
-async scheduling are still on their way to the host when step N+1 is launched. So the mask waits
-here, not before the launch: `sample` asks the runner for the previous step's tokens (the runner
+and LM head are enqueued: the sampling rank samples, the others receive its ids.
+
+With structured outputs the mask of step N+1 depends on step N's tokens, which under async
+scheduling are still on their way to the host when step N+1 is launched. So the mask waits here,
+not before the launch: `sample` asks the runner for the previous step's tokens (the runner
 waits for that step's event, which lands while the GPU already runs this step's forward), hands
 them to the grammar callback, which advances the matchers and fills this step's rows on the CPU,
 and only then uploads the rows (non-blocking, from pinned memory), masks the logits and samples.
@@ -95,8 +97,9 @@ class StepSampler:
         """The step's sampling tensors. Decode steps usually sample the same requests in the same
         order: their tensors are reused."""
         ids = tuple(state.req_id for state in states)
-        if self._last_meta is not None and self._last_meta[0] == ids and self._last_meta[1].is_reusable:
-            return self._last_meta[1]
+        last = self._last_meta
+        if last is not None and last[0] == ids and last[1].is_reusable:
+            return last[1]
         meta = SamplingMetadata.build(states, self.device)
         self._last_meta = (ids, meta)
         return meta

@@ -1,5 +1,5 @@
-"""The step's matcher work: GrammarBatch's batch path (xgrammar's BatchGrammarMatcher) gives the
-rows and verdicts of the per-row path, and the manager feeds each output token to its matcher
+"""The step's matcher work: GrammarBatch's batch path (xgrammar's BatchGrammarMatcher) gives
+the rows and verdicts of the per-row path, and the manager feeds each output token to its matcher
 exactly once and in order, whichever of the runner (async scheduling) or the scheduler comes first."""
 from __future__ import annotations
 
