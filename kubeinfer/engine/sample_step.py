@@ -89,9 +89,14 @@ class StepSampler:
         if not rows:
             return  # every constrained request is in the middle of its prompt
         mask = self.grammar_bitmask([states[i].req_id for i in rows], prev_tokens())
+        rows_t = torch.tensor(rows, dtype=torch.int32)
         if self.device.type == "cuda":
+            # Both from pinned memory: a copy from pageable memory waits for the stream, which
+            # would hold the host until this step's forward is done instead of letting it go on
+            # to the previous step's outputs while the GPU computes.
             mask = mask.to(self.device, non_blocking=True)
-        apply_bitmask(logits, mask, rows)
+            rows_t = rows_t.pin_memory().to(self.device, non_blocking=True)
+        apply_bitmask(logits, mask, rows_t)
 
     def metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
         """The step's sampling tensors. Decode steps usually sample the same requests in the same
