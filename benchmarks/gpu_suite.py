@@ -225,6 +225,9 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                                     "--num-prompts", "256", "--input-len", "562", "--output-len",
                                     "562", "--random-range-ratio", "0.822", "--max-model-len",
                                     "2048"], 400),
+        # the host half of "qwen_json" alone (CPU): 256 matchers' accept and fill per step, one by
+        # one and through xgrammar's batch calls
+        "grammar_mask": ([py, "benchmarks/bench_grammar_mask.py", "--steps", "48"], 300),
         # Native Gemma 2 / Phi-3 next to "llama" (same prompts): their roofline fraction is the
         # number to compare with Llama's.
         "tests_native": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",

@@ -221,7 +221,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     engine.kv.pool.reset_prefix_cache()
     _sync(engine)
     so = engine.structured_output
-    so.fill_seconds, so.num_fills = 0.0, 0
+    so.fill_seconds, so.accept_seconds, so.num_fills = 0.0, 0.0, 0
     start = time.perf_counter()
     num_out = _run_all(engine, prompts, params, mm_inputs)
     _sync(engine)
@@ -232,7 +232,10 @@ def run_throughput(args: argparse.Namespace) -> int:
         extra["peak_steps_in_flight"] = engine.peak_steps_in_flight
     if constraint is not None:
         extra = {"json_schema": args.json_schema,
-                 "mask_fill_ms_per_step": round(1e3 * so.fill_seconds / max(so.num_fills, 1), 3)}
+                 "mask_fill_ms_per_step": round(1e3 * so.fill_seconds / max(so.num_fills, 1), 3),
+                 # the matchers taking the previous step's tokens, just before the fill
+                 "mask_accept_ms_per_step": round(1e3 * so.accept_seconds / max(so.num_fills, 1), 3),
+                 "async_scheduling": bool(engine.config.scheduler.async_scheduling)}
     print(json.dumps({**extra,
         "elapsed_time": round(elapsed, 3), "num_requests": args.num_prompts,
         "total_num_tokens": total, "output_tokens": num_out,

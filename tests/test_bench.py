@@ -56,6 +56,7 @@ def test_throughput_with_a_json_schema(config_only, tiny_model_dir, tmp_path, ca
                  "--tokenizer", str(tiny_model_dir("qwen3"))]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["num_requests"] == 4 and result["mask_fill_ms_per_step"] > 0
+    assert result["mask_accept_ms_per_step"] > 0  # the output tokens reached their matchers
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "nope"}')
     with pytest.raises(SystemExit, match="not a valid JSON schema"):

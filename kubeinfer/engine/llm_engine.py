@@ -108,7 +108,7 @@ class LLMEngine:
             reasoning=self._reasoning_parser(),
             pin_memory=self.device.type == "cuda" and bool(config.scheduler.async_scheduling))
         # only rank 0 samples, so only its runner masks logits (workers never see the manager)
-        self.runner.grammar_bitmask = self.structured_output.grammar_bitmask
+        self.runner.sampling.grammar_bitmask = self.structured_output.grammar_bitmask
         pp = config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len,
                                    self.structured_output, pipeline_depth=pp)
@@ -348,8 +348,9 @@ class LLMEngine:
         return outputs
 
     def _needs_known_tokens(self) -> bool:
-        # penalties count the previous tokens on the device; a grammar's mask follows them
-        return any(r.is_constrained or r.sampling_params.presence_penalty
+        # penalties count the previous tokens on the device. (A grammar's mask follows them too,
+        # but the runner waits for them itself after launching the forward: sample_step.py.)
+        return any(r.sampling_params.presence_penalty
                    or r.sampling_params.frequency_penalty
                    or r.sampling_params.repetition_penalty != 1.0
                    for r in self.scheduler.running)

@@ -1,6 +1,7 @@
 """Runs the model for a scheduled step: the persistent batch, inputs to the device, forward,
-logits, sampling. Every rank runs the same methods on the same plain-data step (executor.py); the
-runner knows nothing of workers.
+logits; the sampling half (grammar masks, sampler, prompt logprobs) is sample_step.py's. Every rank
+runs the same methods on the same plain-data step (executor.py); the runner knows nothing of
+workers.
 
 `execute_model(SchedulerOutput)` launches a step and returns it unread (`PendingStep`); rank 0 reads
 the results with `get_output`, at once (synchronous scheduling) or after launching the next step
@@ -31,15 +32,13 @@ from kubeinfer.engine.input_batch import CachedRequestState, InputBatch, StepInp
 from kubeinfer.engine.layers.attention import allocate_kv_cache, get_attention_layers
 from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.parallel_state import (global_rank, is_first_stage, is_last_stage, pp_size,
-                                             tp_broadcast_from_first, tp_rank)
+                                             tp_rank)
 from kubeinfer.engine.pipeline_cuda_graphs import StageGraphRunner
 from kubeinfer.engine.pipeline_stage import IntermediateTensors
 from kubeinfer.engine.pipeline_step import execute_stage_step, pipeline_output
-from kubeinfer.engine.request import PLACEHOLDER
-from kubeinfer.engine.sampler import (Sampler, SamplingMetadata, pack, prompt_logprobs, unpack,
-                                      unpack_prompt_logprobs)
+from kubeinfer.engine.sample_step import KnownTokens, StepSampler
+from kubeinfer.engine.sampler import SamplingMetadata, unpack, unpack_prompt_logprobs
 from kubeinfer.engine.scheduler_output import SchedulerOutput
-from kubeinfer.engine.structured_output.bitmask import apply_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,6 @@ class ModelRunner:
         self.attn_layers = get_attention_layers(model)
         first = self.attn_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
-        self.sampler = Sampler()
         self.batch = InputBatch(self.block_size, getattr(model, "mrope", None))  # Qwen2-VL: 3-D
         self._failed: set[str] = set()  # requests that could not join; skipped until finished
         self._unread: deque[PendingStep] = deque()
@@ -94,13 +92,18 @@ class ModelRunner:
         # profile runs through the sampler, so they need no memory it did not count
         self.max_logits_rows = max(1, min(config.scheduler.max_num_seqs,
                                           config.scheduler.max_num_batched_tokens))
-        self._last_meta: tuple[tuple[str, ...], SamplingMetadata] | None = None
+        # the sampling half of a step (sample_step.py); `sampler`, `_sampling_metadata` and
+        # `_prompt_logprobs` are its parts under the names pipeline_step.py and
+        # benchmarks/profile_engine.py use
+        self.sampling = StepSampler(device, self._to_host, self._to_device,
+                                    lambda hidden: self.model.compute_logits(hidden),
+                                    self.is_sampler, self.max_logits_rows)
+        self.sampler, self._sampling_metadata = self.sampling.sampler, self.sampling.metadata
+        self._prompt_logprobs = self.sampling.prompt_logprobs
         self.kv_cache: torch.Tensor | None = None
         self.graph_runner: CUDAGraphRunner | None = None
         # vision-language models (models/llava.py): images' encoder outputs and embedding merge
         self.encoders = EncoderRunner(model) if getattr(model, "is_multimodal", False) else None
-        # rank 0 only, set by the engine: req_ids -> their grammar rows (structured_output.manager)
-        self.grammar_bitmask = None
 
     @classmethod
     def load(cls, config: EngineConfig, path: Path, device: torch.device) -> "ModelRunner":
@@ -318,38 +321,24 @@ class ModelRunner:
                 step.prompt_host = self._to_host(packed)
         if inputs.sample_states:
             logits = self.model.compute_logits(hidden)  # every rank: the LM head gathers
-            if self.is_sampler:
-                if constrained:
-                    self._apply_grammar(logits, inputs.sample_states, constrained)
-                step.meta = self._sampling_metadata(inputs.sample_states)
-                sampled, raw_logprobs = self.sampler.sample(logits, step.meta)
-                sampled = tp_broadcast_from_first(sampled.long().contiguous())
-                step.host = self._to_host(pack(sampled, raw_logprobs, step.meta))
-            else:
-                sampled = tp_broadcast_from_first(torch.empty(
-                    len(inputs.sample_states), dtype=torch.long, device=self.device))
-                step.host = self._to_host(sampled)
-            step.sampled = sampled
-            step.row_of = {state.req_id: i for i, state in enumerate(inputs.sample_states)}
-            step.slots = [(state, state.append_output_token(PLACEHOLDER))
-                          for state in inputs.sample_states]
+            self.sampling.sample(step, logits, inputs.sample_states, constrained,
+                                 lambda: self._prev_tokens(prev))
         if self.device.type == "cuda" and (step.host is not None or step.prompt_host is not None):
             # reading the copies later waits for this step only
             step.event = torch.cuda.Event()
             step.event.record()
 
-    def _apply_grammar(self, logits: torch.Tensor, states: list[CachedRequestState],
-                       constrained: set[str]) -> None:
-        """Mask the constrained rows' logits to their grammars' allowed tokens, before penalties,
-        temperature and sampling. The forward and the LM head are only enqueued on a GPU when this
-        runs, so the CPU fills the rows while the device computes."""
-        rows = [i for i, state in enumerate(states) if state.req_id in constrained]
-        if not rows:
-            return  # every constrained request is in the middle of its prompt
-        mask = self.grammar_bitmask([states[i].req_id for i in rows])
-        if self.device.type == "cuda":
-            mask = mask.to(self.device, non_blocking=True)
-        apply_bitmask(logits, mask, rows)
+    def _prev_tokens(self, prev: PendingStep | None) -> KnownTokens:
+        """The previous step's sampled tokens, read on the host now (waiting for that step, which
+        ran before this one on the device): constrained requests' masks follow them. Only those
+        of requests still in the batch as they were: an id may since belong to a new request."""
+        if prev is None or not prev.slots:
+            return ()
+        if not prev.is_read:
+            self._read(prev)
+        sampled, states = prev.output.sampled, self.batch.states
+        return [(state.req_id, index, sampled[state.req_id]) for state, index in prev.slots
+                if states.get(state.req_id) is state]
 
     def _filler(self, inputs: StepInputs, prev: PendingStep | None):
         """fill_ids for a step whose input ids at placeholders are the previous step's samples,
@@ -422,31 +411,6 @@ class ModelRunner:
         if not self.encoders.needs_embeds(inputs.req_ids, starts, query_lens):
             return None
         return inputs.req_ids, starts, query_lens
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
-        """Packed prompt logprobs ([Q, 2 + 2k] on the device, see sampler.prompt_logprobs) of the
-        step's prompt_logprobs positions, a bounded number of rows of logits at a time. Every rank
-        computes the logits (the LM head gathers); rank 0 alone the logprobs."""
-        targets = self._to_device(inputs.prompt_target_ids) if self.is_sampler else None
-        k = max(k for _, k, _, _ in inputs.prompt_logprobs_reqs)
-        rows = self.max_logits_rows
-        parts = []
-        for i in range(0, hidden.shape[0], rows):
-            logits = self.model.compute_logits(hidden[i:i + rows])
-            if self.is_sampler:
-                parts.append(prompt_logprobs(logits, targets[i:i + rows], k))
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
-        # Decode steps usually sample the same requests in the same order: reuse their tensors.
-        ids = tuple(state.req_id for state in states)
-        if self._last_meta is not None and self._last_meta[0] == ids and self._last_meta[1].is_reusable:
-            return self._last_meta[1]
-        meta = SamplingMetadata.build(states, self.device)
-        self._last_meta = (ids, meta)
-        return meta
 
     # ---- reading a step's results --------------------------------------------------------------
     def _read_all_but_last(self) -> None:

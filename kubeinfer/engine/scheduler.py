@@ -19,7 +19,7 @@ from kubeinfer.engine.multimodal.chunk_images import end_before_image, images_in
 from kubeinfer.engine.multimodal.encoder_cache import EncoderCacheManager
 from kubeinfer.engine.outputs import ModelRunnerOutput
 from kubeinfer.engine.request import PLACEHOLDER, Request, RequestStatus
-from kubeinfer.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from kubeinfer.engine.scheduler_output import NewRequestData, SchedulerOutput
 from kubeinfer.engine.stats import SchedulerStats
 from kubeinfer.engine.structured_output.manager import StructuredOutputManager
 
@@ -399,20 +399,21 @@ class Scheduler:
                 req.first_token_time = now
             status = self._check_stop(req, token, index + 1)
             if req.is_constrained:
-                status = self._advance_grammar(req, token, status)
+                status = self._advance_grammar(req, token, index, status)
             if status is not None:
                 req.truncate_outputs(index + 1)
                 self.finish_request(req.req_id, status)
             updates.append(TokenUpdate(req, [token], None if lp is None else [lp], status is not None))
         return updates
 
-    def _advance_grammar(self, req: Request, token: int,
+    def _advance_grammar(self, req: Request, token: int, index: int,
                          status: RequestStatus | None) -> RequestStatus | None:
         """The matcher takes the token; a grammar that has ended stops the request. A token the
         grammar rejects cannot have been sampled under its mask (it is an engine bug, or a token
         forced past the mask such as EOS under ignore_eos): the request fails rather than go on
         unconstrained."""
-        accepted, terminated = self.structured_output.accept(req.req_id, token)
+        # under async scheduling the runner may have fed it already (to fill the next mask)
+        accepted, terminated = self.structured_output.accept(req.req_id, token, index)
         if not accepted:
             return status or RequestStatus.FINISHED_ERROR
         if terminated and status is None:

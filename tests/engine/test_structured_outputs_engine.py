@@ -98,3 +98,96 @@ def test_a_compiling_request_does_not_hold_the_queue(llms):
     finally:
         with compiler._lock:
             compiler._cache.pop(key, None)
+
+
+def _count_early_accepts(engine):
+    """Wrap the manager's accept so the test sees how many resolved tokens the runner had already
+    fed to their matcher (to fill the next step's mask) before the scheduler got to them."""
+    manager = engine.structured_output
+    seen = {"early": 0, "late": 0}
+    original = manager.accept
+
+    def accept(req_id, token_id, index):
+        matcher = manager.matchers.get(req_id)
+        if matcher is not None:
+            seen["early" if matcher.num_accepted_tokens > index else "late"] += 1
+        return original(req_id, token_id, index)
+    manager.accept = accept
+    return seen, lambda: setattr(manager, "accept", original)
+
+
+def test_async_masks_follow_the_step_in_flight(llms):
+    """Constrained requests keep async scheduling on: the next step is launched before the last
+    one is resolved, and its masks take that step's tokens from the runner, once each."""
+    sync, async_ = llms
+    params = SamplingParams(temperature=0, max_tokens=24, structured_outputs={"json": SCHEMA})
+    counts = {}
+    for name, llm in (("sync", sync), ("async", async_)):
+        engine = llm.engine
+        seen, restore = _count_early_accepts(engine)
+        try:
+            in_flight = 0
+            for _ in range(2):  # the same ids again: the runner's last step still holds them
+                for i, p in enumerate(_prompts(4)):
+                    engine.add_request(str(i), p["prompt_token_ids"], params)
+                while engine.has_unfinished_requests():
+                    engine.step()
+                    in_flight += engine._pending is not None and bool(engine.scheduler.running)
+        finally:
+            restore()
+        counts[name] = (seen["early"], seen["late"], in_flight)
+    assert counts["sync"][0] == 0 and counts["sync"][1] > 0 and counts["sync"][2] == 0
+    early, late, in_flight = counts["async"]
+    assert in_flight > 0 and early > late  # most tokens reached their matcher a step early
+
+
+def test_mixed_batch_n_stop_strings_and_logprobs_same_sync_and_async(llms):
+    sync, async_ = llms
+    schema = SamplingParams(temperature=1.0, seed=7, max_tokens=40, n=2, logprobs=2,
+                            structured_outputs={"json": SCHEMA})
+    free = SamplingParams(temperature=0.8, seed=8, max_tokens=30, logprobs=1)
+    regex = SamplingParams(temperature=1.0, seed=9, max_tokens=30, stop=["-"],
+                           structured_outputs={"regex": r"[ab]{2,4}-\d{1,3}"})
+    choice = SamplingParams(temperature=0, max_tokens=10, structured_outputs={"choice": ["yes", "no"]})
+    params = [schema, free, regex, choice, free, schema]
+
+    def run(llm):
+        outs = llm.generate(_prompts(6), params)
+        assert all(len(o.logprobs) == len(o.token_ids) for r in outs for o in r.outputs
+                   if o.logprobs is not None)
+        return [[(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in r.outputs]
+                for r in outs]
+    got, got_async = run(sync), run(async_)
+    # the same tokens; logprobs to float noise (the batches differ by a finished request's row)
+    assert [[o[:3] for o in r] for r in got_async] == [[o[:3] for o in r] for r in got]
+    for r_sync, r_async in zip(got, got_async):
+        for o_sync, o_async in zip(r_sync, r_async):
+            for (lp, top), (lp2, top2) in zip(o_sync[3] or (), o_async[3] or ()):
+                assert [t for t, _ in top] == [t for t, _ in top2]
+                assert lp == pytest.approx(lp2, abs=1e-4)
+    assert all(o[1] in ("yes", "no") for o in got[3])
+    assert all(o[2] == "stop" and re.fullmatch(r"[ab]{2,4}", o[1]) for o in got[2])
+
+
+def test_a_preempted_constrained_request_keeps_its_grammar_state(llms):
+    """Preemption recomputes a request's KV cache but keeps its outputs, so its matcher keeps
+    every token it took (nothing to roll back) and the output is the unpreempted one."""
+    sync, async_ = llms
+    params = SamplingParams(temperature=0, max_tokens=100, structured_outputs={"json": SCHEMA})
+    want = [r.outputs[0].token_ids for r in sync.generate(_prompts(), params)]
+    assert sync.engine.scheduler._num_preemptions == 0
+    engine = async_.engine
+    for i, p in enumerate(_prompts()):
+        engine.add_request(str(i), p["prompt_token_ids"], params)
+    got, preempted = {}, set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got.setdefault(int(out.request_id), []).extend(out.new_token_ids)
+        for req in engine.scheduler.waiting:
+            if req.num_preemptions and req.num_output_tokens:
+                matcher = engine.structured_output.matchers[req.req_id]
+                assert matcher.num_accepted_tokens == req.num_output_tokens - req.num_pending_tokens
+                preempted.add(req.req_id)
+    assert preempted  # a request was preempted with output its grammar had taken
+    assert [got[i] for i in range(len(want))] == want
+    assert engine.kv.num_free_blocks == engine.num_blocks and not engine.structured_output.matchers

@@ -4,7 +4,8 @@ Modules (each says its contract): `params.py` (StructuredOutputsParams), `reques
 (request fields -> params), `tool_choice.py` (tool_choice -> params), `compiler.py` (xgrammar
 compilation on a thread pool, cached), `matcher.py` (one request's grammar state), `bitmask.py`
 (the step's packed mask: fill on the CPU, apply to the logits; Triton in
-kubeinfer/kernels/token_bitmask.py).
+kubeinfer/kernels/token_bitmask.py), `grammar_batch.py` (many rows' accepts and fills in one
+xgrammar batch call), `manager.py` (the engine's side).
 
 How the engine calls it (wired in: manager.py holds the engine side):
 
@@ -19,12 +20,17 @@ How the engine calls it (wired in: manager.py holds the engine side):
   error; otherwise each sample gets `StructuredOutputMatcher(future.result(), reasoning_parser,
   prompt_token_ids)`.
 - Each step: the SchedulerOutput lists the constrained requests' ids in batch order. The runner
-  launches the forward, then `fill_bitmask(matchers, bitmask)` on the CPU while the GPU works, then
-  `apply_bitmask(logits, bitmask_on_device, rows)` before the sampler. With async scheduling a step
-  with constrained requests must have the previous step's tokens accepted first (their masks depend
-  on them), so it resolves before filling, as penalties do today.
-- Scheduler.update (or resolve): `matcher.accept_tokens(new_token_ids)`; False ends the request as
+  (sample_step.py) launches the forward, then on the sampling rank reads the previous step's
+  tokens (under async scheduling that step is still unresolved: this waits for its event while
+  the GPU runs this step's forward), and `manager.grammar_bitmask(req_ids, known)` feeds the
+  matchers the tokens they have not seen and fills the rows on the CPU;
+  `apply_bitmask(logits, bitmask_on_device, rows)` runs before the sampler. So constrained
+  requests keep async scheduling, and the mask work overlaps the forward.
+- Scheduler.resolve: `manager.accept(req_id, token, index)`: a token the runner already fed is not
+  fed again (tokens are keyed by output index, once each, in order); False ends the request as
   failed; `matcher.is_terminated()` ends it as stopped (EOS is only allowed where the grammar may
-  end, so the usual EOS check agrees). Tokens the scheduler takes back (dropped placeholders,
-  preempted output that is recomputed) are `matcher.rollback(n)`; stop strings need nothing.
+  end, so the usual EOS check agrees). A token sampled after a request's end is dropped before
+  any matcher sees it. Nothing takes an accepted token back: preemption keeps a request's outputs
+  (its KV cache is recomputed, its matcher kept), stop strings end the request; so the engine
+  never calls `matcher.rollback` (kept, and tested, for speculative decoding).
 """

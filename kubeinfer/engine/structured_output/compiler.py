@@ -11,10 +11,13 @@ Compiled grammars are cached by `StructuredOutputsParams.key()` (kind, spec, whi
 least recently used first out; failures are not cached. A constraint that does not compile raises
 `RequestError` naming the request field, from the Future (or from `compile()`).
 
-Known gap (xgrammar's, seen with the version installed now): a string with minLength/maxLength
+xgrammar gap, closed here (still present in xgrammar 0.2.8): a string with minLength/maxLength
 compiles to "any character but quote, backslash, CR and LF, m to n times", which admits raw
-control characters (U+0000-U+001F) that JSON forbids, so a random-weight model can produce a reply
-`json.loads` rejects. A `pattern`, or a string without length bounds, is not affected.
+control characters (U+0000-U+001F) that JSON forbids, so a model could produce a reply `json.loads`
+rejects. Before compiling, such a string (one without its own `pattern` or `format`) gets the
+equivalent `pattern` `^[^\x00-\x1f"\\]{m,n}$` instead of its length bounds: the same strings
+minus the control characters (xgrammar applies a pattern to the decoded string; neither form
+allows escapes). tests/engine/structured_output/test_string_lengths.py pins both behaviours.
 """
 from __future__ import annotations
 
@@ -122,6 +125,7 @@ class StructuredOutputCompiler:
 
     def _compile_json(self, params: StructuredOutputsParams, schema: dict, strict: bool) -> Any:
         _check_json_schema(schema, params.param)
+        schema = bounded_strings_as_patterns(schema)
         any_whitespace = not params.disable_any_whitespace
         return self._xgr.compile_json_schema(
             json.dumps(schema), any_whitespace=any_whitespace, strict_mode=strict,
@@ -151,6 +155,26 @@ def _check_json_schema(schema: dict, param: str) -> None:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
         raise RequestError(f"{param} is not a valid JSON schema at {where}: {e.message}",
                            param) from None
+
+
+# keywords whose values are data, not subschemas: a dict there is never rewritten
+_DATA_KEYWORDS = frozenset(("enum", "const", "default", "examples"))
+
+
+def bounded_strings_as_patterns(schema: Any) -> Any:
+    """A copy of `schema` in which each string schema with minLength/maxLength (and no pattern or
+    format) says the same bounds as a pattern that excludes control characters (see the module's
+    docstring)."""
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else bounded_strings_as_patterns(v) for k, v in schema.items()}
+    if out.get("type") == "string" and ("minLength" in out or "maxLength" in out) \
+            and "pattern" not in out and "format" not in out:
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{low},{high}}}$'
+    return out
 
 
 def _clean(message: str) -> str:

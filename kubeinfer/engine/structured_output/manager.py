@@ -3,10 +3,18 @@
 The scheduler calls it (engine process, the driver's side): `submit(req)` when a constrained
 request arrives (compiling starts on the compiler's threads), `take_ready(req)` while the request
 waits (None: still compiling; raises RequestError when the constraint does not compile; else its
-matcher is made), `accept(req, token)` for each resolved token, `free(req_id)` when it ends.
-The driver's runner calls `grammar_bitmask(req_ids)` after launching the forward, so the CPU fills
-the rows while the device computes, and applies them to the logits before sampling
-(`bitmask.apply_bitmask`). Workers of other ranks never call it: only rank 0 samples.
+matcher is made), `accept(req, token, index)` for each resolved token, `free(req_id)` when it ends.
+The driver's runner (sample_step.py) calls `grammar_bitmask(req_ids, known)` after launching the
+forward, so the CPU fills the rows while the device computes, and applies them to the logits before
+sampling (`bitmask.apply_bitmask`). Workers of other ranks never call it: only rank 0 samples.
+
+Under async scheduling step N+1's mask is filled before the scheduler has resolved step N, so
+`grammar_bitmask` first feeds the matchers step N's tokens (`known`), and the scheduler's `accept`
+of the same token later finds it taken. Both go through `accept_known`, keyed by the token's output
+index: a matcher takes output token i exactly once, and only after token i - 1; a token that
+arrives twice must be the same token. Nothing takes an accepted token back: a preempted request
+keeps its outputs (only its KV cache is recomputed), a stop string ends the request, and a token
+sampled after a request's end is dropped before any matcher sees it (the matcher is freed first).
 
 The compiler (and xgrammar's tokenizer table, a second or so for a 50k vocabulary) is built on
 first use, so an engine that never sees a constraint never pays for it.
@@ -24,6 +32,7 @@ import torch
 from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.structured_output.bitmask import allocate_bitmask
 from kubeinfer.engine.structured_output.compiler import StructuredOutputCompiler
+from kubeinfer.engine.structured_output.grammar_batch import GrammarBatch
 from kubeinfer.engine.structured_output.matcher import StructuredOutputMatcher
 from kubeinfer.engine.structured_output.params import StructuredOutputsParams
 
@@ -50,8 +59,12 @@ class StructuredOutputManager:
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
         self.matchers: dict[str, StructuredOutputMatcher] = {}
+        self._rejected: set[str] = set()  # a matcher refused one of their tokens
         self._bitmask: torch.Tensor | None = None
-        # host time spent filling masks, and the steps that did (for `kubeinfer bench`)
+        self.batch = GrammarBatch()
+        # host time spent on masks (advancing the matchers, then filling the rows) and the steps
+        # that did (for `kubeinfer bench`)
+        self.accept_seconds = 0.0
         self.fill_seconds = 0.0
         self.num_fills = 0
 
@@ -94,21 +107,51 @@ class StructuredOutputManager:
                                                         prompt_token_ids)
         return True
 
-    def accept(self, req_id: str, token_id: int) -> tuple[bool, bool]:
-        """(accepted, terminated) after the request's next output token."""
+    def accept(self, req_id: str, token_id: int, index: int) -> tuple[bool, bool]:
+        """(accepted, terminated) after the request's output token `index` (see accept_known)."""
         matcher = self.matchers.get(req_id)
         if matcher is None:
             return True, False
-        ok = matcher.accept_tokens((token_id,))
-        return ok, matcher.is_terminated()
+        return self.accept_known(((req_id, index, token_id),))[0], matcher.is_terminated()
 
-    def rollback(self, req_id: str, num_tokens: int) -> None:
-        matcher = self.matchers.get(req_id)
-        if matcher is not None and num_tokens:
-            matcher.rollback(min(num_tokens, matcher.num_accepted_tokens))
+    def accept_known(self, known: Iterable[tuple[str, int, int]]) -> list[bool]:
+        """Feed each (request id, output index, token) to the request's matcher, unless it already
+        took output token `index`; whether each is (or was) accepted. Ids without a matcher (not
+        constrained, or finished) are taken as accepted.
+
+        Raises RuntimeError when a token comes out of order, or differs from the one the matcher
+        took at that index: the engine's bookkeeping is broken, and going on would sample
+        outside the grammar."""
+        known = list(known)
+        results = [True] * len(known)
+        todo, tokens, where = [], [], []
+        for k, (req_id, index, token_id) in enumerate(known):
+            matcher = self.matchers.get(req_id)
+            if matcher is None:
+                continue
+            num = matcher.num_accepted_tokens
+            if index < num:
+                if matcher.accepted_token(index) != token_id:
+                    raise RuntimeError(f"request {req_id}: output token {index} is {token_id} "
+                                       f"now but its grammar took {matcher.accepted_token(index)}")
+            elif index == num:
+                todo.append(matcher)
+                tokens.append(token_id)
+                where.append(k)
+            elif req_id not in self._rejected:
+                raise RuntimeError(f"request {req_id}: output token {index} reached its grammar "
+                                   f"before token {num}")
+            else:
+                results[k] = False
+        for k, ok, matcher in zip(where, self.batch.accept(todo, tokens), todo):
+            results[k] = ok
+            if not ok:  # the request fails at its resolve; later tokens must not raise
+                self._rejected.add(known[k][0])
+        return results
 
     def free(self, req_id: str) -> None:
         self.matchers.pop(req_id, None)
+        self._rejected.discard(req_id)
         # never cancel the Future: the compiler shares it with every request of the same constraint
         self._futures.pop(req_id, None)
 
@@ -122,20 +165,26 @@ class StructuredOutputManager:
         return req_id in self.matchers
 
     # ---- the driver runner's side --------------------------------------------------------------
-    def grammar_bitmask(self, req_ids: Sequence[str]) -> torch.Tensor:
-        """Rows of allowed next tokens, one per request id (in that order), on the CPU.
+    def grammar_bitmask(self, req_ids: Sequence[str],
+                        known: Iterable[tuple[str, int, int]] = ()) -> torch.Tensor:
+        """Rows of allowed next tokens, one per request id (in that order), on the CPU, after the
+        matchers of `req_ids` took the tokens of `known` (request id, output index, token) they
+        had not seen yet: the previous step's, which the scheduler resolves later.
 
-        The buffer is reused: the engine never launches a step with constrained requests before the
-        previous one's results are read (their masks depend on its tokens), so the previous copy to
-        the device has finished by then."""
+        The buffer is reused. Its last copy to the device was enqueued by an earlier step, which
+        has finished by now: the runner reads the previous step's tokens (waiting for its event)
+        before it asks for rows, and every older step was read before this one was launched."""
         if self._bitmask is None or self._bitmask.shape[0] < len(req_ids):
             self._bitmask = allocate_bitmask(max(self.max_num_seqs, len(req_ids)), self.vocab_size,
                                              pin_memory=self.pin_memory)
         start = time.perf_counter()
+        wanted = set(req_ids)
+        self.accept_known(k for k in known if k[0] in wanted)
+        filled = time.perf_counter()
         mask = self._bitmask[:len(req_ids)]
-        for row, req_id in enumerate(req_ids):
-            self.matchers[req_id].fill_bitmask_row(mask, row)
-        self.fill_seconds += time.perf_counter() - start
+        self.batch.fill([self.matchers[req_id] for req_id in req_ids], mask)
+        self.accept_seconds += filled - start
+        self.fill_seconds += time.perf_counter() - filled
         self.num_fills += 1
         return mask
 

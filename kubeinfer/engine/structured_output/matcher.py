@@ -1,10 +1,10 @@
 """`StructuredOutputMatcher`: one request's position in its grammar.
 
-Owned by the scheduler's per-request state (one per sample: with n > 1 each sample has its own
-matcher over the same cached CompiledGrammar). The scheduler calls `accept_tokens` with each
-step's new tokens (after async scheduling has resolved them), `rollback(n)` when tokens it had
-accepted are taken back (discarded speculative or placeholder tokens, or output that preemption
-throws away and recomputes), and the runner calls `fill_bitmask_row` before sampling the next token.
+Held by the manager (one per sample: with n > 1 each sample has its own matcher over the same
+cached CompiledGrammar). The manager feeds it each output token once, in order (`accept_tokens`,
+or xgrammar's batch accept through `grammar_batch.py`), and fills its row before the next token
+is sampled. `rollback(n)` forgets accepted tokens; the engine never needs it today (preemption
+keeps outputs, and no accepted token is ever discarded), it is there for speculative decoding.
 
 Reasoning: with a reasoning parser the constraint starts after the reasoning ends. Pass the
 parser as `reasoning` (anything with `is_reasoning_end(token_ids)`, see `ReasoningEndDetector`)
@@ -54,6 +54,25 @@ class StructuredOutputMatcher:
     @property
     def num_accepted_tokens(self) -> int:
         return len(self._output_ids)
+
+    @property
+    def is_grammar_driven(self) -> bool:
+        """The next token goes straight into the grammar (reasoning has ended, the grammar has
+        not): what `grammar_batch.GrammarBatch` may hand to xgrammar's batch calls."""
+        return self._content_start is not None and not self._matcher.is_terminated()
+
+    @property
+    def grammar_matcher(self) -> Any:
+        """The xgrammar GrammarMatcher, for batch calls on grammar-driven rows only."""
+        return self._matcher
+
+    def record_grammar_token(self, token_id: int) -> None:
+        """Count a token that a batch call fed to `grammar_matcher` and it accepted."""
+        self._output_ids.append(token_id)
+
+    def accepted_token(self, index: int) -> int:
+        """The index-th token this matcher accepted."""
+        return self._output_ids[index]
 
     def is_terminated(self) -> bool:
         """The grammar accepted a stop token: the request must finish."""

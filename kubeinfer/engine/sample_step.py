@@ -1,0 +1,127 @@
+"""`StepSampler`: the sampling half of a step: logits -> grammar mask -> sampler -> the device
+broadcast of the ids and the host copy of the results; and the prompt logprobs of a chunk.
+
+The model runner owns the forward half and calls `sample` on every rank once the step's forward
+and LM head are enqueued: the sampling rank samples, the others receive its ids.
+
+With structured outputs the mask of step N+1 depends on step N's tokens, which under async
+scheduling are still on their way to the host when step N+1 is launched. So the mask waits here,
+not before the launch: `sample` asks the runner for the previous step's tokens (the runner
+waits for that step's event, which lands while the GPU already runs this step's forward), hands
+them to the grammar callback, which advances the matchers and fills this step's rows on the CPU,
+and only then uploads the rows (non-blocking, from pinned memory), masks the logits and samples.
+The GPU idles only when the host's matcher work outlasts the forward.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kubeinfer.engine.input_batch import CachedRequestState, StepInputs
+from kubeinfer.engine.parallel_state import tp_broadcast_from_first
+from kubeinfer.engine.request import PLACEHOLDER
+from kubeinfer.engine.sampler import Sampler, SamplingMetadata, pack, prompt_logprobs
+from kubeinfer.engine.structured_output.bitmask import apply_bitmask
+
+# (request id, output index, token id) of each token the previous step sampled
+KnownTokens = Sequence[tuple[str, int, int]]
+
+
+class StepSampler:
+    """Args:
+        device: the logits' device.
+        to_host: enqueues a device-to-host copy without waiting for it (the runner's).
+        to_device: a host array to the device (the runner's).
+        compute_logits: hidden states -> logits (the model's LM head; every rank's share).
+        is_sampler: whether this rank samples (tensor rank 0 of the last pipeline stage).
+        max_logits_rows: prompt logprobs turn at most this many positions at a time into logits.
+    """
+
+    def __init__(self, device: torch.device, to_host: Callable[[torch.Tensor], torch.Tensor],
+                 to_device: Callable, compute_logits: Callable[[torch.Tensor], torch.Tensor],
+                 is_sampler: bool, max_logits_rows: int):
+        self.device = device
+        self.sampler = Sampler()
+        self._to_host = to_host
+        self._to_device = to_device
+        self._compute_logits = compute_logits
+        self.is_sampler = is_sampler
+        self.max_logits_rows = max_logits_rows
+        self._last_meta: tuple[tuple[str, ...], SamplingMetadata] | None = None
+        # Rank 0 only, set by the engine (structured_output.manager.grammar_bitmask):
+        # (req_ids, known tokens) -> their grammar rows on the CPU, after the matchers took the
+        # known tokens they had not seen yet.
+        self.grammar_bitmask = None
+
+    def sample(self, step, logits: torch.Tensor, states: list[CachedRequestState],
+               constrained: set[str], prev_tokens: Callable[[], KnownTokens]) -> None:
+        """One token per row of `logits`, on every rank: the sampling rank samples and broadcasts
+        the ids to its tensor group, the others receive them. Fills the step (model_runner's
+        PendingStep): `sampled` (the ids on the device, the next step's inputs), `row_of`, `host`
+        (the copy on its way to the host), `meta` (sampling rank), and a placeholder `slots`
+        entry per row appended to its request's outputs.
+
+        `prev_tokens()` returns the previous step's tokens on the host; it is called only when a
+        constrained request samples, since reading them waits for that step.
+        """
+        if self.is_sampler:
+            if constrained:
+                self.apply_grammar(logits, states, constrained, prev_tokens)
+            step.meta = self.metadata(states)
+            sampled, raw_logprobs = self.sampler.sample(logits, step.meta)
+            sampled = tp_broadcast_from_first(sampled.long().contiguous())
+            step.host = self._to_host(pack(sampled, raw_logprobs, step.meta))
+        else:
+            sampled = tp_broadcast_from_first(torch.empty(len(states), dtype=torch.long,
+                                                          device=self.device))
+            step.host = self._to_host(sampled)
+        step.sampled = sampled
+        step.row_of = {state.req_id: i for i, state in enumerate(states)}
+        step.slots = [(state, state.append_output_token(PLACEHOLDER)) for state in states]
+
+    def apply_grammar(self, logits: torch.Tensor, states: list[CachedRequestState],
+                      constrained: set[str], prev_tokens: Callable[[], KnownTokens]) -> None:
+        """Mask the constrained rows' logits to their grammars' allowed tokens, before penalties,
+        temperature and sampling. The forward and the LM head are only enqueued on a GPU when this
+        runs, so the CPU advances the matchers and fills the rows while the device computes."""
+        rows = [i for i, state in enumerate(states) if state.req_id in constrained]
+        if not rows:
+            return  # every constrained request is in the middle of its prompt
+        mask = self.grammar_bitmask([states[i].req_id for i in rows], prev_tokens())
+        rows_t = torch.tensor(rows, dtype=torch.int32)
+        if self.device.type == "cuda":
+            # Both from pinned memory: a copy from pageable memory waits for the stream, which
+            # would hold the host until this step's forward is done instead of letting it go on
+            # to the previous step's outputs while the GPU computes.
+            mask = mask.to(self.device, non_blocking=True)
+            rows_t = rows_t.pin_memory().to(self.device, non_blocking=True)
+        apply_bitmask(logits, mask, rows_t)
+
+    def metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
+        """The step's sampling tensors. Decode steps usually sample the same requests in the same
+        order: their tensors are reused."""
+        ids = tuple(state.req_id for state in states)
+        last = self._last_meta
+        if last is not None and last[0] == ids and last[1].is_reusable:
+            return last[1]
+        meta = SamplingMetadata.build(states, self.device)
+        self._last_meta = (ids, meta)
+        return meta
+
+    def prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
+        """Packed prompt logprobs ([Q, 2 + 2k] on the device, see sampler.prompt_logprobs) of the
+        step's prompt_logprobs positions, a bounded number of rows of logits at a time. Every rank
+        computes the logits (the LM head gathers); the sampling rank alone the logprobs (None on
+        the others)."""
+        targets = self._to_device(inputs.prompt_target_ids) if self.is_sampler else None
+        k = max(k for _, k, _, _ in inputs.prompt_logprobs_reqs)
+        rows = self.max_logits_rows
+        parts = []
+        for i in range(0, hidden.shape[0], rows):
+            logits = self._compute_logits(hidden[i:i + rows])
+            if self.is_sampler:
+                parts.append(prompt_logprobs(logits, targets[i:i + rows], k))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
