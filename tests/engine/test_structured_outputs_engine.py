@@ -132,7 +132,7 @@ def test_async_masks_follow_the_step_in_flight(llms):
                     engine.add_request(str(i), p["prompt_token_ids"], params)
                 while engine.has_unfinished_requests():
                     engine.step()
-                    in_flight += engine._pending is not None and bool(engine.scheduler.running)
+                    in_flight += bool(engine._in_flight) and bool(engine.scheduler.running)
         finally:
             restore()
         counts[name] = (seen["early"], seen["late"], in_flight)
