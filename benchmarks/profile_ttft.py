@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kubeinfer.engine import model_runner as mr  # noqa: E402
+from kubeinfer.engine import sample_step as mr  # noqa: E402
 from kubeinfer.engine import parallel_state  # noqa: E402
 from kubeinfer.engine.args import EngineArgs  # noqa: E402
 from kubeinfer.engine.custom_all_reduce import CustomAllReduce  # noqa: E402
