@@ -12,6 +12,7 @@ from them without a host round trip and keeps the same batch.
 """
 from __future__ import annotations
 
+import gc
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -153,6 +154,9 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_gpu_kv_bytes(self) -> int:
         """Run the largest batch the scheduler can build and see what memory is left."""
+        # an engine built before this one in the process (tests, notebooks) may still be held by a
+        # reference cycle; its memory would count as this engine's peak until the collector runs
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         num_tokens = self.config.scheduler.max_num_batched_tokens
