@@ -25,10 +25,11 @@ def greedy(llm, prompts):
     return [o.outputs[0].token_ids for o in outs]
 
 
+# sync and async scheduling at TP 2; TP 4 (KV heads replicated over ranks) once, with async: four
+# ranks on the CI's two cores cost ~20 s a run
 @pytest.mark.parametrize("arch,tp,async_sched", [("llama", 2, False), ("qwen3", 2, True),
-                                                  ("llama", 4, True), ("llama", 4, False)],
-                         ids=["llama-tp2-sync", "qwen3-tp2-async", "llama-tp4-kv-replicated-async",
-                              "llama-tp4-kv-replicated-sync"])
+                                                  ("llama", 4, True)],
+                         ids=["llama-tp2-sync", "qwen3-tp2-async", "llama-tp4-kv-replicated-async"])
 def test_tensor_parallel_greedy_matches_hf(tiny_model_dir, arch, tp, async_sched):
     path = tiny_model_dir(arch)
     llm = LLM(str(path), tensor_parallel_size=tp, async_scheduling=async_sched, **KW)
@@ -112,7 +113,7 @@ print("still running")
     assert "tensor-parallel worker kubeinfer-tp1 exited with code -9" in proc.stderr
 
 
-@pytest.mark.parametrize("async_sched", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("async_sched", [True], ids=["async"])  # the harder path (sync: test_prompt_logprobs.py)
 def test_prompt_logprobs_under_tensor_parallelism_equal_one_device(tiny_model_dir, async_sched):
     """Prompt logprobs take extra LM-head gathers (chunked prefill here): every rank runs them in
     the same runner method, and the values equal a single device's."""
