@@ -113,7 +113,8 @@ print("still running")
     assert "tensor-parallel worker kubeinfer-tp1 exited with code -9" in proc.stderr
 
 
-@pytest.mark.parametrize("async_sched", [True], ids=["async"])  # the harder path (sync: test_prompt_logprobs.py)
+# async only: the harder path (sync scheduling: test_prompt_logprobs.py)
+@pytest.mark.parametrize("async_sched", [True], ids=["async"])
 def test_prompt_logprobs_under_tensor_parallelism_equal_one_device(tiny_model_dir, async_sched):
     """Prompt logprobs take extra LM-head gathers (chunked prefill here): every rank runs them in
     the same runner method, and the values equal a single device's."""
