@@ -58,7 +58,10 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()):
         self.device = torch.device(config.device.resolve())
-        cpu_threads.configure(self.device, config.parallel.tensor_parallel_size)
+        # every rank of this node shares its CPUs (a pipeline stage's too, not only the tensor
+        # group's): rank 0 taking them all slowed the other stages' forwards on CPU
+        par = config.parallel
+        cpu_threads.configure(self.device, par.world_size // par.nnodes)
         if config.scheduler.async_scheduling is None:
             config = replace(config, scheduler=replace(
                 config.scheduler, async_scheduling=self.device.type == "cuda"))

@@ -46,8 +46,10 @@ def execute_stage_step(runner: Runner, out: SchedulerOutput, step: Step) -> Step
     scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in runner._failed}
     if scheduled:
         _launch(runner, step, runner.batch.prepare(scheduled))
-    if runner.is_sampler:
-        runner._unread.append(step)  # until rank 0 reads it
+    if runner.result_sink is not None:
+        runner.result_sink.put(step)  # sent to rank 0 once ready (pipeline_results.py)
+    elif runner.is_sampler:
+        runner._unread.append(step)  # until rank 0 asks for it (`pipeline_output`)
     return step
 
 

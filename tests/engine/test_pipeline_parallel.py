@@ -81,6 +81,8 @@ def test_pipeline_greedy_matches_hf(tiny_model_dir, arch, tp, extra):
     llm = LLM(str(path), pipeline_parallel_size=2, tensor_parallel_size=tp, **KW, **extra)
     try:
         assert len(llm.engine.executor.workers.procs) == 2 * tp - 1
+        # the last stage's sampler is on this node: it pushes results (pipeline_results.py)
+        assert llm.engine.executor.workers.results is not None
         assert len(llm.engine.runner.attn_layers) == 1  # stage 0 holds layer 0 only
         prompts = make_prompts(llm.engine.vocab_size)
         expected = hf_greedy(path, prompts)
