@@ -8,8 +8,9 @@ another, so up to one step per stage is in flight (the engine's batch queue, llm
   residual from the previous stage (point to point, same tensor rank) and sends its own on,
   without waiting for the receiver (the sends of a step are waited on before the next step's).
 - The last stage computes the logits (its tensor group gathers the LM head) and its tensor rank 0
-  samples. The results stay there until rank 0 asks for them (`pipeline_output`, one point-to-point
-  call on the sampler's pipe, executor.py), which it does only when the engine reads the step.
+  samples. The results go to rank 0 as soon as they are ready (`ResultPusher`, when the sampler
+  has a results pipe: pipeline_results.py), or stay there until rank 0 asks for them
+  (`pipeline_output`, one call on the sampler's pipe, executor.py: a sampler on another node).
 - No rank needs a sampled id on the device: a request is in one step in flight at most
   (in_flight.py), so its next step is scheduled after rank 0 has read its token, and the scheduler
   sends that token to every rank in the step's plan (`SchedulerOutput.resolved_output_tokens`),
