@@ -44,14 +44,34 @@ def run_greedy(llm, prompts, params=None):
         max_in_flight = max(max_in_flight, len(engine._in_flight) + 1)
         return launch(out)
 
-    engine.executor.execute_model = recording_launch
+    calls = []  # what each step() call did, in order
+    read, process = engine.executor.get_output, engine._process
+
+    def recording_read(handle):
+        calls.append("read")
+        return read(handle)
+
+    def recording_process(updates, stats):
+        calls.append("process")
+        return process(updates, stats)
+
+    def recording_launch_step(out):
+        calls.append("launch")
+        return recording_launch(out)
+
+    engine.executor.execute_model = recording_launch_step
+    engine.executor.get_output, engine._process = recording_read, recording_process
     try:
         while engine.has_unfinished_requests():
+            calls.clear()
             for out in engine.step():
                 tokens[out.request_id] += out.new_token_ids
             num_preemptions = max(num_preemptions, engine.scheduler._num_preemptions)
+            if engine.scheduler.in_flight.enabled and "read" in calls and "launch" in calls:
+                # with stages: read the oldest, launch the next, then make the outputs
+                assert calls == ["read", "launch", "process"], calls
     finally:
-        del engine.executor.execute_model
+        del engine.executor.execute_model, engine.executor.get_output, engine._process
     assert engine.kv.num_free_blocks == engine.num_blocks
     return [tokens[str(i)] for i in range(len(prompts))], num_preemptions, max_in_flight
 
