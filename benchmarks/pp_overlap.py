@@ -44,7 +44,8 @@ def flush() -> None:
     if out and _events:
         with open(Path(out) / f"{os.getpid()}.jsonl", "a") as f:
             for rank, name, start, end in _events:
-                f.write(json.dumps({"rank": rank, "event": name, "start": start, "end": end}) + "\n")
+                f.write(json.dumps({"rank": rank, "event": name, "start": start,
+                                    "end": end}) + "\n")
     _events.clear()
 
 

@@ -24,6 +24,8 @@ import queue
 import threading
 from typing import Any
 
+import torch
+
 from kubeinfer.engine.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -33,9 +35,10 @@ class ResultPusher:
     """The sampling rank's side: `put` each launched step (in launch order); a thread reads its
     results (`read(step)`, the runner's `get_output`) and sends them to rank 0."""
 
-    def __init__(self, conn, read):
+    def __init__(self, conn, read, device: torch.device | None = None):
         self._conn = conn
         self._read = read
+        self._device = device
         self._steps: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kubeinfer-pp-results", daemon=True)
         self._thread.start()
@@ -45,6 +48,10 @@ class ResultPusher:
 
     def _run(self) -> None:
         try:
+            if self._device is not None and self._device.type == "cuda":
+                # a thread starts on GPU 0: waiting for an event from there would create a CUDA
+                # context on rank 0's GPU (hundreds of MiB of its memory)
+                torch.cuda.set_device(self._device)
             while True:
                 step = self._steps.get()
                 self._conn.send((step.index, self._read(step)))

@@ -73,7 +73,7 @@ def worker_main(config: EngineConfig, model_path: str, rank: int, init_method: s
             if runner is not None:
                 if results_conn is not None and runner.is_sampler:
                     # each step's results go to rank 0 as soon as they are ready
-                    runner.result_sink = ResultPusher(results_conn, runner.get_output)
+                    runner.result_sink = ResultPusher(results_conn, runner.get_output, device)
                 _serve(runner, conn)
             else:
                 conn.recv()  # rank 0's stop
