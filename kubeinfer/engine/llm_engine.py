@@ -7,8 +7,8 @@ reads the step it just launched. With N pipeline stages up to N steps are in fli
 queue): each takes requests that no step in flight holds, and they are read in launch order, so
 stage 0 computes a step while later stages compute the earlier ones; a call reads the oldest step
 before launching the next and detokenizes after, so the stages do not wait for outputs. A request
-the runner could not prepare fails alone (status FINISHED_ERROR, finish_reason "error"); anything else raised by a
-step propagates to the caller, which must treat the engine as dead.
+the runner could not prepare fails alone (status FINISHED_ERROR, finish_reason "error"); anything
+else raised by a step propagates to the caller, which must treat the engine as dead.
 """
 from __future__ import annotations
 
