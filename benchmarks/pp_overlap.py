@@ -7,8 +7,8 @@ With perfect overlap two stages finish a step every T ms (2 in flight); with 1 i
 crosses both stages, 2T. Whatever is above that is host work on the critical path; the timeline
 (`--timeline FILE`, JSON lines: rank, event, start, end on the system-wide monotonic clock) says
 where each rank waited: `launch` (a stage's share of a step, with `compute` and `recv` inside),
-`send`, `read` (rank 0 waiting for a step's results), `schedule`, `process` (outputs), `push` (the
-sampling rank handing results back).
+`send`, `read` (rank 0 waiting for a step's results), `schedule`, `process` (outputs), `result` (the
+sampling rank reading a step's results to hand them back).
 
 The stage cost is a sleep added after each stage's real forward (a tiny Llama: hidden 64, 2
 layers): it holds no core, so the numbers stand on a shared 2-core machine. The patches are made
