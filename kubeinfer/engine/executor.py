@@ -10,9 +10,10 @@ parallel_state.py; those of other nodes through node_relay.py), writes (method, 
 a pipe and runs the method itself; the workers loop running whatever arrives on their own runner. Each rank loads its shard of every layer (the layers'
 weight loaders slice the checkpoint by rank, reading the group from `parallel_state.py`; a
 pipeline stage builds only its layers, pipeline_stage.py). With pipeline stages the sampling rank is
-tensor rank 0 of the last stage: `get_output` fetches its results from it alone (`pipeline_output`
-down its pipe; relayed to its whole node when it is on another node), so reading a step waits for
-that step only, never for the steps launched after it.
+tensor rank 0 of the last stage: it pushes each step's results to rank 0 down a pipe of their own
+as soon as they are ready (pipeline_results.py), so reading a step waits for that step only, never
+for the launch of the steps after it; a sampling rank on another node is asked instead
+(`pipeline_output` down its pipe, relayed to its whole node).
 
 A worker that fails to load reports its error, which the engine raises as a ConfigError. A worker
 that dies later leaves its peers waiting in a collective forever, so a watcher thread exits the
@@ -46,6 +47,7 @@ from kubeinfer.engine.node_relay import (accept_worker_nodes, describe_watch_mes
                                          send_all)
 from kubeinfer.engine.parallel_state import destroy_parallel, init_parallel, pp_size, tp_size
 from kubeinfer.engine.pipeline_parallel_check import check_pipeline_parallel
+from kubeinfer.engine.pipeline_results import ResultReceiver
 from kubeinfer.engine.scheduler_output import SchedulerOutput
 from kubeinfer.engine.tensor_parallel_check import check_tensor_parallel
 from kubeinfer.engine.worker_process import spawn_workers
@@ -101,6 +103,8 @@ class Executor:
         collective; with several, the last stage's sampler answers (no other rank takes part)."""
         if self.pp == 1:
             return self.driver.get_output(step)
+        if self.workers.results is not None:  # pushed as soon as they were ready
+            return self.workers.results.get(step.index)
         return self.workers.call(self.sampler_rank, "pipeline_output", step.index)
 
     def shutdown(self) -> None:
@@ -127,9 +131,14 @@ class _Workers:
         self.nccl = device.type == "cuda"
         method = init_method(par) if par.nnodes > 1 else f"tcp://127.0.0.1:{_free_port()}"
         self._stopping = False
-        self.conns, self.procs = spawn_workers(config, model_path,
-                                               range(1, par.world_size // par.nnodes), method,
-                                               device.type)
+        # the sampling rank (tensor rank 0 of the last stage) pushes each step's results down
+        # a pipe of their own when it is on this node (pipeline_results.py)
+        local = range(1, par.world_size // par.nnodes)
+        sampler = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size
+        self.conns, self.procs, results = spawn_workers(
+            config, model_path, local, method, device.type,
+            results_rank=sampler if par.pipeline_parallel_size > 1 else None)
+        self.results = ResultReceiver(results) if results is not None else None
         self.nodes = []
         try:
             if par.nnodes > 1:
@@ -211,6 +220,8 @@ class _Workers:
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
+        if self.results is not None:
+            self.results.close()
         destroy_parallel(tear_down=not self.nccl)
         self._watcher.join(timeout=10)
         if self._watcher.is_alive():

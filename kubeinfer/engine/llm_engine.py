@@ -5,9 +5,10 @@ the executor (`execute_model`), and updates the scheduler with a step's results.
 scheduling the update of step N happens after step N+1 is launched; synchronously the same code
 reads the step it just launched. With N pipeline stages up to N steps are in flight (vLLM's batch
 queue): each takes requests that no step in flight holds, and they are read in launch order, so
-stage 0 computes a step while later stages compute the earlier ones. A request the runner could
-not prepare fails alone (status FINISHED_ERROR, finish_reason "error"); anything else raised by a
-step propagates to the caller, which must treat the engine as dead.
+stage 0 computes a step while later stages compute the earlier ones; a call reads the oldest step
+before launching the next and detokenizes after, so the stages do not wait for outputs. A request
+the runner could not prepare fails alone (status FINISHED_ERROR, finish_reason "error"); anything
+else raised by a step propagates to the caller, which must treat the engine as dead.
 """
 from __future__ import annotations
 
@@ -58,7 +59,10 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, stat_loggers: list[StatLogger] | tuple = ()):
         self.device = torch.device(config.device.resolve())
-        cpu_threads.configure(self.device, config.parallel.tensor_parallel_size)
+        # every rank of this node shares its CPUs (a pipeline stage's too, not only the tensor
+        # group's): rank 0 taking them all slowed the other stages' forwards on CPU
+        par = config.parallel
+        cpu_threads.configure(self.device, par.world_size // par.nnodes)
         if config.scheduler.async_scheduling is None:
             config = replace(config, scheduler=replace(
                 config.scheduler, async_scheduling=self.device.type == "cuda"))
@@ -290,15 +294,24 @@ class LLMEngine:
         """schedule -> execute -> update. A step is launched while fewer than `_max_in_flight`
         are; the oldest is read once the queue is full or nothing new was launched. With async
         scheduling, step N+1 is launched before step N's results are read, and this returns step
-        N's outputs; synchronously the step launched is the step read; with pipeline stages up to
-        one step per stage is in flight."""
+        N's outputs; synchronously the step launched is the step read. With pipeline stages one
+        step per stage stays in flight between calls: a call reads the oldest, launches the next
+        (often with the requests just read) and only then makes the read step's outputs."""
         stats = IterationStats()
-        launched = None
         queue = self._in_flight
+        failed: list[RequestOutput] = []  # requests that could not join a step read here
+        landed = []
+        pipelined = self.scheduler.in_flight.enabled
+        if pipelined and len(queue) >= self._max_in_flight:
+            # with stages the queue stays full between calls: read the oldest step first, so its
+            # requests can go into the step launched now, and turn its tokens into outputs
+            # (detokenizing, stop strings) only after that launch, while the stages compute
+            landed.append(self._land(queue.popleft(), stats, failed))
+        launched = None
         # penalties count the previous tokens on the device: let the step in flight land first
         # (with pipeline stages a request waits for its step anyway: in_flight.py)
         if len(queue) < self._max_in_flight and (
-                not queue or self.scheduler.in_flight.enabled or not self._needs_known_tokens()):
+                not queue or pipelined or not self._needs_known_tokens()):
             sched_out = self.scheduler.schedule()
             if not sched_out.is_empty:
                 handle = self.executor.execute_model(sched_out)
@@ -306,22 +319,26 @@ class LLMEngine:
                 stats.num_scheduled_tokens += sched_out.total_num_scheduled_tokens
                 queue.append(launched)
                 self.peak_steps_in_flight = max(self.peak_steps_in_flight, len(queue))
-        ready = []
-        if queue and (launched is None or len(queue) >= self._max_in_flight):
-            ready.append(queue.popleft())
-        if launched is None and not ready and self.scheduler.compiling:
+        if queue and not landed and (launched is None or
+                                     (not pipelined and len(queue) >= self._max_in_flight)):
+            landed.append(self._land(queue.popleft(), stats, failed))
+        if launched is None and not landed and self.scheduler.compiling:
             self.structured_output.wait_for_any(0.05)  # only grammars are left: no busy loop
-        outputs: list[RequestOutput] = self._grammar_failures(stats)
-        for step in ready:
-            outputs += self._update(step, stats)
+        outputs = self._grammar_failures(stats) + failed
+        for updates in landed:
+            outputs += self._process(updates, stats)
         self._record(stats)
         return outputs
 
-    def _update(self, step: LaunchedStep, stats: IterationStats) -> list[RequestOutput]:
+    def _land(self, step: LaunchedStep, stats: IterationStats, failed: list[RequestOutput]):
+        """Read a step's results into the scheduler (requests that could not join end in
+        `failed`); returns its token updates, for `_process`."""
         result = self.executor.get_output(step.handle)
-        outputs = [self._fail(req_id, stats) for req_id in result.failed_req_ids]
-        updates = self.scheduler.resolve(step.placeholders, result)
-        return [o for o in outputs if o is not None] + self._process(updates, stats)
+        for req_id in result.failed_req_ids:
+            out = self._fail(req_id, stats)
+            if out is not None:
+                failed.append(out)
+        return self.scheduler.resolve(step.placeholders, result)
 
     def _fail(self, req_id: str, stats: IterationStats) -> RequestOutput | None:
         """A request the runner could not prepare ends with an error; the rest go on. The

@@ -89,6 +89,9 @@ class ModelRunner:
         self.batch = InputBatch(self.block_size, getattr(model, "mrope", None))  # Qwen2-VL: 3-D
         self._failed: set[str] = set()  # requests that could not join; skipped until finished
         self._unread: deque[PendingStep] = deque()
+        # with pipeline stages, where the sampling rank puts launched steps for rank 0 instead
+        # of keeping them in _unread (pipeline_results.ResultPusher; set by its worker process)
+        self.result_sink = None
         # prompt_logprobs turn this many positions at a time into logits: the rows the memory
         # profile runs through the sampler, so they need no memory it did not count
         self.max_logits_rows = max(1, min(config.scheduler.max_num_seqs,

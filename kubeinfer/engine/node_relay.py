@@ -146,8 +146,8 @@ def run_headless(par: ParallelConfig, resolve_path, device_type: str) -> int:
     model_path: Path = resolve_path(config)
     per_node = par.world_size // par.nnodes
     first = par.node_rank * per_node
-    conns, procs = spawn_workers(config, model_path, range(first, first + per_node),
-                                 init_method(par), device_type)
+    conns, procs, _ = spawn_workers(config, model_path, range(first, first + per_node),
+                                    init_method(par), device_type)
     logger.info("node %d of %d: ranks %d..%d started, pid %s", par.node_rank, par.nnodes, first,
                 first + per_node - 1, [p.pid for p in procs])
     stopping = threading.Event()

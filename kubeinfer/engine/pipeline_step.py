@@ -8,8 +8,9 @@ another, so up to one step per stage is in flight (the engine's batch queue, llm
   residual from the previous stage (point to point, same tensor rank) and sends its own on,
   without waiting for the receiver (the sends of a step are waited on before the next step's).
 - The last stage computes the logits (its tensor group gathers the LM head) and its tensor rank 0
-  samples. The results stay there until rank 0 asks for them (`pipeline_output`, one point-to-point
-  call on the sampler's pipe, executor.py), which it does only when the engine reads the step.
+  samples. The results go to rank 0 as soon as they are ready (`ResultPusher`, when the sampler
+  has a results pipe: pipeline_results.py), or stay there until rank 0 asks for them
+  (`pipeline_output`, one call on the sampler's pipe, executor.py: a sampler on another node).
 - No rank needs a sampled id on the device: a request is in one step in flight at most
   (in_flight.py), so its next step is scheduled after rank 0 has read its token, and the scheduler
   sends that token to every rank in the step's plan (`SchedulerOutput.resolved_output_tokens`),
@@ -46,8 +47,10 @@ def execute_stage_step(runner: Runner, out: SchedulerOutput, step: Step) -> Step
     scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in runner._failed}
     if scheduled:
         _launch(runner, step, runner.batch.prepare(scheduled))
-    if runner.is_sampler:
-        runner._unread.append(step)  # until rank 0 reads it
+    if runner.result_sink is not None:
+        runner.result_sink.put(step)  # sent to rank 0 once ready (pipeline_results.py)
+    elif runner.is_sampler:
+        runner._unread.append(step)  # until rank 0 asks for it (`pipeline_output`)
     return step
 
 

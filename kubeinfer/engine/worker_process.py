@@ -20,29 +20,39 @@ from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.model_runner import ModelRunner
 from kubeinfer.engine.parallel_state import destroy_parallel, init_parallel
+from kubeinfer.engine.pipeline_results import ResultPusher
 
 logger = logging.getLogger(__name__)
 
 
 def spawn_workers(config: EngineConfig, model_path: Path, ranks: range, init_method: str,
-                  device_type: str) -> tuple[list[multiprocessing.connection.Connection],
-                                             list[mp.process.BaseProcess]]:
-    """Start one process per rank in `ranks`; their pipes and processes, in rank order."""
+                  device_type: str, results_rank: int | None = None
+                  ) -> tuple[list[multiprocessing.connection.Connection],
+                             list[mp.process.BaseProcess],
+                             multiprocessing.connection.Connection | None]:
+    """Start one process per rank in `ranks`; their pipes and processes, in rank order, and the
+    receiving end of `results_rank`'s results pipe (pipeline_results.py) when it is among them."""
     ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-    conns, procs = [], []
+    conns, procs, results = [], [], None
     for rank in ranks:
         parent, child = ctx.Pipe()
+        results_child = None
+        if rank == results_rank:
+            results, results_child = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=worker_main, name=f"kubeinfer-tp{rank}", daemon=True,
-                           args=(config, str(model_path), rank, init_method, device_type, child))
+                           args=(config, str(model_path), rank, init_method, device_type, child,
+                                 results_child))
         proc.start()
         child.close()
+        if results_child is not None:
+            results_child.close()
         conns.append(parent)
         procs.append(proc)
-    return conns, procs
+    return conns, procs, results
 
 
 def worker_main(config: EngineConfig, model_path: str, rank: int, init_method: str,
-                device_type: str, conn) -> None:
+                device_type: str, conn, results_conn=None) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
     par = config.parallel
     per_node = par.world_size // par.nnodes
@@ -61,6 +71,9 @@ def worker_main(config: EngineConfig, model_path: str, rank: int, init_method: s
         if conn.recv() == "loaded":
             conn.send(error)
             if runner is not None:
+                if results_conn is not None and runner.is_sampler:
+                    # each step's results go to rank 0 as soon as they are ready
+                    runner.result_sink = ResultPusher(results_conn, runner.get_output, device)
                 _serve(runner, conn)
             else:
                 conn.recv()  # rank 0's stop

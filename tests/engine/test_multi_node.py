@@ -50,6 +50,8 @@ def test_two_nodes_one_rank_each_match_hf(tiny_model_dir):
                   master_addr="127.0.0.1", master_port=port, **ENGINE)
         try:
             assert llm.engine.executor.workers.procs == []  # node 0 has rank 0 only
+            # the sampler is on the other node: its results are asked for, relayed (node_relay.py)
+            assert llm.engine.executor.workers.results is None
             prompts = make_prompts(llm.engine.vocab_size)
             params = SamplingParams(temperature=0.0, max_tokens=NUM_OUT, min_tokens=NUM_OUT)
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

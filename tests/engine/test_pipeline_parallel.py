@@ -44,14 +44,34 @@ def run_greedy(llm, prompts, params=None):
         max_in_flight = max(max_in_flight, len(engine._in_flight) + 1)
         return launch(out)
 
-    engine.executor.execute_model = recording_launch
+    calls = []  # what each step() call did, in order
+    read, process = engine.executor.get_output, engine._process
+
+    def recording_read(handle):
+        calls.append("read")
+        return read(handle)
+
+    def recording_process(updates, stats):
+        calls.append("process")
+        return process(updates, stats)
+
+    def recording_launch_step(out):
+        calls.append("launch")
+        return recording_launch(out)
+
+    engine.executor.execute_model = recording_launch_step
+    engine.executor.get_output, engine._process = recording_read, recording_process
     try:
         while engine.has_unfinished_requests():
+            calls.clear()
             for out in engine.step():
                 tokens[out.request_id] += out.new_token_ids
             num_preemptions = max(num_preemptions, engine.scheduler._num_preemptions)
+            if engine.scheduler.in_flight.enabled and "read" in calls and "launch" in calls:
+                # with stages: read the oldest, launch the next, then make the outputs
+                assert calls == ["read", "launch", "process"], calls
     finally:
-        del engine.executor.execute_model
+        del engine.executor.execute_model, engine.executor.get_output, engine._process
     assert engine.kv.num_free_blocks == engine.num_blocks
     return [tokens[str(i)] for i in range(len(prompts))], num_preemptions, max_in_flight
 
@@ -81,6 +101,8 @@ def test_pipeline_greedy_matches_hf(tiny_model_dir, arch, tp, extra):
     llm = LLM(str(path), pipeline_parallel_size=2, tensor_parallel_size=tp, **KW, **extra)
     try:
         assert len(llm.engine.executor.workers.procs) == 2 * tp - 1
+        # the last stage's sampler is on this node: it pushes results (pipeline_results.py)
+        assert llm.engine.executor.workers.results is not None
         assert len(llm.engine.runner.attn_layers) == 1  # stage 0 holds layer 0 only
         prompts = make_prompts(llm.engine.vocab_size)
         expected = hf_greedy(path, prompts)
