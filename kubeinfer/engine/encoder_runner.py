@@ -1,8 +1,10 @@
 """EncoderRunner: the model runner's multimodal half. It keeps each request's images (sent once with
 the request), runs the vision encoder for the images the scheduler lists in a step (before the
-forward that first needs them; all of them in one call per step), keeps the outputs in an `EncoderOutputStore` until the scheduler
-frees them, and builds the step's input embeddings: the token embeddings with each image's rows
-written at its placeholder positions of the step's chunks.
+forward that first needs them; all of them in one `embed_images` call), keeps the outputs in an
+`EncoderOutputStore` until the scheduler frees them, and builds the step's input embeddings: the
+token embeddings with each image's rows written at its placeholder positions of the step's chunks
+(one index write per step). Nothing here reads a device tensor back: the step in flight under
+async scheduling keeps running while the next one is prepared.
 
 Every rank runs the same calls on the same plain step, like the rest of the runner.
 """
@@ -26,13 +28,18 @@ class EncoderRunner:
         self.model = model
         self.store = EncoderOutputStore()
         self._features: dict[str, tuple[ImageFeature, ...]] = {}
+        # req id -> the end of its last image's placeholder: a chunk that starts there or later
+        # (every decode step) needs no embeddings, found without walking the request's images
+        self._images_end: dict[str, int] = {}
 
     def add_request(self, req_id: str, features: tuple[Any, ...]) -> None:
         if features:
             self._features[req_id] = tuple(features)
+            self._images_end[req_id] = max(f.placeholder.end for f in features)
 
     def remove_request(self, req_id: str) -> None:
         self._features.pop(req_id, None)
+        self._images_end.pop(req_id, None)
 
     def run_encoders(self, out: SchedulerOutput) -> list[str]:
         """Drop the outputs the scheduler freed, then compute this step's (in that order: a hash
@@ -80,8 +87,11 @@ class EncoderRunner:
 
     def needs_embeds(self, req_ids: list[str], starts: list[int], query_lens: list[int]) -> bool:
         """Whether a chunk of the step covers image positions."""
+        ends = self._images_end
         for req_id, start, n in zip(req_ids, starts, query_lens):
-            for f in self._features.get(req_id, ()):
+            if start >= ends.get(req_id, 0):
+                continue
+            for f in self._features[req_id]:
                 if f.placeholder.offset < start + n and f.placeholder.end > start:
                     return True
         return False
@@ -96,7 +106,10 @@ class EncoderRunner:
         rows: list[torch.Tensor] = []
         offset = 0
         for req_id, start, n in zip(req_ids, starts, query_lens):
-            for f in self._features.get(req_id, ()):
+            if start >= self._images_end.get(req_id, 0):
+                offset += n
+                continue
+            for f in self._features[req_id]:
                 if f.placeholder.offset < start + n and f.placeholder.end > start:
                     if f.image_hash not in self.store:
                         raise RuntimeError(f"request {req_id}: the encoder output of image "

@@ -3,21 +3,21 @@ M-RoPE (three position ids per token: temporal, height, width).
 
 The vision tower is native (`qwen2_vl_vision.py`: the patch embedding as a linear layer, 2-D
 rotary in its blocks, Qwen2.5-VL's window attention with full attention at
-`fullatt_block_indexes`, the 2x2 patch merger); it runs once per image, a step's images packed into one call (encoder_runner.py), its
-rows cached until the image's positions are computed. The decoder is models/llama.py's Qwen2 with
-its rotary swapped for `layers/mrotary.py`'s M-RoPE; `mrope_positions.py` computes each request's
-3-D positions from its images' `image_grid_thw` when the runner admits it.
+`fullatt_block_indexes`, the 2x2 patch merger); it runs once per image, a step's images packed
+into one call (encoder_runner.py), its rows cached until the image's positions are computed.
+The decoder is models/llama.py's Qwen2 with its rotary swapped for `layers/mrotary.py`'s M-RoPE;
+`mrope_positions.py` computes each request's 3-D positions from its images' `image_grid_thw` when the runner admits it.
 
 The runner's interface beyond a decoder's: `embed_input_ids`, `embed_images([encoder_inputs])
 -> [[rows, H]]` (`embed_image` for one), `forward(input_ids, positions [3, T] or [T],
-inputs_embeds=None)`, and `mrope` (the `MRopePositions` the persistent batch uses); `uses_mrope` sizes the CUDA graphs' position buffer.
+inputs_embeds=None)`, and `mrope` (the `MRopePositions` the persistent batch uses); `uses_mrope`
+sizes the CUDA graphs' position buffer.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -65,7 +65,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         [rows, hidden] tensor per image. The grids are read on the host (the processor's CPU
         tensors), so nothing here waits for the device."""
         weight = next(self.visual.parameters())
-        grids = [tuple(int(v) for v in np.asarray(inp["image_grid_thw"]).reshape(-1, 3)[0])
+        grids = [tuple(torch.as_tensor(inp["image_grid_thw"]).reshape(-1, 3)[0].tolist())
                  for inp in encoder_inputs]
         pixels = [inp["pixel_values"] for inp in encoder_inputs]
         host = torch.cat([torch.as_tensor(p) for p in pixels]) if len(pixels) > 1 \

@@ -119,7 +119,7 @@ def test_packed_images_equal_one_at_a_time(family, qwen, llms):
     for w, h, seed in ((109, 83, 1), (56, 56, 2), (83, 109, 3), (109, 83, 4)):
         got = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"],
                    images=[[make_image(w, h, seed)]], return_tensors="pt")
-        inputs.append({"pixel_values": got["pixel_values"], "image_grid_thw": got["image_grid_thw"]})
+        inputs.append({k: got[k] for k in ("pixel_values", "image_grid_thw")})
     with torch.no_grad():
         packed = model.embed_images(inputs)
         alone = [model.embed_image(inp) for inp in inputs]
