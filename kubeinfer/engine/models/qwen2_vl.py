@@ -6,7 +6,8 @@ rotary in its blocks, Qwen2.5-VL's window attention with full attention at
 `fullatt_block_indexes`, the 2x2 patch merger); it runs once per image, a step's images packed
 into one call (encoder_runner.py), its rows cached until the image's positions are computed.
 The decoder is models/llama.py's Qwen2 with its rotary swapped for `layers/mrotary.py`'s M-RoPE;
-`mrope_positions.py` computes each request's 3-D positions from its images' `image_grid_thw` when the runner admits it.
+`mrope_positions.py` computes each request's 3-D positions from its images' `image_grid_thw`
+when the runner admits it.
 
 The runner's interface beyond a decoder's: `embed_input_ids`, `embed_images([encoder_inputs])
 -> [[rows, H]]` (`embed_image` for one), `forward(input_ids, positions [3, T] or [T],
