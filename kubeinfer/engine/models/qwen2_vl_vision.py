@@ -91,7 +91,8 @@ class Segments:
         for n in lengths:
             starts.setdefault(n, []).append(at)
             at += n
-        groups = [torch.tensor(s, dtype=torch.long)[:, None] + torch.arange(n)
+        groups = [torch.tensor(s, dtype=torch.long, device="cpu")[:, None]
+                  + torch.arange(n, device="cpu")
                   for n, s in starts.items()]
         return cls(None, [_host_to(g, device) for g in groups])
 
@@ -264,7 +265,7 @@ class Qwen2VisionTower(nn.Module):
         window_lens: list[int] = []
         if self.windowed:
             order, cells = self._window_order(t, h, w)
-            within = torch.arange(unit)  # the patches of one merged cell
+            within = torch.arange(unit, device="cpu")  # the patches of one merged cell
             patch_order = (order[:, None] * unit + within).reshape(-1)
             freqs = freqs[patch_order]
             cell_unorder = _host_to(torch.argsort(order), device)
@@ -279,8 +280,8 @@ class Qwen2VisionTower(nn.Module):
         """[t*h*w, head_dim/2] float32 on the host: each patch's row angles, then its column
         angles, in the processor's order (2x2 merge groups consecutive)."""
         m = self.merge
-        rows = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
-        cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
+        rows = torch.arange(h, device="cpu").view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
+        cols = torch.arange(w, device="cpu").view(1, 1, w // m, m).expand(h // m, m, w // m, m)
         rows = rows.permute(0, 2, 1, 3).reshape(-1).repeat(t)
         cols = cols.permute(0, 2, 1, 3).reshape(-1).repeat(t)
         inv = self.inv_freq_host
@@ -291,7 +292,7 @@ class Qwen2VisionTower(nn.Module):
         and the number of cells in each window."""
         gh, gw = h // self.merge, w // self.merge
         side = self.window_size // self.merge // self.patch_size  # a window's side, in cells
-        cells = torch.arange(t * gh * gw).view(t, gh, gw)
+        cells = torch.arange(t * gh * gw, device="cpu").view(t, gh, gw)
         parts = [cells[f, y:y + side, x:x + side].reshape(-1) for f in range(t)
                  for y in range(0, gh, side) for x in range(0, gw, side)]
         return torch.cat(parts), [p.numel() for p in parts]
