@@ -117,7 +117,8 @@ class EncoderRunner:
                     self.store.gather_chunk(f, start, start + n, offset, positions, rows)
             offset += n
         if positions:
-            index = to_device(torch.tensor(positions, dtype=torch.long, device="cpu"), embeds.device)
+            host = torch.tensor(positions, dtype=torch.long, device="cpu")
+            index = to_device(host, embeds.device)
             src = torch.cat(rows) if len(rows) > 1 else rows[0]
             embeds.index_copy_(0, index, src.to(embeds.dtype))
         return embeds
