@@ -67,10 +67,12 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 segments: Segments) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        cos, sin = cos[:, None], sin[:, None]  # [N, 1, head_dim], float32
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(v.dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(v.dtype)
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
+        v = qkv[:, 2]
+        # q and k turned together (HF's float32 math, half the kernel launches)
+        qk = qkv[:, :2].float()
+        cos, sin = cos[:, None, None], sin[:, None, None]  # [N, 1, 1, head_dim], float32
+        q, k = (qk * cos + _rotate_half(qk) * sin).to(v.dtype).unbind(1)
         return self.proj(segments.attend(q, k, v).reshape(n, -1))
 
 
@@ -100,7 +102,7 @@ class Segments:
         """q, k, v [N, heads, dim] -> [N, heads, dim], each row attending within its segment."""
         if self.uniform is not None:
             b, n = self.uniform
-            return _sdpa(*(t.view(b, n, *t.shape[1:]) for t in (q, k, v))).view(q.shape)
+            return _sdpa(*(t.view(b, n, *t.shape[1:]) for t in (q, k, v))).reshape(q.shape)
         out = torch.empty_like(q)
         for index in self.groups:
             out[index] = _sdpa(q[index], k[index], v[index])

@@ -130,6 +130,26 @@ def test_packed_images_equal_one_at_a_time(family, qwen, llms):
     assert not torch.equal(alone[0], alone[3])  # different pixels, different rows
 
 
+@pytest.mark.parametrize("lengths", [[8, 8, 8], [16, 8, 16, 5, 8], [7]])
+def test_segment_attention_equals_one_sdpa_per_segment(lengths):
+    """Each row attends only within its segment, whatever the backend's output layout (the
+    math backend's is [B, heads, L, d])."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kubeinfer.engine.models.qwen2_vl_vision import Segments
+
+    q, k, v = (torch.randn(sum(lengths), 3, 16) for _ in range(3))
+    want, at = [], 0
+    for n in lengths:
+        s = slice(at, at + n)
+        want.append(torch.nn.functional.scaled_dot_product_attention(
+            q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1)).transpose(0, 1))
+        at += n
+    with sdpa_kernel(SDPBackend.MATH):
+        got = Segments.of(lengths, "cpu").attend(q, k, v)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+
+
 def test_step_positions_cut_chunks_and_decode_from_the_delta():
     """Chunks of a prompt read the whole prompt's ids wherever they are cut; tokens after the
     prompt continue at the highest position + 1."""
