@@ -50,22 +50,23 @@ class EncoderRunner:
         the same ones. Returns those requests."""
         self.store.free(out.freed_encoder_hashes)
         todo: list[tuple[str, ImageFeature]] = []
-        seen: set[str] = set()
+        unique: dict[str, ImageFeature] = {}  # two requests with one image: it runs once
         for req_id, indices in out.scheduled_encoder_inputs.items():
             features = self._features.get(req_id)
             if features is None:
                 continue  # the request failed to join this step
             for k in indices:
                 f = features[k]
-                if f.image_hash not in self.store and f.image_hash not in seen:
-                    seen.add(f.image_hash)  # two requests with one image: it runs once
+                if f.image_hash not in self.store:
                     todo.append((req_id, f))
+                    unique.setdefault(f.image_hash, f)
         if not todo:
             return []
-        if len(todo) > 1 and hasattr(self.model, "embed_images"):
+        if len(unique) > 1 and hasattr(self.model, "embed_images"):
             try:
-                outputs = self.model.embed_images([f.encoder_inputs for _, f in todo])
-                for (_, f), output in zip(todo, outputs):
+                batch = list(unique.values())
+                outputs = self.model.embed_images([f.encoder_inputs for f in batch])
+                for f, output in zip(batch, outputs):
                     self.store.put(f, output)
                 return []
             except Exception:
@@ -73,7 +74,7 @@ class EncoderRunner:
                                "them one at a time to find the failing one", len(todo),
                                exc_info=True)
         failed: list[str] = []
-        for req_id, f in todo:
+        for req_id, f in todo:  # a shared image that fails fails every request that has it
             if req_id in failed:
                 continue
             try:
