@@ -4,12 +4,14 @@ Llama-family decoder (Llama, Mistral, Qwen2 from models/llama.py).
 The vision side is transformers' own code (`LlavaModel` / `LlavaNextModel` / `Idefics3Model` without
 their language model: CLIP or SigLIP, the feature-layer choice, the projector, LLaVA-NeXT's anyres
 packing with its image_newline, Idefics3's pixel-shuffle connector over its tiles), loaded with the
-checkpoint's weights. It runs once per image, not per token, so its
-speed matters little, and running HF's code keeps the image embeddings exactly HF's. The decoder is
+checkpoint's weights (sdpa attention, the engine's dtype). It runs once per image, not per token,
+the images of a step whose inputs stack in one call, and running HF's code keeps the image
+embeddings exactly HF's. The decoder is
 ours: paged attention, tensor parallelism, CUDA graphs for decode.
 
 The runner's interface beyond a decoder's (model_runner.py): `embed_input_ids(ids [T]) -> [T, H]`,
-`embed_image(encoder_inputs) -> [rows, H]` (one image's placeholder embeddings, in order) and
+`embed_images([encoder_inputs]) -> [[rows, H]]` (each image's placeholder embeddings, in order;
+`embed_image` for one) and
 `forward(input_ids, positions, inputs_embeds=None)`.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kubeinfer.engine.errors import ConfigError
 from kubeinfer.engine.layers.linear import default_weight_loader
 from kubeinfer.engine.loader.meta_init import materialize_meta_params, params_on_meta
 from kubeinfer.engine.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from kubeinfer.engine.multimodal.encoder_batch import group_by, split_rows, to_device
 
 _LANGUAGE_MODELS = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
                     "qwen2": Qwen2ForCausalLM}
@@ -82,15 +85,26 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def embed_image(self, encoder_inputs: dict[str, Any]) -> torch.Tensor:
         """One image's embeddings [rows, hidden], rows = its placeholder tokens."""
+        return self.embed_images([encoder_inputs])[0]
+
+    def embed_images(self, encoder_inputs: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Many images' embeddings, one [rows, hidden] tensor each: the images whose inputs have
+        the same shapes (LLaVA 1.5: all of them) are stacked into one vision call."""
         weight = next(self.vision.parameters())
-        kwargs = {k: encoder_inputs[k].to(weight.device) for k in self._encoder_keys
-                  if k in encoder_inputs}
-        kwargs["pixel_values"] = kwargs["pixel_values"].to(weight.dtype)
-        out = self.vision.get_image_features(**kwargs)
-        features = out.pooler_output
-        if isinstance(features, (list, tuple)):
-            features = torch.cat(list(features), dim=0)
-        return features.reshape(-1, features.shape[-1])
+        keys = [k for k in self._encoder_keys if k in encoder_inputs[0]]
+        out: list[torch.Tensor | None] = [None] * len(encoder_inputs)
+        for group in group_by(encoder_inputs, lambda inp: tuple(
+                (k, tuple(inp[k].shape)) for k in keys if k in inp)):
+            kwargs = {}
+            for k in keys:
+                parts = [torch.as_tensor(encoder_inputs[i][k]) for i in group]
+                host = torch.cat(parts) if len(parts) > 1 else parts[0]
+                kwargs[k] = to_device(host, weight.device,
+                                      weight.dtype if k == "pixel_values" else None)
+            features = self.vision.get_image_features(**kwargs).pooler_output
+            for i, t in zip(group, split_rows(features, len(group))):
+                out[i] = t
+        return out
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,14 +3,16 @@ M-RoPE (three position ids per token: temporal, height, width).
 
 The vision tower is native (`qwen2_vl_vision.py`: the patch embedding as a linear layer, 2-D
 rotary in its blocks, Qwen2.5-VL's window attention with full attention at
-`fullatt_block_indexes`, the 2x2 patch merger); it runs once per image (encoder_runner.py), its
-rows cached until the image's positions are computed. The decoder is models/llama.py's Qwen2 with
-its rotary swapped for `layers/mrotary.py`'s M-RoPE; `mrope_positions.py` computes each request's
-3-D positions from its images' `image_grid_thw` when the runner admits it.
+`fullatt_block_indexes`, the 2x2 patch merger); it runs once per image, a step's images packed
+into one call (encoder_runner.py), its rows cached until the image's positions are computed.
+The decoder is models/llama.py's Qwen2 with its rotary swapped for `layers/mrotary.py`'s M-RoPE;
+`mrope_positions.py` computes each request's 3-D positions from its images' `image_grid_thw`
+when the runner admits it.
 
-The runner's interface beyond a decoder's: `embed_input_ids`, `embed_image(encoder_inputs) ->
-[rows, H]`, `forward(input_ids, positions [3, T] or [T], inputs_embeds=None)`, and `mrope` (the
-`MRopePositions` the persistent batch uses); `uses_mrope` sizes the CUDA graphs' position buffer.
+The runner's interface beyond a decoder's: `embed_input_ids`, `embed_images([encoder_inputs])
+-> [[rows, H]]` (`embed_image` for one), `forward(input_ids, positions [3, T] or [T],
+inputs_embeds=None)`, and `mrope` (the `MRopePositions` the persistent batch uses); `uses_mrope`
+sizes the CUDA graphs' position buffer.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from kubeinfer.engine.layers.mrotary import get_mrope
 from kubeinfer.engine.models.llama import Qwen2ForCausalLM
 from kubeinfer.engine.models.qwen2_vl_vision import Qwen2VisionTower
 from kubeinfer.engine.mrope_positions import MRopePositions
+from kubeinfer.engine.multimodal.encoder_batch import split_rows, to_device
 
 # checkpoint prefix -> this model's; transformers 5's layout and the hub's older one
 _PREFIXES = (("model.visual.", "visual."), ("visual.", "visual."),
@@ -56,10 +59,21 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     def embed_image(self, encoder_inputs: dict[str, Any]) -> torch.Tensor:
         """One image's embeddings [rows, hidden]: its merged patches, in placeholder order."""
+        return self.embed_images([encoder_inputs])[0]
+
+    def embed_images(self, encoder_inputs: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Many images in one tower call, their patches packed end to end (any sizes): one
+        [rows, hidden] tensor per image. The grids are read on the host (the processor's CPU
+        tensors), so nothing here waits for the device."""
         weight = next(self.visual.parameters())
-        pixels = encoder_inputs["pixel_values"].to(weight.device, weight.dtype)
-        grid = encoder_inputs["image_grid_thw"].to(weight.device).reshape(-1, 3)
-        return self.visual(pixels, grid)
+        grids = [tuple(torch.as_tensor(inp["image_grid_thw"]).reshape(-1, 3)[0].tolist())
+                 for inp in encoder_inputs]
+        pixels = [inp["pixel_values"] for inp in encoder_inputs]
+        host = torch.cat([torch.as_tensor(p) for p in pixels]) if len(pixels) > 1 \
+            else torch.as_tensor(pixels[0])
+        out = self.visual(to_device(host, weight.device, weight.dtype), grids)
+        unit = self.config.vision_config.spatial_merge_size ** 2
+        return split_rows(out, len(grids), [t * h * w // unit for t, h, w in grids])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The Qwen2-VL / Qwen2.5-VL vision tower, native: one image (or frame group) at a time, from the
-processor's flattened patches to the decoder's image rows.
+"""The Qwen2-VL / Qwen2.5-VL vision tower, native: the images of a step packed into one call (their
+patches end to end, as HF's cu_seqlens), from the processor's flattened patches to the decoder's
+image rows.
 
 - Patch embedding: HF's Conv3d has kernel == stride == one patch (temporal_patch_size x patch x
   patch over 3 channels), so on the processor's already flattened patches it is one linear layer
@@ -13,11 +14,17 @@ processor's flattened patches to the decoder's image rows.
   processor's order) concatenated and projected by a two-layer MLP to the decoder's width; the
   window regrouping is undone on the merged rows.
 
-Attention over the segments (frames, windows) is one SDPA call with a block-diagonal mask; one
-image per call keeps the mask small (a 1024 x 1024 image: about 5,300 patches).
+Attention runs per segment (a window, or a frame at the full-attention blocks), never over the
+whole pack with a mask: segments of one length are stacked into [segments, heads, length, dim]
+and go through one SDPA call (a view when they are all one length, as a 448-pixel image's 16
+windows of 64 patches; a gather otherwise), so window attention costs windows, not the square of
+all patches. Everything that depends only on an image's grid (window order, rotary angles) is
+built on the host once per grid and kept on the device; a call reads grids from the host, so the
+tower never waits for the GPU.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,15 +65,60 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                segments: Segments) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        cos, sin = cos[:, None], sin[:, None]  # [N, 1, head_dim], float32
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(v.dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(v.dtype)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
-                                             v.transpose(0, 1), attn_mask=mask)
-        return self.proj(out.transpose(0, 1).reshape(n, -1))
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
+        v = qkv[:, 2]
+        # q and k turned together (HF's float32 math, half the kernel launches)
+        qk = qkv[:, :2].float()
+        cos, sin = cos[:, None, None], sin[:, None, None]  # [N, 1, 1, head_dim], float32
+        q, k = (qk * cos + _rotate_half(qk) * sin).to(v.dtype).unbind(1)
+        return self.proj(segments.attend(q, k, v).reshape(n, -1))
+
+
+@dataclass
+class Segments:
+    """Attention segments of a packed sequence of N rows: `uniform` = (count, length) when all
+    segments have one length (then [N, ...] is a view [count, length, ...]); otherwise `groups`,
+    per distinct length an index [count, length] of the rows (on the device)."""
+
+    uniform: tuple[int, int] | None
+    groups: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, lengths: list[int], device) -> Segments:
+        if len(set(lengths)) == 1:
+            return cls((len(lengths), lengths[0]), [])
+        starts, at = {}, 0
+        for n in lengths:
+            starts.setdefault(n, []).append(at)
+            at += n
+        groups = [torch.tensor(s, dtype=torch.long, device="cpu")[:, None]
+                  + torch.arange(n, device="cpu")
+                  for n, s in starts.items()]
+        return cls(None, [_host_to(g, device) for g in groups])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [N, heads, dim] -> [N, heads, dim], each row attending within its segment."""
+        if self.uniform is not None:
+            b, n = self.uniform
+            return _sdpa(*(t.view(b, n, *t.shape[1:]) for t in (q, k, v))).reshape(q.shape)
+        out = torch.empty_like(q)
+        for index in self.groups:
+            out[index] = _sdpa(q[index], k[index], v[index])
+        return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, L, heads, dim] each -> [B, L, heads, dim], no mask (flash/efficient kernels apply)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _host_to(t: torch.Tensor, device) -> torch.Tensor:
+    if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the stream
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class VisionMLP(nn.Module):
@@ -95,8 +147,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = mlp
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -112,8 +164,22 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.width))
 
 
+@dataclass
+class _GridLayout:
+    """One image grid's index and angle tensors (device), and its segment lengths (host)."""
+
+    num_patches: int
+    num_cells: int
+    cos: torch.Tensor  # [patches, head_dim] float32, in the tower's (window) order
+    sin: torch.Tensor
+    frame_lens: list[int]  # full attention: one segment a frame
+    window_lens: list[int]  # window attention (Qwen2.5-VL), in patches
+    patch_order: torch.Tensor | None  # [patches]: the window order of the processor's patches
+    cell_unorder: torch.Tensor | None  # [cells]: merged rows back to the processor's order
+
+
 class Qwen2VisionTower(nn.Module):
-    """forward(pixel_values [N, C*T*P*P], grid_thw [1, 3]) -> [N / merge**2, out_dim]."""
+    """forward(pixel_values [N, C*T*P*P], grids [(t, h, w), ...]) -> [N / merge**2, out_dim]."""
 
     def __init__(self, config: Any, windowed: bool):
         super().__init__()
@@ -147,40 +213,80 @@ class Qwen2VisionTower(nn.Module):
         theta = float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
         quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.float32, device="cpu")
         inv_freq = 1.0 / theta ** (quarter / (head_dim // 2))
-        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
+        self.inv_freq_host = inv_freq  # the angles are built on the host, once per grid
+        self._layouts: dict[tuple, _GridLayout] = {}
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        t, h, w = (int(x) for x in grid_thw.reshape(-1, 3)[0].tolist())
+    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]
+                ) -> torch.Tensor:
+        """pixel_values [sum of t*h*w, features]: the images' patches end to end; grids: each
+        image's (t, h, w) in patches, host ints. Returns [sum of t*h*w / merge**2, out_dim], the
+        images' rows end to end, each in its placeholder order."""
         device = pixel_values.device
+        layouts = [self._grid_layout(tuple(int(v) for v in g), device) for g in grids]
         x = self.patch_embed.proj(pixel_values.to(self.patch_embed.proj.weight.dtype))
-        freqs = self._rotary_angles(t, h, w, device)
-        unit = self.merge * self.merge
+        cos = torch.cat([lay.cos for lay in layouts]) if len(layouts) > 1 else layouts[0].cos
+        sin = torch.cat([lay.sin for lay in layouts]) if len(layouts) > 1 else layouts[0].sin
+        frames = Segments.of([n for lay in layouts for n in lay.frame_lens], device)
+        windows = None
         if self.windowed:
-            order, window_lens = self._window_order(t, h, w)
-            within = torch.arange(unit, device=device)  # the patches of one merged cell
-            patch_order = (order.to(device)[:, None] * unit + within).reshape(-1)
-            x, freqs = x[patch_order], freqs[patch_order]
-            window_mask = self._block_mask([n * unit for n in window_lens], device)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        frame_mask = self._block_mask([h * w] * t, device) if t > 1 else None
+            x = x[self._packed(layouts, "patch_order", "num_patches")]
+            windows = Segments.of([n for lay in layouts for n in lay.window_lens], device)
         for i, block in enumerate(self.blocks):
-            mask = frame_mask if i in self.full_attention_blocks else window_mask
-            x = block(x, cos, sin, mask)
+            x = block(x, cos, sin, frames if i in self.full_attention_blocks else windows)
         merged = self.merger(x)
         if self.windowed:  # back to the processor's (placeholder) order
-            merged = merged[torch.argsort(order.to(device))]
+            merged = merged[self._packed(layouts, "cell_unorder", "num_cells")]
         return merged
 
-    def _rotary_angles(self, t: int, h: int, w: int, device) -> torch.Tensor:
-        """[t*h*w, head_dim/2] float32: each patch's row angles, then its column angles, in the
-        processor's order (2x2 merge groups consecutive)."""
+    @staticmethod
+    def _packed(layouts: list[_GridLayout], attr: str, size: str) -> torch.Tensor:
+        """The images' index tensors end to end, each shifted by the rows before it."""
+        if len(layouts) == 1:
+            return getattr(layouts[0], attr)
+        parts, at = [], 0
+        for lay in layouts:
+            parts.append(getattr(lay, attr) + at)
+            at += getattr(lay, size)
+        return torch.cat(parts)
+
+    def _grid_layout(self, grid: tuple[int, int, int], device) -> _GridLayout:
+        """What depends only on an image's grid, built on the host once and kept on the device
+        (a few distinct sizes in practice; the cache is bounded all the same)."""
+        key = (grid, str(device))
+        lay = self._layouts.get(key)
+        if lay is None:
+            if len(self._layouts) >= 64:
+                self._layouts.pop(next(iter(self._layouts)))
+            lay = self._layouts[key] = self._build_layout(*grid, device)
+        return lay
+
+    def _build_layout(self, t: int, h: int, w: int, device) -> _GridLayout:
+        unit = self.merge * self.merge
+        freqs = self._rotary_angles(t, h, w)
+        patch_order = cell_unorder = None
+        window_lens: list[int] = []
+        if self.windowed:
+            order, cells = self._window_order(t, h, w)
+            within = torch.arange(unit, device="cpu")  # the patches of one merged cell
+            patch_order = (order[:, None] * unit + within).reshape(-1)
+            freqs = freqs[patch_order]
+            cell_unorder = _host_to(torch.argsort(order), device)
+            patch_order = _host_to(patch_order, device)
+            window_lens = [n * unit for n in cells]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return _GridLayout(t * h * w, t * h * w // unit, _host_to(emb.cos(), device),
+                           _host_to(emb.sin(), device), [h * w] * t, window_lens, patch_order,
+                           cell_unorder)
+
+    def _rotary_angles(self, t: int, h: int, w: int) -> torch.Tensor:
+        """[t*h*w, head_dim/2] float32 on the host: each patch's row angles, then its column
+        angles, in the processor's order (2x2 merge groups consecutive)."""
         m = self.merge
-        rows = torch.arange(h, device=device).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
-        cols = torch.arange(w, device=device).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
+        rows = torch.arange(h, device="cpu").view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
+        cols = torch.arange(w, device="cpu").view(1, 1, w // m, m).expand(h // m, m, w // m, m)
         rows = rows.permute(0, 2, 1, 3).reshape(-1).repeat(t)
         cols = cols.permute(0, 2, 1, 3).reshape(-1).repeat(t)
-        inv = self.inv_freq.to(device)
+        inv = self.inv_freq_host
         return torch.cat([rows[:, None].float() * inv, cols[:, None].float() * inv], dim=-1)
 
     def _window_order(self, t: int, h: int, w: int) -> tuple[torch.Tensor, list[int]]:
@@ -188,20 +294,10 @@ class Qwen2VisionTower(nn.Module):
         and the number of cells in each window."""
         gh, gw = h // self.merge, w // self.merge
         side = self.window_size // self.merge // self.patch_size  # a window's side, in cells
-        cells = torch.arange(t * gh * gw).view(t, gh, gw)
+        cells = torch.arange(t * gh * gw, device="cpu").view(t, gh, gw)
         parts = [cells[f, y:y + side, x:x + side].reshape(-1) for f in range(t)
                  for y in range(0, gh, side) for x in range(0, gw, side)]
         return torch.cat(parts), [p.numel() for p in parts]
-
-    @staticmethod
-    def _block_mask(lengths: list[int], device) -> torch.Tensor | None:
-        """A block-diagonal boolean mask (True: may attend) over segments of these lengths; None
-        for a single segment (attend everywhere)."""
-        if len(lengths) == 1:
-            return None
-        segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                          torch.tensor(lengths, device=device))
-        return segment[:, None] == segment[None, :]
 
     def load_weight(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> bool:
         """Copy one checkpoint tensor (name relative to the tower) into `params` (this tower's

@@ -41,6 +41,17 @@ class EncoderOutputStore:
         index = torch.tensor(rows.positions, device=embeds.device) + chunk_offset
         embeds[index] = out[rows.row_start:rows.row_end].to(embeds.dtype)
 
+    def gather_chunk(self, feature: ImageFeature, start: int, end: int, chunk_offset: int,
+                     positions: list[int], rows: list[torch.Tensor]) -> None:
+        """Append to `positions` (rows of the step's flattened batch, whose row `chunk_offset` is
+        the chunk's first position) and `rows` (slices of the stored output) what the chunk
+        [start, end) of this request takes: the caller writes them all in one go."""
+        taken = chunk_rows(feature, start, end)
+        if not taken.positions:
+            return
+        positions.extend(p + chunk_offset for p in taken.positions)
+        rows.append(self._outputs[feature.image_hash][taken.row_start:taken.row_end])
+
     def free(self, image_hashes) -> None:
         for h in image_hashes:
             self._outputs.pop(h, None)

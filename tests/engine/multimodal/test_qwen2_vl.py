@@ -108,6 +108,48 @@ def test_vision_tower_equals_hf(family, qwen, llms):
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_images_equal_one_at_a_time(family, qwen, llms):
+    """Images of different sizes packed into one tower call (windows of unequal lengths go
+    through the gathered path, a one-window image through the view) give each image the rows it
+    gets alone."""
+    _, _, proc = qwen(family)
+    model = llms(family).engine.runner.model
+    inputs = []
+    for w, h, seed in ((109, 83, 1), (56, 56, 2), (83, 109, 3), (109, 83, 4)):
+        got = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"],
+                   images=[[make_image(w, h, seed)]], return_tensors="pt")
+        inputs.append({k: got[k] for k in ("pixel_values", "image_grid_thw")})
+    with torch.no_grad():
+        packed = model.embed_images(inputs)
+        alone = [model.embed_image(inp) for inp in inputs]
+    assert [p.shape for p in packed] == [a.shape for a in alone]
+    assert [a.shape[0] for a in alone] == [12, 4, 12, 12]
+    for p, a in zip(packed, alone):
+        torch.testing.assert_close(p, a, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(alone[0], alone[3])  # different pixels, different rows
+
+
+@pytest.mark.parametrize("lengths", [[8, 8, 8], [16, 8, 16, 5, 8], [7]])
+def test_segment_attention_equals_one_sdpa_per_segment(lengths):
+    """Each row attends only within its segment, whatever the backend's output layout (the
+    math backend's is [B, heads, L, d])."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kubeinfer.engine.models.qwen2_vl_vision import Segments
+
+    q, k, v = (torch.randn(sum(lengths), 3, 16) for _ in range(3))
+    want, at = [], 0
+    for n in lengths:
+        s = slice(at, at + n)
+        want.append(torch.nn.functional.scaled_dot_product_attention(
+            q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1)).transpose(0, 1))
+        at += n
+    with sdpa_kernel(SDPBackend.MATH):
+        got = Segments.of(lengths, "cpu").attend(q, k, v)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+
+
 def test_step_positions_cut_chunks_and_decode_from_the_delta():
     """Chunks of a prompt read the whole prompt's ids wherever they are cut; tokens after the
     prompt continue at the highest position + 1."""

@@ -144,6 +144,31 @@ def test_batched_requests_share_one_image(vlm, llms):
     assert [o.outputs[0].token_ids for o in outs] == [want, want]
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3"])
+def test_a_steps_images_run_in_one_encoder_call(family, vlm, llms):
+    """Three requests with three different images start in one step: their images go to the
+    vision side in one `embed_images` call (stacked where their inputs have one shape, grouped
+    where not), and each request's ids still equal HF's for its own image."""
+    _, model, proc = vlm(family)
+    llm = llms(family, enable_prefix_caching=False)
+    imgs = [images(1, seed=40 + i) for i in range(3)]
+    want = [hf_greedy(model, proc, 1, img) for img in imgs]
+    vlm_model = llm.engine.runner.model
+    real, batches = vlm_model.embed_images, []
+
+    def counting(encoder_inputs):
+        batches.append(len(encoder_inputs))
+        return real(encoder_inputs)
+
+    vlm_model.embed_images = counting
+    try:
+        outs = llm.chat([conversation(1, image_part=pil_part(img)) for img in imgs], GREEDY)
+    finally:
+        del vlm_model.embed_images
+    assert batches == [3]
+    assert [o.outputs[0].token_ids for o in outs] == want
+
+
 def test_too_many_images_is_refused(llms):
     llm = llms("llava")
     with pytest.raises(RequestError, match="limit"):
@@ -163,26 +188,32 @@ def test_image_for_a_text_only_model_is_refused(tiny_model_dir):
 
 def test_a_failing_encoder_fails_its_request_alone(vlm, llms):
     """The vision tower raising on one request's image fails that request ("error"); the other
-    request of the step is unchanged and the engine goes on."""
+    request of the step is unchanged and the engine goes on. Both images are in one step: the
+    batched call over them fails, then each image runs alone and only the bad one fails."""
     _, model, proc = vlm("llava")
     llm = llms("llava", enable_prefix_caching=False)
     bad, good = images(1, seed=31), images(1, seed=32)
     want = hf_greedy(model, proc, 1, good)
     vlm_model = llm.engine.runner.model
-    real, calls = vlm_model.embed_image, []
+    real, calls, batches = vlm_model.embed_images, [], []  # bound before the patch below
 
     def first_call_fails(encoder_inputs):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("injected encoder failure")
-        return real(encoder_inputs)
+        return real([encoder_inputs])[0]
 
-    vlm_model.embed_image = first_call_fails
+    def batch_fails(encoder_inputs):
+        batches.append(len(encoder_inputs))
+        raise RuntimeError("injected encoder failure")
+
+    vlm_model.embed_image, vlm_model.embed_images = first_call_fails, batch_fails
     try:
         outs = llm.chat([conversation(1, image_part=pil_part(bad)),
                          conversation(1, image_part=pil_part(good))], GREEDY)
     finally:
-        del vlm_model.embed_image
+        del vlm_model.embed_image, vlm_model.embed_images
+    assert batches == [2] and len(calls) == 2  # one batched try, then one call per image
     assert outs[0].outputs[0].finish_reason == "error"
     assert outs[1].outputs[0].token_ids == want
     cache = llm.engine.scheduler.encoder_cache
