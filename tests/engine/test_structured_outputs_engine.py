@@ -105,15 +105,16 @@ def _count_early_accepts(engine):
     fed to their matcher (to fill the next step's mask) before the scheduler got to them."""
     manager = engine.structured_output
     seen = {"early": 0, "late": 0}
-    original = manager.accept
+    original = manager.accept_resolved
 
-    def accept(req_id, token_id, index):
-        matcher = manager.matchers.get(req_id)
-        if matcher is not None:
-            seen["early" if matcher.num_accepted_tokens > index else "late"] += 1
-        return original(req_id, token_id, index)
-    manager.accept = accept
-    return seen, lambda: setattr(manager, "accept", original)
+    def accept_resolved(resolved):
+        for req_id, index, _ in resolved:
+            matcher = manager.matchers.get(req_id)
+            if matcher is not None:
+                seen["early" if matcher.num_accepted_tokens > index else "late"] += 1
+        return original(resolved)
+    manager.accept_resolved = accept_resolved
+    return seen, lambda: setattr(manager, "accept_resolved", original)
 
 
 def test_async_masks_follow_the_step_in_flight(llms):

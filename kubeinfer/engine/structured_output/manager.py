@@ -3,7 +3,7 @@
 The scheduler calls it (engine process, the driver's side): `submit(req)` when a constrained
 request arrives (compiling starts on the compiler's threads), `take_ready(req)` while the request
 waits (None: still compiling; raises RequestError when the constraint does not compile; else its
-matcher is made), `accept(req, token, index)` for each resolved token, `free(req_id)` when it ends.
+matcher is made), `accept_resolved([(req, index, token), ...])` for a step's resolved tokens, `free(req_id)` when it ends.
 The driver's runner (sample_step.py) calls `grammar_bitmask(req_ids, known)` after launching the
 forward, so the CPU fills the rows while the device computes, and applies them to the logits before
 sampling (`bitmask.apply_bitmask`). Workers of other ranks never call it: only rank 0 samples.
@@ -109,10 +109,15 @@ class StructuredOutputManager:
 
     def accept(self, req_id: str, token_id: int, index: int) -> tuple[bool, bool]:
         """(accepted, terminated) after the request's output token `index` (see accept_known)."""
-        matcher = self.matchers.get(req_id)
-        if matcher is None:
-            return True, False
-        return self.accept_known(((req_id, index, token_id),))[0], matcher.is_terminated()
+        return self.accept_resolved(((req_id, index, token_id),))[0]
+
+    def accept_resolved(self, resolved: Sequence[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
+        """(accepted, terminated) of each (request id, output index, token) after its matcher
+        took it (see accept_known): the scheduler's one call per step."""
+        accepted = self.accept_known(resolved)
+        matchers = self.matchers
+        return [(ok, m is not None and m.is_terminated())
+                for ok, m in zip(accepted, (matchers.get(r) for r, _, _ in resolved))]
 
     def accept_known(self, known: Iterable[tuple[str, int, int]]) -> list[bool]:
         """Feed each (request id, output index, token) to the request's matcher, unless it already
