@@ -46,9 +46,11 @@ class StructuredOutputMatcher:
         # prompt can end the reasoning itself (Qwen3's template with enable_thinking=False).
         done = reasoning is None or reasoning.is_reasoning_end(prompt_token_ids)
         self._content_start: int | None = 0 if done else None
-        # xgrammar's is_terminated() is a Python wrapper around a C++ call, asked of every row
-        # several times a step; it changes only when the grammar takes a token (or rolls back)
+        # xgrammar's is_terminated() is a C++ call through its FFI (some microseconds: a few ms
+        # a step over 256 rows). Made without terminate_without_stop_token, a matcher ends only
+        # by taking one of its stop tokens, so it is asked only then (and after a rollback).
         self._terminated = False
+        self._stop_ids = frozenset(self._matcher.stop_token_ids)
 
     @property
     def is_reasoning_ended(self) -> bool:
@@ -72,7 +74,8 @@ class StructuredOutputMatcher:
     def record_grammar_token(self, token_id: int) -> None:
         """Count a token that a batch call fed to `grammar_matcher` and it accepted."""
         self._output_ids.append(token_id)
-        self._terminated = self._matcher.is_terminated()
+        if token_id in self._stop_ids:
+            self._terminated = self._matcher.is_terminated()
 
     def accepted_token(self, index: int) -> int:
         """The index-th token this matcher accepted."""
@@ -95,7 +98,8 @@ class StructuredOutputMatcher:
             if self._terminated or not self._matcher.accept_token(token_id):
                 return False
             self._output_ids.append(token_id)
-            self._terminated = self._matcher.is_terminated()
+            if token_id in self._stop_ids:
+                self._terminated = self._matcher.is_terminated()
         return True
 
     def rollback(self, num_tokens: int) -> None:
