@@ -108,6 +108,7 @@ def _count_early_accepts(engine):
     original = manager.accept_resolved
 
     def accept_resolved(resolved):
+        manager._sync()  # the mask thread's accept of the step in flight has landed
         for req_id, index, _ in resolved:
             matcher = manager.matchers.get(req_id)
             if matcher is not None:
