@@ -17,6 +17,7 @@ the matcher work or the host's own work outlasts the forward, not their sum.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -56,6 +57,7 @@ class StepSampler:
         # (req_ids, known tokens) -> a Future of their grammar rows on the CPU, after the
         # matchers took the known tokens they had not seen yet.
         self.grammar_bitmask = None
+        self.grammar_wait_seconds = 0.0  # (for `kubeinfer bench`)
 
     def sample(self, step, logits: torch.Tensor, states: list[CachedRequestState],
                constrained: set[str], prev_tokens: Callable[[], KnownTokens]
@@ -84,7 +86,14 @@ class StepSampler:
             self._sample(step, logits, states, None, rows)
             return None
         job = self.grammar_bitmask([states[i].req_id for i in rows], prev_tokens())
-        return lambda: self._sample(step, logits, states, job.result(), rows)
+        return lambda: self._sample(step, logits, states, self._rows(job), rows)
+
+    def _rows(self, job) -> torch.Tensor:
+        start = time.perf_counter()
+        mask = job.result()
+        # what the mask still costs the step: the wait for rows the mask thread has not filled
+        self.grammar_wait_seconds += time.perf_counter() - start
+        return mask
 
     def _sample(self, step, logits: torch.Tensor, states: list[CachedRequestState],
                 mask: torch.Tensor | None, rows: list[int]) -> None:
