@@ -81,6 +81,7 @@ def run(path: Path, a, schema: dict | None, profile: bool) -> dict:
     engine = LLMEngine(cfg)
     times: dict[str, float] = collections.defaultdict(float)
     sched, runner, so = engine.scheduler, engine.runner, engine.structured_output
+    so.mask_thread = not a.no_mask_thread
     sched.schedule = timed(times, "schedule", sched.schedule)
     sched.advance = timed(times, "advance", sched.advance)
     sched.resolve = timed(times, "resolve", sched.resolve)
@@ -132,7 +133,7 @@ def run(path: Path, a, schema: dict | None, profile: bool) -> dict:
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     engine.shutdown()
-    return {"mode": "constrained" if schema else "unconstrained", "rows": a.num_prompts,
+    return {"mode": "constrained" if schema else "unconstrained", "mask_thread": so.mask_thread, "rows": a.num_prompts,
             "steps": steps, "rows_per_step": round(tokens / steps, 1), "ms_per_step": round(1e3 * total / steps, 3),
             "host_ms_per_step": round(1e3 * (total - device) / steps, 3),
             "finished_in_window": dict(reasons), "ms_per_step_by_phase": ms}
@@ -145,11 +146,14 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--schema", default=str(Path(__file__).parent / "schemas" / "lowercase_text.json"))
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--no-mask-thread", action="store_true",
+                   help="run the matchers' accept and fill on the engine's thread")
+    p.add_argument("--modes", default="unconstrained,constrained")
     a = p.parse_args()
     schema = json.loads(Path(a.schema).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         path = model_dir(Path(tmp))
-        for s in (None, schema):
+        for s in [None if m == "unconstrained" else schema for m in a.modes.split(",")]:
             print(json.dumps(run(path, a, s, a.cprofile and s is not None)), flush=True)
 
 

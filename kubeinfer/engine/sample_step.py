@@ -8,12 +8,13 @@ With structured outputs the mask of step N+1 depends on step N's tokens, which u
 scheduling are still on their way to the host when step N+1 is launched. So the mask waits,
 not the launch: `sample` asks the runner for the previous step's tokens (the runner waits for
 that step's event, which lands while the GPU already runs this step's forward) and hands them to
-the grammar callback, which advances the matchers and fills this step's rows on the manager's
-mask thread (xgrammar's C++ releases the GIL). `sample` returns at once with a finisher; the
-engine's thread resolves the previous step and schedules the next meanwhile, and the runner calls
-the finisher before it enqueues the next step (or reads this one): it takes the rows, uploads
-them (non-blocking, from pinned memory), masks the logits and samples. The GPU idles only when
-the matcher work or the host's own work outlasts the forward, not their sum.
+the grammar callback, which advances the matchers and fills this step's rows; then the rows go up
+(non-blocking, from pinned memory), mask the logits, and the step samples. With the manager's
+mask thread on (`StructuredOutputManager.mask_thread`), the rows are filled there instead and
+`sample` returns at once with a finisher: the engine's thread resolves the previous step and
+schedules the next meanwhile, and the runner calls the finisher before it enqueues the next step
+(or reads this one). That overlap pays only where the engine's own Python leaves the mask
+thread the GIL; on CPU it measured slower (profile_grammar_host.py), so it is off by default.
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ class StepSampler:
             self._sample(step, logits, states, None, rows)
             return None
         job = self.grammar_bitmask([states[i].req_id for i in rows], prev_tokens())
+        if job.done():  # filled on this thread (the manager's default): sample now
+            self._sample(step, logits, states, self._rows(job), rows)
+            return None
         return lambda: self._sample(step, logits, states, self._rows(job), rows)
 
     def _rows(self, job) -> torch.Tensor:

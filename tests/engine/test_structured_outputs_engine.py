@@ -50,6 +50,22 @@ def test_schema_holds_sync_async_and_preempted(llms, temperature):
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
+def test_the_mask_thread_gives_the_same_outputs(llms):
+    """With the manager's mask thread on, the runner samples a constrained step only when the
+    next one starts (or the step is read): the outputs are those of the synchronous engine."""
+    sync, async_ = llms
+    params = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=60,
+                            structured_outputs={"json": SCHEMA, "disable_any_whitespace": True})
+    manager = async_.engine.structured_output
+    manager.mask_thread = True
+    try:
+        got = _texts(async_, params)
+    finally:
+        manager.mask_thread = False
+    assert manager._thread is not None  # it did run there
+    assert got == _texts(sync, params)
+
+
 def test_regex_and_choice_with_stop_strings_and_logprobs(llms):
     sync, _ = llms
     params = SamplingParams(temperature=1.0, seed=1, max_tokens=40, logprobs=2,

@@ -5,10 +5,10 @@ request arrives (compiling starts on the compiler's threads), `take_ready(req)` 
 waits (None: still compiling; raises RequestError when the constraint does not compile; else its
 matcher is made), `accept_resolved([(req, index, token), ...])` for a step's resolved tokens, `free(req_id)` when it ends.
 The driver's runner (sample_step.py) calls `start_grammar_bitmask(req_ids, known)` after launching
-the forward: the matchers' accept and fill run on the mask thread (xgrammar's C++ releases the
-GIL) while the device computes and the engine's thread resolves the previous step; the runner
-takes the rows before it enqueues anything else and applies them to the logits before sampling
-(`bitmask.apply_bitmask`). Every other call that reads or moves a matcher's position waits for
+the forward, so the CPU advances the matchers and fills the rows while the device computes, and
+applies them to the logits before sampling (`bitmask.apply_bitmask`). With `mask_thread` on, the
+job runs on its own thread (xgrammar's C++ releases the GIL) while the engine's thread resolves
+the previous step, and the runner takes the rows before it enqueues anything else. Every other call that reads or moves a matcher's position waits for
 the job's accept half first (`_sync`), so the two threads never work on one matcher's position. Workers of other ranks never call it: only rank 0 samples.
 
 Under async scheduling step N+1's mask is filled before the scheduler has resolved step N, so
@@ -65,6 +65,11 @@ class StructuredOutputManager:
         self._rejected: set[str] = set()  # a matcher refused one of their tokens
         self._bitmask: torch.Tensor | None = None
         self.batch = GrammarBatch()
+        # True: the mask job runs on its own thread beside the engine's. Off: xgrammar's C++
+        # releases the GIL, but the job's Python (wrappers, per-row loops) waits for the engine
+        # thread's pure-Python work to give the GIL up (up to the 5 ms switch interval), and on
+        # CPU (profile_grammar_host.py, 256 rows) a step took 0.7-2 ms longer with it.
+        self.mask_thread = False
         self._thread: ThreadPoolExecutor | None = None  # the mask job's (start_grammar_bitmask)
         # (known, results, where, Future of the accept half) of the job in flight, for _sync
         self._job_accept: tuple | None = None
@@ -225,6 +230,10 @@ class StructuredOutputManager:
         mask = self._bitmask[:len(req_ids)]
         accepted: Future = Future()
         self._job_accept = (known, results, where, accepted)
+        if not self.mask_thread:
+            done: Future = Future()
+            done.set_result(self._mask_job(todo, tokens, accepted, rows, mask))
+            return done
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         return self._thread.submit(self._mask_job, todo, tokens, accepted, rows, mask)

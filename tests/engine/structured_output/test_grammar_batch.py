@@ -115,6 +115,7 @@ def test_the_mask_job_runs_beside_the_engine_thread(manager, smollm2_tokenizer):
         assert gate.wait(30), "the test never opened the gate"
         return original(matchers, tokens)
     manager.batch.accept = gated_accept
+    manager.mask_thread = True
     job = manager.start_grammar_bitmask(["a", "b"], [("a", 0, first), ("b", 0, first)])
     assert not job.done()  # held at the gate: the caller got its Future first
     assert manager.has_matcher("a")  # bookkeeping that needs no matcher position goes on
@@ -138,6 +139,7 @@ def test_a_failing_mask_job_raises_on_the_engine_thread(manager, smollm2_tokeniz
     def broken(matchers, tokens):
         raise RuntimeError("matcher broke")
     manager.batch.accept = broken
+    manager.mask_thread = True
     job = manager.start_grammar_bitmask(["a"], [("a", 0, first)])
     with pytest.raises(RuntimeError, match="matcher broke"):
         job.result(30)
