@@ -81,7 +81,7 @@ def run(path: Path, a, schema: dict | None, profile: bool) -> dict:
     engine = LLMEngine(cfg)
     times: dict[str, float] = collections.defaultdict(float)
     sched, runner, so = engine.scheduler, engine.runner, engine.structured_output
-    so.mask_thread = not a.no_mask_thread
+    so.mask_thread = a.mask_thread
     sched.schedule = timed(times, "schedule", sched.schedule)
     sched.advance = timed(times, "advance", sched.advance)
     sched.resolve = timed(times, "resolve", sched.resolve)
@@ -146,8 +146,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--schema", default=str(Path(__file__).parent / "schemas" / "lowercase_text.json"))
     p.add_argument("--cprofile", action="store_true")
-    p.add_argument("--no-mask-thread", action="store_true",
-                   help="run the matchers' accept and fill on the engine's thread")
+    p.add_argument("--mask-thread", action="store_true",
+                   help="run the matchers' accept and fill on the manager's mask thread")
     p.add_argument("--modes", default="unconstrained,constrained")
     a = p.parse_args()
     schema = json.loads(Path(a.schema).read_text())
