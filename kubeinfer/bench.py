@@ -222,6 +222,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     _sync(engine)
     so = engine.structured_output
     so.fill_seconds, so.accept_seconds, so.num_fills = 0.0, 0.0, 0
+    engine.runner.sampling.grammar_wait_seconds = 0.0
     start = time.perf_counter()
     num_out = _run_all(engine, prompts, params, mm_inputs)
     _sync(engine)
@@ -235,6 +236,9 @@ def run_throughput(args: argparse.Namespace) -> int:
                  "mask_fill_ms_per_step": round(1e3 * so.fill_seconds / max(so.num_fills, 1), 3),
                  # the matchers taking the previous step's tokens, just before the fill
                  "mask_accept_ms_per_step": round(1e3 * so.accept_seconds / max(so.num_fills, 1), 3),
+                 # both run on the mask thread; what the engine's thread still waited for them
+                 "mask_wait_ms_per_step": round(1e3 * engine.runner.sampling.grammar_wait_seconds
+                                                / max(so.num_fills, 1), 3),
                  "async_scheduling": bool(engine.config.scheduler.async_scheduling)}
     print(json.dumps({**extra,
         "elapsed_time": round(elapsed, 3), "num_requests": args.num_prompts,

@@ -57,6 +57,7 @@ def test_throughput_with_a_json_schema(config_only, tiny_model_dir, tmp_path, ca
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["num_requests"] == 4 and result["mask_fill_ms_per_step"] > 0
     assert result["mask_accept_ms_per_step"] > 0  # the output tokens reached their matchers
+    assert result["mask_wait_ms_per_step"] >= 0  # the engine thread's wait for the mask thread
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "nope"}')
     with pytest.raises(SystemExit, match="not a valid JSON schema"):

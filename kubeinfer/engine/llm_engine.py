@@ -112,7 +112,7 @@ class LLMEngine:
             reasoning=self._reasoning_parser(),
             pin_memory=self.device.type == "cuda" and bool(config.scheduler.async_scheduling))
         # only rank 0 samples, so only its runner masks logits (workers never see the manager)
-        self.runner.sampling.grammar_bitmask = self.structured_output.grammar_bitmask
+        self.runner.sampling.grammar_bitmask = self.structured_output.start_grammar_bitmask
         pp = config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len,
                                    self.structured_output, pipeline_depth=pp)

@@ -92,6 +92,7 @@ class ModelRunner:
         # with pipeline stages, where the sampling rank puts launched steps for rank 0 instead
         # of keeping them in _unread (pipeline_results.ResultPusher; set by its worker process)
         self.result_sink = None
+        self._unsampled = None  # finishes the last step when its grammar rows come (sample_step)
         # prompt_logprobs turn this many positions at a time into logits: the rows the memory
         # profile runs through the sampler, so they need no memory it did not count
         self.max_logits_rows = max(1, min(config.scheduler.max_num_seqs,
@@ -262,6 +263,7 @@ class ModelRunner:
         left out of this step and skipped in later ones until it is finished. The same happens on
         every rank, since every rank prepares the same data the same way.
         """
+        self._finish_sampling()
         if self.pp_size == 1:
             self._read_all_but_last()
         prev = self._unread[-1] if self._unread else None
@@ -326,10 +328,24 @@ class ModelRunner:
             packed = self._prompt_logprobs(prompt_hidden, inputs)
             if packed is not None:
                 step.prompt_host = self._to_host(packed)
+        finish = None
         if inputs.sample_states:
             logits = self.model.compute_logits(hidden)  # every rank: the LM head gathers
-            self.sampling.sample(step, logits, inputs.sample_states, constrained,
-                                 lambda: self._prev_tokens(prev))
+            finish = self.sampling.sample(step, logits, inputs.sample_states, constrained,
+                                          lambda: self._prev_tokens(prev))
+        if finish is None:
+            self._record_event(step)
+        else:  # grammar rows on their way (sample_step.py): sampled before anything else runs
+            self._unsampled = lambda: (finish(), self._record_event(step))
+
+    def _finish_sampling(self) -> None:
+        """Sample the step whose grammar rows were still being filled, if any."""
+        finish, self._unsampled = self._unsampled, None
+        if finish is not None:
+            with torch.inference_mode():  # (also called from get_output)
+                finish()
+
+    def _record_event(self, step: PendingStep) -> None:
         if self.device.type == "cuda" and (step.host is not None or step.prompt_host is not None):
             # reading the copies later waits for this step only
             step.event = torch.cuda.Event()
@@ -446,6 +462,7 @@ class ModelRunner:
         return rank_profiler.start() if action == "start" else rank_profiler.stop()
 
     def _read(self, step: PendingStep) -> None:
+        self._finish_sampling()
         result = ModelRunnerOutput(failed_req_ids=step.failed_req_ids)
         if step.event is not None:
             step.event.synchronize()

@@ -5,15 +5,20 @@ The model runner owns the forward half and calls `sample` on every rank once the
 and LM head are enqueued: the sampling rank samples, the others receive its ids.
 
 With structured outputs the mask of step N+1 depends on step N's tokens, which under async
-scheduling are still on their way to the host when step N+1 is launched. So the mask waits here,
-not before the launch: `sample` asks the runner for the previous step's tokens (the runner
-waits for that step's event, which lands while the GPU already runs this step's forward), hands
-them to the grammar callback, which advances the matchers and fills this step's rows on the CPU,
-and only then uploads the rows (non-blocking, from pinned memory), masks the logits and samples.
-The GPU idles only when the host's matcher work outlasts the forward.
+scheduling are still on their way to the host when step N+1 is launched. So the mask waits,
+not the launch: `sample` asks the runner for the previous step's tokens (the runner waits for
+that step's event, which lands while the GPU already runs this step's forward) and hands them to
+the grammar callback, which advances the matchers and fills this step's rows; then the rows go up
+(non-blocking, from pinned memory), mask the logits, and the step samples. With the manager's
+mask thread on (`StructuredOutputManager.mask_thread`), the rows are filled there instead and
+`sample` returns at once with a finisher: the engine's thread resolves the previous step and
+schedules the next meanwhile, and the runner calls the finisher before it enqueues the next step
+(or reads this one). That overlap pays only where the engine's own Python leaves the mask
+thread the GIL; on CPU it measured slower (profile_grammar_host.py), so it is off by default.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -49,13 +54,15 @@ class StepSampler:
         self.is_sampler = is_sampler
         self.max_logits_rows = max_logits_rows
         self._last_meta: tuple[tuple[str, ...], SamplingMetadata] | None = None
-        # Rank 0 only, set by the engine (structured_output.manager.grammar_bitmask):
-        # (req_ids, known tokens) -> their grammar rows on the CPU, after the matchers took the
-        # known tokens they had not seen yet.
+        # Rank 0 only, set by the engine (structured_output.manager.start_grammar_bitmask):
+        # (req_ids, known tokens) -> a Future of their grammar rows on the CPU, after the
+        # matchers took the known tokens they had not seen yet.
         self.grammar_bitmask = None
+        self.grammar_wait_seconds = 0.0  # (for `kubeinfer bench`)
 
     def sample(self, step, logits: torch.Tensor, states: list[CachedRequestState],
-               constrained: set[str], prev_tokens: Callable[[], KnownTokens]) -> None:
+               constrained: set[str], prev_tokens: Callable[[], KnownTokens]
+               ) -> Callable[[], None] | None:
         """One token per row of `logits`, on every rank: the sampling rank samples and broadcasts
         the ids to its tensor group, the others receive them. Fills the step (model_runner's
         PendingStep): `sampled` (the ids on the device, the next step's inputs), `row_of`, `host`
@@ -63,32 +70,54 @@ class StepSampler:
         entry per row appended to its request's outputs.
 
         `prev_tokens()` returns the previous step's tokens on the host; it is called only when a
-        constrained request samples, since reading them waits for that step.
+        constrained request samples, since reading them waits for that step. Then the grammar
+        rows are filled on the mask thread, and this returns a callable that finishes the step
+        (waits for the rows, masks, samples, broadcasts): the runner calls it before it enqueues
+        anything else or reads this step, so the engine's thread resolves the previous step
+        meanwhile. None when the step is already sampled.
         """
-        if self.is_sampler:
-            if constrained:
-                self.apply_grammar(logits, states, constrained, prev_tokens)
-            step.meta = self.metadata(states)
-            sampled, raw_logprobs = self.sampler.sample(logits, step.meta)
-            sampled = tp_broadcast_from_first(sampled.long().contiguous())
-            step.host = self._to_host(pack(sampled, raw_logprobs, step.meta))
-        else:
-            sampled = tp_broadcast_from_first(torch.empty(len(states), dtype=torch.long,
-                                                          device=self.device))
-            step.host = self._to_host(sampled)
-        step.sampled = sampled
+        if not self.is_sampler:
+            step.sampled = tp_broadcast_from_first(torch.empty(len(states), dtype=torch.long,
+                                                               device=self.device))
+            step.host = self._to_host(step.sampled)
+            self._add_slots(step, states)
+            return None
+        rows = [i for i, state in enumerate(states) if state.req_id in constrained]
+        if not rows:  # (or every constrained request is in the middle of its prompt)
+            self._sample(step, logits, states, None, rows)
+            return None
+        job = self.grammar_bitmask([states[i].req_id for i in rows], prev_tokens())
+        if job.done():  # filled on this thread (the manager's default): sample now
+            self._sample(step, logits, states, self._rows(job), rows)
+            return None
+        return lambda: self._sample(step, logits, states, self._rows(job), rows)
+
+    def _rows(self, job) -> torch.Tensor:
+        start = time.perf_counter()
+        mask = job.result()
+        # what the mask still costs the step: the wait for rows the mask thread has not filled
+        self.grammar_wait_seconds += time.perf_counter() - start
+        return mask
+
+    def _sample(self, step, logits: torch.Tensor, states: list[CachedRequestState],
+                mask: torch.Tensor | None, rows: list[int]) -> None:
+        if mask is not None:
+            self.apply_grammar(logits, mask, rows)
+        step.meta = self.metadata(states)
+        sampled, raw_logprobs = self.sampler.sample(logits, step.meta)
+        step.sampled = tp_broadcast_from_first(sampled.long().contiguous())
+        step.host = self._to_host(pack(step.sampled, raw_logprobs, step.meta))
+        self._add_slots(step, states)
+
+    @staticmethod
+    def _add_slots(step, states: list[CachedRequestState]) -> None:
+        # after the sampling metadata, which reads each request's outputs so far
         step.row_of = {state.req_id: i for i, state in enumerate(states)}
         step.slots = [(state, state.append_output_token(PLACEHOLDER)) for state in states]
 
-    def apply_grammar(self, logits: torch.Tensor, states: list[CachedRequestState],
-                      constrained: set[str], prev_tokens: Callable[[], KnownTokens]) -> None:
-        """Mask the constrained rows' logits to their grammars' allowed tokens, before penalties,
-        temperature and sampling. The forward and the LM head are only enqueued on a GPU when this
-        runs, so the CPU advances the matchers and fills the rows while the device computes."""
-        rows = [i for i, state in enumerate(states) if state.req_id in constrained]
-        if not rows:
-            return  # every constrained request is in the middle of its prompt
-        mask = self.grammar_bitmask([states[i].req_id for i in rows], prev_tokens())
+    def apply_grammar(self, logits: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> None:
+        """Mask the constrained rows' logits (`rows`) to their grammars' allowed tokens (`mask`,
+        on the CPU), before penalties, temperature and sampling."""
         rows_t = torch.tensor(rows, dtype=torch.int32)
         if self.device.type == "cuda":
             # Both from pinned memory: a copy from pageable memory waits for the stream, which

@@ -386,6 +386,7 @@ class Scheduler:
                 if req is not None:
                     req.add_prompt_logprobs(start, rows)
         updates = []
+        constrained = []  # (position in updates, status, index) of constrained requests
         now = time.monotonic()
         for req, index in pending:
             if req.is_finished or index >= req.num_output_tokens:
@@ -398,27 +399,38 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             status = self._check_stop(req, token, index + 1)
+            update = TokenUpdate(req, [token], None if lp is None else [lp], False)
             if req.is_constrained:
-                status = self._advance_grammar(req, token, index, status)
-            if status is not None:
-                req.truncate_outputs(index + 1)
-                self.finish_request(req.req_id, status)
-            updates.append(TokenUpdate(req, [token], None if lp is None else [lp], status is not None))
+                constrained.append((len(updates), status, index))
+            else:
+                self._end(update, index, status)
+            updates.append(update)
+        if constrained:
+            self._advance_grammars(updates, constrained)
         return updates
 
-    def _advance_grammar(self, req: Request, token: int, index: int,
-                         status: RequestStatus | None) -> RequestStatus | None:
-        """The matcher takes the token; a grammar that has ended stops the request. A token the
-        grammar rejects cannot have been sampled under its mask (it is an engine bug, or a token
-        forced past the mask such as EOS under ignore_eos): the request fails rather than go on
-        unconstrained."""
-        # under async scheduling the runner may have fed it already (to fill the next mask)
-        accepted, terminated = self.structured_output.accept(req.req_id, token, index)
-        if not accepted:
-            return status or RequestStatus.FINISHED_ERROR
-        if terminated and status is None:
-            return RequestStatus.FINISHED_STOPPED
-        return status
+    def _end(self, update: TokenUpdate, index: int, status: RequestStatus | None) -> None:
+        if status is not None:
+            update.req.truncate_outputs(index + 1)
+            self.finish_request(update.req.req_id, status)
+            update.finished = True
+
+    def _advance_grammars(self, updates: list[TokenUpdate],
+                          constrained: list[tuple[int, RequestStatus | None, int]]) -> None:
+        """The matchers take the step's tokens (one call for the step); a grammar that has ended
+        stops its request. A token the grammar rejects cannot have been sampled under its mask (it
+        is an engine bug, or a token forced past the mask such as EOS under ignore_eos): the
+        request fails rather than go on unconstrained."""
+        # under async scheduling the runner has fed most of them already (to fill the next mask)
+        results = self.structured_output.accept_resolved(
+            [(updates[k].req.req_id, index, updates[k].new_token_ids[0])
+             for k, _, index in constrained])
+        for (k, status, index), (accepted, terminated) in zip(constrained, results):
+            if not accepted:
+                status = status or RequestStatus.FINISHED_ERROR
+            elif terminated and status is None:
+                status = RequestStatus.FINISHED_STOPPED
+            self._end(updates[k], index, status)
 
     def make_stats(self) -> SchedulerStats:
         queries, hits = self.kv.take_prefix_cache_stats()

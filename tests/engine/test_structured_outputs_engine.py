@@ -50,6 +50,22 @@ def test_schema_holds_sync_async_and_preempted(llms, temperature):
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
+def test_the_mask_thread_gives_the_same_outputs(llms):
+    """With the manager's mask thread on, the runner samples a constrained step only when the
+    next one starts (or the step is read): the outputs are those of the synchronous engine."""
+    sync, async_ = llms
+    params = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=60,
+                            structured_outputs={"json": SCHEMA, "disable_any_whitespace": True})
+    manager = async_.engine.structured_output
+    manager.mask_thread = True
+    try:
+        got = _texts(async_, params)
+    finally:
+        manager.mask_thread = False
+    assert manager._thread is not None  # it did run there
+    assert got == _texts(sync, params)
+
+
 def test_regex_and_choice_with_stop_strings_and_logprobs(llms):
     sync, _ = llms
     params = SamplingParams(temperature=1.0, seed=1, max_tokens=40, logprobs=2,
@@ -105,15 +121,17 @@ def _count_early_accepts(engine):
     fed to their matcher (to fill the next step's mask) before the scheduler got to them."""
     manager = engine.structured_output
     seen = {"early": 0, "late": 0}
-    original = manager.accept
+    original = manager.accept_resolved
 
-    def accept(req_id, token_id, index):
-        matcher = manager.matchers.get(req_id)
-        if matcher is not None:
-            seen["early" if matcher.num_accepted_tokens > index else "late"] += 1
-        return original(req_id, token_id, index)
-    manager.accept = accept
-    return seen, lambda: setattr(manager, "accept", original)
+    def accept_resolved(resolved):
+        manager._sync()  # the mask thread's accept of the step in flight has landed
+        for req_id, index, _ in resolved:
+            matcher = manager.matchers.get(req_id)
+            if matcher is not None:
+                seen["early" if matcher.num_accepted_tokens > index else "late"] += 1
+        return original(resolved)
+    manager.accept_resolved = accept_resolved
+    return seen, lambda: setattr(manager, "accept_resolved", original)
 
 
 def test_async_masks_follow_the_step_in_flight(llms):

@@ -26,7 +26,7 @@ How the engine calls it (wired in: manager.py holds the engine side):
   matchers the tokens they have not seen and fills the rows on the CPU;
   `apply_bitmask(logits, bitmask_on_device, rows)` runs before the sampler. So constrained
   requests keep async scheduling, and the mask work overlaps the forward.
-- Scheduler.resolve: `manager.accept(req_id, token, index)`: a token the runner already fed is not
+- Scheduler.resolve: `manager.accept_resolved([(req_id, index, token), ...])` once a step: a token the runner already fed is not
   fed again (tokens are keyed by output index, once each, in order); False ends the request as
   failed; `matcher.is_terminated()` ends it as stopped (EOS is only allowed where the grammar may
   end, so the usual EOS check agrees). A token sampled after a request's end is dropped before

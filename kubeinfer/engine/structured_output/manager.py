@@ -3,10 +3,13 @@
 The scheduler calls it (engine process, the driver's side): `submit(req)` when a constrained
 request arrives (compiling starts on the compiler's threads), `take_ready(req)` while the request
 waits (None: still compiling; raises RequestError when the constraint does not compile; else its
-matcher is made), `accept(req, token, index)` for each resolved token, `free(req_id)` when it ends.
-The driver's runner (sample_step.py) calls `grammar_bitmask(req_ids, known)` after launching the
-forward, so the CPU fills the rows while the device computes, and applies them to the logits before
-sampling (`bitmask.apply_bitmask`). Workers of other ranks never call it: only rank 0 samples.
+matcher is made), `accept_resolved([(req, index, token), ...])` for a step's resolved tokens, `free(req_id)` when it ends.
+The driver's runner (sample_step.py) calls `start_grammar_bitmask(req_ids, known)` after launching
+the forward, so the CPU advances the matchers and fills the rows while the device computes, and
+applies them to the logits before sampling (`bitmask.apply_bitmask`). With `mask_thread` on, the
+job runs on its own thread (xgrammar's C++ releases the GIL) while the engine's thread resolves
+the previous step, and the runner takes the rows before it enqueues anything else. Every other call that reads or moves a matcher's position waits for
+the job's accept half first (`_sync`), so the two threads never work on one matcher's position. Workers of other ranks never call it: only rank 0 samples.
 
 Under async scheduling step N+1's mask is filled before the scheduler has resolved step N, so
 `grammar_bitmask` first feeds the matchers step N's tokens (`known`), and the scheduler's `accept`
@@ -24,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -62,6 +65,14 @@ class StructuredOutputManager:
         self._rejected: set[str] = set()  # a matcher refused one of their tokens
         self._bitmask: torch.Tensor | None = None
         self.batch = GrammarBatch()
+        # True: the mask job runs on its own thread beside the engine's. Off: xgrammar's C++
+        # releases the GIL, but the job's Python (wrappers, per-row loops) waits for the engine
+        # thread's pure-Python work to give the GIL up (up to the 5 ms switch interval), and on
+        # CPU (profile_grammar_host.py, 256 rows) a step took 0.7-2 ms longer with it.
+        self.mask_thread = False
+        self._thread: ThreadPoolExecutor | None = None  # the mask job's (start_grammar_bitmask)
+        # (known, results, where, Future of the accept half) of the job in flight, for _sync
+        self._job_accept: tuple | None = None
         # host time spent on masks (advancing the matchers, then filling the rows) and the steps
         # that did (for `kubeinfer bench`)
         self.accept_seconds = 0.0
@@ -109,10 +120,15 @@ class StructuredOutputManager:
 
     def accept(self, req_id: str, token_id: int, index: int) -> tuple[bool, bool]:
         """(accepted, terminated) after the request's output token `index` (see accept_known)."""
-        matcher = self.matchers.get(req_id)
-        if matcher is None:
-            return True, False
-        return self.accept_known(((req_id, index, token_id),))[0], matcher.is_terminated()
+        return self.accept_resolved(((req_id, index, token_id),))[0]
+
+    def accept_resolved(self, resolved: Sequence[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
+        """(accepted, terminated) of each (request id, output index, token) after its matcher
+        took it (see accept_known): the scheduler's one call per step."""
+        accepted = self.accept_known(resolved)
+        matchers = self.matchers
+        return [(ok, m is not None and m.is_terminated())
+                for ok, m in zip(accepted, (matchers.get(r) for r, _, _ in resolved))]
 
     def accept_known(self, known: Iterable[tuple[str, int, int]]) -> list[bool]:
         """Feed each (request id, output index, token) to the request's matcher, unless it already
@@ -123,10 +139,19 @@ class StructuredOutputManager:
         took at that index: the engine's bookkeeping is broken, and going on would sample
         outside the grammar."""
         known = list(known)
+        results, todo, tokens, where = self._plan(known)
+        self._apply(known, results, where, self.batch.accept(todo, tokens))
+        return results
+
+    def _plan(self, known: list[tuple[str, int, int]]):
+        """accept_known's checks (on the engine's thread): (results so far, matchers that take a
+        new token, those tokens, their positions in `known`)."""
+        self._sync()
         results = [True] * len(known)
         todo, tokens, where = [], [], []
+        matchers = self.matchers
         for k, (req_id, index, token_id) in enumerate(known):
-            matcher = self.matchers.get(req_id)
+            matcher = matchers.get(req_id)
             if matcher is None:
                 continue
             num = matcher.num_accepted_tokens
@@ -143,11 +168,23 @@ class StructuredOutputManager:
                                    f"before token {num}")
             else:
                 results[k] = False
-        for k, ok, matcher in zip(where, self.batch.accept(todo, tokens), todo):
+        return results, todo, tokens, where
+
+    def _apply(self, known, results: list[bool], where: list[int], accepted: list[bool]) -> None:
+        for k, ok in zip(where, accepted):
             results[k] = ok
-            if not ok:  # the request fails at its resolve; later tokens must not raise
+            # the request fails at its resolve; later tokens must not raise (unless it ended
+            # while the mask job ran: then there is nothing left to fail)
+            if not ok and known[k][0] in self.matchers:
                 self._rejected.add(known[k][0])
-        return results
+
+    def _sync(self) -> None:
+        """Wait for the accept half of the mask job in flight (if any) and record its results:
+        every other use of the matchers' positions comes after it."""
+        if self._job_accept is not None:
+            known, results, where, accepted = self._job_accept
+            self._job_accept = None
+            self._apply(known, results, where, accepted.result())
 
     def free(self, req_id: str) -> None:
         self.matchers.pop(req_id, None)
@@ -169,25 +206,55 @@ class StructuredOutputManager:
                         known: Iterable[tuple[str, int, int]] = ()) -> torch.Tensor:
         """Rows of allowed next tokens, one per request id (in that order), on the CPU, after the
         matchers of `req_ids` took the tokens of `known` (request id, output index, token) they
-        had not seen yet: the previous step's, which the scheduler resolves later.
+        had not seen yet: the previous step's, which the scheduler resolves later."""
+        return self.start_grammar_bitmask(req_ids, known).result()
+
+    def start_grammar_bitmask(self, req_ids: Sequence[str],
+                              known: Iterable[tuple[str, int, int]] = ()) -> Future:
+        """grammar_bitmask on the mask thread: a Future of the rows. The checks run here; the
+        matchers' accept and fill run in xgrammar's C++, which releases the GIL, so the engine's
+        thread goes on (resolving the previous step, scheduling the next) meanwhile. Until the
+        accept half is done, every other matcher call here waits for it (`_sync`).
 
         The buffer is reused. Its last copy to the device was enqueued by an earlier step, which
         has finished by now: the runner reads the previous step's tokens (waiting for its event)
-        before it asks for rows, and every older step was read before this one was launched."""
+        before it asks for rows, and every older step was read before this one was launched; and
+        the runner takes each Future's rows before it asks for the next."""
         if self._bitmask is None or self._bitmask.shape[0] < len(req_ids):
             self._bitmask = allocate_bitmask(max(self.max_num_seqs, len(req_ids)), self.vocab_size,
                                              pin_memory=self.pin_memory)
-        start = time.perf_counter()
         wanted = set(req_ids)
-        self.accept_known(k for k in known if k[0] in wanted)
-        filled = time.perf_counter()
+        known = [k for k in known if k[0] in wanted]
+        results, todo, tokens, where = self._plan(known)
+        rows = [self.matchers[req_id] for req_id in req_ids]
         mask = self._bitmask[:len(req_ids)]
-        self.batch.fill([self.matchers[req_id] for req_id in req_ids], mask)
+        accepted: Future = Future()
+        self._job_accept = (known, results, where, accepted)
+        if not self.mask_thread:
+            done: Future = Future()
+            done.set_result(self._mask_job(todo, tokens, accepted, rows, mask))
+            return done
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        return self._thread.submit(self._mask_job, todo, tokens, accepted, rows, mask)
+
+    def _mask_job(self, todo, tokens, accepted: Future, rows, mask: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            accepted.set_result(self.batch.accept(todo, tokens))
+        except BaseException as e:  # the engine's thread raises it at its next _sync
+            accepted.set_exception(e)
+            raise
+        filled = time.perf_counter()
+        with torch.inference_mode():  # the buffer was made under the runner's (thread-local) mode
+            self.batch.fill(rows, mask)
         self.accept_seconds += filled - start
         self.fill_seconds += time.perf_counter() - filled
         self.num_fills += 1
         return mask
 
     def shutdown(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
         if self._compiler is not None:
             self._compiler.shutdown()

@@ -46,6 +46,11 @@ class StructuredOutputMatcher:
         # prompt can end the reasoning itself (Qwen3's template with enable_thinking=False).
         done = reasoning is None or reasoning.is_reasoning_end(prompt_token_ids)
         self._content_start: int | None = 0 if done else None
+        # xgrammar's is_terminated() is a C++ call through its FFI (some microseconds: a few ms
+        # a step over 256 rows). Made without terminate_without_stop_token, a matcher ends only
+        # by taking one of its stop tokens, so it is asked only then (and after a rollback).
+        self._terminated = False
+        self._stop_ids = frozenset(self._matcher.stop_token_ids)
 
     @property
     def is_reasoning_ended(self) -> bool:
@@ -59,7 +64,7 @@ class StructuredOutputMatcher:
     def is_grammar_driven(self) -> bool:
         """The next token goes straight into the grammar (reasoning has ended, the grammar has
         not): what `grammar_batch.GrammarBatch` may hand to xgrammar's batch calls."""
-        return self._content_start is not None and not self._matcher.is_terminated()
+        return self._content_start is not None and not self._terminated
 
     @property
     def grammar_matcher(self) -> Any:
@@ -69,6 +74,8 @@ class StructuredOutputMatcher:
     def record_grammar_token(self, token_id: int) -> None:
         """Count a token that a batch call fed to `grammar_matcher` and it accepted."""
         self._output_ids.append(token_id)
+        if token_id in self._stop_ids:
+            self._terminated = self._matcher.is_terminated()
 
     def accepted_token(self, index: int) -> int:
         """The index-th token this matcher accepted."""
@@ -76,7 +83,7 @@ class StructuredOutputMatcher:
 
     def is_terminated(self) -> bool:
         """The grammar accepted a stop token: the request must finish."""
-        return self._matcher.is_terminated()
+        return self._terminated
 
     def accept_tokens(self, token_ids: Sequence[int]) -> bool:
         """Advance over the step's new tokens. False when the grammar rejects one: that token and
@@ -88,9 +95,11 @@ class StructuredOutputMatcher:
                 if self._reasoning.is_reasoning_end((token_id,)):
                     self._content_start = len(self._output_ids)
                 continue
-            if self._matcher.is_terminated() or not self._matcher.accept_token(token_id):
+            if self._terminated or not self._matcher.accept_token(token_id):
                 return False
             self._output_ids.append(token_id)
+            if token_id in self._stop_ids:
+                self._terminated = self._matcher.is_terminated()
         return True
 
     def rollback(self, num_tokens: int) -> None:
@@ -106,7 +115,7 @@ class StructuredOutputMatcher:
     def fill_bitmask_row(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into `bitmask[row]` (a packed int32 row, see bitmask.py).
         While reasoning, or after termination, every token is allowed: the constraint is not on."""
-        if self._content_start is None or self._matcher.is_terminated():
+        if self._content_start is None or self._terminated:
             bitmask[row].fill_(-1)
         else:
             self._matcher.fill_next_token_bitmask(bitmask, row)
@@ -122,3 +131,4 @@ class StructuredOutputMatcher:
             if self._reasoning is not None and new_len < self._content_start:
                 self._content_start = None
         del self._output_ids[new_len:]
+        self._terminated = self._matcher.is_terminated()

@@ -56,8 +56,12 @@ def _walk(compiled, tokenizer, batch: GrammarBatch, steps=12, rows=10, seed=0):
 def test_batch_path_matches_one_by_one(compiled, smollm2_tokenizer):
     one = _walk(compiled, smollm2_tokenizer, GrammarBatch(min_rows=1 << 30))
     batched = _walk(compiled, smollm2_tokenizer, GrammarBatch(max_threads=2, min_rows=1))
-    assert all(torch.equal(a, b) for a, b in zip(one[0], batched[0]))
-    assert one[1:] == batched[1:]
+    # the accept in chunks of 2-4 rows on three threads
+    chunked = _walk(compiled, smollm2_tokenizer,
+                    GrammarBatch(max_threads=3, min_rows=1, min_chunk_rows=2))
+    for other in (batched, chunked):
+        assert all(torch.equal(a, b) for a, b in zip(one[0], other[0]))
+        assert one[1:] == other[1:]
     assert not all(all(v) for v in one[1])  # the refused token was refused
 
 
@@ -97,3 +101,47 @@ def test_each_token_reaches_its_matcher_once_and_in_order(manager, smollm2_token
         == [False, False]
     manager.free("b")
     assert manager.accept("b", first, 5) == (True, False)  # freed: nothing to constrain
+
+
+def test_the_mask_job_runs_beside_the_engine_thread(manager, smollm2_tokenizer):
+    """start_grammar_bitmask returns while the matchers still work; whatever asks the matchers
+    next (the scheduler's resolve) waits for the job's accept, so each token is taken once."""
+    import threading
+
+    first = _ids(smollm2_tokenizer, '{"n"')[0]
+    gate, original = threading.Event(), manager.batch.accept
+
+    def gated_accept(matchers, tokens):
+        assert gate.wait(30), "the test never opened the gate"
+        return original(matchers, tokens)
+    manager.batch.accept = gated_accept
+    manager.mask_thread = True
+    job = manager.start_grammar_bitmask(["a", "b"], [("a", 0, first), ("b", 0, first)])
+    assert not job.done()  # held at the gate: the caller got its Future first
+    assert manager.has_matcher("a")  # bookkeeping that needs no matcher position goes on
+    got = []
+    resolver = threading.Thread(target=lambda: got.append(manager.accept_resolved(
+        [("a", 0, first), ("b", 0, first)])))
+    resolver.start()
+    gate.set()
+    resolver.join(30)
+    mask = job.result(30)
+    assert got == [[(True, False), (True, False)]]
+    assert [manager.matchers[r].num_accepted_tokens for r in "ab"] == [1, 1]
+    # the rows are those after the token: '{' was taken, so '{' is no longer allowed
+    allowed = unpack_bitmask(mask, len(smollm2_tokenizer))
+    assert not allowed[:, first].any() and allowed.any(dim=1).all()
+
+
+def test_a_failing_mask_job_raises_on_the_engine_thread(manager, smollm2_tokenizer):
+    first = _ids(smollm2_tokenizer, '{"n"')[0]
+
+    def broken(matchers, tokens):
+        raise RuntimeError("matcher broke")
+    manager.batch.accept = broken
+    manager.mask_thread = True
+    job = manager.start_grammar_bitmask(["a"], [("a", 0, first)])
+    with pytest.raises(RuntimeError, match="matcher broke"):
+        job.result(30)
+    with pytest.raises(RuntimeError, match="matcher broke"):  # and at the next matcher call
+        manager.accept_resolved([("a", 0, first)])
