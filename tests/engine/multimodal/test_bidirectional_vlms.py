@@ -16,6 +16,7 @@ import torch
 from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.llm import LLM
 from kubeinfer.engine.sampling_params import SamplingParams
+from tests.engine.multimodal.conftest import cached_llms
 from tests.fixtures.tiny_gemma_vlm import build_tiny_gemma_vlm, save_tiny_gemma_vlm_weights
 from tests.fixtures.tiny_vlm import make_image
 
@@ -60,19 +61,9 @@ def vlm(smollm2_tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llms(vlm):
-    made = {}
-
-    def make(family: str, **kwargs):
-        key = (family, tuple(sorted(kwargs.items())))
-        if key not in made:
-            folder, _, _ = vlm(family)
-            made[key] = LLM(str(folder), dtype="float32", max_model_len=256, block_size=8,
-                            kv_cache_memory=4 << 20, **kwargs)
-        return made[key]
-
-    yield make
-    for llm in made.values():
-        llm.shutdown()
+    with cached_llms(lambda family: vlm(family)[0], max_model_len=256,
+                     kv_cache_memory=4 << 20) as make:
+        yield make
 
 
 def hf_inputs(family, proc, imgs, text="Describe"):

@@ -18,6 +18,7 @@ from kubeinfer.engine.mrope_positions import MRopePositions, step_positions
 from kubeinfer.engine.multimodal.inputs import ImageFeature, PlaceholderRange
 from kubeinfer.engine.multimodal.qwen2_vl_processor import load_qwen2_vl_processor
 from kubeinfer.engine.sampling_params import SamplingParams
+from tests.engine.multimodal.conftest import cached_llms
 from tests.engine.multimodal.test_vlm_models import conversation, images, pil_part
 from tests.fixtures.tiny_vlm import make_image, save_tiny_vlm_weights
 
@@ -44,19 +45,9 @@ def qwen(tiny_vlm_dir):
 
 @pytest.fixture(scope="module")
 def llms(qwen):
-    made = {}
-
-    def make(family: str, **kwargs):
-        key = (family, tuple(sorted(kwargs.items())))
-        if key not in made:
-            folder, _, _ = qwen(family)
-            made[key] = LLM(str(folder), dtype="float32", max_model_len=512, block_size=8,
-                            kv_cache_memory=8 << 20, **kwargs)
-        return made[key]
-
-    yield make
-    for llm in made.values():
-        llm.shutdown()
+    with cached_llms(lambda family: qwen(family)[0], max_model_len=512,
+                     kv_cache_memory=8 << 20) as make:
+        yield make
 
 
 def hf_inputs(proc, n_images: int, imgs, text: str = "Describe"):

@@ -10,6 +10,7 @@ import torch
 from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.llm import LLM
 from kubeinfer.engine.sampling_params import SamplingParams
+from tests.engine.multimodal.conftest import cached_llms
 from tests.fixtures.tiny_vlm import make_image, save_tiny_vlm_weights
 
 MAX_NEW = 6
@@ -62,19 +63,9 @@ def pil_part(imgs):
 
 @pytest.fixture(scope="module")
 def llms(vlm):
-    made = {}
-
-    def make(family: str, **kwargs):
-        key = (family, tuple(sorted(kwargs.items())))
-        if key not in made:
-            folder, _, _ = vlm(family)
-            made[key] = LLM(str(folder), dtype="float32", max_model_len=512, block_size=8,
-                            kv_cache_memory=8 << 20, **kwargs)
-        return made[key]
-
-    yield make
-    for llm in made.values():
-        llm.shutdown()
+    with cached_llms(lambda family: vlm(family)[0], max_model_len=512,
+                     kv_cache_memory=8 << 20) as make:
+        yield make
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3"])
