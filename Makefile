@@ -37,14 +37,15 @@ run: install
 	@echo "kubeinfer: starting the server on http://$(HOST):$(PORT)/v1 (the default model loads first)"
 	$(VENV)/bin/kubeinfer serve --host $(HOST) --port $(PORT)
 
-# Three pytest workers (pytest-xdist), one torch thread each, on CI's two cores: the tests are small
-# and many wait on servers and subprocesses (e2e, TP/PP ranks), so a third worker fills the waits
-# (measured on an idle 2-core machine: 3:58 with two workers, 3:18 with three).
-TEST_WORKERS ?= 3
+# Four pytest workers (pytest-xdist, work stealing so a long test never ends the run alone), one
+# torch thread each, on CI's two cores: the tests are small and many wait on servers and
+# subprocesses (e2e, TP/PP ranks), so extra workers fill the waits (idle 2-core machine, the tests
+# alone: 3:58 with two workers, 3:18-3:46 with three, 3:27 with four stealing).
+TEST_WORKERS ?= 4
 
 test: install
 	@echo "kubeinfer: running the test suite ($(TEST_WORKERS) workers, a few minutes)"
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal tests
 
 test-gpu: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra -m gpu tests
