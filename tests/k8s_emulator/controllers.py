@@ -8,7 +8,6 @@ pod is available at once. All controllers are level-triggered: every change wake
 """
 from __future__ import annotations
 
-import asyncio
 import copy
 import hashlib
 import json
@@ -19,6 +18,7 @@ from typing import Any
 from .admission import now
 from .errors import ApiError
 from .selectors import selector_from_label_selector_object
+from .reconcile_loop import reconcile_loop
 from .store import Store, random_suffix
 
 log = logging.getLogger(__name__)
@@ -78,25 +78,9 @@ class Controllers:
         self.pdbs = registry.lookup("policy", "v1", "poddisruptionbudgets")
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        watched = {("apps", "deployments"), ("apps", "replicasets"), ("", "pods"), ("policy", "poddisruptionbudgets")}
-        unsubscribe = self.store.add_listener(
-            lambda ev: loop.call_soon_threadsafe(wake.set) if ev.key in watched else None)
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(wake.wait(), self.interval)
-                except asyncio.TimeoutError:
-                    pass
-                wake.clear()
-                await asyncio.sleep(0.02)  # let a burst of events settle into one reconcile
-                try:
-                    self.reconcile_all()
-                except Exception:
-                    log.exception("controller reconcile failed")
-        finally:
-            unsubscribe()
+        await reconcile_loop(self.store, {("apps", "deployments"), ("apps", "replicasets"), ("", "pods"),
+                                     ("policy", "poddisruptionbudgets")}, self.interval,
+                             self.reconcile_all, "controller")
 
     def reconcile_all(self) -> None:
         for dep in self.store.items(self.deployments):

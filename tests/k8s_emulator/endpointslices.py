@@ -18,7 +18,6 @@ Services without a selector (their slices are someone else's), dual-stack.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ from .controllers import is_pod_ready
 from .errors import ApiError
 from .probes import resolve_port
 from .selectors import selector_from_label_selector_object
+from .reconcile_loop import reconcile_loop
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -54,25 +54,8 @@ class EndpointSliceController:
         self.slices = registry.lookup("discovery.k8s.io", "v1", "endpointslices")
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        watched = {("", "services"), ("", "pods"), ("discovery.k8s.io", "endpointslices")}
-        unsubscribe = self.store.add_listener(
-            lambda ev: loop.call_soon_threadsafe(wake.set) if ev.key in watched else None)
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(wake.wait(), self.interval)
-                except asyncio.TimeoutError:
-                    pass
-                wake.clear()
-                await asyncio.sleep(0.02)  # let a burst of events settle into one reconcile
-                try:
-                    self.reconcile_all()
-                except Exception:
-                    log.exception("endpointslice reconcile failed")
-        finally:
-            unsubscribe()
+        await reconcile_loop(self.store, {("", "services"), ("", "pods"), ("discovery.k8s.io", "endpointslices")}, self.interval,
+                             self.reconcile_all, "endpointslice")
 
     def reconcile_all(self) -> None:
         for svc in self.store.items(self.services):

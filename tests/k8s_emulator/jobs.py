@@ -8,7 +8,6 @@ Not modelled: parallelism/completions > 1, indexed Jobs, pod failure policies, s
 """
 from __future__ import annotations
 
-import asyncio
 import copy
 import datetime
 import logging
@@ -17,6 +16,7 @@ from typing import Any
 from .admission import now
 from .controllers import _controlled_by, _owner_ref, is_pod_ready
 from .errors import ApiError
+from .reconcile_loop import reconcile_loop
 from .store import Store, random_suffix
 
 log = logging.getLogger(__name__)
@@ -41,27 +41,13 @@ class JobController:
         self.pods = store.registry.lookup("", "v1", "pods")
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        watched = {("batch", "jobs"), ("", "pods")}
-        unsubscribe = self.store.add_listener(
-            lambda ev: loop.call_soon_threadsafe(wake.set) if ev.key in watched else None)
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(wake.wait(), self.interval)
-                except asyncio.TimeoutError:
-                    pass
-                wake.clear()
-                await asyncio.sleep(0.02)
-                try:
-                    for job in self.store.items(self.jobs):
-                        if not job["metadata"].get("deletionTimestamp") and not _finished(job):
-                            self._reconcile(job)
-                except Exception:
-                    log.exception("job controller reconcile failed")
-        finally:
-            unsubscribe()
+        await reconcile_loop(self.store, {("batch", "jobs"), ("", "pods")}, self.interval,
+                             self.reconcile_all, "job controller")
+
+    def reconcile_all(self) -> None:
+        for job in self.store.items(self.jobs):
+            if not job["metadata"].get("deletionTimestamp") and not _finished(job):
+                self._reconcile(job)
 
     def _reconcile(self, job: dict[str, Any]) -> None:
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]

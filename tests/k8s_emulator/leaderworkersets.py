@@ -28,7 +28,6 @@ worker-index, template-revision-hash), the size annotation and LWS's env in ever
 """
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import logging
@@ -42,6 +41,7 @@ import yaml
 from .admission import now
 from .controllers import _owner_ref, is_pod_ready, template_hash
 from .errors import ApiError
+from .reconcile_loop import reconcile_loop
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -109,25 +109,8 @@ class LeaderWorkerSetController:
         return self.store.registry.lookup(GROUP, VERSION, PLURAL)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        watched = {(GROUP, PLURAL), ("", "pods")}
-        unsubscribe = self.store.add_listener(
-            lambda ev: loop.call_soon_threadsafe(wake.set) if ev.key in watched else None)
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(wake.wait(), self.interval)
-                except asyncio.TimeoutError:
-                    pass
-                wake.clear()
-                await asyncio.sleep(0.02)
-                try:
-                    self.reconcile_all()
-                except Exception:
-                    log.exception("LeaderWorkerSet reconcile failed")
-        finally:
-            unsubscribe()
+        await reconcile_loop(self.store, {(GROUP, PLURAL), ("", "pods")}, self.interval,
+                             self.reconcile_all, "LeaderWorkerSet")
 
     def reconcile_all(self) -> None:
         rt = self.lws_type

@@ -3,11 +3,11 @@ modes and capacity it asked for). No PersistentVolumes, storage classes or topol
 kubelet gives each claim one local directory (podenv.volume_dirs)."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 from .errors import ApiError
+from .reconcile_loop import reconcile_loop
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -19,25 +19,13 @@ class ClaimBinder:
         self.claims = store.registry.lookup("", "v1", "persistentvolumeclaims")
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        unsubscribe = self.store.add_listener(
-            lambda ev: loop.call_soon_threadsafe(wake.set) if ev.key == ("", "persistentvolumeclaims") else None)
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(wake.wait(), 1.0)
-                except asyncio.TimeoutError:
-                    pass
-                wake.clear()
-                try:
-                    for claim in self.store.items(self.claims):
-                        if (claim.get("status") or {}).get("phase") != "Bound":
-                            self._bind(claim)
-                except Exception:
-                    log.exception("claim binder failed")
-        finally:
-            unsubscribe()
+        await reconcile_loop(self.store, {("", "persistentvolumeclaims")}, 1.0,
+                             self.reconcile_all, "claim binder")
+
+    def reconcile_all(self) -> None:
+        for claim in self.store.items(self.claims):
+            if (claim.get("status") or {}).get("phase") != "Bound":
+                self._bind(claim)
 
     def _bind(self, claim: dict[str, Any]) -> None:
         spec = claim.get("spec") or {}
