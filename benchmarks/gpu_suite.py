@@ -123,6 +123,10 @@ def vlm_steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                                        "--seed", "0"], 300)
         rows[f"{name}_peer"] = (guard + [py, a.peer, "--model", model, "--mode", "static",
                                          "--prompts", "256", "--static-batch", "64", *work], 300)
+        # where its time goes: host phases, GPU busy over prefill steps and decode steps
+        rows[f"prof_{name}"] = (guard + [py, "benchmarks/profile_bench_phases.py", "--window",
+                                         "3:13,90:110", "--", model, *load, *work,
+                                         "--num-prompts", "256", "--seed", "0"], 300)
         rows[f"{name}_ttft"] = (guard + [py, "-c", VLM_TTFT, f"{name}_ttft", str(size), model,
                                          *load, "--input-len", "64", "--output-len", "8",
                                          "--batch-size", "1", "--num-iters", "5",
@@ -225,6 +229,25 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                                     "--num-prompts", "256", "--input-len", "562", "--output-len",
                                     "562", "--random-range-ratio", "0.822", "--max-model-len",
                                     "2048"], 400),
+        # "qwen_json" / "qwen_json_free" with the tokenizer loaded in both (the same run but for
+        # the schema: a JSON run detokenizes, so the unconstrained one must too)
+        "qwen_json_free_detok": (bench + ["throughput", "--model", qwen, "--load-format", "dummy",
+                                          "--num-prompts", "256", "--input-len", "562",
+                                          "--output-len", "562", "--random-range-ratio", "0.822",
+                                          "--max-model-len", "2048", "--detokenize"], 400),
+        # where the host's time goes in those runs (profile_bench_phases.py), the grammar masks
+        # on the engine's thread or on their own
+        **{name: ([py, "benchmarks/profile_bench_phases.py", *flags, "--window", "200:230", "--",
+                   qwen, "--load-format", "dummy", "--num-prompts", "256", "--input-len", "562",
+                   "--output-len", "562", "--random-range-ratio", "0.822", "--max-model-len",
+                   "2048", *run], 400)
+           for name, flags, run in (
+               ("prof_json_free", [], ["--detokenize"]),
+               ("prof_json", [], ["--json-schema", "benchmarks/schemas/lowercase_text.json"]),
+               ("prof_json_thread", ["--mask-thread"],
+                ["--json-schema", "benchmarks/schemas/lowercase_text.json"]),
+               ("prof_json_thread_si", ["--mask-thread", "--switch-interval", "0.0005"],
+                ["--json-schema", "benchmarks/schemas/lowercase_text.json"]))},
         # the host half of "qwen_json" alone (CPU): 256 matchers' accept and fill per step, one by
         # one and through xgrammar's batch calls
         "grammar_mask": ([py, "benchmarks/bench_grammar_mask.py", "--steps", "48"], 300),

