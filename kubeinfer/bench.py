@@ -45,6 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="load the tokenizer and turn outputs into text as a server does (always "
                         "on with --json-schema); without it, token ids only "
                         "(--skip-tokenizer-init)")
+    t.add_argument("--unconstrained-twin", action="store_true",
+                   help="with --json-schema: then run the same requests without the schema, each "
+                        "held to the number of tokens it produced under it (the same work but "
+                        "for the grammar), and print that run's line with the ratio")
     _add_image_args(t)
     t.set_defaults(func=run_throughput)
     lat = bsub.add_parser("latency", help="one batch: time to first token, time per output token",
@@ -167,14 +171,21 @@ def _lengths(rng, n: int, length: int, ratio: float) -> list[int]:
     return [rng.randint(lo, hi) for _ in range(n)]
 
 
-def _run_all(engine, prompts, params_list, mm_inputs=None) -> int:
+def _run_all(engine, prompts, params_list, mm_inputs=None, counts: list[int] | None = None
+             ) -> int:
     """Run the requests to the end; prompts are token ids, or with mm_inputs each request's
-    MultiModalInputs (whose ids are its prompt)."""
+    MultiModalInputs (whose ids are its prompt). `counts` (if given) gets each request's number
+    of output tokens."""
     for i, (ids, params) in enumerate(zip(prompts, params_list)):
         engine.add_request(str(i), ids, params, mm_inputs=None if mm_inputs is None else mm_inputs[i])
     num_out = 0
+    if counts is not None:
+        counts[:] = [0] * len(prompts)
     while engine.has_unfinished_requests():
-        num_out += sum(len(o.new_token_ids) for o in engine.step())
+        for o in engine.step():
+            num_out += len(o.new_token_ids)
+            if counts is not None:
+                counts[int(o.request_id)] += len(o.new_token_ids)
     return num_out
 
 
@@ -190,6 +201,9 @@ def run_throughput(args: argparse.Namespace) -> int:
     from kubeinfer.engine.sampling_params import SamplingParams
 
     _check(args, ("num_prompts", "input_len", "output_len"))
+    if args.unconstrained_twin and not args.json_schema:
+        raise SystemExit("error: --unconstrained-twin compares with a --json-schema run: add "
+                         "--json-schema FILE, or drop --unconstrained-twin")
     schema = _read_schema(args.json_schema) if args.json_schema else None
     engine = _make_llm(args)
     workload = _image_workload(args, engine)
@@ -228,16 +242,44 @@ def run_throughput(args: argparse.Namespace) -> int:
     so = engine.structured_output
     so.fill_seconds, so.accept_seconds, so.num_fills = 0.0, 0.0, 0
     engine.runner.sampling.grammar_wait_seconds = 0.0
+    counts: list[int] = []
     start = time.perf_counter()
-    num_out = _run_all(engine, prompts, params, mm_inputs)
+    num_out = _run_all(engine, prompts, params, mm_inputs, counts)
     _sync(engine)
     elapsed = time.perf_counter() - start
+    _report(args, engine, in_lens, num_out, elapsed, workload, constraint)
+    if constraint is not None and args.unconstrained_twin:
+        # the same requests without the schema, each held to the tokens it produced under it:
+        # the same prompts, output lengths and engine, all but the grammar
+        twin = [SamplingParams(temperature=temp, max_tokens=n, ignore_eos=True)
+                for n in counts if n]
+        engine.kv.pool.reset_prefix_cache()
+        kept = [i for i, n in enumerate(counts) if n]
+        start = time.perf_counter()
+        twin_out = _run_all(engine, [prompts[i] for i in kept], twin)
+        _sync(engine)
+        twin_elapsed = time.perf_counter() - start
+        _report(args, engine, [in_lens[i] for i in kept], twin_out, twin_elapsed, None, None,
+                {"twin_of": args.json_schema, "constrained_vs_twin": round(
+                    (num_out / elapsed) / (twin_out / twin_elapsed), 3)})
+    if workload is not None:
+        workload.close()
+    engine.shutdown()
+    return 0
+
+
+def _report(args, engine, in_lens: list[int], num_out: int, elapsed: float, workload,
+            constraint, extra: dict | None = None) -> None:
+    """The run's JSON line, as vLLM's throughput benchmark prints it (and our own fields)."""
+    so = engine.structured_output
     total = num_out + sum(in_lens)
-    extra = {} if workload is None else _image_fields(args, in_lens)
+    extra = dict(extra or {})
+    if workload is not None:
+        extra.update(_image_fields(args, in_lens))
     if engine.config.parallel.pipeline_parallel_size > 1:  # the batch queue filled (or not)
         extra["peak_steps_in_flight"] = engine.peak_steps_in_flight
     if constraint is not None:
-        extra = {"json_schema": args.json_schema,
+        extra = {**extra, "json_schema": args.json_schema,
                  "mask_fill_ms_per_step": round(1e3 * so.fill_seconds / max(so.num_fills, 1), 3),
                  # the matchers taking the previous step's tokens, just before the fill
                  "mask_accept_ms_per_step": round(1e3 * so.accept_seconds / max(so.num_fills, 1), 3),
@@ -253,10 +295,6 @@ def run_throughput(args: argparse.Namespace) -> int:
         "output_tokens_per_second": round(num_out / elapsed, 1),
         "detokenize": not args.skip_tokenizer_init,
         "device": _device_name(engine), **_parallel(engine)}), flush=True)
-    if workload is not None:
-        workload.close()
-    engine.shutdown()
-    return 0
 
 
 def _process(workload, text_lens: list[int], first_index: int = 0) -> list:

@@ -53,8 +53,12 @@ def test_throughput_with_a_json_schema(config_only, tiny_model_dir, tmp_path, ca
     assert main(["bench", "throughput", str(config_only), "--load-format", "dummy",
                  "--num-prompts", "4", "--input-len", "20", "--output-len", "6",
                  "--max-model-len", "128", "--json-schema", str(schema),
-                 "--tokenizer", str(tiny_model_dir("qwen3"))]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                 "--tokenizer", str(tiny_model_dir("qwen3")), "--unconstrained-twin"]) == 0
+    result, twin = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:]]
+    # the twin: the same requests without the schema, each held to its constrained length
+    assert twin["twin_of"] == str(schema) and "mask_fill_ms_per_step" not in twin
+    assert twin["output_tokens"] == result["output_tokens"] and twin["detokenize"]
+    assert twin["constrained_vs_twin"] > 0
     assert result["num_requests"] == 4 and result["mask_fill_ms_per_step"] > 0
     assert result["mask_accept_ms_per_step"] > 0  # the output tokens reached their matchers
     assert result["mask_wait_ms_per_step"] >= 0  # the engine thread's wait for the mask thread
@@ -68,6 +72,7 @@ def test_throughput_with_a_json_schema(config_only, tiny_model_dir, tmp_path, ca
 
 @pytest.mark.parametrize("args, message", [
     (["--num-prompts", "0"], "--num-prompts must be at least 1, got 0"),
+    (["--unconstrained-twin"], "--unconstrained-twin compares with a --json-schema run"),
     (["--random-range-ratio", "1.5"], "--random-range-ratio must be in [0, 1), got 1.5"),
     ([], None),
 ])

@@ -13,8 +13,9 @@ the grammar callback, which advances the matchers and fills this step's rows; th
 mask thread on (`StructuredOutputManager.mask_thread`), the rows are filled there instead and
 `sample` returns at once with a finisher: the engine's thread resolves the previous step and
 schedules the next meanwhile, and the runner calls the finisher before it enqueues the next step
-(or reads this one). That overlap pays only where the engine's own Python leaves the mask
-thread the GIL; on CPU it measured slower (profile_grammar_host.py), so it is off by default.
+(or reads this one). The scheduler's resolve of the previous step does not wait for the job
+either (manager.accept_resolved). On by default with a GPU under async scheduling; off on CPU,
+where it measured slower (profile_grammar_host.py: the forward needs the cores).
 """
 from __future__ import annotations
 

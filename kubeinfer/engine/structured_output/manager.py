@@ -65,14 +65,17 @@ class StructuredOutputManager:
         self._rejected: set[str] = set()  # a matcher refused one of their tokens
         self._bitmask: torch.Tensor | None = None
         self.batch = GrammarBatch()
-        # True: the mask job runs on its own thread beside the engine's. Off: xgrammar's C++
-        # releases the GIL, but the job's Python (wrappers, per-row loops) waits for the engine
-        # thread's pure-Python work to give the GIL up (up to the 5 ms switch interval), and on
-        # CPU (profile_grammar_host.py, 256 rows) a step took 0.7-2 ms longer with it.
-        self.mask_thread = False
+        # True: the mask job runs on its own thread beside the engine's (xgrammar's C++ releases
+        # the GIL). On by default where the buffer is pinned (a GPU under async scheduling): on an
+        # H100 host (profile_bench_phases.py, 256 rows) the constrained run went 10,651 -> 12,379
+        # out tok/s with it. Off on CPU: there the forward itself needs the cores, and a step
+        # took 0.7-2 ms longer with it (profile_grammar_host.py).
+        self.mask_thread = pin_memory
         self._thread: ThreadPoolExecutor | None = None  # the mask job's (start_grammar_bitmask)
         # (known, results, where, Future of the accept half) of the job in flight, for _sync
         self._job_accept: tuple | None = None
+        # {(request id, output index): token} the job in flight feeds its matchers
+        self._job_fed: dict[tuple[str, int], int] = {}
         # host time spent on masks (advancing the matchers, then filling the rows) and the steps
         # that did (for `kubeinfer bench`)
         self.accept_seconds = 0.0
@@ -124,7 +127,28 @@ class StructuredOutputManager:
 
     def accept_resolved(self, resolved: Sequence[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
         """(accepted, terminated) of each (request id, output index, token) after its matcher
-        took it (see accept_known): the scheduler's one call per step."""
+        took it (see accept_known): the scheduler's one call per step.
+
+        A token that the mask job in flight is feeding its matcher, and that is none of the
+        grammar's stop tokens, is (True, False) without waiting for the job: it was sampled
+        under that matcher's mask, so the grammar takes it, and only a stop token can end a
+        grammar. The scheduler's resolve then overlaps the job instead of waiting for it. Were
+        the grammar to refuse it after all (an engine bug), the request fails at its next token
+        (`_plan`)."""
+        resolved = list(resolved)
+        job = self._job_accept
+        if job is None or job[3].done() or not self._job_fed:
+            return self._accept_resolved(resolved)
+        fed, matchers, rejected = self._job_fed, self.matchers, self._rejected
+        quick = [fed.get((r, i)) == t and r not in rejected and r in matchers
+                 and t not in matchers[r].stop_token_ids for r, i, t in resolved]
+        if all(quick):
+            return [(True, False)] * len(resolved)
+        slow = iter(self._accept_resolved([k for k, q in zip(resolved, quick) if not q]))
+        return [(True, False) if q else next(slow) for q in quick]
+
+    def _accept_resolved(self, resolved: list[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
+        """accept_resolved after the job in flight (if any) has taken its tokens."""
         accepted = self.accept_known(resolved)
         matchers = self.matchers
         return [(ok, m is not None and m.is_terminated())
@@ -184,6 +208,7 @@ class StructuredOutputManager:
         if self._job_accept is not None:
             known, results, where, accepted = self._job_accept
             self._job_accept = None
+            self._job_fed = {}
             self._apply(known, results, where, accepted.result())
 
     def free(self, req_id: str) -> None:
@@ -230,6 +255,7 @@ class StructuredOutputManager:
         mask = self._bitmask[:len(req_ids)]
         accepted: Future = Future()
         self._job_accept = (known, results, where, accepted)
+        self._job_fed = {(known[k][0], known[k][1]): known[k][2] for k in where}
         if not self.mask_thread:
             done: Future = Future()
             done.set_result(self._mask_job(todo, tokens, accepted, rows, mask))
