@@ -29,6 +29,10 @@ idle), from `vlm_ttft_floor`:
 
     python3 benchmarks/roofline_model.py benchmarks/models/llava-1.5-7b-shape --ttft \
         --image-size 336 --prompt-len 650 --gpu "NVIDIA H100 80GB HBM3"
+
+The VLM throughput workload's floor (`--vlm`, `vlm_throughput_floor`): n times the TTFT's FLOPs
+for the prefill, then per decode step the larger of its FLOPs and its bytes (weights + every
+running request's KV cache), at the measured ceilings.
 On several GPUs (`--tp`, `--pp`; the ceilings are one GPU's): tensor parallelism splits every
 FLOP and byte over the GPUs. Pipeline stages split the prefill FLOPs and the KV reads too, but with
 one micro-batch per stage in flight (N/pp requests each) every micro-batch reads its stage's
@@ -208,6 +212,37 @@ def vlm_ttft_floor(path: str, image_size: int, prompt_len: int, tflops: float, t
                 overlap_floor_ms=round(max(compute_ms, weight_ms), 3))
 
 
+def vlm_throughput_floor(path: str, image_size: int, prompt_len: int, n: int, out: int,
+                         tflops: float, tbps: float) -> dict:
+    """The floor of the VLM throughput workload: n requests of one image and `prompt_len` prompt
+    tokens (image tokens included) each, `out` tokens out, all decoding together. Prefill: n
+    times the vision tower, projector and prompt FLOPs of `vlm_ttft_floor`, at the matmul
+    ceiling. Decode: per step the larger of its matmul FLOPs (2 x decoder weights x running
+    requests) and its bytes (the decoder's weights once, and the KV cache of every running
+    request) at the copy ceiling. A lower bound: the KV cache is taken to hold all n requests at
+    once (where it cannot, real runs read the weights more often) and no step costs less than
+    its larger term."""
+    one = vlm_ttft_floor(path, image_size, prompt_len, tflops, tbps)
+    c = vlm_counts(path)
+    cfg = c["config"]
+    tc = getattr(cfg, "text_config", cfg)
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    kv_heads = getattr(tc, "num_key_value_heads", None) or heads
+    kv_bytes = 2 * tc.num_hidden_layers * kv_heads * head_dim * 2  # K and V, bf16, per token
+    decoder = c["parts"]["text"] + c["parts"]["lm_head"]
+    prefill_s = n * (one["vision_gflop"] + one["projector_gflop"] + one["prefill_gflop"]) \
+        * 1e9 / (tflops * 1e12)
+    decode_s = sum(max(2 * decoder * n / (tflops * 1e12),
+                       (2 * decoder + n * (prompt_len + i) * kv_bytes) / (tbps * 1e12))
+                   for i in range(out))
+    seconds = prefill_s + decode_s
+    return dict(image_size=image_size, prompt_len=prompt_len, prompts=n, output_len=out,
+                kv_mib_per_token=round(kv_bytes / 2**20, 3), prefill_s=round(prefill_s, 3),
+                decode_s=round(decode_s, 3), seconds=round(seconds, 3),
+                out_tok_s=round(n * out / seconds), tflops=tflops, tbps=tbps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -217,6 +252,9 @@ def main() -> None:
     ap.add_argument("--tbps", type=float, help="copy ceiling, TB/s (--ttft: else --gpu's peak)")
     ap.add_argument("--tflops", type=float, help="bf16 matmul ceiling (--ttft: else --gpu's peak)")
     ap.add_argument("--ttft", action="store_true", help="a VLM's time-to-first-token floor")
+    ap.add_argument("--vlm", action="store_true",
+                    help="a VLM's throughput floor (--prompts requests, one --image-size image and "
+                         "--prompt-len tokens each, --output-len out) at --tflops/--tbps")
     ap.add_argument("--image-size", type=int, default=336)
     ap.add_argument("--prompt-len", type=int, help="--ttft: prompt tokens, image tokens included")
     ap.add_argument("--gpu", default="H100 80GB HBM3", help="--ttft: the GPU's name, for its peaks")
@@ -232,6 +270,12 @@ def main() -> None:
         return
     if a.tbps is None or a.tflops is None:
         ap.error("--tbps and --tflops are required (the measured ceilings)")
+    if a.vlm:
+        if a.prompt_len is None:
+            ap.error("--vlm needs --prompt-len (the bench's mean_prompt_len)")
+        print(json.dumps(dict(model=a.model, **vlm_throughput_floor(
+            a.model, a.image_size, a.prompt_len, a.prompts, a.output_len, a.tflops, a.tbps))))
+        return
     print(json.dumps(dict(model=a.model, **roofline(counts(a.model), a.prompts, a.input_len,
                                                    a.output_len, a.tbps, a.tflops, a.tp, a.pp))))
 

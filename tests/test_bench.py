@@ -310,6 +310,25 @@ def test_llava_ttft_floor_counts_the_vision_tower_projector_and_prefill(benchmar
     assert floor["overlap_floor_ms"] == pytest.approx(max(compute_ms, weight_ms), abs=2e-3)
 
 
+def test_llava_throughput_floor_is_n_prefills_then_decode_steps_bound_by_kv_reads(
+        benchmarks_on_path):
+    from roofline_model import vlm_throughput_floor, vlm_ttft_floor
+
+    cfg = json.loads((LLAVA_SHAPE / "config.json").read_text())["text_config"]
+    n, L, out, tflops, tbps = 256, 642, 128, 660.0, 3.0
+    one = vlm_ttft_floor(str(LLAVA_SHAPE), 336, L, tflops, tbps)
+    floor = vlm_throughput_floor(str(LLAVA_SHAPE), 336, L, n, out, tflops, tbps)
+    prefill = n * (one["vision_gflop"] + one["projector_gflop"] + one["prefill_gflop"]) * 1e9
+    assert floor["prefill_s"] == pytest.approx(prefill / (tflops * 1e12), abs=2e-3)
+    # LLaVA's decoder has no grouped KV heads: half a MiB per token, and at 256 requests of
+    # ~700 tokens the KV reads (not the weights, not the FLOPs) bound every decode step
+    kv_bytes = 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 2
+    assert floor["kv_mib_per_token"] == kv_bytes / 2**20 == 0.5
+    kv_s = sum(n * (L + i) * kv_bytes for i in range(out)) / (tbps * 1e12)
+    assert kv_s < floor["decode_s"] < kv_s * 1.2
+    assert abs(floor["out_tok_s"] - n * out / (floor["prefill_s"] + floor["decode_s"])) < 2
+
+
 def test_qwen2_5_vl_floor_uses_merged_tokens_and_windows(benchmarks_on_path):
     from roofline_model import vlm_ttft_floor
 
