@@ -180,6 +180,20 @@ def bench_elementwise(copy_gbs: float) -> None:
         positions, q, k, cos_sin)), nbytes=2 * (q.numel() + k.numel()) * 2, copy_gbs=copy_gbs,
         ref_ms=timed(lambda: reference.rotary_embedding(positions, q, k, cos_sin)))
 
+    # the vision towers' mode (Qwen2.5-VL-7B: 16 heads of 80): q, k strided views of the QKV
+    # output, a float32 cos|sin row per patch, float32 math; the reference is HF's formula
+    qkv = torch.randn(t, 3, 16, 80, device="cuda", dtype=DTYPE)
+    patch_angles = torch.rand(t, 40, device="cuda") * 30
+    vis_cs = torch.cat([patch_angles.cos(), patch_angles.sin()], -1)
+    vis = (None, qkv[:, 0], qkv[:, 1], vis_cs)
+    for g, w in zip(rotary.rotary_embedding(*vis, float32_math=True),
+                    reference.rotary_embedding(*vis, float32_math=True)):
+        check("rotary vision", g, w, 0.0, 0.0)
+    record("rotary vision T8192 16h d80 f32-math", timed(lambda: rotary.rotary_embedding(
+        *vis, float32_math=True)), nbytes=2 * 2 * qkv[:, :2].numel() + 4 * vis_cs.numel(),
+        copy_gbs=copy_gbs,
+        ref_ms=timed(lambda: reference.rotary_embedding(*vis, float32_math=True)))
+
     gate_up = torch.randn(t, 2 * hidden, device="cuda", dtype=DTYPE)
     check("silu_and_mul", activation.silu_and_mul(gate_up), reference.silu_and_mul(gate_up),
           1.6e-2, 1.6e-2)

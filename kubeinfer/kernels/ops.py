@@ -88,10 +88,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return impl.fused_add_rms_norm(x, residual, weight, eps)
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(positions: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, float32_math: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions None: token t uses table row t; float32_math: HF's vision rotary (see
+    reference.rotary_embedding)."""
     impl = _triton_module("rotary") if use_triton(q) else reference
-    return impl.rotary_embedding(positions, q, k, cos_sin_cache)
+    return impl.rotary_embedding(positions, q, k, cos_sin_cache, float32_math=float32_math)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

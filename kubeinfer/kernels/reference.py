@@ -154,23 +154,36 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(residual, weight, eps), residual
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(positions: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, float32_math: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox-style rotary (HF's rotate_half) on the first rotary_dim features of each head.
 
-    positions [T] int; q [T, H, D]; k [T, KVH, D]; cos_sin_cache [max_pos, rotary_dim] float32
-    holding cos in its first half and sin in its second. Returns new (q, k) in their dtypes.
+    positions [T] int, or None: token t uses table row t (a vision tower's per-patch angles);
+    q [T, H, D]; k [T, KVH, D]; cos_sin_cache [max_pos, rotary_dim] float32 holding cos in its
+    first half and sin in its second. Returns new (q, k) in their dtypes.
+
+    Default (HF's apply_rotary_pos_emb): cos/sin rounded to q's dtype and the math in q's dtype.
+    float32_math (HF's apply_rotary_pos_emb_vision): `(x.float() * cos + rotate_half(x.float())
+    * sin).to(x.dtype)` with cos/sin the table's float32 values.
     """
     rot = cos_sin_cache.shape[1]
-    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # [T, rot/2]
-    cos = torch.cat([cos, cos], dim=-1).unsqueeze(1).to(q.dtype)
-    sin = torch.cat([sin, sin], dim=-1).unsqueeze(1).to(q.dtype)
+    rows = cos_sin_cache[:q.shape[0]] if positions is None else cos_sin_cache[positions.long()]
+    cos, sin = rows.chunk(2, dim=-1)  # [T, rot/2]
+    cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)
+    sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)
+    if not float32_math:
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
+        # k's result is promote(k, q) as in the kernel (a no-op cast in the default mode)
+        out_dtype = torch.promote_types(x.dtype, q.dtype)
         xr, xp = x[..., :rot], x[..., rot:]
+        if float32_math:
+            xr = xr.float()
         x1, x2 = xr.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
-        return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
+        return torch.cat([(xr * cos + rotated * sin).to(out_dtype), xp], dim=-1)
 
     return apply(q), apply(k)
 

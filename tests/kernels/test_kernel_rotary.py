@@ -59,3 +59,83 @@ def test_rotary_strided_views(device):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_real_size():
     check(8192, 32, 8, 128, 128, torch.bfloat16, "cuda", strided=True)
+
+
+# ---- the vision towers' mode: a table row per token, float32 math (HF's apply_rotary_pos_emb_vision)
+
+def vision_inputs(num_tokens, num_heads, head_size, dtype, device):
+    """q, k as views of a QKV output [T, 3, H, D] (the tower's layout) and a per-token cos|sin
+    table of 2-D angles (half the frequencies turn with a row index, half with a column)."""
+    qkv = torch.randn(num_tokens, 3, num_heads, head_size, dtype=dtype, device=device) * 2
+    inv = 1.0 / 10000.0 ** (torch.arange(0, head_size // 2, 2, dtype=torch.float32)
+                            / (head_size // 2))
+    rows = torch.randint(0, 40, (num_tokens, 1)).float()
+    cols = torch.randint(0, 40, (num_tokens, 1)).float()
+    freqs = torch.cat([rows * inv, cols * inv], dim=-1)  # [T, D/2]
+    table = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+    return qkv[:, 0], qkv[:, 1], table, freqs
+
+
+def hf_vision_rotary(q, k, freqs):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return apply_rotary_pos_emb_vision(q, k, emb.cos(), emb.sin())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens,num_heads,head_size", [(9, 2, 16), (5, 3, 80)])
+def test_vision_rotary_float32_math(num_tokens, num_heads, head_size, dtype, device):
+    """Strided q/k views, no positions: bit-identical to the torch reference and to HF's vision
+    rotary (every step is one IEEE float32 op, then one rounding, in both)."""
+    q, k, table, freqs = vision_inputs(num_tokens, num_heads, head_size, dtype, device)
+    assert not q.is_contiguous()
+    q_before = q.clone()
+    got_q, got_k = rotary.rotary_embedding(None, q, k, table, float32_math=True)
+    want_q, want_k = reference.rotary_embedding(None, q.cpu(), k.cpu(), table.cpu(),
+                                                float32_math=True)
+    hf_q, hf_k = hf_vision_rotary(q.cpu(), k.cpu(), freqs)
+    for got, want, hf in ((got_q, want_q, hf_q), (got_k, want_k, hf_k)):
+        assert got.dtype == want.dtype == hf.dtype == dtype
+        assert torch.equal(got.cpu(), want) and torch.equal(want, hf)
+    assert torch.equal(q, q_before)
+
+
+def test_vision_rotary_reference_bf16_equals_hf():
+    """The torch path (what a CPU runs) in bfloat16 is HF's formula bit for bit; the kernel's
+    bfloat16 is checked on a GPU (test above), where Triton rounds as torch does."""
+    q, k, table, freqs = vision_inputs(11, 2, 32, torch.bfloat16, "cpu")
+    got = reference.rotary_embedding(None, q, k, table, float32_math=True)
+    for ours, hf in zip(got, hf_vision_rotary(q, k, freqs)):
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, hf)
+
+
+def test_rotary_without_positions_equals_arange(device):
+    """positions=None reads table row t for token t, in both modes."""
+    q, k, table, _ = vision_inputs(6, 2, 32, torch.float16, device)
+    arange = torch.arange(6, device=device)
+    for f32 in (False, True):
+        got = rotary.rotary_embedding(None, q, k, table, float32_math=f32)
+        want = rotary.rotary_embedding(arange, q, k, table, float32_math=f32)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_vision_rotary_partial_rot_dim(device):
+    """Features past the table's width pass through unchanged in float32 mode too."""
+    q, k, table, _ = vision_inputs(4, 2, 32, torch.float32, device)
+    table = table[:, [0, 1, 16, 17]].contiguous()  # the first 2 of 16 cos | sin: rot_dim 4 of 32
+    got_q, got_k = rotary.rotary_embedding(None, q, k, table, float32_math=True)
+    want_q, want_k = reference.rotary_embedding(None, q.cpu(), k.cpu(), table.cpu(),
+                                                float32_math=True)
+    assert torch.equal(got_q.cpu(), want_q) and torch.equal(got_k.cpu(), want_k)
+    assert torch.equal(got_q[..., 4:], q[..., 4:]) and not torch.equal(got_q[..., :4], q[..., :4])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_vision_real_size():
+    """Qwen2.5-VL-7B's tower: 16 heads of 80, a 448-pixel image's 1024 patches, bfloat16."""
+    q, k, table, freqs = vision_inputs(1024, 16, 80, torch.bfloat16, "cuda")
+    got = rotary.rotary_embedding(None, q, k, table, float32_math=True)
+    for ours, hf in zip(got, hf_vision_rotary(q, k, freqs.cuda())):
+        assert torch.equal(ours, hf)

@@ -97,10 +97,12 @@ class Qwen2VLForConditionalGeneration(nn.Module):
                     raise ValueError(f"checkpoint tensor {name!r} has no place in "
                                      f"{type(self).__name__}")
                 if target.startswith("visual."):
-                    if not self.visual.load_weight(visual_params, target[len("visual."):], tensor):
+                    filled = self.visual.load_weight(visual_params, target[len("visual."):],
+                                                     tensor)
+                    if filled is None:
                         raise ValueError(f"checkpoint tensor {name!r} has no place in the vision "
                                          f"tower of {type(self).__name__}")
-                    loaded.add(target)
+                    loaded.add("visual." + filled)
                     continue
                 yield target, tensor
 

@@ -10,6 +10,12 @@ image rows.
   fc1/act/fc2 MLP. Qwen2.5-VL: RMSNorm and SwiGLU with biases, and window attention: patches are
   regrouped window by window (`window_size` pixels square, in merged cells), and every block
   except those at `fullatt_block_indexes` attends only within its window.
+- Elementwise work goes through kubeinfer.kernels.ops (one Triton kernel each on a GPU, the torch
+  references elsewhere), each with HF's rounding: the rotary of q and k read in place from the
+  QKV output (float32 math, a cos|sin row per patch), RMSNorm, and for RMSNorm towers the
+  residual add fused into the next norm (`x + delta` rounded to x's dtype, as HF's
+  `x = x + attn(...)`); SwiGLU's gate and up are one GEMM (merged as the weights load) and one
+  act-and-mul kernel.
 - Patch merger: a norm, then each 2x2 group of neighbouring patches (consecutive in the
   processor's order) concatenated and projected by a two-layer MLP to the decoder's width; the
   window regrouping is undone on the merged rows.
@@ -31,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubeinfer.kernels import ops
+
 
 class VisionRMSNorm(nn.Module):
     """HF's Qwen2-VL RMSNorm: normalised in float32, cast back, then scaled."""
@@ -41,9 +49,19 @@ class VisionRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)  # HF's formula (reference.rms_norm)
+
+
+def _add_norm(norm: nn.Module, delta: torch.Tensor | None, residual: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + delta), residual + delta); the sum rounded to the stream's dtype once, as
+    HF's `x = x + f(x)`. One kernel for RMSNorm; delta None: nothing to add."""
+    if delta is None:
+        return norm(residual), residual
+    if isinstance(norm, VisionRMSNorm):
+        return ops.fused_add_rms_norm(delta, residual, norm.weight, norm.eps)
+    residual = residual + delta
+    return norm(residual), residual
 
 
 def _activation(name: str):
@@ -52,9 +70,10 @@ def _activation(name: str):
     return ACT2FN[name]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+# hidden_act -> the fused act-and-mul op with the same function (HF's silu is F.silu, its
+# gelu_pytorch_tanh F.gelu(approximate="tanh")); any other activation runs as two torch ops
+_ACT_AND_MUL = {"silu": ops.silu_and_mul, "swish": ops.silu_and_mul,
+                "gelu_pytorch_tanh": ops.gelu_tanh_and_mul}
 
 
 class VisionAttention(nn.Module):
@@ -64,16 +83,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                segments: Segments) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """x [N, dim]; cos_sin [N, head_dim] float32, row i patch i's cos | sin."""
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
-        v = qkv[:, 2]
-        # q and k turned together (HF's float32 math, half the kernel launches)
-        qk = qkv[:, :2].float()
-        cos, sin = cos[:, None, None], sin[:, None, None]  # [N, 1, 1, head_dim], float32
-        q, k = (qk * cos + _rotate_half(qk) * sin).to(v.dtype).unbind(1)
-        return self.proj(segments.attend(q, k, v).reshape(n, -1))
+        # q and k read in place from the GEMM's output (strided views), turned by one kernel
+        # with HF's float32 vision math; v stays a view
+        q, k = ops.rotary_embedding(None, qkv[:, 0], qkv[:, 1], cos_sin, float32_math=True)
+        return self.proj(segments.attend(q, k, qkv[:, 2]).reshape(n, -1))
 
 
 @dataclass
@@ -122,22 +139,27 @@ def _host_to(t: torch.Tensor, device) -> torch.Tensor:
 
 
 class VisionMLP(nn.Module):
-    """fc1/act/fc2 (Qwen2-VL) or gate/up/down with biases (Qwen2.5-VL's SwiGLU)."""
+    """fc1/act/fc2 (Qwen2-VL) or gate/up/down with biases (Qwen2.5-VL's SwiGLU; gate and up are
+    one [2 * hidden, dim] layer, gate's rows first, filled by `Qwen2VisionTower.load_weight`)."""
 
     def __init__(self, dim: int, hidden: int, act: str, gated: bool):
         super().__init__()
         self.gated, self.act = gated, _activation(act)
         if gated:
-            self.gate_proj = nn.Linear(dim, hidden)
-            self.up_proj = nn.Linear(dim, hidden)
+            self.gate_up_proj = nn.Linear(dim, 2 * hidden)
             self.down_proj = nn.Linear(hidden, dim)
+            self.act_and_mul = _ACT_AND_MUL.get(act)
         else:
             self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.fc2(self.act(self.fc1(x)))
+        if not self.gated:
+            return self.fc2(self.act(self.fc1(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.act_and_mul is not None:
+            return self.down_proj(self.act_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class VisionBlock(nn.Module):
@@ -147,9 +169,14 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = mlp
 
-    def forward(self, x, cos, sin, segments):
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, delta: torch.Tensor | None, residual: torch.Tensor, cos_sin: torch.Tensor,
+                segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's `x = x + attn(norm1(x)); x = x + mlp(norm2(x))` with the last add left to the
+        next norm: x is residual + delta (delta None: x is residual). Returns (delta, residual)
+        for the next block."""
+        h, residual = _add_norm(self.norm1, delta, residual)
+        h, residual = _add_norm(self.norm2, self.attn(h, cos_sin, segments), residual)
+        return self.mlp(h), residual
 
 
 class PatchMerger(nn.Module):
@@ -160,8 +187,9 @@ class PatchMerger(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(self.width, self.width), nn.GELU(),
                                  nn.Linear(self.width, out_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln_q(x).view(-1, self.width))
+    def forward(self, delta: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+        """Merges x = residual + delta (the last block's pending add, fused into ln_q)."""
+        return self.mlp(_add_norm(self.ln_q, delta, residual)[0].view(-1, self.width))
 
 
 @dataclass
@@ -170,8 +198,8 @@ class _GridLayout:
 
     num_patches: int
     num_cells: int
-    cos: torch.Tensor  # [patches, head_dim] float32, in the tower's (window) order
-    sin: torch.Tensor
+    cos_sin: torch.Tensor  # [patches, head_dim] float32: cos | sin of the head_dim/2 angles,
+    # in the tower's (window) order (kernels.ops.rotary_embedding's table layout)
     frame_lens: list[int]  # full attention: one segment a frame
     window_lens: list[int]  # window attention (Qwen2.5-VL), in patches
     patch_order: torch.Tensor | None  # [patches]: the window order of the processor's patches
@@ -224,16 +252,18 @@ class Qwen2VisionTower(nn.Module):
         device = pixel_values.device
         layouts = [self._grid_layout(tuple(int(v) for v in g), device) for g in grids]
         x = self.patch_embed.proj(pixel_values.to(self.patch_embed.proj.weight.dtype))
-        cos = torch.cat([lay.cos for lay in layouts]) if len(layouts) > 1 else layouts[0].cos
-        sin = torch.cat([lay.sin for lay in layouts]) if len(layouts) > 1 else layouts[0].sin
+        cos_sin = torch.cat([lay.cos_sin for lay in layouts]) if len(layouts) > 1 \
+            else layouts[0].cos_sin
         frames = Segments.of([n for lay in layouts for n in lay.frame_lens], device)
         windows = None
         if self.windowed:
             x = x[self._packed(layouts, "patch_order", "num_patches")]
             windows = Segments.of([n for lay in layouts for n in lay.window_lens], device)
+        delta = None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, frames if i in self.full_attention_blocks else windows)
-        merged = self.merger(x)
+            delta, x = block(delta, x, cos_sin,
+                             frames if i in self.full_attention_blocks else windows)
+        merged = self.merger(delta, x)
         if self.windowed:  # back to the processor's (placeholder) order
             merged = merged[self._packed(layouts, "cell_unorder", "num_cells")]
         return merged
@@ -273,10 +303,10 @@ class Qwen2VisionTower(nn.Module):
             cell_unorder = _host_to(torch.argsort(order), device)
             patch_order = _host_to(patch_order, device)
             window_lens = [n * unit for n in cells]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return _GridLayout(t * h * w, t * h * w // unit, _host_to(emb.cos(), device),
-                           _host_to(emb.sin(), device), [h * w] * t, window_lens, patch_order,
-                           cell_unorder)
+        # HF's emb = cat(freqs, freqs): both halves' cos (sin) are these, as the kernel reads them
+        cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        return _GridLayout(t * h * w, t * h * w // unit, _host_to(cos_sin, device), [h * w] * t,
+                           window_lens, patch_order, cell_unorder)
 
     def _rotary_angles(self, t: int, h: int, w: int) -> torch.Tensor:
         """[t*h*w, head_dim/2] float32 on the host: each patch's row angles, then its column
@@ -299,16 +329,27 @@ class Qwen2VisionTower(nn.Module):
                  for y in range(0, gh, side) for x in range(0, gw, side)]
         return torch.cat(parts), [p.numel() for p in parts]
 
-    def load_weight(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> bool:
+    def load_weight(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor
+                    ) -> str | None:
         """Copy one checkpoint tensor (name relative to the tower) into `params` (this tower's
-        named parameters); False if it has no place."""
-        param = params.get(name)
+        named parameters). Returns the parameter it filled (gate_proj / up_proj fill one half of
+        gate_up_proj), None if it has no place."""
+        target, rows = name, None
+        for part, half in ((".mlp.gate_proj.", 0), (".mlp.up_proj.", 1)):
+            if part in name:
+                target = name.replace(part, ".mlp.gate_up_proj.")
+                rows = half
+        param = params.get(target)
         if param is None:
-            return False
+            return None
         if name == "patch_embed.proj.weight":  # the Conv3d kernel [D, C, T, P, P] as a linear
             tensor = tensor.reshape(tensor.shape[0], -1)
-        if tuple(param.shape) != tuple(tensor.shape):
+        dest = param.data
+        if rows is not None:  # gate's rows first, then up's (the act-and-mul kernels' layout)
+            hidden = dest.shape[0] // 2
+            dest = dest[rows * hidden:(rows + 1) * hidden]
+        if tuple(dest.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint tensor visual.{name} has shape {tuple(tensor.shape)}; "
-                             f"the vision tower expects {tuple(param.shape)}")
-        param.data.copy_(tensor.to(param.dtype))
-        return True
+                             f"the vision tower expects {tuple(dest.shape)}")
+        dest.copy_(tensor.to(dest.dtype))
+        return target
