@@ -138,16 +138,27 @@ def _host_to(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
+def padded_width(hidden: int) -> int:
+    """The SwiGLU width the tower computes with: `hidden` itself when its bf16 rows are 16-byte
+    aligned, else the next multiple of 64. Qwen2.5-VL's 3,420 is not: its down projection's
+    input rows (6,840 bytes) sent cuBLAS to align-2 sm80 kernels, a fifth of the H100 prefill
+    steps' GPU time (profile_bench_phases.py). The extra units have zero gate, up and down weights
+    and biases, so they add exact zeros."""
+    return hidden if hidden % 8 == 0 else -(-hidden // 64) * 64
+
+
 class VisionMLP(nn.Module):
     """fc1/act/fc2 (Qwen2-VL) or gate/up/down with biases (Qwen2.5-VL's SwiGLU; gate and up are
-    one [2 * hidden, dim] layer, gate's rows first, filled by `Qwen2VisionTower.load_weight`)."""
+    one [2 * width, dim] layer, gate's rows first, filled by `Qwen2VisionTower.load_weight`;
+    width = padded_width(hidden))."""
 
     def __init__(self, dim: int, hidden: int, act: str, gated: bool):
         super().__init__()
         self.gated, self.act = gated, _activation(act)
         if gated:
-            self.gate_up_proj = nn.Linear(dim, 2 * hidden)
-            self.down_proj = nn.Linear(hidden, dim)
+            self.hidden, width = hidden, padded_width(hidden)
+            self.gate_up_proj = nn.Linear(dim, 2 * width)
+            self.down_proj = nn.Linear(width, dim)
             self.act_and_mul = _ACT_AND_MUL.get(act)
         else:
             self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
@@ -346,8 +357,13 @@ class Qwen2VisionTower(nn.Module):
             tensor = tensor.reshape(tensor.shape[0], -1)
         dest = param.data
         if rows is not None:  # gate's rows first, then up's (the act-and-mul kernels' layout)
-            hidden = dest.shape[0] // 2
-            dest = dest[rows * hidden:(rows + 1) * hidden]
+            width = dest.shape[0] // 2
+            half = dest[rows * width:(rows + 1) * width]
+            dest, pad = half[:tensor.shape[0]], half[tensor.shape[0]:]
+            pad.zero_()  # padded_width's extra units: exact zeros
+        elif target.endswith(".mlp.down_proj.weight") and dest.shape[1] > tensor.shape[1]:
+            dest[:, tensor.shape[1]:].zero_()
+            dest = dest[:, :tensor.shape[1]]
         if tuple(dest.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint tensor visual.{name} has shape {tuple(tensor.shape)}; "
                              f"the vision tower expects {tuple(dest.shape)}")
