@@ -251,6 +251,8 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                 ["--json-schema", "benchmarks/schemas/lowercase_text.json"]),
                ("prof_json_thread_si", ["--mask-thread", "--switch-interval", "0.0005"],
                 ["--json-schema", "benchmarks/schemas/lowercase_text.json"]))},
+        # the all-decode attention kernel's tile settings on the VLM and Llama decode shapes
+        "sweep_decode_attention": ([py, "benchmarks/sweep_decode_attention.py"], 400),
         # the host half of "qwen_json" alone (CPU): 256 matchers' accept and fill per step, one by
         # one and through xgrammar's batch calls
         "grammar_mask": ([py, "benchmarks/bench_grammar_mask.py", "--steps", "48"], 300),
