@@ -124,7 +124,7 @@ def vlm_steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         rows[f"{name}_peer"] = (guard + [py, a.peer, "--model", model, "--mode", "static",
                                          "--prompts", "256", "--static-batch", "64", *work], 300)
         # where its time goes: host phases, GPU busy over prefill steps and decode steps
-        rows[f"prof_{name}"] = (guard + [py, "benchmarks/profile_bench_phases.py", "--window",
+        rows[f"prof_{name}"] = (guard + [py, "benchmarks/profile_bench_phases.py", "--host-ops", "--window",
                                          "3:13,90:110", "--", model, *load, *work,
                                          "--num-prompts", "256", "--seed", "0"], 300)
         rows[f"{name}_ttft"] = (guard + [py, "-c", VLM_TTFT, f"{name}_ttft", str(size), model,

@@ -95,7 +95,10 @@ def patch(a: argparse.Namespace) -> None:
         for lo, hi in windows:
             if STEPS["timed"] and STEPS["n"] == lo and self.device.type == "cuda":
                 import torch
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                acts = [torch.profiler.ProfilerActivity.CUDA]
+                if a.host_ops:
+                    acts.append(torch.profiler.ProfilerActivity.CPU)
+                prof = torch.profiler.profile(activities=acts)
                 prof.__enter__()
                 PROFILE[(lo, hi)] = [prof, time.perf_counter(), None]
         waiting = sum(r.num_computed_tokens < r.num_prompt_tokens
@@ -132,8 +135,18 @@ def kernel_table(prof, wall: float, top: int) -> dict:
     for e in events:
         by_name[e.name[:90]] += e.time_range.end - e.time_range.start
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
-    return {"window_wall_ms": round(1e3 * wall, 2), "gpu_busy": round(busy / 1e6 / wall, 3),
-            "top_kernels_ms": {k: round(v / 1e3, 2) for k, v in ranked}}
+    table = {"window_wall_ms": round(1e3 * wall, 2), "gpu_busy": round(busy / 1e6 / wall, 3),
+             "top_kernels_ms": {k: round(v / 1e3, 2) for k, v in ranked}}
+    runtime: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():  # with --host-ops: the CUDA runtime calls (syncs, copies, launches)
+        if e.device_type.name == "CPU" and e.name.startswith("cuda"):
+            runtime[e.name][0] += e.self_cpu_time_total
+            runtime[e.name][1] += 1
+    if runtime:
+        table["host_runtime_calls_ms"] = {
+            k: [round(v[0] / 1e3, 2), v[1]]
+            for k, v in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:top]}
+    return table
 
 
 def main() -> None:
@@ -145,6 +158,8 @@ def main() -> None:
     p.add_argument("--window", default="100:130",
                    help="steps A:B (comma-separated, several) of the timed run to trace")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--host-ops", action="store_true",
+                   help="also trace the host: the CUDA runtime calls (ms, count) in each window")
     p.add_argument("bench", nargs=argparse.REMAINDER, help="-- then bench throughput's arguments")
     a = p.parse_args()
     if a.switch_interval:
