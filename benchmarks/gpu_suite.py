@@ -149,7 +149,7 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "ceilings": ([py, "-c", CEILINGS], 60),
         "tests": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                    "tests/engine/test_gpu_engine.py", "tests/engine/multimodal/test_qwen2_vl_gpu.py",
-                   "-k", "not pipeline_parallel"], 200),
+                   "-k", "not pipeline_parallel"], 420),
         "kernel_tests": ([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                           "tests/kernels"], 300),
         "kernels": ([py, "benchmarks/bench_kernels.py"], 300),
