@@ -76,15 +76,24 @@ def patch(a: argparse.Namespace) -> None:
 
     def so_init(self, *args, **kw):
         init(self, *args, **kw)
-        self.mask_thread = a.mask_thread
+        if a.mask_thread is not None:
+            self.mask_thread = a.mask_thread == "on"
+        if a.min_chunk_rows is not None:
+            self.batch.min_chunk_rows = a.min_chunk_rows
+        if a.quick_resolve is not None:
+            self.resolve_without_job = a.quick_resolve == "on"
+        a.manager = self
     StructuredOutputManager.__init__ = so_init
 
     reset = block_pool.BlockPool.reset_prefix_cache
 
-    def reset_and_start(self, *args, **kw):  # the bench's warm-up is over: count from here
-        TIMES.clear()
-        COUNTS.clear()
-        STEPS.update(n=0, prefill=0, prefill_s=0.0, decode_s=0.0, timed=True)
+    def reset_and_start(self, *args, **kw):
+        if not STEPS["timed"]:  # the bench's warm-up is over: count from here
+            TIMES.clear()
+            COUNTS.clear()
+            STEPS.update(n=0, prefill=0, prefill_s=0.0, decode_s=0.0, timed=True)
+        elif "frozen" not in STEPS:  # --unconstrained-twin's run: keep the first run's numbers
+            STEPS["frozen"] = (dict(TIMES), dict(COUNTS), dict(STEPS))
         return reset(self, *args, **kw)
     block_pool.BlockPool.reset_prefix_cache = reset_and_start
 
@@ -151,8 +160,13 @@ def kernel_table(prof, wall: float, top: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mask-thread", action="store_true",
-                   help="the grammar masks on the manager's own thread")
+    p.add_argument("--mask-thread", choices=("on", "off"), default=None,
+                   help="the grammar masks on the manager's own thread (default: the engine's)")
+    p.add_argument("--quick-resolve", choices=("on", "off"), default=None,
+                   help="the scheduler's resolve takes masked non-stop tokens without waiting for "
+                        "the mask job (default: the engine's)")
+    p.add_argument("--min-chunk-rows", type=int, default=None,
+                   help="GrammarBatch.min_chunk_rows (rows per accept thread)")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="sys.setswitchinterval (s): how long a thread may hold the GIL")
     p.add_argument("--window", default="100:130",
@@ -170,8 +184,19 @@ def main() -> None:
     argv = [x for x in a.bench if x != "--"]
     start = time.perf_counter()
     rc = cli_main(["bench", "throughput", *argv])
+    if "frozen" in STEPS:
+        times, counts, steps = STEPS["frozen"]
+        TIMES.clear()
+        TIMES.update(times)
+        COUNTS.clear()
+        COUNTS.update(counts)
+        STEPS.update(steps)
     n = max(STEPS["n"], 1)
-    line = {"step": "phases", "mask_thread": a.mask_thread, "switch_interval": sys.getswitchinterval(),
+    so = getattr(a, "manager", None)
+    line = {"step": "phases", "mask_thread": so.mask_thread if so else None,
+            "quick_resolve": getattr(so, "resolve_without_job", None),
+            "min_chunk_rows": so.batch.min_chunk_rows if so else None,
+            "switch_interval": sys.getswitchinterval(),
             "steps": STEPS["n"], "prefill_steps": STEPS["prefill"],
             "ms_per_prefill_step": round(1e3 * STEPS["prefill_s"] / max(STEPS["prefill"], 1), 3),
             "ms_per_decode_step": round(1e3 * STEPS["decode_s"] / max(STEPS["n"] - STEPS["prefill"], 1), 3),

@@ -76,6 +76,8 @@ class StructuredOutputManager:
         self._job_accept: tuple | None = None
         # {(request id, output index): token} the job in flight feeds its matchers
         self._job_fed: dict[tuple[str, int], int] = {}
+        # accept_resolved answers for masked non-stop tokens without waiting for the job
+        self.resolve_without_job = True
         # host time spent on masks (advancing the matchers, then filling the rows) and the steps
         # that did (for `kubeinfer bench`)
         self.accept_seconds = 0.0
@@ -137,7 +139,7 @@ class StructuredOutputManager:
         (`_plan`)."""
         resolved = list(resolved)
         job = self._job_accept
-        if job is None or job[3].done() or not self._job_fed:
+        if job is None or job[3].done() or not self._job_fed or not self.resolve_without_job:
             return self._accept_resolved(resolved)
         fed, matchers, rejected = self._job_fed, self.matchers, self._rejected
         quick = [fed.get((r, i)) == t and r not in rejected and r in matchers
