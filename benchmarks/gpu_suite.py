@@ -246,15 +246,6 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                    "--output-len", "562", "--random-range-ratio", "0.822", "--max-model-len",
                    "2048", *run], 400)
            for name, flags, run in (
-               # the mask thread's GIL hand-offs: the resolve waiting for the job or not, accept
-               # chunks on threads or one call, the interpreter's switch interval
-               *((f"ab_json_{tag}", ["--mask-thread", "on", "--quick-resolve", quick,
-                                     "--min-chunk-rows", chunk, "--switch-interval", si],
-                  ["--json-schema", "benchmarks/schemas/lowercase_text.json", *twin])
-                 for tag, quick, chunk, si, twin in (
-                     ("a", "off", "32", "0.005", ["--unconstrained-twin"]),
-                     ("b", "on", "8", "0.0002", []), ("c", "on", "100000", "0.0002", []),
-                     ("d", "off", "8", "0.0002", []), ("e", "on", "32", "0.0005", []))),
                ("prof_json_free", [], ["--detokenize"]),
                ("prof_json", [], ["--json-schema", "benchmarks/schemas/lowercase_text.json"]),
                ("prof_json_thread", ["--mask-thread"],

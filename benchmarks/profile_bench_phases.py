@@ -80,8 +80,6 @@ def patch(a: argparse.Namespace) -> None:
             self.mask_thread = a.mask_thread == "on"
         if a.min_chunk_rows is not None:
             self.batch.min_chunk_rows = a.min_chunk_rows
-        if a.quick_resolve is not None:
-            self.resolve_without_job = a.quick_resolve == "on"
         a.manager = self
     StructuredOutputManager.__init__ = so_init
 
@@ -162,9 +160,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mask-thread", choices=("on", "off"), default=None,
                    help="the grammar masks on the manager's own thread (default: the engine's)")
-    p.add_argument("--quick-resolve", choices=("on", "off"), default=None,
-                   help="the scheduler's resolve takes masked non-stop tokens without waiting for "
-                        "the mask job (default: the engine's)")
     p.add_argument("--min-chunk-rows", type=int, default=None,
                    help="GrammarBatch.min_chunk_rows (rows per accept thread)")
     p.add_argument("--switch-interval", type=float, default=None,
@@ -194,7 +189,6 @@ def main() -> None:
     n = max(STEPS["n"], 1)
     so = getattr(a, "manager", None)
     line = {"step": "phases", "mask_thread": so.mask_thread if so else None,
-            "quick_resolve": getattr(so, "resolve_without_job", None),
             "min_chunk_rows": so.batch.min_chunk_rows if so else None,
             "switch_interval": sys.getswitchinterval(),
             "steps": STEPS["n"], "prefill_steps": STEPS["prefill"],

@@ -24,6 +24,7 @@ first use, so an engine that never sees a constraint never pays for it.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,10 @@ from kubeinfer.engine.structured_output.compiler import StructuredOutputCompiler
 from kubeinfer.engine.structured_output.grammar_batch import GrammarBatch
 from kubeinfer.engine.structured_output.matcher import StructuredOutputMatcher
 from kubeinfer.engine.structured_output.params import StructuredOutputsParams
+
+
+# sys.setswitchinterval while a mask thread exists (seconds): see start_grammar_bitmask
+MASK_THREAD_SWITCH_INTERVAL = 0.0002
 
 
 class StructuredOutputManager:
@@ -74,10 +79,6 @@ class StructuredOutputManager:
         self._thread: ThreadPoolExecutor | None = None  # the mask job's (start_grammar_bitmask)
         # (known, results, where, Future of the accept half) of the job in flight, for _sync
         self._job_accept: tuple | None = None
-        # {(request id, output index): token} the job in flight feeds its matchers
-        self._job_fed: dict[tuple[str, int], int] = {}
-        # accept_resolved answers for masked non-stop tokens without waiting for the job
-        self.resolve_without_job = True
         # host time spent on masks (advancing the matchers, then filling the rows) and the steps
         # that did (for `kubeinfer bench`)
         self.accept_seconds = 0.0
@@ -129,28 +130,10 @@ class StructuredOutputManager:
 
     def accept_resolved(self, resolved: Sequence[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
         """(accepted, terminated) of each (request id, output index, token) after its matcher
-        took it (see accept_known): the scheduler's one call per step.
-
-        A token that the mask job in flight is feeding its matcher, and that is none of the
-        grammar's stop tokens, is (True, False) without waiting for the job: it was sampled
-        under that matcher's mask, so the grammar takes it, and only a stop token can end a
-        grammar. The scheduler's resolve then overlaps the job instead of waiting for it. Were
-        the grammar to refuse it after all (an engine bug), the request fails at its next token
-        (`_plan`)."""
-        resolved = list(resolved)
-        job = self._job_accept
-        if job is None or job[3].done() or not self._job_fed or not self.resolve_without_job:
-            return self._accept_resolved(resolved)
-        fed, matchers, rejected = self._job_fed, self.matchers, self._rejected
-        quick = [fed.get((r, i)) == t and r not in rejected and r in matchers
-                 and t not in matchers[r].stop_token_ids for r, i, t in resolved]
-        if all(quick):
-            return [(True, False)] * len(resolved)
-        slow = iter(self._accept_resolved([k for k, q in zip(resolved, quick) if not q]))
-        return [(True, False) if q else next(slow) for q in quick]
-
-    def _accept_resolved(self, resolved: list[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
-        """accept_resolved after the job in flight (if any) has taken its tokens."""
+        took it (see accept_known): the scheduler's one call per step. With the mask thread on
+        it waits for the job's accept half: answering a masked token without waiting (only stop
+        tokens can end a grammar) was measured slower on an H100 host, since the engine thread's
+        Python then holds the GIL while the accept threads need it (docs/benchmarks.md)."""
         accepted = self.accept_known(resolved)
         matchers = self.matchers
         return [(ok, m is not None and m.is_terminated())
@@ -210,7 +193,6 @@ class StructuredOutputManager:
         if self._job_accept is not None:
             known, results, where, accepted = self._job_accept
             self._job_accept = None
-            self._job_fed = {}
             self._apply(known, results, where, accepted.result())
 
     def free(self, req_id: str) -> None:
@@ -257,13 +239,18 @@ class StructuredOutputManager:
         mask = self._bitmask[:len(req_ids)]
         accepted: Future = Future()
         self._job_accept = (known, results, where, accepted)
-        self._job_fed = {(known[k][0], known[k][1]): known[k][2] for k in where}
         if not self.mask_thread:
             done: Future = Future()
             done.set_result(self._mask_job(todo, tokens, accepted, rows, mask))
             return done
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+            # The job's threads need the GIL briefly between their C++ calls, while the engine
+            # thread runs Python; at the interpreter's default switch interval (5 ms) each such
+            # hand-off can wait that long (benchmarks/bench_accept_scaling.py: an accept of 107
+            # rows beside a busy Python thread took 85-120 ms at 5 ms, 6-11 ms at 0.2 ms).
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, MASK_THREAD_SWITCH_INTERVAL))
         return self._thread.submit(self._mask_job, todo, tokens, accepted, rows, mask)
 
     def _mask_job(self, todo, tokens, accepted: Future, rows, mask: torch.Tensor) -> torch.Tensor:
@@ -284,5 +271,7 @@ class StructuredOutputManager:
     def shutdown(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
+            sys.setswitchinterval(self._switch_interval)
+            self._thread = None
         if self._compiler is not None:
             self._compiler.shutdown()

@@ -57,11 +57,6 @@ class StructuredOutputMatcher:
         return self._content_start is not None
 
     @property
-    def stop_token_ids(self) -> frozenset[int]:
-        """The tokens that end the grammar (its EOS ids): no other token can terminate it."""
-        return self._stop_ids
-
-    @property
     def num_accepted_tokens(self) -> int:
         return len(self._output_ids)
 

@@ -74,7 +74,9 @@ def manager(compiler, smollm2_tokenizer, compiled):
         m.submit(req_id, StructuredOutputsParams(json=SCHEMA))
         m._futures[req_id].result()
         assert m.take_ready(req_id, [1, 2, 3])
-    return m
+    yield m
+    m._compiler = None  # the session's compiler stays; the mask thread (if any) goes
+    m.shutdown()
 
 
 def _ids(tokenizer, text):
@@ -147,45 +149,15 @@ def test_a_failing_mask_job_raises_on_the_engine_thread(manager, smollm2_tokeniz
         manager.accept_resolved([("a", 0, first)])
 
 
-def test_the_resolve_does_not_wait_for_the_job_unless_a_token_can_end_a_grammar(
-        manager, smollm2_tokenizer):
-    """A token the job in flight feeds its matcher (sampled under that matcher's mask) is
-    accepted without waiting, unless it is a stop token: only those can end a grammar."""
-    import threading
+def test_a_mask_thread_shortens_the_switch_interval_until_shutdown(manager, smollm2_tokenizer):
+    """Its threads hand the GIL back and forth with the engine thread every step."""
+    import sys
 
-    first = _ids(smollm2_tokenizer, '{"n"')[0]
-    eos = smollm2_tokenizer.eos_token_id
-    gate, original = threading.Event(), manager.batch.accept
-    manager.batch.accept = lambda m, t: (gate.wait(30), original(m, t))[1]
-    synced, sync = [], manager._sync
-    manager._sync = lambda: (synced.append(1), sync())[1]
+    from kubeinfer.engine.structured_output.manager import MASK_THREAD_SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
     manager.mask_thread = True
-    try:
-        job = manager.start_grammar_bitmask(["a", "b"], [("a", 0, first), ("b", 0, first)])
-        synced.clear()
-        assert manager.accept_resolved([("a", 0, first), ("b", 0, first)]) == [(True, False)] * 2
-        assert not synced and not job.done()  # answered while the job still held its tokens
-        # a token the job was not given waits for it (here: the gate opens from another thread)
-        threading.Timer(0.05, gate.set).start()
-        assert manager.accept_resolved([("a", 0, first), ("b", 1, eos)]) == \
-            [(True, False), (False, False)]  # '{' then EOS: the grammar refuses an early end
-        assert synced and manager._job_accept is None  # it waited for the job's accept
-    finally:
-        gate.set()
-        manager._sync = sync
-
-
-def test_a_refusal_seen_after_the_resolve_fails_the_request_at_its_next_token(
-        manager, smollm2_tokenizer):
-    """Were the grammar to refuse a token the resolve took without waiting (an engine bug), the
-    request fails at its next token rather than go on unconstrained."""
-    import threading
-
-    first, second = _ids(smollm2_tokenizer, '{"n"')[:2]
-    gate = threading.Event()
-    manager.batch.accept = lambda m, t: (gate.wait(30), [False] * len(t))[1]  # refuses all
-    manager.mask_thread = True
-    manager.start_grammar_bitmask(["a"], [("a", 0, first)])
-    assert manager.accept_resolved([("a", 0, first)]) == [(True, False)]
-    gate.set()
-    assert manager.accept_resolved([("a", 1, second)]) == [(False, False)]
+    manager.start_grammar_bitmask(["a"], [("a", 0, _ids(smollm2_tokenizer, "{")[0])]).result(30)
+    assert sys.getswitchinterval() == pytest.approx(min(before, MASK_THREAD_SWITCH_INTERVAL))
+    manager.shutdown()
+    assert sys.getswitchinterval() == pytest.approx(before)
