@@ -247,10 +247,13 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                    "2048", *run], 400)
            for name, flags, run in (
                ("prof_json_free", [], ["--detokenize"]),
-               ("prof_json", [], ["--json-schema", "benchmarks/schemas/lowercase_text.json"]),
-               ("prof_json_thread", ["--mask-thread"],
+               # the matchers in the worker process (the default), on the engine's mask thread,
+               # and inline on the engine thread; each with its unconstrained twin
+               ("prof_json", [], ["--json-schema", "benchmarks/schemas/lowercase_text.json",
+                                  "--unconstrained-twin"]),
+               ("prof_json_thread", ["--grammar-worker", "off", "--mask-thread", "on"],
                 ["--json-schema", "benchmarks/schemas/lowercase_text.json"]),
-               ("prof_json_thread_si", ["--mask-thread", "--switch-interval", "0.0005"],
+               ("prof_json_inline", ["--grammar-worker", "off", "--mask-thread", "off"],
                 ["--json-schema", "benchmarks/schemas/lowercase_text.json"]))},
         # the all-decode attention kernel's tile settings on the VLM and Llama decode shapes
         "sweep_decode_attention": ([py, "benchmarks/sweep_decode_attention.py"], 400),

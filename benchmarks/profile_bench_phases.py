@@ -78,6 +78,8 @@ def patch(a: argparse.Namespace) -> None:
         init(self, *args, **kw)
         if a.mask_thread is not None:
             self.mask_thread = a.mask_thread == "on"
+        if a.grammar_worker is not None:
+            self.use_worker = a.grammar_worker == "on"
         if a.min_chunk_rows is not None:
             self.batch.min_chunk_rows = a.min_chunk_rows
         a.manager = self
@@ -160,6 +162,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mask-thread", choices=("on", "off"), default=None,
                    help="the grammar masks on the manager's own thread (default: the engine's)")
+    p.add_argument("--grammar-worker", choices=("on", "off"), default=None,
+                   help="the matchers in a worker process (default: the engine's)")
     p.add_argument("--min-chunk-rows", type=int, default=None,
                    help="GrammarBatch.min_chunk_rows (rows per accept thread)")
     p.add_argument("--switch-interval", type=float, default=None,
@@ -189,6 +193,7 @@ def main() -> None:
     n = max(STEPS["n"], 1)
     so = getattr(a, "manager", None)
     line = {"step": "phases", "mask_thread": so.mask_thread if so else None,
+            "grammar_worker": so.use_worker if so else None,
             "min_chunk_rows": so.batch.min_chunk_rows if so else None,
             "switch_interval": sys.getswitchinterval(),
             "steps": STEPS["n"], "prefill_steps": STEPS["prefill"],

@@ -66,6 +66,25 @@ def test_the_mask_thread_gives_the_same_outputs(llms):
     assert got == _texts(sync, params)
 
 
+def test_the_grammar_worker_process_gives_the_same_outputs(llms):
+    """With the matchers in a worker process (the default on a GPU), constrained steps sample
+    when the next one starts and the resolve does not wait for the worker: the outputs are
+    those of the synchronous engine."""
+    sync, async_ = llms
+    params = SamplingParams(temperature=1.0, seed=7, n=2, max_tokens=60,
+                            structured_outputs={"json": SCHEMA, "disable_any_whitespace": True})
+    manager = async_.engine.structured_output
+    manager.compiler  # noqa: B018 - made (the worker takes its tokenizer table)
+    manager.start_worker()
+    try:
+        got = _texts(async_, params)
+        assert manager.num_fills > 0 and not manager.matchers  # the rows came from the worker
+    finally:
+        manager.remote.worker.close()
+        manager.remote = None
+    assert got == _texts(sync, params)
+
+
 def test_regex_and_choice_with_stop_strings_and_logprobs(llms):
     sync, _ = llms
     params = SamplingParams(temperature=1.0, seed=1, max_tokens=40, logprobs=2,

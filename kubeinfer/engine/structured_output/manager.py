@@ -24,6 +24,7 @@ first use, so an engine that never sees a constraint never pays for it.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -37,9 +38,13 @@ from kubeinfer.engine.errors import RequestError
 from kubeinfer.engine.structured_output.bitmask import allocate_bitmask
 from kubeinfer.engine.structured_output.compiler import StructuredOutputCompiler
 from kubeinfer.engine.structured_output.grammar_batch import GrammarBatch
+from kubeinfer.engine.structured_output.grammar_worker import GrammarWorker
 from kubeinfer.engine.structured_output.matcher import StructuredOutputMatcher
 from kubeinfer.engine.structured_output.params import StructuredOutputsParams
+from kubeinfer.engine.structured_output.remote_matchers import RemoteMatchers
 
+
+logger = logging.getLogger(__name__)
 
 # sys.setswitchinterval while a mask thread exists (seconds): see start_grammar_bitmask
 MASK_THREAD_SWITCH_INTERVAL = 0.0002
@@ -76,6 +81,11 @@ class StructuredOutputManager:
         # out tok/s with it. Off on CPU: there the forward itself needs the cores, and a step
         # took 0.7-2 ms longer with it (profile_grammar_host.py).
         self.mask_thread = pin_memory
+        # True: the matchers live in a child process (grammar_worker.py), made with the compiler.
+        # On by default where the mask thread would be: there the engine thread's Python and the
+        # matchers' threads take turns for one GIL, in a child they do not.
+        self.use_worker = pin_memory
+        self.remote: RemoteMatchers | None = None
         self._thread: ThreadPoolExecutor | None = None  # the mask job's (start_grammar_bitmask)
         # (known, results, where, Future of the accept half) of the job in flight, for _sync
         self._job_accept: tuple | None = None
@@ -95,7 +105,20 @@ class StructuredOutputManager:
                                        "constraint out", "structured_outputs")
                 self._compiler = StructuredOutputCompiler(self.tokenizer, self.vocab_size,
                                                           self.eos_token_ids)
+                if self.use_worker:  # starts beside the first compile (a second or two)
+                    self.start_worker()
             return self._compiler
+
+    def start_worker(self) -> None:
+        """Move the matchers of requests made from now on to a grammar worker process (once;
+        the compiler's tokenizer table goes with it). Requests that already have a matcher keep
+        it here."""
+        if self.remote is not None:
+            return
+        info = self._compiler.tokenizer_info
+        worker = GrammarWorker(serve_worker, info.serialize_json(), self.max_num_seqs,
+                               self.vocab_size, pin_memory=self.pin_memory)
+        self.remote = RemoteMatchers(worker, info.stop_token_ids, self)
 
     def validate(self, params: StructuredOutputsParams) -> Future:
         """The compile Future of `params` (cached: the engine's own submit later is a hit)."""
@@ -108,7 +131,7 @@ class StructuredOutputManager:
     def take_ready(self, req_id: str, prompt_token_ids: Sequence[int]) -> bool:
         """Whether the request's grammar is compiled (its matcher is then made). Raises the
         compile's RequestError (or any other failure, as a RequestError) when it did not compile."""
-        if req_id in self.matchers:
+        if req_id in self.matchers or (self.remote is not None and req_id in self.remote.ids):
             return True
         future = self._futures[req_id]
         if not future.done():
@@ -120,8 +143,11 @@ class StructuredOutputManager:
                 raise error
             raise RequestError(f"the constraint could not be compiled: {type(error).__name__}: "
                                f"{error}", "structured_outputs")
-        self.matchers[req_id] = StructuredOutputMatcher(future.result(), self.reasoning,
-                                                        prompt_token_ids)
+        if self.remote is not None:
+            self.remote.add(req_id, future.result(), prompt_token_ids, self.reasoning)
+        else:
+            self.matchers[req_id] = StructuredOutputMatcher(future.result(), self.reasoning,
+                                                            prompt_token_ids)
         return True
 
     def accept(self, req_id: str, token_id: int, index: int) -> tuple[bool, bool]:
@@ -133,7 +159,10 @@ class StructuredOutputManager:
         took it (see accept_known): the scheduler's one call per step. With the mask thread on
         it waits for the job's accept half: answering a masked token without waiting (only stop
         tokens can end a grammar) was measured slower on an H100 host, since the engine thread's
-        Python then holds the GIL while the accept threads need it (docs/benchmarks.md)."""
+        Python then holds the GIL while the accept threads need it (docs/benchmarks.md). With
+        the worker process it does not wait for tokens it can answer (remote_matchers.py)."""
+        if self.remote is not None:
+            return self.remote.accept_resolved(list(resolved))
         accepted = self.accept_known(resolved)
         matchers = self.matchers
         return [(ok, m is not None and m.is_terminated())
@@ -196,6 +225,8 @@ class StructuredOutputManager:
             self._apply(known, results, where, accepted.result())
 
     def free(self, req_id: str) -> None:
+        if self.remote is not None:
+            self.remote.free(req_id)
         self.matchers.pop(req_id, None)
         self._rejected.discard(req_id)
         # never cancel the Future: the compiler shares it with every request of the same constraint
@@ -208,7 +239,7 @@ class StructuredOutputManager:
             wait(list(self._futures.values()), timeout, return_when=FIRST_COMPLETED)
 
     def has_matcher(self, req_id: str) -> bool:
-        return req_id in self.matchers
+        return req_id in self.matchers or (self.remote is not None and req_id in self.remote.ids)
 
     # ---- the driver runner's side --------------------------------------------------------------
     def grammar_bitmask(self, req_ids: Sequence[str],
@@ -228,7 +259,10 @@ class StructuredOutputManager:
         The buffer is reused. Its last copy to the device was enqueued by an earlier step, which
         has finished by now: the runner reads the previous step's tokens (waiting for its event)
         before it asks for rows, and every older step was read before this one was launched; and
-        the runner takes each Future's rows before it asks for the next."""
+        the runner takes each Future's rows before it asks for the next. With the worker
+        process the rows come from there (remote_matchers.RemoteRows)."""
+        if self.remote is not None:
+            return self.remote.start_rows(req_ids, known)
         if self._bitmask is None or self._bitmask.shape[0] < len(req_ids):
             self._bitmask = allocate_bitmask(max(self.max_num_seqs, len(req_ids)), self.vocab_size,
                                              pin_memory=self.pin_memory)
@@ -269,9 +303,60 @@ class StructuredOutputManager:
         return mask
 
     def shutdown(self) -> None:
+        if self.remote is not None:
+            self.remote.worker.close()
+            self.remote = None
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             sys.setswitchinterval(self._switch_interval)
             self._thread = None
         if self._compiler is not None:
             self._compiler.shutdown()
+
+
+def serve_worker(conn, tokenizer_info_json: str, bitmask: torch.Tensor) -> None:
+    """The grammar worker process's loop (grammar_worker.py's messages): a manager of its own
+    holds the matchers. An exception in a job is answered as an error and the loop goes on;
+    the parent decides what it means."""
+    import xgrammar as xgr
+
+    torch.set_num_threads(1)
+    info = xgr.TokenizerInfo.deserialize_json(tokenizer_info_json)
+    manager = StructuredOutputManager(None, bitmask.shape[1] * 32, (), bitmask.shape[0])
+    grammars: dict[str, Any] = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        kind = msg[0]
+        if kind == "stop":
+            return
+        try:
+            if kind == "add":
+                _, req_id, key, payload, prompt, reasoning = msg
+                if payload is not None:
+                    grammars[key] = xgr.CompiledGrammar.deserialize_json(payload, info)
+                manager.matchers[req_id] = StructuredOutputMatcher(grammars[key], reasoning,
+                                                                   prompt)
+            elif kind == "free":
+                manager.free(msg[1])
+            elif kind == "drop":
+                grammars.pop(msg[1], None)
+            else:  # "job" or "accept"
+                known = msg[1]
+                start = time.perf_counter()
+                accepted = manager.accept_known(known)
+                terminated = [m is not None and m.is_terminated()
+                              for m in (manager.matchers.get(r) for r, _, _ in known)]
+                filled = time.perf_counter()
+                if kind == "job":
+                    req_ids = msg[2]
+                    manager.batch.fill([manager.matchers[r] for r in req_ids],
+                                       bitmask[:len(req_ids)])
+                conn.send(("done", accepted, terminated, filled - start,
+                           time.perf_counter() - filled))
+        except Exception as e:  # noqa: BLE001 - answered; the parent raises it
+            logger.exception("structured-output worker: %s failed", kind)
+            if kind in ("job", "accept"):
+                conn.send(("error", f"{type(e).__name__}: {e}"))

@@ -1,0 +1,145 @@
+"""`GrammarWorker`: the structured-output matchers in a process of their own.
+
+Advancing 256 matchers by a token and filling their bitmask rows is C++ that releases the GIL,
+but its threads still need the GIL between calls, and in the engine's process the engine thread
+runs Python (scheduling, detokenizing, preparing the next step) for most of every step. On an
+H100 host an accept of 107 rows took 1.8 ms alone and 6-120 ms beside a busy Python thread
+(benchmarks/bench_accept_scaling.py), so on the mask thread the constrained run could only
+overlap the fill, not the accept. In a child process the matchers have a GIL of their own: the
+engine thread sends the step's tokens and rows down a pipe and goes on; the child accepts and
+fills while it does. vLLM gets the same from its process split (the grammar masks are made in
+the scheduler's process, the forward pass in the worker's).
+
+The child holds its own StructuredOutputManager (no compiler: grammars come compiled, as
+xgrammar's JSON, once per grammar) and writes the rows into a shared-memory bitmask that the
+parent reads; where a GPU is, the parent pins that memory (cudaHostRegister) so the rows' copy
+to the device does not wait for the stream. The child never touches CUDA.
+
+Messages, parent -> child (those marked -> are answered, in order, by ("done", accepted,
+terminated, accept seconds, fill seconds) or ("error", message)):
+- ("add", req_id, key, grammar_json | None, prompt_token_ids, reasoning): a matcher for the
+  request over grammar `key` (its JSON is sent with the first request that uses it);
+- ("free", req_id); ("drop", key): forget a grammar (its matchers keep their own reference);
+- ("job", known, req_ids) ->: the matchers take `known` (request id, output index, token), then
+  bitmask row i <- the allowed tokens of req_ids[i];
+- ("accept", known) ->: the matchers take `known`;
+- ("stop",).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from kubeinfer.engine.structured_output.bitmask import allocate_bitmask
+
+Known = list[tuple[str, int, int]]
+
+# grammars the parent remembers having sent; the oldest is dropped on both sides past this
+MAX_GRAMMARS = 256
+
+
+class GrammarWorkerError(RuntimeError):
+    """The worker process failed or exited: the engine cannot mask tokens without it."""
+
+
+class GrammarWorker:
+    """The parent's end. Args:
+        serve: the child's loop, (pipe end, tokenizer_info_json, bitmask) -> None: a module-level
+            function (manager.serve_worker: the child runs a manager of its own).
+        tokenizer_info_json: the compiler's xgrammar TokenizerInfo, serialized.
+        max_rows: the most bitmask rows one job fills.
+        vocab_size: the logits' width.
+        pin_memory: register the shared bitmask with CUDA (a GPU engine).
+    """
+
+    def __init__(self, serve: Callable, tokenizer_info_json: str, max_rows: int,
+                 vocab_size: int, pin_memory: bool = False):
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # the parent may hold CUDA: never fork it
+        self.bitmask = allocate_bitmask(max_rows, vocab_size).share_memory_()
+        self._registered = False
+        if pin_memory and torch.cuda.is_available():
+            nbytes = self.bitmask.numel() * self.bitmask.element_size()
+            err = torch.cuda.cudart().cudaHostRegister(self.bitmask.data_ptr(), nbytes, 0)
+            self._registered = int(err) == 0  # else the copy waits for the stream: still correct
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=serve, args=(child, tokenizer_info_json, self.bitmask),
+                                 name="kubeinfer-grammar", daemon=True)
+        self._proc.start()
+        child.close()
+        self._grammars: OrderedDict[int, tuple[str, Any]] = OrderedDict()  # id -> (key, grammar)
+        self._next_key = 0
+        self.owed = 0  # replies the parent has yet to read
+
+    # ---- messages ------------------------------------------------------------------------------
+    def add(self, req_id: str, compiled: Any, prompt_token_ids: Sequence[int],
+            reasoning: Any) -> None:
+        entry = self._grammars.get(id(compiled))
+        payload = None
+        if entry is None:
+            key = str(self._next_key)
+            self._next_key += 1
+            payload = compiled.serialize_json()
+            self._grammars[id(compiled)] = (key, compiled)  # (holding it keeps its id unique)
+            if len(self._grammars) > MAX_GRAMMARS:
+                old_key, _ = self._grammars.popitem(last=False)[1]
+                self._send(("drop", old_key))
+        else:
+            key = entry[0]
+            self._grammars.move_to_end(id(compiled))
+        self._send(("add", req_id, key, payload, list(prompt_token_ids), reasoning))
+
+    def free(self, req_id: str) -> None:
+        self._send(("free", req_id))
+
+    def job(self, known: Known, req_ids: Sequence[str]) -> None:
+        self._send(("job", known, list(req_ids)))
+        self.owed += 1
+
+    def accept(self, known: Known) -> None:
+        self._send(("accept", known))
+        self.owed += 1
+
+    def reply(self) -> tuple[list[bool], list[bool], float, float]:
+        """The next answer: (accepted, terminated, accept seconds, fill seconds), one entry of
+        each list per token sent. Waits for it (the GIL is released while it waits)."""
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            raise GrammarWorkerError(self._died()) from None
+        self.owed -= 1
+        if msg[0] == "error":
+            raise GrammarWorkerError(f"the structured-output worker failed: {msg[1]}")
+        return msg[1], msg[2], msg[3], msg[4]
+
+    def _send(self, msg: tuple) -> None:
+        try:
+            self._conn.send(msg)
+        except (EOFError, OSError):
+            raise GrammarWorkerError(self._died()) from None
+
+    def _died(self) -> str:
+        self._proc.join(1)
+        return (f"the structured-output worker process exited (exit code {self._proc.exitcode}); "
+                "constrained requests cannot be masked without it, so the engine stops (the "
+                "pod restarts)")
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("stop",))
+            except (EOFError, OSError):
+                pass
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5)
+        self._conn.close()
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.bitmask.data_ptr())
+            self._registered = False
+

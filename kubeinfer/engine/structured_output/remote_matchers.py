@@ -1,0 +1,122 @@
+"""`RemoteMatchers`: the manager's bookkeeping of matchers that live in the grammar worker
+process (grammar_worker.py): which requests have one, what the job in flight was given, and the
+verdicts that came back.
+
+The runner's `start_rows(req_ids, known)` sends step N's tokens and step N+1's rows and returns
+at once; the rows are read (`RemoteRows.result()`) when the step samples. In between, the
+scheduler resolves step N: `accept_resolved` answers a token the job was given without waiting
+for the worker unless the token is a stop token (only those can end a grammar: EOS is the
+compiler's only stop token) or the request had a token refused. A token sampled under its own
+matcher's mask is always accepted; were one refused anyway (an engine bug), the job's answer
+marks the request rejected before its next token is resolved, and that token fails it (the
+worker's manager answers False for a rejected request's later tokens).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from kubeinfer.engine.structured_output.grammar_worker import GrammarWorker, Known
+
+
+class RemoteRows:
+    """The runner's handle on a job's rows (the interface of a Future of the bitmask)."""
+
+    def __init__(self, owner: RemoteMatchers, num_rows: int):
+        self._owner, self._num_rows = owner, num_rows
+
+    def done(self) -> bool:
+        return False  # the runner then samples when the next step starts (sample_step.py)
+
+    def result(self) -> torch.Tensor:
+        self._owner.sync()
+        return self._owner.worker.bitmask[:self._num_rows]
+
+
+class RemoteMatchers:
+    """Args: worker: the GrammarWorker; stop_token_ids: the grammars' stop tokens (EOS); stats:
+    what counts the host seconds of accepts and fills (accept_seconds, fill_seconds, num_fills:
+    the manager, for `kubeinfer bench`)."""
+
+    def __init__(self, worker: GrammarWorker, stop_token_ids: Iterable[int], stats: Any):
+        self.worker = worker
+        self.stats = stats
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.ids: set[str] = set()  # requests with a matcher in the worker
+        self.rejected: set[str] = set()  # a matcher refused one of their tokens
+        self._fed: dict[tuple[str, int], int] | None = None  # the job in flight's tokens
+        self._known: Known = []  # ... in the order its answer lists them
+        # the last answered job's (token, accepted, terminated) by (request id, output index)
+        self._verdicts: dict[tuple[str, int], tuple[int, bool, bool]] = {}
+
+    def add(self, req_id: str, compiled: Any, prompt_token_ids: Sequence[int],
+            reasoning: Any) -> None:
+        self.worker.add(req_id, compiled, prompt_token_ids, reasoning)
+        self.ids.add(req_id)
+
+    def free(self, req_id: str) -> None:
+        if req_id in self.ids:
+            self.worker.free(req_id)
+            self.ids.discard(req_id)
+        self.rejected.discard(req_id)
+
+    def start_rows(self, req_ids: Sequence[str], known: Iterable[tuple[str, int, int]]
+                   ) -> RemoteRows:
+        self.sync()
+        wanted = set(req_ids)
+        known = [k for k in known if k[0] in wanted and k[0] in self.ids]
+        self.worker.job(known, req_ids)
+        self._known = known
+        self._fed = {(r, i): t for r, i, t in known}
+        return RemoteRows(self, len(req_ids))
+
+    def sync(self) -> None:
+        """Read the answer of the job in flight, if any: its verdicts and rejections."""
+        if self._fed is None:
+            return
+        self._fed = None
+        accepted, terminated, accept_s, fill_s = self.worker.reply()
+        self.stats.accept_seconds += accept_s
+        self.stats.fill_seconds += fill_s
+        self.stats.num_fills += 1
+        self._verdicts = {(r, i): (t, ok, end)
+                          for (r, i, t), ok, end in zip(self._known, accepted, terminated)}
+        self._note_rejections(self._known, accepted)
+
+    def accept_resolved(self, resolved: Sequence[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
+        """(accepted, terminated) of each (request id, output index, token): see the module
+        docstring for which answers wait for the worker."""
+        out: list[tuple[bool, bool] | None] = [None] * len(resolved)
+        fed = self._fed or {}
+        for k, (r, i, t) in enumerate(resolved):
+            if r not in self.ids:
+                out[k] = (True, False)  # not constrained (or finished): nothing to check
+            elif fed.get((r, i)) == t and t not in self.stop_token_ids and r not in self.rejected:
+                out[k] = (True, False)
+        if all(v is not None for v in out):
+            return out
+        self.sync()
+        rest = []
+        for k, (r, i, t) in enumerate(resolved):
+            if out[k] is None:
+                verdict = self._verdicts.get((r, i))
+                if verdict is not None and verdict[0] == t:
+                    out[k] = verdict[1:]
+                else:
+                    rest.append(k)
+        if rest:
+            known = [resolved[k] for k in rest]
+            self.worker.accept(known)
+            accepted, terminated, accept_s, _ = self.worker.reply()
+            self.stats.accept_seconds += accept_s
+            self._note_rejections(known, accepted)
+            for k, ok, end in zip(rest, accepted, terminated):
+                out[k] = (ok, end)
+        return out
+
+    def _note_rejections(self, known: Known, accepted: list[bool]) -> None:
+        for (r, _, _), ok in zip(known, accepted):
+            if not ok and r in self.ids:
+                self.rejected.add(r)

@@ -1,0 +1,96 @@
+"""The matchers in the grammar worker process (grammar_worker.py, remote_matchers.py) give the
+rows and verdicts of the in-process manager, answer the resolve of a masked non-stop token
+without waiting for the worker, and a dead worker is a clear error, not a hang."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from kubeinfer.engine.structured_output.bitmask import unpack_bitmask
+from kubeinfer.engine.structured_output.grammar_worker import GrammarWorkerError
+from kubeinfer.engine.structured_output.manager import StructuredOutputManager
+from kubeinfer.engine.structured_output.params import StructuredOutputsParams
+
+SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "pattern": "^[a-z ]*$"},
+                                           "n": {"type": "integer"}},
+          "required": ["text", "n"], "additionalProperties": False}
+REQS = ("a", "b", "c")
+
+
+def _manager(tokenizer, compiler, worker: bool) -> StructuredOutputManager:
+    m = StructuredOutputManager(tokenizer, len(tokenizer), [tokenizer.eos_token_id],
+                                max_num_seqs=4)
+    m.use_worker = worker
+    if not worker:
+        m._compiler = compiler  # the session's: no second tokenizer table
+    for req_id in REQS:
+        m.submit(req_id, StructuredOutputsParams(json=SCHEMA))
+        m._futures[req_id].result()
+        assert m.take_ready(req_id, [1, 2, 3])
+    return m
+
+
+@pytest.fixture(scope="module")
+def worker_manager(smollm2_tokenizer):
+    m = _manager(smollm2_tokenizer, None, worker=True)
+    assert m.remote is not None and m.has_matcher("a")
+    yield m
+    m.shutdown()
+
+
+def test_the_worker_gives_the_in_process_rows_and_verdicts(worker_manager, smollm2_tokenizer,
+                                                           compiler):
+    """Both managers walk the same random allowed tokens; each step's rows and the scheduler's
+    verdicts match, a request freed midway included."""
+    local = _manager(smollm2_tokenizer, compiler, worker=False)
+    remote = worker_manager
+    gen = torch.Generator().manual_seed(0)
+    vocab = len(smollm2_tokenizer)
+    live, known = list(REQS), []
+    for step in range(12):
+        if step == 6:  # a request ends: both forget it
+            live.remove("b")
+            for m in (local, remote):
+                m.free("b")
+        want = local.grammar_bitmask(live, known).clone()
+        got = remote.start_grammar_bitmask(live, known).result().clone()
+        assert torch.equal(got, want)
+        assert remote.accept_resolved(known) == local.accept_resolved(known)
+        allowed = unpack_bitmask(want, vocab).float()
+        tokens = torch.multinomial(allowed, 1, generator=gen).squeeze(1).tolist()
+        counts = {r: local.matchers[r].num_accepted_tokens for r in live}
+        known = [(r, counts[r], t) for r, t in zip(live, tokens)]
+    assert remote.accept_seconds > 0 and remote.num_fills == 12
+
+
+def test_a_masked_token_resolves_without_waiting_and_a_stop_token_waits(worker_manager,
+                                                                         smollm2_tokenizer):
+    m = worker_manager
+    for req_id in ("d", "e", "f"):  # fresh requests (the module's manager is shared)
+        m.submit(req_id, StructuredOutputsParams(json=SCHEMA))
+        m._futures[req_id].result()
+        assert m.take_ready(req_id, [1, 2, 3])
+    first = smollm2_tokenizer.encode("{", add_special_tokens=False)[0]
+    eos = smollm2_tokenizer.eos_token_id
+    m.start_grammar_bitmask(["d", "e"], [])  # rows of the first step
+    m.remote.sync()
+    m.start_grammar_bitmask(["d", "e"], [("d", 0, first), ("e", 0, first)])
+    assert m.accept_resolved([("d", 0, first), ("e", 0, first)]) == [(True, False)] * 2
+    assert m.remote.worker.owed == 1  # answered before the worker did
+    m.remote.sync()
+    # EOS right after "{" is refused: a stop token is always asked of the worker
+    assert m.accept_resolved([("f", 0, eos)]) == [(False, False)]
+    assert m.remote.worker.owed == 0
+
+
+def test_a_dead_worker_is_a_clear_error(worker_manager):
+    """(Last in this module: it kills the module's worker.)"""
+    m = worker_manager
+    m.start_grammar_bitmask(["a"], []).result()  # it is up
+    os.kill(m.remote.worker._proc.pid, signal.SIGKILL)
+    m.remote.worker._proc.join(10)
+    with pytest.raises(GrammarWorkerError, match="worker process exited"):
+        m.start_grammar_bitmask(["a"], []).result()
