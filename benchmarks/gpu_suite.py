@@ -253,6 +253,10 @@ def steps(a: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                                   "--unconstrained-twin"]),
                ("prof_json_thread", ["--grammar-worker", "off", "--mask-thread", "on"],
                 ["--json-schema", "benchmarks/schemas/lowercase_text.json"]),
+               ("prof_json_w2", ["--worker-threads", "2"],
+                ["--json-schema", "benchmarks/schemas/lowercase_text.json"]),
+               ("prof_json_w8", ["--worker-threads", "8"],
+                ["--json-schema", "benchmarks/schemas/lowercase_text.json"]),
                ("prof_json_inline", ["--grammar-worker", "off", "--mask-thread", "off"],
                 ["--json-schema", "benchmarks/schemas/lowercase_text.json"]))},
         # the all-decode attention kernel's tile settings on the VLM and Llama decode shapes

@@ -80,6 +80,8 @@ def patch(a: argparse.Namespace) -> None:
             self.mask_thread = a.mask_thread == "on"
         if a.grammar_worker is not None:
             self.use_worker = a.grammar_worker == "on"
+        if a.worker_threads is not None:
+            self.worker_threads = a.worker_threads
         if a.min_chunk_rows is not None:
             self.batch.min_chunk_rows = a.min_chunk_rows
         a.manager = self
@@ -164,6 +166,8 @@ def main() -> None:
                    help="the grammar masks on the manager's own thread (default: the engine's)")
     p.add_argument("--grammar-worker", choices=("on", "off"), default=None,
                    help="the matchers in a worker process (default: the engine's)")
+    p.add_argument("--worker-threads", type=int, default=None,
+                   help="the grammar worker's accept and fill threads")
     p.add_argument("--min-chunk-rows", type=int, default=None,
                    help="GrammarBatch.min_chunk_rows (rows per accept thread)")
     p.add_argument("--switch-interval", type=float, default=None,
@@ -194,6 +198,7 @@ def main() -> None:
     so = getattr(a, "manager", None)
     line = {"step": "phases", "mask_thread": so.mask_thread if so else None,
             "grammar_worker": so.use_worker if so else None,
+            "worker_threads": so.worker_threads if so else None,
             "min_chunk_rows": so.batch.min_chunk_rows if so else None,
             "switch_interval": sys.getswitchinterval(),
             "steps": STEPS["n"], "prefill_steps": STEPS["prefill"],

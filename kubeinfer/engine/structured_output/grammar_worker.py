@@ -33,12 +33,17 @@ from typing import Any
 
 import torch
 
+from kubeinfer.engine.cpu_threads import available_cpus
 from kubeinfer.engine.structured_output.bitmask import allocate_bitmask
 
 Known = list[tuple[str, int, int]]
 
 # grammars the parent remembers having sent; the oldest is dropped on both sides past this
 MAX_GRAMMARS = 256
+# The child's accept and fill threads. On an H100 host (16 CPUs) 107 rows' accept went 4.8 ms on
+# one thread, 1.8 on four, 2.0 on eight (benchmarks/bench_accept_scaling.py), and every thread
+# past that competes with the engine thread for the cores.
+DEFAULT_THREADS = 4
 
 
 class GrammarWorkerError(RuntimeError):
@@ -47,16 +52,17 @@ class GrammarWorkerError(RuntimeError):
 
 class GrammarWorker:
     """The parent's end. Args:
-        serve: the child's loop, (pipe end, tokenizer_info_json, bitmask) -> None: a module-level
+        serve: the child's loop, (pipe end, tokenizer_info_json, bitmask, threads) -> None: a module-level
             function (manager.serve_worker: the child runs a manager of its own).
         tokenizer_info_json: the compiler's xgrammar TokenizerInfo, serialized.
         max_rows: the most bitmask rows one job fills.
         vocab_size: the logits' width.
         pin_memory: register the shared bitmask with CUDA (a GPU engine).
+        threads: the child's accept and fill threads (None: DEFAULT_THREADS, or fewer CPUs).
     """
 
     def __init__(self, serve: Callable, tokenizer_info_json: str, max_rows: int,
-                 vocab_size: int, pin_memory: bool = False):
+                 vocab_size: int, pin_memory: bool = False, threads: int | None = None):
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # the parent may hold CUDA: never fork it
@@ -67,7 +73,9 @@ class GrammarWorker:
             err = torch.cuda.cudart().cudaHostRegister(self.bitmask.data_ptr(), nbytes, 0)
             self._registered = int(err) == 0  # else the copy waits for the stream: still correct
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=serve, args=(child, tokenizer_info_json, self.bitmask),
+        threads = threads or max(1, min(DEFAULT_THREADS, available_cpus() // 2))
+        self._proc = ctx.Process(target=serve, args=(child, tokenizer_info_json, self.bitmask,
+                                                     threads),
                                  name="kubeinfer-grammar", daemon=True)
         self._proc.start()
         child.close()

@@ -85,6 +85,7 @@ class StructuredOutputManager:
         # On by default where the mask thread would be: there the engine thread's Python and the
         # matchers' threads take turns for one GIL, in a child they do not.
         self.use_worker = pin_memory
+        self.worker_threads: int | None = None  # the worker's accept/fill threads (None: its default)
         self.remote: RemoteMatchers | None = None
         self._thread: ThreadPoolExecutor | None = None  # the mask job's (start_grammar_bitmask)
         # (known, results, where, Future of the accept half) of the job in flight, for _sync
@@ -117,7 +118,8 @@ class StructuredOutputManager:
             return
         info = self._compiler.tokenizer_info
         worker = GrammarWorker(serve_worker, info.serialize_json(), self.max_num_seqs,
-                               self.vocab_size, pin_memory=self.pin_memory)
+                               self.vocab_size, pin_memory=self.pin_memory,
+                               threads=self.worker_threads)
         self.remote = RemoteMatchers(worker, info.stop_token_ids, self)
 
     def validate(self, params: StructuredOutputsParams) -> Future:
@@ -314,7 +316,7 @@ class StructuredOutputManager:
             self._compiler.shutdown()
 
 
-def serve_worker(conn, tokenizer_info_json: str, bitmask: torch.Tensor) -> None:
+def serve_worker(conn, tokenizer_info_json: str, bitmask: torch.Tensor, threads: int) -> None:
     """The grammar worker process's loop (grammar_worker.py's messages): a manager of its own
     holds the matchers. An exception in a job is answered as an error and the loop goes on;
     the parent decides what it means."""
@@ -323,6 +325,7 @@ def serve_worker(conn, tokenizer_info_json: str, bitmask: torch.Tensor) -> None:
     torch.set_num_threads(1)
     info = xgr.TokenizerInfo.deserialize_json(tokenizer_info_json)
     manager = StructuredOutputManager(None, bitmask.shape[1] * 32, (), bitmask.shape[0])
+    manager.batch = GrammarBatch(max_threads=threads)
     grammars: dict[str, Any] = {}
     while True:
         try:
