@@ -231,7 +231,9 @@ def run_throughput(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --json-schema {args.json_schema}: {e}") from None
     # warm-up: a few real-length prompts so kernel compilation stays out of the timing (with
     # images: other images than the timed ones', so no encoder output or block is reused)
-    warm = [SamplingParams(max_tokens=2, ignore_eos=True)] * min(8, len(prompts))
+    # (with a schema the warm-up is constrained too: the grammar worker process starts then)
+    warm = [SamplingParams(max_tokens=2, ignore_eos=True, structured_outputs=constraint)
+            ] * min(8, len(prompts))
     if workload is None:
         _run_all(engine, prompts[:8], warm)
     else:

@@ -40,10 +40,11 @@ Known = list[tuple[str, int, int]]
 
 # grammars the parent remembers having sent; the oldest is dropped on both sides past this
 MAX_GRAMMARS = 256
-# The child's accept and fill threads. On an H100 host (16 CPUs) 107 rows' accept went 4.8 ms on
-# one thread, 1.8 on four, 2.0 on eight (benchmarks/bench_accept_scaling.py), and every thread
-# past that competes with the engine thread for the cores.
-DEFAULT_THREADS = 4
+# The child's accept and fill threads, at most (half the CPUs otherwise). On an H100 host (16
+# CPUs) 107 rows' accept took 4.8 ms on one thread, 1.8 on four, 2.0 on eight alone
+# (benchmarks/bench_accept_scaling.py); in the engine's constrained run eight threads beat four
+# and two (docs/benchmarks.md).
+DEFAULT_THREADS = 8
 
 
 class GrammarWorkerError(RuntimeError):
@@ -99,7 +100,9 @@ class GrammarWorker:
         else:
             key = entry[0]
             self._grammars.move_to_end(id(compiled))
-        self._send(("add", req_id, key, payload, list(prompt_token_ids), reasoning))
+        # the prompt matters only to a reasoning parser (a prompt may end the reasoning)
+        prompt = list(prompt_token_ids) if reasoning is not None else []
+        self._send(("add", req_id, key, payload, prompt, reasoning))
 
     def free(self, req_id: str) -> None:
         self._send(("free", req_id))
