@@ -120,7 +120,8 @@ class StructuredOutputManager:
         worker = GrammarWorker(serve_worker, info.serialize_json(), self.max_num_seqs,
                                self.vocab_size, pin_memory=self.pin_memory,
                                threads=self.worker_threads)
-        self.remote = RemoteMatchers(worker, info.stop_token_ids, self)
+        self.remote = RemoteMatchers(worker, info.stop_token_ids, self,
+                                     reasoning=self.reasoning is not None)
 
     def validate(self, params: StructuredOutputsParams) -> Future:
         """The compile Future of `params` (cached: the engine's own submit later is a hit)."""

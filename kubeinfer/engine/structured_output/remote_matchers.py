@@ -5,20 +5,25 @@ verdicts that came back.
 The runner's `start_rows(req_ids, known)` sends step N's tokens and step N+1's rows and returns
 at once; the rows are read (`RemoteRows.result()`) when the step samples. In between, the
 scheduler resolves step N: `accept_resolved` answers a token the job was given without waiting
-for the worker unless the token is a stop token (only those can end a grammar: EOS is the
-compiler's only stop token) or the request had a token refused. A token sampled under its own
-matcher's mask is always accepted; were one refused anyway (an engine bug), the job's answer
-marks the request rejected before its next token is resolved, and that token fails it (the
-worker's manager answers False for a rejected request's later tokens).
+for the worker. A token sampled under its own matcher's mask is always accepted, and it ends the
+grammar exactly when it is a stop token (the mask allows EOS, the compiler's only stop token,
+only where the grammar may end); with a reasoning parser a stop token waits for the worker (the
+row may still be reasoning, unmasked). Were a token refused anyway (an engine bug), the job's
+answer marks the request rejected before its next token is resolved, and that token fails it
+(the worker's manager answers False for a rejected request's later tokens); a quick "ended"
+that the answer contradicts is logged as the bug it is.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from kubeinfer.engine.structured_output.grammar_worker import GrammarWorker, Known
+
+logger = logging.getLogger(__name__)
 
 
 class RemoteRows:
@@ -38,12 +43,17 @@ class RemoteRows:
 class RemoteMatchers:
     """Args: worker: the GrammarWorker; stop_token_ids: the grammars' stop tokens (EOS); stats:
     what counts the host seconds of accepts and fills (accept_seconds, fill_seconds, num_fills:
-    the manager, for `kubeinfer bench`)."""
+    the manager, for `kubeinfer bench`); reasoning: whether a reasoning parser is on (then a
+    row may still be reasoning, unmasked, and a stop token there ends nothing)."""
 
-    def __init__(self, worker: GrammarWorker, stop_token_ids: Iterable[int], stats: Any):
+    def __init__(self, worker: GrammarWorker, stop_token_ids: Iterable[int], stats: Any,
+                 reasoning: bool = False):
         self.worker = worker
         self.stats = stats
         self.stop_token_ids = frozenset(stop_token_ids)
+        self.reasoning = reasoning
+        # quick answers the job's verdicts must confirm: (request id, index) -> terminated
+        self._claimed: dict[tuple[str, int], bool] = {}
         self.ids: set[str] = set()  # requests with a matcher in the worker
         self.rejected: set[str] = set()  # a matcher refused one of their tokens
         self._fed: dict[tuple[str, int], int] | None = None  # the job in flight's tokens
@@ -83,6 +93,14 @@ class RemoteMatchers:
         self.stats.num_fills += 1
         self._verdicts = {(r, i): (t, ok, end)
                           for (r, i, t), ok, end in zip(self._known, accepted, terminated)}
+        for key, end in self._claimed.items():
+            verdict = self._verdicts.get(key)
+            if verdict is not None and (not verdict[1] or verdict[2] != end):
+                logger.error("request %s: output token %d was taken as the end of its grammar, "
+                             "but its matcher answered accepted=%s terminated=%s (an engine bug: "
+                             "the token was not sampled under its mask)", key[0], key[1],
+                             verdict[1], verdict[2])
+        self._claimed = {}
         self._note_rejections(self._known, accepted)
 
     def accept_resolved(self, resolved: Sequence[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
@@ -93,8 +111,14 @@ class RemoteMatchers:
         for k, (r, i, t) in enumerate(resolved):
             if r not in self.ids:
                 out[k] = (True, False)  # not constrained (or finished): nothing to check
-            elif fed.get((r, i)) == t and t not in self.stop_token_ids and r not in self.rejected:
-                out[k] = (True, False)
+            elif fed.get((r, i)) == t and r not in self.rejected:
+                if t not in self.stop_token_ids:
+                    out[k] = (True, False)
+                elif not self.reasoning:
+                    # a stop token sampled under its mask: the grammar allowed its end here, so
+                    # it takes it and ends (checked when the job's answer comes)
+                    out[k] = (True, True)
+                    self._claimed[(r, i)] = True
         if all(v is not None for v in out):
             return out
         self.sync()

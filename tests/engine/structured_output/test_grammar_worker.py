@@ -86,6 +86,26 @@ def test_a_masked_token_resolves_without_waiting_and_a_stop_token_waits(worker_m
     assert m.remote.worker.owed == 0
 
 
+def test_a_masked_stop_token_ends_the_grammar_without_waiting(worker_manager, smollm2_tokenizer,
+                                                              caplog):
+    """EOS sampled under its mask (allowed only where the grammar may end) ends it: answered
+    at once, and the worker's verdict agrees (nothing logged)."""
+    m = worker_manager
+    m.submit("g", StructuredOutputsParams(json=SCHEMA))
+    m._futures["g"].result()
+    assert m.take_ready("g", [1, 2, 3])
+    # (the compiled grammar takes "n" before "text")
+    tokens = smollm2_tokenizer.encode('{"n":1,"text":"ab"}', add_special_tokens=False)
+    m.start_grammar_bitmask(["g"], [])
+    for i, t in enumerate(tokens + [smollm2_tokenizer.eos_token_id]):
+        m.start_grammar_bitmask(["g"], [("g", i, t)])
+        end = i == len(tokens)
+        assert m.accept_resolved([("g", i, t)]) == [(True, end)]
+        assert m.remote.worker.owed == 1  # answered before the worker did
+        m.remote.sync()
+    assert "engine bug" not in caplog.text
+
+
 def test_a_dead_worker_is_a_clear_error(worker_manager):
     """(Last in this module: it kills the module's worker.)"""
     m = worker_manager
