@@ -19,8 +19,14 @@ arrives twice must be the same token. Nothing takes an accepted token back: a pr
 keeps its outputs (only its KV cache is recomputed), a stop string ends the request, and a token
 sampled after a request's end is dropped before any matcher sees it (the matcher is freed first).
 
+With `use_worker` (the default on a GPU under async scheduling) the matchers live in a grammar
+worker process instead (grammar_worker.py; `remote` holds the parent's side, remote_matchers.py):
+every call above is a message, and this module's `serve_worker` is the child's loop, a manager of
+its own without a compiler.
+
 The compiler (and xgrammar's tokenizer table, a second or so for a 50k vocabulary) is built on
-first use, so an engine that never sees a constraint never pays for it.
+first use, and the worker process with it, so an engine that never sees a constraint never pays
+for either.
 """
 from __future__ import annotations
 
