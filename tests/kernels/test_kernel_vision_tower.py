@@ -23,7 +23,7 @@ from kubeinfer.kernels import ops
 # window 56 pixels = 2 x 2 merged cells: the 6 x 8 patch image has windows of 16 and 8 patches
 # (the gathered path), block 1 full attention
 # intermediate 44: not a multiple of 8, so the tower pads its SwiGLU to 64 units (padded_width)
-VISION = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=44, out_hidden_size=64,
+VISION = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=44, out_hidden_size=64,
               window_size=56, fullatt_block_indexes=[1], hidden_act="silu", in_channels=3,
               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.1)
 GRIDS = [(1, 6, 8), (1, 4, 4)]  # two images packed in one call

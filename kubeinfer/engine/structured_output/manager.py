@@ -293,7 +293,8 @@ class StructuredOutputManager:
             # hand-off can wait that long (benchmarks/bench_accept_scaling.py: an accept of 107
             # rows beside a busy Python thread took 85-120 ms at 5 ms, 6-11 ms at 0.2 ms).
             self._switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(self._switch_interval, MASK_THREAD_SWITCH_INTERVAL))
+            if self._switch_interval > MASK_THREAD_SWITCH_INTERVAL:
+                sys.setswitchinterval(MASK_THREAD_SWITCH_INTERVAL)
         return self._thread.submit(self._mask_job, todo, tokens, accepted, rows, mask)
 
     def _mask_job(self, todo, tokens, accepted: Future, rows, mask: torch.Tensor) -> torch.Tensor:
@@ -317,7 +318,8 @@ class StructuredOutputManager:
             self.remote = None
         if self._thread is not None:
             self._thread.shutdown(wait=True)
-            sys.setswitchinterval(self._switch_interval)
+            if self._switch_interval > MASK_THREAD_SWITCH_INTERVAL:
+                sys.setswitchinterval(self._switch_interval)
             self._thread = None
         if self._compiler is not None:
             self._compiler.shutdown()
