@@ -71,7 +71,7 @@ def test_the_grammar_worker_process_gives_the_same_outputs(llms):
     when the next one starts and the resolve does not wait for the worker: the outputs are
     those of the synchronous engine."""
     sync, async_ = llms
-    params = SamplingParams(temperature=1.0, seed=7, n=2, max_tokens=40,
+    params = SamplingParams(temperature=1.0, seed=7, n=2, max_tokens=24,
                             structured_outputs={"json": SCHEMA, "disable_any_whitespace": True})
     manager = async_.engine.structured_output
     manager.compiler  # noqa: B018 - made (the worker takes its tokenizer table)

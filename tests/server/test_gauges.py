@@ -4,6 +4,7 @@ requests are aborted, with no step after the last abort."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 from tests.server.conftest import MODEL_NAME
@@ -32,10 +33,19 @@ def poll(http, done, timeout: float = 60) -> dict[str, float]:
 
 def test_gauges_return_to_zero_after_clients_drop_their_streams(server, http, monkeypatch):
     # A tiny model writes 200 tokens in a fraction of a second: 50 ms per step keeps the streams
-    # generating (10 s at least) while the test opens them all and reads the busy gauges.
+    # generating while the test opens them all, then the engine holds still (between steps: the
+    # gauges show the last step's state) until the test has read the busy gauges, so a slow
+    # machine cannot see the streams finish first.
     engine = server.engine.engine
     step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.05), step())[1])
+    opened, read = threading.Event(), threading.Event()
+
+    def slow_step():
+        if opened.is_set():
+            read.wait(60)
+        time.sleep(0.05)
+        return step()
+    monkeypatch.setattr(engine, "step", slow_step)
     # as long as the context allows, so the streams are still generating when they are dropped
     body = dict(model=MODEL_NAME, max_tokens=200, stream=True, ignore_eos=True, temperature=0.8)
     with contextlib.ExitStack() as stack:
@@ -45,8 +55,12 @@ def test_gauges_return_to_zero_after_clients_drop_their_streams(server, http, mo
                 "POST", "/v1/completions", json=dict(body, prompt=f"stream {i} " * (3 + i))))
             assert resp.status_code == 200
             next(resp.iter_lines())  # the stream is open and generating
-        busy = poll(http, lambda v: v["vllm:num_requests_running"] > 0
-                    and v["vllm:kv_cache_usage_perc"] > 0)
+        opened.set()
+        try:
+            busy = poll(http, lambda v: v["vllm:num_requests_running"] > 0
+                        and v["vllm:kv_cache_usage_perc"] > 0)
+        finally:
+            read.set()
         assert busy["vllm:num_requests_running"] > 0 and busy["vllm:kv_cache_usage_perc"] > 0
     # every client has gone away without reading to the end
     assert poll(http, lambda v: not any(v.values())) == dict.fromkeys(GAUGES, 0.0)
