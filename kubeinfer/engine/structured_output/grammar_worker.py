@@ -27,8 +27,10 @@ terminated, accept seconds, fill seconds) or ("error", message)):
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +47,25 @@ MAX_GRAMMARS = 256
 # (benchmarks/bench_accept_scaling.py); in the engine's constrained run eight threads beat four
 # and two (docs/benchmarks.md).
 DEFAULT_THREADS = 8
+
+
+@contextlib.contextmanager
+def without_main_module() -> Iterator[None]:
+    """While it is open, a spawned child does not re-run the parent's main script. Spawn imports
+    it in the child unless the main module has neither a spec nor a file; the worker needs none
+    of it (its loop is this package's), and an offline script without an
+    `if __name__ == "__main__":` guard would build a second engine there."""
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__spec__", "__file__") if hasattr(main, k)}
+    try:
+        if "__spec__" in saved:
+            main.__spec__ = None
+        if "__file__" in saved:
+            del main.__file__
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
 
 
 class GrammarWorkerError(RuntimeError):
@@ -78,7 +99,8 @@ class GrammarWorker:
         self._proc = ctx.Process(target=serve, args=(child, tokenizer_info_json, self.bitmask,
                                                      threads),
                                  name="kubeinfer-grammar", daemon=True)
-        self._proc.start()
+        with without_main_module():
+            self._proc.start()
         child.close()
         self._grammars: OrderedDict[int, tuple[str, Any]] = OrderedDict()  # id -> (key, grammar)
         self._next_key = 0

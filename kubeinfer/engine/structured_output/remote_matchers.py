@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from kubeinfer.engine.structured_output.grammar_worker import GrammarWorker, Known
+from kubeinfer.engine.structured_output.grammar_worker import (GrammarWorker, GrammarWorkerError,
+                                                               Known)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class RemoteMatchers:
     def start_rows(self, req_ids: Sequence[str], known: Iterable[tuple[str, int, int]]
                    ) -> RemoteRows:
         self.sync()
+        if len(req_ids) > self.worker.bitmask.shape[0]:  # the scheduler runs at most that many
+            raise GrammarWorkerError(f"{len(req_ids)} constrained rows in one step; the grammar "
+                                     f"worker's bitmask holds {self.worker.bitmask.shape[0]}")
         wanted = set(req_ids)
         known = [k for k in known if k[0] in wanted and k[0] in self.ids]
         self.worker.job(known, req_ids)

@@ -106,6 +106,21 @@ def test_a_masked_stop_token_ends_the_grammar_without_waiting(worker_manager, sm
     assert "engine bug" not in caplog.text
 
 
+def test_the_worker_does_not_re_run_the_main_script():
+    """An offline script without a main guard must not build a second engine in the worker."""
+    import sys
+    from multiprocessing import spawn
+
+    from kubeinfer.engine.structured_output.grammar_worker import without_main_module
+
+    main = sys.modules["__main__"]
+    before = (getattr(main, "__spec__", None), getattr(main, "__file__", None))
+    with without_main_module():
+        data = spawn.get_preparation_data("kubeinfer-grammar")
+    assert "init_main_from_path" not in data and "init_main_from_name" not in data
+    assert (getattr(main, "__spec__", None), getattr(main, "__file__", None)) == before
+
+
 def test_a_dead_worker_is_a_clear_error(worker_manager):
     """(Last in this module: it kills the module's worker.)"""
     m = worker_manager
