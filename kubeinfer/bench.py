@@ -253,10 +253,10 @@ def run_throughput(args: argparse.Namespace) -> int:
     if constraint is not None and args.unconstrained_twin:
         # the same requests without the schema, each held to the tokens it produced under it:
         # the same prompts, output lengths and engine, all but the grammar
-        twin = [SamplingParams(temperature=temp, max_tokens=n, ignore_eos=True)
-                for n in counts if n]
-        engine.kv.pool.reset_prefix_cache()
         kept = [i for i, n in enumerate(counts) if n]
+        twin = [SamplingParams(temperature=temp, max_tokens=counts[i], ignore_eos=True)
+                for i in kept]
+        engine.kv.pool.reset_prefix_cache()
         start = time.perf_counter()
         twin_out = _run_all(engine, [prompts[i] for i in kept], twin)
         _sync(engine)

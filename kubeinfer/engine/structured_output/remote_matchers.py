@@ -53,8 +53,8 @@ class RemoteMatchers:
         self.stats = stats
         self.stop_token_ids = frozenset(stop_token_ids)
         self.reasoning = reasoning
-        # quick answers the job's verdicts must confirm: (request id, index) -> terminated
-        self._claimed: dict[tuple[str, int], bool] = {}
+        # (request id, index) of stop tokens answered "accepted, ended" before the job's verdict
+        self._claimed: set[tuple[str, int]] = set()
         self.ids: set[str] = set()  # requests with a matcher in the worker
         self.rejected: set[str] = set()  # a matcher refused one of their tokens
         self._fed: dict[tuple[str, int], int] | None = None  # the job in flight's tokens
@@ -97,14 +97,14 @@ class RemoteMatchers:
         self.stats.num_fills += 1
         self._verdicts = {(r, i): (t, ok, end)
                           for (r, i, t), ok, end in zip(self._known, accepted, terminated)}
-        for key, end in self._claimed.items():
+        for key in self._claimed:
             verdict = self._verdicts.get(key)
-            if verdict is not None and (not verdict[1] or verdict[2] != end):
+            if verdict is not None and not (verdict[1] and verdict[2]):
                 logger.error("request %s: output token %d was taken as the end of its grammar, "
                              "but its matcher answered accepted=%s terminated=%s (an engine bug: "
                              "the token was not sampled under its mask)", key[0], key[1],
                              verdict[1], verdict[2])
-        self._claimed = {}
+        self._claimed = set()
         self._note_rejections(self._known, accepted)
 
     def accept_resolved(self, resolved: Sequence[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
@@ -122,7 +122,7 @@ class RemoteMatchers:
                     # a stop token sampled under its mask: the grammar allowed its end here, so
                     # it takes it and ends (checked when the job's answer comes)
                     out[k] = (True, True)
-                    self._claimed[(r, i)] = True
+                    self._claimed.add((r, i))
         if all(v is not None for v in out):
             return out
         self.sync()
