@@ -76,11 +76,15 @@ def vision_inputs(num_tokens, num_heads, head_size, dtype, device):
     return qkv[:, 0], qkv[:, 1], table, freqs
 
 
-def hf_vision_rotary(q, k, freqs):
+def hf_vision_rotary(q, k, table):
+    """HF's vision rotary with the table's own cos and sin: cos() computed on another device can
+    differ in the last bit (a GPU's from the CPU's), which is the table's business, not the
+    kernel's."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return apply_rotary_pos_emb_vision(q, k, emb.cos(), emb.sin())
+    cos, sin = table.to(q.device).chunk(2, dim=-1)
+    return apply_rotary_pos_emb_vision(q, k, torch.cat([cos, cos], dim=-1),
+                                       torch.cat([sin, sin], dim=-1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,13 +92,13 @@ def hf_vision_rotary(q, k, freqs):
 def test_vision_rotary_float32_math(num_tokens, num_heads, head_size, dtype, device):
     """Strided q/k views, no positions: bit-identical to the torch reference and to HF's vision
     rotary (every step is one IEEE float32 op, then one rounding, in both)."""
-    q, k, table, freqs = vision_inputs(num_tokens, num_heads, head_size, dtype, device)
+    q, k, table, _ = vision_inputs(num_tokens, num_heads, head_size, dtype, device)
     assert not q.is_contiguous()
     q_before = q.clone()
     got_q, got_k = rotary.rotary_embedding(None, q, k, table, float32_math=True)
     want_q, want_k = reference.rotary_embedding(None, q.cpu(), k.cpu(), table.cpu(),
                                                 float32_math=True)
-    hf_q, hf_k = hf_vision_rotary(q.cpu(), k.cpu(), freqs)
+    hf_q, hf_k = hf_vision_rotary(q.cpu(), k.cpu(), table)
     for got, want, hf in ((got_q, want_q, hf_q), (got_k, want_k, hf_k)):
         assert got.dtype == want.dtype == hf.dtype == dtype
         assert torch.equal(got.cpu(), want) and torch.equal(want, hf)
@@ -104,9 +108,9 @@ def test_vision_rotary_float32_math(num_tokens, num_heads, head_size, dtype, dev
 def test_vision_rotary_reference_bf16_equals_hf():
     """The torch path (what a CPU runs) in bfloat16 is HF's formula bit for bit; the kernel's
     bfloat16 is checked on a GPU (test above), where Triton rounds as torch does."""
-    q, k, table, freqs = vision_inputs(11, 2, 32, torch.bfloat16, "cpu")
+    q, k, table, _ = vision_inputs(11, 2, 32, torch.bfloat16, "cpu")
     got = reference.rotary_embedding(None, q, k, table, float32_math=True)
-    for ours, hf in zip(got, hf_vision_rotary(q, k, freqs)):
+    for ours, hf in zip(got, hf_vision_rotary(q, k, table)):
         assert ours.dtype == torch.bfloat16 and torch.equal(ours, hf)
 
 
@@ -135,7 +139,7 @@ def test_vision_rotary_partial_rot_dim(device):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_vision_real_size():
     """Qwen2.5-VL-7B's tower: 16 heads of 80, a 448-pixel image's 1024 patches, bfloat16."""
-    q, k, table, freqs = vision_inputs(1024, 16, 80, torch.bfloat16, "cuda")
+    q, k, table, _ = vision_inputs(1024, 16, 80, torch.bfloat16, "cuda")
     got = rotary.rotary_embedding(None, q, k, table, float32_math=True)
-    for ours, hf in zip(got, hf_vision_rotary(q, k, freqs.cuda())):
+    for ours, hf in zip(got, hf_vision_rotary(q, k, table)):
         assert torch.equal(ours, hf)

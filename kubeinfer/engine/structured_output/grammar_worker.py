@@ -28,7 +28,9 @@ terminated, accept seconds, fill seconds) or ("error", message)):
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -37,6 +39,8 @@ import torch
 
 from kubeinfer.engine.cpu_threads import available_cpus
 from kubeinfer.engine.structured_output.bitmask import allocate_bitmask
+
+logger = logging.getLogger(__name__)
 
 Known = list[tuple[str, int, int]]
 
@@ -68,6 +72,39 @@ def without_main_module() -> Iterator[None]:
             setattr(main, k, v)
 
 
+def pin_host_memory(owner: object, tensor: torch.Tensor) -> weakref.finalize | None:
+    """Register `tensor`'s (shared) memory with CUDA until the returned finalizer is called or
+    `owner` is collected, whichever comes first. Unregistering before the memory is unmapped
+    matters: a registration that outlives its mapping stays in the driver, so a later mapping at
+    the same address fails to register ("already mapped"), and a copy from it could read the old
+    pages. None where registering failed (the copy then waits for the stream: still correct);
+    the failed call's error is cleared so that no later CUDA call reports it."""
+    cudart = torch.cuda.cudart()
+    nbytes = tensor.numel() * tensor.element_size()
+    err = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+    if int(err) != 0:
+        logger.warning("the grammar worker's bitmask could not be pinned (%s); its copies to the "
+                       "GPU wait for the stream", cudart.cudaGetErrorString(err))
+        clear_cuda_error()
+        return None
+    # the finalizer holds the tensor, so its memory stays mapped until the registration is gone
+    return weakref.finalize(owner, _unpin, cudart, tensor)
+
+
+def _unpin(cudart: Any, tensor: torch.Tensor) -> None:
+    cudart.cudaHostUnregister(tensor.data_ptr())
+
+
+def clear_cuda_error() -> None:
+    """Reset CUDA's last error after a failed runtime call we handled ourselves: torch checks it
+    after every kernel launch and would otherwise raise it from an unrelated op (torch's cudart
+    bindings have no cudaGetLastError; a launch check reads and resets it)."""
+    try:
+        torch.empty(1, device="cuda").fill_(1)
+    except RuntimeError:
+        pass
+
+
 class GrammarWorkerError(RuntimeError):
     """The worker process failed or exited: the engine cannot mask tokens without it."""
 
@@ -89,11 +126,8 @@ class GrammarWorker:
 
         ctx = mp.get_context("spawn")  # the parent may hold CUDA: never fork it
         self.bitmask = allocate_bitmask(max_rows, vocab_size).share_memory_()
-        self._registered = False
-        if pin_memory and torch.cuda.is_available():
-            nbytes = self.bitmask.numel() * self.bitmask.element_size()
-            err = torch.cuda.cudart().cudaHostRegister(self.bitmask.data_ptr(), nbytes, 0)
-            self._registered = int(err) == 0  # else the copy waits for the stream: still correct
+        self._unpin = (pin_host_memory(self, self.bitmask)
+                       if pin_memory and torch.cuda.is_available() else None)
         self._conn, child = ctx.Pipe()
         threads = threads or max(1, min(DEFAULT_THREADS, available_cpus() // 2))
         self._proc = ctx.Process(target=serve, args=(child, tokenizer_info_json, self.bitmask,
@@ -172,7 +206,6 @@ class GrammarWorker:
                 self._proc.kill()
                 self._proc.join(5)
         self._conn.close()
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.bitmask.data_ptr())
-            self._registered = False
+        if self._unpin is not None:
+            self._unpin()  # (a finalizer runs once: collecting the worker later does nothing)
 

@@ -129,3 +129,58 @@ def test_a_dead_worker_is_a_clear_error(worker_manager):
     m.remote.worker._proc.join(10)
     with pytest.raises(GrammarWorkerError, match="worker process exited"):
         m.start_grammar_bitmask(["a"], []).result()
+
+
+class _FakeCudart:
+    """torch.cuda.cudart()'s two calls, recorded (no GPU here)."""
+
+    def __init__(self, register_error: int = 0):
+        self.register_error = register_error
+        self.registered: list[int] = []
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.registered.append(ptr)
+        return self.register_error
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+    def cudaGetErrorString(self, err):
+        return f"error {err}"
+
+
+def test_pinned_bitmask_is_unregistered_when_its_owner_goes(monkeypatch):
+    """A worker dropped without close() still unregisters its shared bitmask before the memory is
+    unmapped (a stale registration made the next engine's pinning fail on an H100), once."""
+    import gc
+
+    from kubeinfer.engine.structured_output import grammar_worker
+
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+
+    class Owner:
+        pass
+
+    owner, bitmask = Owner(), torch.zeros(4, 8, dtype=torch.int32).share_memory_()
+    unpin = grammar_worker.pin_host_memory(owner, bitmask)
+    assert unpin is not None and fake.registered == [bitmask.data_ptr()]
+    del owner
+    gc.collect()
+    assert fake.unregistered == [bitmask.data_ptr()]
+    unpin()  # close() after collection: nothing more
+    assert fake.unregistered == [bitmask.data_ptr()]
+
+
+def test_a_failed_pin_clears_the_cuda_error(monkeypatch):
+    """Registering may fail ("already mapped"): the copy then waits for the stream, and the error
+    is cleared, or torch would raise it from the next kernel launch (seen in the GPU tests)."""
+    from kubeinfer.engine.structured_output import grammar_worker
+
+    fake, cleared = _FakeCudart(register_error=712), []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(grammar_worker, "clear_cuda_error", lambda: cleared.append(True))
+    assert grammar_worker.pin_host_memory(object(), torch.zeros(4, dtype=torch.int32)) is None
+    assert cleared == [True] and fake.unregistered == []
