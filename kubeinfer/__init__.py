@@ -1,6 +1,6 @@
 """kubeinfer: a vLLM-class LLM engine and the Kubernetes operator that deploys it."""
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "RequestOutputKind", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,7 @@ def __getattr__(name: str):
     if name == "SamplingParams":
         from kubeinfer.engine.sampling_params import SamplingParams
         return SamplingParams
+    if name == "RequestOutputKind":
+        from kubeinfer.engine.sampling_params import RequestOutputKind
+        return RequestOutputKind
     raise AttributeError(f"module 'kubeinfer' has no attribute {name!r}")

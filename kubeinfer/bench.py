@@ -171,11 +171,11 @@ def _lengths(rng, n: int, length: int, ratio: float) -> list[int]:
     return [rng.randint(lo, hi) for _ in range(n)]
 
 
-def _run_all(engine, prompts, params_list, mm_inputs=None, counts: list[int] | None = None
-             ) -> int:
+def _run_all(engine, prompts, params_list, mm_inputs=None, counts: list[int] | None = None,
+             finals: dict | None = None) -> int:
     """Run the requests to the end; prompts are token ids, or with mm_inputs each request's
     MultiModalInputs (whose ids are its prompt). `counts` (if given) gets each request's number
-    of output tokens."""
+    of output tokens, `finals` (if given) each request's last output by index."""
     for i, (ids, params) in enumerate(zip(prompts, params_list)):
         engine.add_request(str(i), ids, params, mm_inputs=None if mm_inputs is None else mm_inputs[i])
     num_out = 0
@@ -186,7 +186,25 @@ def _run_all(engine, prompts, params_list, mm_inputs=None, counts: list[int] | N
             num_out += len(o.new_token_ids)
             if counts is not None:
                 counts[int(o.request_id)] += len(o.new_token_ids)
+            if finals is not None and o.finished:
+                finals[int(o.request_id)] = o
     return num_out
+
+
+def _json_check(schema: dict, finals: dict) -> dict:
+    """How many constrained replies ended by their grammar ("stop"), and how many of those parse
+    and validate against the schema (all of them, or the engine has a bug)."""
+    import jsonschema
+
+    stopped = [o for o in finals.values() if o.finish_reason == "stop"]
+    valid = 0
+    for o in stopped:
+        try:
+            jsonschema.validate(json.loads(o.new_text), schema)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass
+    return {"json_replies": len(finals), "json_stopped": len(stopped), "json_valid": valid}
 
 
 def _sync(engine) -> None:
@@ -198,8 +216,10 @@ def _sync(engine) -> None:
 def run_throughput(args: argparse.Namespace) -> int:
     import random
 
-    from kubeinfer.engine.sampling_params import SamplingParams
+    from kubeinfer.engine.sampling_params import RequestOutputKind, SamplingParams
 
+    # one output per request, its text decoded at the end, as vLLM's LLM runs this benchmark
+    final = RequestOutputKind.FINAL_ONLY
     _check(args, ("num_prompts", "input_len", "output_len"))
     if args.unconstrained_twin and not args.json_schema:
         raise SystemExit("error: --unconstrained-twin compares with a --json-schema run: add "
@@ -221,7 +241,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     temp = 0.0 if args.greedy else 1.0
     constraint = None if schema is None else {"json": schema}
     params = [SamplingParams(temperature=temp, max_tokens=n, ignore_eos=True,
-                             structured_outputs=constraint) for n in out_lens]
+                             structured_outputs=constraint, output_kind=final) for n in out_lens]
     if constraint is not None:
         from kubeinfer.engine.errors import RequestError
 
@@ -232,8 +252,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     # warm-up: a few real-length prompts so kernel compilation stays out of the timing (with
     # images: other images than the timed ones', so no encoder output or block is reused)
     # (with a schema the warm-up is constrained too: the grammar worker process starts then)
-    warm = [SamplingParams(max_tokens=2, ignore_eos=True, structured_outputs=constraint)
-            ] * min(8, len(prompts))
+    warm = [SamplingParams(max_tokens=2, ignore_eos=True, structured_outputs=constraint,
+                           output_kind=final)] * min(8, len(prompts))
     if workload is None:
         _run_all(engine, prompts[:8], warm)
     else:
@@ -245,17 +265,19 @@ def run_throughput(args: argparse.Namespace) -> int:
     so.fill_seconds, so.accept_seconds, so.num_fills = 0.0, 0.0, 0
     engine.runner.sampling.grammar_wait_seconds = 0.0
     counts: list[int] = []
+    finals: dict = {}
     start = time.perf_counter()
-    num_out = _run_all(engine, prompts, params, mm_inputs, counts)
+    num_out = _run_all(engine, prompts, params, mm_inputs, counts, finals)
     _sync(engine)
     elapsed = time.perf_counter() - start
-    _report(args, engine, in_lens, num_out, elapsed, workload, constraint)
+    checked = None if schema is None or args.skip_tokenizer_init else _json_check(schema, finals)
+    _report(args, engine, in_lens, num_out, elapsed, workload, constraint, checked)
     if constraint is not None and args.unconstrained_twin:
         # the same requests without the schema, each held to the tokens it produced under it:
         # the same prompts, output lengths and engine, all but the grammar
         kept = [i for i, n in enumerate(counts) if n]
-        twin = [SamplingParams(temperature=temp, max_tokens=counts[i], ignore_eos=True)
-                for i in kept]
+        twin = [SamplingParams(temperature=temp, max_tokens=counts[i], ignore_eos=True,
+                               output_kind=final) for i in kept]
         engine.kv.pool.reset_prefix_cache()
         start = time.perf_counter()
         twin_out = _run_all(engine, [prompts[i] for i in kept], twin)

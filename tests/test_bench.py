@@ -62,6 +62,8 @@ def test_throughput_with_a_json_schema(config_only, tiny_model_dir, tmp_path, ca
     assert result["num_requests"] == 4 and result["mask_fill_ms_per_step"] > 0
     assert result["mask_accept_ms_per_step"] > 0  # the output tokens reached their matchers
     assert result["mask_wait_ms_per_step"] >= 0  # the engine thread's wait for the mask thread
+    # every reply its grammar ended parses and validates (the others ran out of tokens)
+    assert result["json_replies"] == 4 and result["json_valid"] == result["json_stopped"]
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "nope"}')
     with pytest.raises(SystemExit, match="not a valid JSON schema"):
@@ -369,3 +371,16 @@ def test_gpu_suite_vlm_steps_wait_for_their_architecture(benchmarks_on_path):
     present = subprocess.run(guard + ["LlavaForConditionalGeneration", sys.executable, "-c",
                                       "print('ran')"], capture_output=True, text=True, env=env)
     assert present.returncode == 0 and present.stdout.strip() == "ran"
+
+
+def test_json_check_counts_replies_that_validate():
+    from types import SimpleNamespace as O
+
+    from kubeinfer.bench import _json_check
+
+    schema = {"type": "object", "properties": {"t": {"type": "string"}}, "required": ["t"]}
+    finals = {0: O(finish_reason="stop", new_text='{"t": "a b"}'),
+              1: O(finish_reason="stop", new_text='{"u": 1}'),  # parses, does not validate
+              2: O(finish_reason="stop", new_text='{"t": '),  # does not parse
+              3: O(finish_reason="length", new_text='{"t": "ab')}
+    assert _json_check(schema, finals) == {"json_replies": 4, "json_stopped": 3, "json_valid": 1}

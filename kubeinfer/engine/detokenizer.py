@@ -77,6 +77,22 @@ class IncrementalDetokenizer:
         new_text = "".join(self._decoder.step(t) for t in new_token_ids)
         return self._emit(new_text, final=False)
 
+    def decode_all(self, token_ids: Sequence[int], stop_terminated: bool = False) -> str:
+        """A whole output at once, for a detokenizer without stop strings that was given no
+        tokens before: one decode of the ids (with the prompt context) instead of a step per
+        token. The text is what `update(token_ids, stop_terminated)` and `flush()` give together,
+        except where byte-fallback pieces decoded alone turn out to be part of an invalid
+        sequence: a stream has emitted them already, a whole decode writes U+FFFD for them as a
+        full decode of the ids does."""
+        assert not self.stop and self.num_output_tokens == 0, "decode_all needs a fresh stream"
+        self.num_output_tokens = len(token_ids)
+        if stop_terminated and not self.include_stop_str_in_output:
+            token_ids = token_ids[:-1]
+        text = self._decoder.decode_all(list(token_ids))
+        if text:
+            self._chunks.append(text)
+        return text
+
     def flush(self) -> str:
         """The text still held back, for a request that finished by length, EOS or stop token.
 
@@ -198,13 +214,34 @@ class _StreamDecoder:
             return "".join(p for p in pieces if p is not None)
         return None
 
+    def decode_all(self, token_ids: list[int]) -> str:
+        """What stepping through `token_ids` and flushing gives: the decode of the context and
+        the ids, past the context's own text."""
+        text = self._after(self._window, self._window + self._undecoded + token_ids)
+        self._undecoded = []
+        return text
+
+    def _after(self, context: list[int], ids: list[int]) -> str:
+        """The decode of `ids` past the text of `context` (a prefix of them). Byte-fallback
+        pieces may change the context's own end (a byte that decoded alone joins an invalid
+        sequence and becomes U+FFFD): then the text past their common prefix, never the
+        context's text again."""
+        prefix, full = self._decode(context), self._decode(ids)
+        if full.startswith(prefix):
+            return full[len(prefix):]
+        common = 0
+        for a, b in zip(prefix, full):
+            if a != b:
+                break
+            common += 1
+        return full[common:]
+
     def flush(self) -> str:
         if not self._undecoded:
             return ""
-        prefix = self._decode(self._window)
-        full = self._decode(self._window + self._undecoded)
+        text = self._after(self._window, self._window + self._undecoded)
         self._undecoded = []
-        return full[len(prefix):] if full.startswith(prefix) else full
+        return text
 
 
 class _ClassicDecoder:
@@ -236,6 +273,9 @@ class _ClassicDecoder:
             self._read_offset -= self._prefix_offset
             self._prefix_offset = 0
         return text[len(prefix):]
+
+    def decode_all(self, token_ids: list[int]) -> str:
+        return "".join(self.step(t) for t in token_ids) + self.flush()
 
     def flush(self) -> str:
         prefix = self._tok.convert_tokens_to_string(self._tokens[self._prefix_offset:self._read_offset])

@@ -6,6 +6,7 @@ the server uses.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,7 +20,7 @@ from kubeinfer.engine.outputs import (ClassificationOutput, CompletionOutput, Em
                                      FinishedRequest)
 from kubeinfer.engine.pooling_params import PoolingParams
 from kubeinfer.engine.protocol import Engine, RunnerType
-from kubeinfer.engine.sampling_params import SamplingParams
+from kubeinfer.engine.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from kubeinfer.engine.embedding_engine import EmbeddingEngine
@@ -100,6 +101,12 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+        # one output per sample, its text decoded once at the end (as vLLM's LLM asks for)
+        final: dict[int, SamplingParams] = {}
+        for p in sampling_params:
+            if id(p) not in final:
+                final[id(p)] = replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+        sampling_params = [final[id(p)] for p in sampling_params]
         priority = list(priority) if priority is not None else [0] * len(prompts)
         if len(priority) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(priority)} priorities")

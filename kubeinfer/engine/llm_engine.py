@@ -387,6 +387,8 @@ class LLMEngine:
                 stats.inter_token_latencies.append(now - req.last_token_time)
             req.last_token_time = now
             out, stop_str = self.output_processor.process(update)
+            if out is None:  # a final-only request between its first and last token
+                continue
             if stop_str is not None and not update.finished:
                 self.scheduler.finish_request(req.req_id, RequestStatus.FINISHED_STOPPED)
                 req.truncate_outputs(req.num_output_tokens - req.num_pending_tokens)

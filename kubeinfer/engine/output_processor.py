@@ -1,11 +1,14 @@
-"""Token updates -> RequestOutput deltas: detokenization, stop strings, n > 1 bookkeeping."""
+"""Token updates -> RequestOutputs: detokenization, stop strings, n > 1 bookkeeping, and the
+output kind (SamplingParams.output_kind): a delta per step, or one final output per sample whose
+text is decoded once at the end (unless stop strings need it token by token)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubeinfer.engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
 from kubeinfer.engine.outputs import Logprob, PromptLogprobs, RequestOutput
 from kubeinfer.engine.request import Request, RequestStatus
+from kubeinfer.engine.sampling_params import RequestOutputKind
 from kubeinfer.engine.scheduler import TokenUpdate
 
 
@@ -15,6 +18,15 @@ class _ChildState:
     index: int
     detokenizer: IncrementalDetokenizer | None
     awaits_prompt_logprobs: bool = False  # asked for, and not handed out with an output yet
+    final_only: bool = False  # RequestOutputKind.FINAL_ONLY: one output, at the end
+    # final-only: the tokens (and logprobs, if asked for) so far, for the final output
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+
+    @property
+    def decodes_at_end(self) -> bool:
+        """Whether the text waits for the end: final-only and no stop string to look for."""
+        return self.final_only and (self.detokenizer is None or not self.detokenizer.stop)
 
 
 class OutputProcessor:
@@ -44,7 +56,9 @@ class OutputProcessor:
                 self.tokenizer, req.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
                 stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output,
                 min_tokens=p.min_tokens)
-        self._children[req.req_id] = _ChildState(parent_id, index, detok, wants_prompt_logprobs)
+        final_only = req.sampling_params.output_kind == RequestOutputKind.FINAL_ONLY
+        self._children[req.req_id] = _ChildState(parent_id, index, detok, wants_prompt_logprobs,
+                                                 final_only)
         self.parent_to_children.setdefault(parent_id, []).append(req.req_id)
         if req.prompt_logprobs is not None:
             self._prompt_logprobs_source[parent_id] = req
@@ -96,25 +110,45 @@ class OutputProcessor:
             out.append(entry)
         return out
 
-    def process(self, update: TokenUpdate) -> tuple[RequestOutput, str | None]:
-        """Make the delta for one update. Returns it and the stop string matched, if any; the
-        caller then finishes the request (the delta is already marked finished)."""
+    def process(self, update: TokenUpdate) -> tuple[RequestOutput | None, str | None]:
+        """Make the output for one update: a delta, or for a final-only request None until it
+        finishes. Returns it and the stop string matched, if any; the caller then finishes the
+        request (the output is already marked finished)."""
         req = update.req
         state = self._children[req.req_id]
+        wants_logprobs = req.sampling_params.logprobs is not None
+        if state.final_only:
+            state.token_ids += update.new_token_ids
+            if wants_logprobs and update.new_logprobs:
+                state.logprobs += update.new_logprobs
+            if state.decodes_at_end and not update.finished:
+                return None, None
         text, stop_str = "", None
-        if state.detokenizer is not None:
-            # an EOS or stop token ends the text without being decoded into it
-            stop_token = update.finished and req.status == RequestStatus.FINISHED_STOPPED
-            text, stop_str = state.detokenizer.update(update.new_token_ids, stop_terminated=stop_token)
+        # an EOS or stop token ends the text without being decoded into it
+        stop_token = update.finished and req.status == RequestStatus.FINISHED_STOPPED
+        if state.decodes_at_end:
+            if state.detokenizer is not None:
+                text = state.detokenizer.decode_all(state.token_ids, stop_terminated=stop_token)
+        elif state.detokenizer is not None:
+            text, stop_str = state.detokenizer.update(update.new_token_ids,
+                                                      stop_terminated=stop_token)
             if update.finished and stop_str is None:
                 text += state.detokenizer.flush()
         finished = update.finished or stop_str is not None
         if stop_str is not None:
             req.stop_reason = stop_str
+        if state.final_only:
+            if not finished:
+                return None, None
+            token_ids, logprobs = state.token_ids, state.logprobs
+            if state.detokenizer is not None and not state.decodes_at_end:
+                text = state.detokenizer.output_text  # every delta so far, this one included
+        else:
+            token_ids, logprobs = update.new_token_ids, update.new_logprobs
         out = RequestOutput(
             request_id=state.parent_id, index=state.index, prompt_token_ids=req.prompt_token_ids,
-            new_token_ids=update.new_token_ids, new_text=text,
-            new_logprobs=update.new_logprobs if req.sampling_params.logprobs is not None else None,
+            new_token_ids=token_ids, new_text=text,
+            new_logprobs=logprobs if wants_logprobs else None,
             prompt_logprobs=self._take_prompt_logprobs(state), finished=finished,
             finish_reason="stop" if stop_str is not None else (req.status.finish_reason if finished else None),
             stop_reason=req.stop_reason, num_output_tokens=req.num_output_tokens,
@@ -122,10 +156,20 @@ class OutputProcessor:
         return out, stop_str
 
     def finished_early(self, req: Request) -> RequestOutput:
-        """The last, empty delta of a request that ended outside a step's tokens: aborted
-        ("abort") or failed in the engine ("error")."""
+        """The last output of a request that ended outside a step's tokens: aborted ("abort") or
+        failed in the engine ("error"). A delta is empty; a final-only output has the tokens and
+        text so far."""
         state = self._children[req.req_id]
+        token_ids, text, logprobs = [], "", None
+        if state.final_only:
+            token_ids = state.token_ids
+            if req.sampling_params.logprobs is not None:
+                logprobs = state.logprobs
+            if state.detokenizer is not None:
+                text = (state.detokenizer.decode_all(token_ids) if state.decodes_at_end
+                        else state.detokenizer.output_text + state.detokenizer.flush())
         return RequestOutput(
             request_id=state.parent_id, index=state.index, prompt_token_ids=req.prompt_token_ids,
-            new_token_ids=[], new_text="", finished=True, finish_reason=req.status.finish_reason,
-            num_output_tokens=req.num_output_tokens, num_cached_tokens=max(req.num_cached_tokens, 0))
+            new_token_ids=token_ids, new_text=text, new_logprobs=logprobs, finished=True,
+            finish_reason=req.status.finish_reason, num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0))

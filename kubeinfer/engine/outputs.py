@@ -46,7 +46,8 @@ PromptLogprobs = list[dict[int, Logprob] | None]
 
 @dataclass
 class RequestOutput:
-    """New tokens and text of one sample of a request since its last output.
+    """New tokens and text of one sample of a request since its last output (for a request
+    with output_kind FINAL_ONLY: its only output, at the end, with all of them).
 
     `request_id` is the caller's id; `index` tells which of the request's n samples this is.
     Text never ends inside a multi-byte character, and never contains a matched stop string.

@@ -8,6 +8,7 @@ server: seeds to int64, token ids and top_k to int32 (and to the model's vocabul
 """
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,16 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What a request's outputs carry (vLLM's names and values). DELTA: one output per step with
+    the new tokens and text. FINAL_ONLY: one output, at the end, with all of them (what `LLM`
+    and `kubeinfer bench` use, as vLLM's LLM does): text is decoded once, not token by token,
+    unless stop strings need it as it comes."""
+
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 class SamplingParamsError(RequestError):
@@ -75,6 +86,7 @@ class SamplingParams:
     # a JSON schema, regex, choice or grammar the output must match (a dict with vLLM's
     # `structured_outputs` field names is accepted and converted)
     structured_outputs: StructuredOutputsParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.DELTA
 
     MAX_LOGPROBS = 20
 
@@ -90,6 +102,12 @@ class SamplingParams:
             self.top_k = 0
         if self.structured_outputs is not None:
             self.structured_outputs = coerce(self.structured_outputs)
+        if isinstance(self.output_kind, bool) or self.output_kind not in tuple(RequestOutputKind):
+            raise SamplingParamsError(
+                f"output_kind must be RequestOutputKind.DELTA or RequestOutputKind.FINAL_ONLY "
+                f"(cumulative outputs are the deltas concatenated), got "
+                f"{_shown(self.output_kind)}.", "output_kind")
+        self.output_kind = RequestOutputKind(self.output_kind)
         self._validate()
 
     def _validate(self) -> None:

@@ -160,6 +160,49 @@ def test_stop_terminated_token_is_not_decoded(backend):
     assert d.update(encode(tok, " Hi") + [end], stop_terminated=True) == (" Hi<|im_end|>", None)
 
 
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_decode_all_equals_the_streamed_text(tokenizer, backend, skip_special):
+    """A final-only output (RequestOutputKind.FINAL_ONLY, no stop strings) is decoded in one call:
+    its text is the streamed deltas' and the flush's for real texts, an output cut mid-character
+    and one ended by a stop token."""
+    prompt_ids = encode(tokenizer, PROMPT)
+    cases = [(encode(tokenizer, t), False) for t in TEXTS]
+    cases.append((encode(tokenizer, " x🎉")[:-1], False))
+    cases.append((encode(tokenizer, " Hi") + [tokenizer.eos_token_id], True))
+    for ids, stop_terminated in cases:
+        kw = dict(skip_special_tokens=skip_special)
+        streamed = IncrementalDetokenizer(tokenizer, prompt_ids, **kw)
+        text = streamed.update(ids, stop_terminated=stop_terminated)[0] + streamed.flush()
+        whole = IncrementalDetokenizer(tokenizer, prompt_ids, **kw)
+        assert whole.decode_all(ids, stop_terminated=stop_terminated) == text, ids
+        assert whole.output_text == text and whole.num_output_tokens == len(ids)
+
+
+def test_random_ids_decode_as_a_full_decode_and_never_repeat_the_prompt(tokenizer):
+    """Random ids (what a random-weight model samples: byte pieces that never complete a
+    character, special tokens): the whole decode is the full decode's text past the prompt's;
+    the stream may differ only where it emitted a byte before the invalid sequence it belongs to
+    came, and never emits the prompt's text (a flush once did, when the context's own end
+    decoded differently with the pieces after it)."""
+    rng = random.Random(1)
+    prompt_ids = encode(tokenizer, PROMPT)
+    prompt_text = tokenizer.decode(prompt_ids)
+    for _ in range(60):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 40))]
+        full = tokenizer.decode(prompt_ids + ids, skip_special_tokens=True)
+        assert full.startswith(prompt_text)
+        whole = IncrementalDetokenizer(tokenizer, prompt_ids).decode_all(ids)
+        assert whole == full[len(prompt_text):], ids
+        d = IncrementalDetokenizer(tokenizer, prompt_ids)
+        streamed = "".join(d.update([t])[0] for t in ids) + d.flush()
+        # each byte piece emitted alone is one character a whole decode may not have
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        loose = sum(1 for p in pieces if p is not None and p.startswith("<0x"))
+        assert len(streamed) <= len(whole) + loose, (ids, streamed, whole)
+        if not loose:
+            assert streamed == whole
+
+
 def check_stop(tok, text, stop, include, chunk=1, others=()):
     """Stream `text` with a stop string; the emitted text is always a prefix of the cut text."""
     prompt_ids = encode(tok, PROMPT)

@@ -163,3 +163,88 @@ def test_priority_needs_the_priority_policy(tiny_model_dir):
     with pytest.raises(RequestError, match="--scheduling-policy priority") as e:
         llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2), priority=[1])
     assert e.value.param == "priority"
+
+
+def _run(engine, requests, kind):
+    """requests: id -> (prompt ids, params); every output of the run, by (request id, index)."""
+    from dataclasses import replace
+
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, ids, replace(params, output_kind=kind))
+    outs: dict[tuple[str, int], list] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs.setdefault((out.request_id, out.index), []).append(out)
+    return outs
+
+
+def test_final_only_outputs_are_the_deltas_joined(llm):
+    """RequestOutputKind.FINAL_ONLY: one output per sample, at the end, with the tokens, text
+    (decoded once, or streamed where stop strings need it), logprobs and finish reason the
+    deltas give together; n > 1 and seeded sampling included."""
+    from kubeinfer import RequestOutputKind
+
+    engine = llm.engine
+    free = _run(engine, {"s": ([20, 21], SamplingParams(temperature=0, max_tokens=20,
+                                                         ignore_eos=True))},
+                RequestOutputKind.DELTA)
+    text = "".join(o.new_text for o in free[("s", 0)])
+    requests = {
+        "plain": ([5, 6, 7], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)),
+        "stop": ([20, 21], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                           stop=[text[2:4]])),
+        "n": ([9, 10], SamplingParams(temperature=1.0, max_tokens=9, n=2, seed=3, logprobs=2,
+                                      ignore_eos=True)),
+        "eos": ([30, 31, 32], SamplingParams(temperature=0, max_tokens=10)),
+    }
+    deltas = _run(engine, requests, RequestOutputKind.DELTA)
+    finals = _run(engine, requests, RequestOutputKind.FINAL_ONLY)
+    assert set(finals) == set(deltas) == {("plain", 0), ("stop", 0), ("n", 0), ("n", 1),
+                                          ("eos", 0)}
+    for key, outs in deltas.items():
+        [final] = finals[key]
+        assert final.finished and outs[-1].finished
+        assert final.new_token_ids == [t for o in outs for t in o.new_token_ids]
+        assert final.new_text == "".join(o.new_text for o in outs)
+        assert final.finish_reason == outs[-1].finish_reason
+        assert final.stop_reason == outs[-1].stop_reason
+        assert final.num_output_tokens == outs[-1].num_output_tokens
+        if key[0] == "n":
+            assert final.new_logprobs == [lp for o in outs for lp in o.new_logprobs]
+            assert len(final.new_logprobs) == 9
+        else:
+            assert final.new_logprobs is None
+    assert finals[("stop", 0)][0].finish_reason == "stop"
+    assert finals[("stop", 0)][0].new_text == text[:text.index(text[2:4])]
+    assert engine.kv.num_free_blocks == engine.num_blocks
+
+
+def test_an_aborted_final_only_request_returns_what_it_had(llm):
+    """An abort ends a final-only request with the tokens and text it had (a delta's last output
+    is empty: its earlier ones carried them)."""
+    from kubeinfer import RequestOutputKind
+
+    engine = llm.engine
+    engine.add_request("a", [5, 6, 7], SamplingParams(
+        temperature=0, max_tokens=50, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY))
+    seen = []
+    while len(engine.scheduler.requests["a"].output_token_ids) < 5:
+        seen += engine.step()
+    assert not seen  # nothing before the end
+    [out] = engine.abort_request("a")
+    assert out.finished and out.finish_reason == "abort"
+    n = len(out.new_token_ids)
+    assert n >= 3 and all(t >= 0 for t in out.new_token_ids)  # no placeholder of a step in flight
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.num_free_blocks == engine.num_blocks
+    same = _run(engine, {"b": ([5, 6, 7], SamplingParams(temperature=0, max_tokens=n,
+                                                        ignore_eos=True))},
+                RequestOutputKind.DELTA)[("b", 0)]
+    assert [t for o in same for t in o.new_token_ids] == out.new_token_ids
+    assert "".join(o.new_text for o in same) == out.new_text
+
+
+def test_output_kind_is_checked():
+    with pytest.raises(RequestError, match="output_kind must be RequestOutputKind"):
+        SamplingParams(output_kind=0)

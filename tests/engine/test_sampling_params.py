@@ -65,3 +65,17 @@ def test_values_inside_the_vocabulary_pass():
 
 def test_an_integral_float_top_k_from_a_generation_config_is_an_int():
     assert SamplingParams(top_k=50.0).top_k == 50
+
+
+def test_only_streamed_replies_ask_for_deltas():
+    """The server asks the engine for deltas only when it streams them; a reply sent whole gets
+    one final output per choice (its text decoded once)."""
+    from kubeinfer.engine.sampling_params import RequestOutputKind
+    from kubeinfer.engine.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    msgs = [{"role": "user", "content": "hi"}]
+    for stream, kind in ((True, RequestOutputKind.DELTA), (False, RequestOutputKind.FINAL_ONLY)):
+        assert ChatCompletionRequest(model="m", messages=msgs, stream=stream
+                                     ).to_sampling_params().output_kind == kind
+        assert CompletionRequest(model="m", prompt="hi", stream=stream
+                                 ).to_sampling_params().output_kind == kind

@@ -15,7 +15,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
                       field_validator)
 
 from kubeinfer.engine.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, MAX_N,
-                                              SamplingParams, SamplingParamsError)
+                                              RequestOutputKind, SamplingParams,
+                                              SamplingParamsError)
 from kubeinfer.engine.structured_output.params import StructuredOutputsParams
 from kubeinfer.engine.structured_output.request_fields import from_request
 from kubeinfer.engine.structured_output.tool_choice import tool_choice_params
@@ -109,7 +110,10 @@ class _SamplingFields(_Body):
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            logit_bias=self._logit_bias(), structured_outputs=constraint, **kw)
+            logit_bias=self._logit_bias(), structured_outputs=constraint,
+            # a reply that is not streamed needs no deltas: one output, its text decoded once
+            output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            **kw)
 
     def structured_outputs_params(self) -> StructuredOutputsParams | None:
         """The output constraint the request's fields ask for (RequestError naming the field)."""
