@@ -11,7 +11,8 @@ until it is enqueued, a read until its step has landed). The timers reset when t
 the prefix cache after its warm-up, so they cover the timed run only. Nested phases are included
 in their parent's. Over steps A..B of the timed run (each --window) a torch.profiler trace (CUDA activity only)
 gives the fraction of wall time some kernel was running (`gpu_busy`) and the top kernels.
-Prints the bench's JSON line, then one line {"step": "phases", ...}.
+Prints the bench's JSON line(s), then {"step": "phases_twin", ...} for an --unconstrained-twin run,
+then {"step": "phases", ...} (the first run's, with the traced windows of both).
 """
 from __future__ import annotations
 
@@ -96,6 +97,9 @@ def patch(a: argparse.Namespace) -> None:
             STEPS.update(n=0, prefill=0, prefill_s=0.0, decode_s=0.0, timed=True)
         elif "frozen" not in STEPS:  # --unconstrained-twin's run: keep the first run's numbers
             STEPS["frozen"] = (dict(TIMES), dict(COUNTS), dict(STEPS))
+            TIMES.clear()  # and count the twin's on their own
+            COUNTS.clear()
+            STEPS.update(n=0, prefill=0, prefill_s=0.0, decode_s=0.0)
         return reset(self, *args, **kw)
     block_pool.BlockPool.reset_prefix_cache = reset_and_start
 
@@ -103,6 +107,7 @@ def patch(a: argparse.Namespace) -> None:
     windows = [tuple(int(v) for v in w.split(":")) for w in a.window.split(",")]
 
     def timed_step(self):
+        run = "_twin" if "frozen" in STEPS else ""
         for lo, hi in windows:
             if STEPS["timed"] and STEPS["n"] == lo and self.device.type == "cuda":
                 import torch
@@ -111,7 +116,7 @@ def patch(a: argparse.Namespace) -> None:
                     acts.append(torch.profiler.ProfilerActivity.CPU)
                 prof = torch.profiler.profile(activities=acts)
                 prof.__enter__()
-                PROFILE[(lo, hi)] = [prof, time.perf_counter(), None]
+                PROFILE[(lo, hi, run)] = [prof, time.perf_counter(), None]
         waiting = sum(r.num_computed_tokens < r.num_prompt_tokens
                       for r in self.scheduler.running) + len(self.scheduler.waiting)
         t = time.perf_counter()
@@ -124,8 +129,8 @@ def patch(a: argparse.Namespace) -> None:
                 STEPS["prefill_s"] += dt
             else:
                 STEPS["decode_s"] += dt
-            for (lo, hi), entry in PROFILE.items():
-                if STEPS["n"] == hi and entry[2] is None:
+            for (lo, hi, of), entry in PROFILE.items():
+                if of == run and STEPS["n"] == hi and entry[2] is None:
                     import torch
                     torch.cuda.synchronize()
                     entry[2] = time.perf_counter() - entry[1]
@@ -160,6 +165,17 @@ def kernel_table(prof, wall: float, top: int) -> dict:
     return table
 
 
+def phases() -> dict:
+    """The timed run's steps and host phases (ms per step), from TIMES / COUNTS / STEPS."""
+    n = max(STEPS["n"], 1)
+    return {"steps": STEPS["n"], "prefill_steps": STEPS["prefill"],
+            "ms_per_prefill_step": round(1e3 * STEPS["prefill_s"] / max(STEPS["prefill"], 1), 3),
+            "ms_per_decode_step": round(1e3 * STEPS["decode_s"]
+                                        / max(STEPS["n"] - STEPS["prefill"], 1), 3),
+            "ms_per_step_by_phase": {k: round(1e3 * v / n, 3) for k, v in sorted(TIMES.items())},
+            "calls_per_step": {k: round(v / n, 2) for k, v in sorted(COUNTS.items())}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mask-thread", choices=("on", "off"), default=None,
@@ -187,29 +203,24 @@ def main() -> None:
     argv = [x for x in a.bench if x != "--"]
     start = time.perf_counter()
     rc = cli_main(["bench", "throughput", *argv])
-    if "frozen" in STEPS:
+    so = getattr(a, "manager", None)
+    line = {"step": "phases", "mask_thread": so.mask_thread if so else None,
+            "grammar_worker": so.use_worker if so else None,
+            "worker_threads": so.worker_threads if so else None,
+            "min_chunk_rows": so.batch.min_chunk_rows if so else None,
+            "switch_interval": sys.getswitchinterval()}
+    if "frozen" in STEPS:  # the twin's phases (this run's last), then the first run's
+        print(json.dumps({"step": "phases_twin", **phases()}), flush=True)
         times, counts, steps = STEPS["frozen"]
         TIMES.clear()
         TIMES.update(times)
         COUNTS.clear()
         COUNTS.update(counts)
         STEPS.update(steps)
-    n = max(STEPS["n"], 1)
-    so = getattr(a, "manager", None)
-    line = {"step": "phases", "mask_thread": so.mask_thread if so else None,
-            "grammar_worker": so.use_worker if so else None,
-            "worker_threads": so.worker_threads if so else None,
-            "min_chunk_rows": so.batch.min_chunk_rows if so else None,
-            "switch_interval": sys.getswitchinterval(),
-            "steps": STEPS["n"], "prefill_steps": STEPS["prefill"],
-            "ms_per_prefill_step": round(1e3 * STEPS["prefill_s"] / max(STEPS["prefill"], 1), 3),
-            "ms_per_decode_step": round(1e3 * STEPS["decode_s"] / max(STEPS["n"] - STEPS["prefill"], 1), 3),
-            "ms_per_step_by_phase": {k: round(1e3 * v / n, 3) for k, v in sorted(TIMES.items())},
-            "calls_per_step": {k: round(v / n, 2) for k, v in sorted(COUNTS.items())},
-            "wall_s": round(time.perf_counter() - start, 1)}
-    for (lo, hi), (prof, _, wall) in PROFILE.items():
+    line.update(phases(), wall_s=round(time.perf_counter() - start, 1))
+    for (lo, hi, run), (prof, _, wall) in PROFILE.items():
         if wall is not None:
-            line[f"steps_{lo}_{hi}"] = kernel_table(prof, wall, a.top)
+            line[f"steps_{lo}_{hi}{run}"] = kernel_table(prof, wall, a.top)
     print(json.dumps(line), flush=True)
     sys.exit(rc or 0)
 

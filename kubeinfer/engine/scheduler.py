@@ -424,7 +424,8 @@ class Scheduler:
         # under async scheduling the runner has fed most of them already (to fill the next mask)
         results = self.structured_output.accept_resolved(
             [(updates[k].req.req_id, index, updates[k].new_token_ids[0])
-             for k, _, index in constrained])
+             for k, _, index in constrained],
+            [status is not None for _, status, _ in constrained])
         for (k, status, index), (accepted, terminated) in zip(constrained, results):
             if not accepted:
                 status = status or RequestStatus.FINISHED_ERROR

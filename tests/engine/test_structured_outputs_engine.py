@@ -142,13 +142,13 @@ def _count_early_accepts(engine):
     seen = {"early": 0, "late": 0}
     original = manager.accept_resolved
 
-    def accept_resolved(resolved):
+    def accept_resolved(resolved, ending=None):
         manager._sync()  # the mask thread's accept of the step in flight has landed
         for req_id, index, _ in resolved:
             matcher = manager.matchers.get(req_id)
             if matcher is not None:
                 seen["early" if matcher.num_accepted_tokens > index else "late"] += 1
-        return original(resolved)
+        return original(resolved, ending)
     manager.accept_resolved = accept_resolved
     return seen, lambda: setattr(manager, "accept_resolved", original)
 

@@ -163,15 +163,17 @@ class StructuredOutputManager:
         """(accepted, terminated) after the request's output token `index` (see accept_known)."""
         return self.accept_resolved(((req_id, index, token_id),))[0]
 
-    def accept_resolved(self, resolved: Sequence[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
+    def accept_resolved(self, resolved: Sequence[tuple[str, int, int]],
+                        ending: Sequence[bool] | None = None) -> list[tuple[bool, bool]]:
         """(accepted, terminated) of each (request id, output index, token) after its matcher
-        took it (see accept_known): the scheduler's one call per step. With the mask thread on
-        it waits for the job's accept half: answering a masked token without waiting (only stop
+        took it (see accept_known): the scheduler's one call per step. `ending` says which
+        requests end with this token anyway (length, stop token). With the mask thread on it
+        waits for the job's accept half: answering a masked token without waiting (only stop
         tokens can end a grammar) was measured slower on an H100 host, since the engine thread's
         Python then holds the GIL while the accept threads need it (docs/benchmarks.md). With
         the worker process it does not wait for tokens it can answer (remote_matchers.py)."""
         if self.remote is not None:
-            return self.remote.accept_resolved(list(resolved))
+            return self.remote.accept_resolved(list(resolved), ending)
         accepted = self.accept_known(resolved)
         matchers = self.matchers
         return [(ok, m is not None and m.is_terminated())

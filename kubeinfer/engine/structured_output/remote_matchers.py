@@ -8,7 +8,9 @@ scheduler resolves step N: `accept_resolved` answers a token the job was given w
 for the worker. A token sampled under its own matcher's mask is always accepted, and it ends the
 grammar exactly when it is a stop token (the mask allows EOS, the compiler's only stop token,
 only where the grammar may end); with a reasoning parser a stop token waits for the worker (the
-row may still be reasoning, unmasked). Were a token refused anyway (an engine bug), the job's
+row may still be reasoning, unmasked). A request's last token (it ends by length or a stop token
+whatever the grammar says) is in no job, since the request is in no later step: it is answered
+without the worker too, and never checked. Were a token refused anyway (an engine bug), the job's
 answer marks the request rejected before its next token is resolved, and that token fails it
 (the worker's manager answers False for a rejected request's later tokens); a quick "ended"
 that the answer contradicts is logged as the bug it is.
@@ -107,14 +109,22 @@ class RemoteMatchers:
         self._claimed = set()
         self._note_rejections(self._known, accepted)
 
-    def accept_resolved(self, resolved: Sequence[tuple[str, int, int]]) -> list[tuple[bool, bool]]:
-        """(accepted, terminated) of each (request id, output index, token): see the module
-        docstring for which answers wait for the worker."""
+    def accept_resolved(self, resolved: Sequence[tuple[str, int, int]],
+                        ending: Sequence[bool] | None = None) -> list[tuple[bool, bool]]:
+        """(accepted, terminated) of each (request id, output index, token); `ending` (one per
+        token, optional) says which requests end with it anyway. See the module docstring for
+        which answers wait for the worker."""
         out: list[tuple[bool, bool] | None] = [None] * len(resolved)
         fed = self._fed or {}
         for k, (r, i, t) in enumerate(resolved):
             if r not in self.ids:
                 out[k] = (True, False)  # not constrained (or finished): nothing to check
+            elif ending is not None and ending[k] and (r, i) not in fed \
+                    and r not in self.rejected:
+                # its last token (length or a stop token decide the end; a request that ends
+                # is in no later step, so no job took it): nothing waits on the verdict, and
+                # asking the worker would wait for the job in flight first
+                out[k] = (True, False)
             elif fed.get((r, i)) == t and r not in self.rejected:
                 if t not in self.stop_token_ids:
                     out[k] = (True, False)

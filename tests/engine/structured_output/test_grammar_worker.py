@@ -106,6 +106,32 @@ def test_a_masked_stop_token_ends_the_grammar_without_waiting(worker_manager, sm
     assert "engine bug" not in caplog.text
 
 
+def test_a_last_token_outside_the_job_resolves_without_waiting(worker_manager,
+                                                               smollm2_tokenizer):
+    """A request that ends with this token (length) is in no later step, so the job in flight
+    did not take its token: answered at once rather than after the job and an accept round trip;
+    a token outside the job that does not end its request still goes to the worker."""
+    m = worker_manager
+    for req_id in ("h", "i"):
+        m.submit(req_id, StructuredOutputsParams(json=SCHEMA))
+        m._futures[req_id].result()
+        assert m.take_ready(req_id, [1, 2, 3])
+    first = smollm2_tokenizer.encode("{", add_special_tokens=False)[0]
+    m.start_grammar_bitmask(["h", "i"], [])
+    m.remote.sync()
+    m.start_grammar_bitmask(["i"], [("i", 0, first)])  # "h" ends: not in the next step's rows
+    assert m.accept_resolved([("h", 0, first), ("i", 0, first)], [True, False]) == [
+        (True, False)] * 2
+    assert m.remote.worker.owed == 1  # nothing waited for the job in flight
+    m.remote.sync()
+    # the same token of a request that goes on is asked of the worker (it waits, and answers)
+    m.start_grammar_bitmask(["i"], [])
+    assert m.accept_resolved([("h", 0, first)], [False]) == [(True, False)]
+    assert m.remote.worker.owed == 0
+    m.free("h")
+    m.free("i")
+
+
 def test_the_worker_does_not_re_run_the_main_script():
     """An offline script without a main guard must not build a second engine in the worker."""
     import sys
