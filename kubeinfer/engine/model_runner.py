@@ -263,7 +263,8 @@ class ModelRunner:
         left out of this step and skipped in later ones until it is finished. The same happens on
         every rank, since every rank prepares the same data the same way.
         """
-        self._finish_sampling()
+        if self.pp_size > 1 or self.encoders is not None:
+            self._finish_sampling()
         if self.pp_size == 1:
             self._read_all_but_last()
         prev = self._unread[-1] if self._unread else None
@@ -277,8 +278,13 @@ class ModelRunner:
                 self._failed.add(req_id)
                 step.failed_req_ids.append(req_id)
         scheduled = {r: n for r, n in out.num_scheduled_tokens.items() if r not in self._failed}
-        if scheduled:
-            self._launch(step, self.batch.prepare(scheduled), prev, out.structured_output_req_ids)
+        inputs = self.batch.prepare(scheduled) if scheduled else None
+        # The previous step samples only now, if its grammar rows were still being filled: the
+        # host prepared this step meanwhile, and its launch follows the sampling at once, so
+        # the GPU does not wait for the preparing between the two (sample_step.py).
+        self._finish_sampling()
+        if inputs is not None:
+            self._launch(step, inputs, prev, out.structured_output_req_ids)
         self._unread.append(step)
         return step
 

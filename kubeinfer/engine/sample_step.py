@@ -91,7 +91,14 @@ class StepSampler:
         if job.done():  # filled on this thread (the manager's default): sample now
             self._sample(step, logits, states, self._rows(job), rows)
             return None
-        return lambda: self._sample(step, logits, states, self._rows(job), rows)
+        # What the runner's next step needs of this one is settled now: its sampling tensors and
+        # seeded generators, and a placeholder per row, so the next step's inputs can be prepared
+        # before the rows are in (the runner samples this step just before launching that one).
+        meta = self.metadata(states)
+        generators = self.sampler.generators_for(meta, self.device)
+        self._add_slots(step, states)
+        return lambda: self._sample(step, logits, states, self._rows(job), rows,
+                                    (meta, generators))
 
     def _rows(self, job) -> torch.Tensor:
         start = time.perf_counter()
@@ -101,14 +108,18 @@ class StepSampler:
         return mask
 
     def _sample(self, step, logits: torch.Tensor, states: list[CachedRequestState],
-                mask: torch.Tensor | None, rows: list[int]) -> None:
+                mask: torch.Tensor | None, rows: list[int],
+                bound: tuple[SamplingMetadata, list[torch.Generator]] | None = None) -> None:
+        """`bound`: the metadata and generators taken when the step was launched (its slots
+        were added then too); None: take them now."""
         if mask is not None:
             self.apply_grammar(logits, mask, rows)
-        step.meta = self.metadata(states)
-        sampled, raw_logprobs = self.sampler.sample(logits, step.meta)
+        step.meta, generators = bound if bound is not None else (self.metadata(states), None)
+        sampled, raw_logprobs = self.sampler.sample(logits, step.meta, generators)
         step.sampled = tp_broadcast_from_first(sampled.long().contiguous())
         step.host = self._to_host(pack(step.sampled, raw_logprobs, step.meta))
-        self._add_slots(step, states)
+        if bound is None:
+            self._add_slots(step, states)
 
     @staticmethod
     def _add_slots(step, states: list[CachedRequestState]) -> None:

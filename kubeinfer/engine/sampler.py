@@ -175,9 +175,12 @@ class Sampler:
         """
         return unpack(pack(*self.sample(logits, meta), meta).tolist(), meta)
 
-    def sample(self, logits: torch.Tensor, meta: SamplingMetadata
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata,
+               generators: list[torch.Generator] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The device half: sampled ids [B] and, when asked for, raw logprobs [B, V]. No sync."""
+        """The device half: sampled ids [B] and, when asked for, raw logprobs [B, V]. No sync.
+        `generators` (from `generators_for`, one per meta.seeded_rows entry): the seeded rows'
+        generators as they were bound earlier, for a step sampled after the batch moved on."""
         logits = logits.float()
         raw_logprobs = None if meta.max_num_logprobs is None else logits.log_softmax(dim=-1)
         if meta.stop_mask_rows is not None:
@@ -191,11 +194,12 @@ class Sampler:
         if meta.all_greedy:
             sampled = greedy
         else:
-            drawn = self._draw(logits, meta)
+            drawn = self._draw(logits, meta, generators)
             sampled = drawn if greedy is None else torch.where(meta.is_greedy, greedy, drawn)
         return sampled, raw_logprobs
 
-    def _draw(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, meta: SamplingMetadata,
+              generators: list[torch.Generator] | None) -> torch.Tensor:
         logits = logits / meta.temperature.unsqueeze(1)
         if meta.min_p is not None:
             logits = apply_min_p(logits, meta.min_p)
@@ -205,9 +209,18 @@ class Sampler:
         # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) is a draw from p, and unlike
         # torch.multinomial it never syncs with the host.
         q = torch.empty_like(probs).exponential_()
-        for row, req_id, seed in meta.seeded_rows:
-            q[row].exponential_(generator=self._generator(req_id, seed, probs.device))
+        if generators is None:
+            generators = self.generators_for(meta, probs.device)
+        for (row, _, _), gen in zip(meta.seeded_rows, generators):
+            q[row].exponential_(generator=gen)
         return probs.div_(q).argmax(dim=-1)
+
+    def generators_for(self, meta: SamplingMetadata, device: torch.device
+                       ) -> list[torch.Generator]:
+        """The generator of each of meta's seeded rows, now: a step sampled later (its grammar
+        rows still filling) keeps these, though the batch may meanwhile free a finished
+        request's generator or give its id to a new request."""
+        return [self._generator(req_id, seed, device) for _, req_id, seed in meta.seeded_rows]
 
     def _generator(self, req_id: str, seed: int, device: torch.device) -> torch.Generator:
         gen = self._generators.get(req_id)
