@@ -11,9 +11,9 @@ that step's event, which lands while the GPU already runs this step's forward) a
 the grammar callback, which advances the matchers and fills this step's rows; then the rows go up
 (non-blocking, from pinned memory), mask the logits, and the step samples. With the manager's
 mask thread on (`StructuredOutputManager.mask_thread`), the rows are filled there instead and
-`sample` returns at once with a finisher: the engine's thread resolves the previous step and
-schedules the next meanwhile, and the runner calls the finisher before it enqueues the next step
-(or reads this one). The scheduler's resolve of the previous step does not wait for the job
+`sample` returns at once with a finisher: the engine's thread resolves the previous step,
+schedules the next and prepares its inputs meanwhile, and the runner calls the finisher right
+before it launches the next step (or reads this one). The scheduler's resolve of the previous step does not wait for the job
 either (manager.accept_resolved). On by default with a GPU under async scheduling; off on CPU,
 where it measured slower (profile_grammar_host.py: the forward needs the cores).
 """
