@@ -70,6 +70,7 @@ def test_kopf_settings():
         ("policy", "poddisruptionbudgets"), ("leaderworkerset.x-k8s.io", "leaderworkersets"),
         ("batch", "jobs"), ("", "persistentvolumeclaims"))}
     assert max(s.networking.error_backoffs) <= 5
+    assert max(s.batching.error_delays) <= 10  # throttled objects come back within 10 s
     assert handlers._run_kwargs(make_settings()) == {
         "standalone": True, "clusterwide": True, "liveness_endpoint": "http://0.0.0.0:8080/healthz"}
     assert handlers._run_kwargs(make_settings(namespaces=("a",), liveness_port=0)) == {
