@@ -7,7 +7,8 @@ Rank r uses GPU r % (ranks per node) of its node.
 
 How a rank's process starts: on CUDA it is spawned (a fresh interpreter: a forked child cannot
 use CUDA). On CPU it is forked from multiprocessing's fork server, which imports torch,
-transformers' config classes and this module once per engine process: a spawned rank spends ~3 s
+transformers' config classes and this module once per engine process and freezes its heap
+(fork_server_preload.py): a spawned rank spends ~3 s
 of CPU importing them before it loads its shard, which on a small machine with several ranks (or
 engines started one after another) is most of the start-up. The fork server never runs a torch op
 (no OpenMP pool, no threads to lose in the fork) and lives as long as the engine's process. Its
@@ -61,10 +62,8 @@ def spawn_workers(config: EngineConfig, model_path: Path, ranks: range, init_met
     return conns, procs, results
 
 
-# what a CPU rank needs before it loads its shard, imported once by the fork server:
-# transformers' AutoConfig mapping and the validators every config class imports (~0.8 s)
-_FORKSERVER_PRELOAD = [__name__, "transformers.models.auto.configuration_auto",
-                       "transformers.utils.type_validators"]
+# what a CPU rank needs before it loads its shard, imported once by the fork server
+_FORKSERVER_PRELOAD = ["kubeinfer.engine.fork_server_preload"]
 
 
 def _process_context(device_type: str) -> mp.context.BaseContext:
