@@ -8,12 +8,11 @@ Rank r uses GPU r % (ranks per node) of its node.
 How a rank's process starts: on CUDA it is spawned (a fresh interpreter: a forked child cannot
 use CUDA). On CPU it is forked from multiprocessing's fork server, which imports torch,
 transformers' config classes and this module once per engine process and freezes its heap
-(fork_server_preload.py): a spawned rank spends ~3 s
-of CPU importing them before it loads its shard, which on a small machine with several ranks (or
-engines started one after another) is most of the start-up. The fork server never runs a torch op
-(no OpenMP pool, no threads to lose in the fork) and lives as long as the engine's process. Its
-children would inherit its environment as it was when it started, so each rank is handed rank 0's
-environment as it is now.
+(fork_server_preload.py): a spawned rank spends ~3 s of CPU importing them before it loads its
+shard, which on a small machine with several ranks (or engines started one after another) is most
+of the start-up. The fork server never runs a torch op (no OpenMP pool, no threads to lose in the
+fork) and lives as long as the engine's process. Its children would inherit its environment as it
+was when it started, so each rank is handed rank 0's environment as it is now.
 """
 from __future__ import annotations
 
