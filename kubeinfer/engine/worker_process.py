@@ -4,6 +4,15 @@ call that arrives down its pipe on its own runner until told to stop).
 Rank 0's executor starts the workers of its own node; on a worker node (`--headless`,
 node_relay.py) the node's process starts its ranks the same way and relays the calls to them.
 Rank r uses GPU r % (ranks per node) of its node.
+
+How a rank's process starts: on CUDA it is spawned (a fresh interpreter: a forked child cannot
+use CUDA). On CPU it is forked from multiprocessing's fork server, which imports torch,
+transformers' config classes and this module once per engine process and freezes its heap
+(fork_server_preload.py): a spawned rank spends ~3 s of CPU importing them before it loads its
+shard, which on a small machine with several ranks (or engines started one after another) is most
+of the start-up. The fork server never runs a torch op (no OpenMP pool, no threads to lose in the
+fork) and lives as long as the engine's process. Its children would inherit its environment as it
+was when it started, so each rank is handed rank 0's environment as it is now.
 """
 from __future__ import annotations
 
@@ -32,7 +41,8 @@ def spawn_workers(config: EngineConfig, model_path: Path, ranks: range, init_met
                              multiprocessing.connection.Connection | None]:
     """Start one process per rank in `ranks`; their pipes and processes, in rank order, and the
     receiving end of `results_rank`'s results pipe (pipeline_results.py) when it is among them."""
-    ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+    ctx = _process_context(device_type)
+    env = dict(os.environ)
     conns, procs, results = [], [], None
     for rank in ranks:
         parent, child = ctx.Pipe()
@@ -41,7 +51,7 @@ def spawn_workers(config: EngineConfig, model_path: Path, ranks: range, init_met
             results, results_child = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=worker_main, name=f"kubeinfer-tp{rank}", daemon=True,
                            args=(config, str(model_path), rank, init_method, device_type, child,
-                                 results_child))
+                                 results_child, env))
         proc.start()
         child.close()
         if results_child is not None:
@@ -51,8 +61,25 @@ def spawn_workers(config: EngineConfig, model_path: Path, ranks: range, init_met
     return conns, procs, results
 
 
+# what a CPU rank needs before it loads its shard, imported once by the fork server
+_FORKSERVER_PRELOAD = ["kubeinfer.engine.fork_server_preload"]
+
+
+def _process_context(device_type: str) -> mp.context.BaseContext:
+    """How this node's ranks start (module docstring): spawned on CUDA, forked from the fork
+    server on CPU."""
+    if device_type == "cuda":
+        return mp.get_context("spawn")  # CUDA cannot be used in a forked child
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)  # no effect once the server runs
+    return ctx
+
+
 def worker_main(config: EngineConfig, model_path: str, rank: int, init_method: str,
-                device_type: str, conn, results_conn=None) -> None:
+                device_type: str, conn, results_conn=None, env: dict | None = None) -> None:
+    if env is not None:  # rank 0's environment as it is now (the fork server's may be older)
+        os.environ.clear()
+        os.environ.update(env)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
     par = config.parallel
     per_node = par.world_size // par.nnodes

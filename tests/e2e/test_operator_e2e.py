@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -21,7 +25,8 @@ import yaml
 from kubernetes import watch as kube_watch
 from kubernetes.dynamic.exceptions import ApiException
 
-from tests.e2e.conftest import NAMESPACE, REPO, Cluster, OperatorProcess, wait_for
+from tests.e2e.conftest import (NAMESPACE, REPO, RESYNC_SECONDS, Cluster, OperatorProcess, running_operator,
+                                wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -205,3 +210,19 @@ def test_invalid_spec_reports_invalid_spec(cluster: Cluster, operator: OperatorP
 
         kubectl.delete(*IS, "broken")
         wait_for("the broken InferenceService to go", lambda: kubectl.get(*IS, "broken") is None, 30, operator)
+
+
+def test_sigterm_stops_the_operator_with_no_task_left_waiting(cluster: Cluster, operator: OperatorProcess,
+                                                               tmp_path: Path) -> None:
+    """kopf stopped by a signal used to leave its waiter on the operator's own stop flag running and
+    give it 5 s before cancelling it (every rollout of the operator waited); the flag is now raised
+    as kopf cleans up, so it finds no task left."""
+    with running_operator(dataclasses.replace(cluster, workdir=tmp_path), RESYNC_SECONDS) as second:
+        wait_for("the second operator to watch InferenceServices",
+                 lambda: "Starting the watch-stream for inferenceservices" in second.log_path.read_text(),
+                 60, second)
+        os.killpg(second.process.pid, signal.SIGTERM)
+        assert second.process.wait(60) == 0, second.log_tail()
+        log = second.log_path.read_text()
+    assert "Hung tasks stopping is skipped: no tasks given" in log, second.log_tail()
+    assert "Hung tasks are" not in log, second.log_tail()

@@ -1,13 +1,13 @@
 """The custom (P2P symmetric-memory) all-reduce: which messages take which kernel, the flag, the
 fallback that every rank agrees on (gloo ranks on CPU), and on two GPUs the sums against NCCL's,
 eager and in CUDA graphs (gpu_suite's tests_tp step)."""
-import multiprocessing
 import socket
 
 import pytest
 import torch
 
 from kubeinfer.engine.args import EngineArgs
+from kubeinfer.engine import worker_process
 from kubeinfer.engine.custom_all_reduce import (DEFAULT_MAX_BYTES, ONE_SHOT_MAX_BYTES,
                                                 kernel_for, unsupported_reason)
 from tests.fixtures import all_reduce_ranks
@@ -19,9 +19,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(target, world: int, *args, timeout: float = 240) -> dict:
-    """Run `target` on `world` spawned ranks; their results by rank (fails on a rank's error)."""
-    ctx = multiprocessing.get_context("spawn")
+def _run_ranks(target, world: int, *args, device_type: str = "cuda", timeout: float = 240) -> dict:
+    """Run `target` on `world` ranks, started as the engine starts ranks on `device_type`
+    (spawned on CUDA, forked from the preloaded fork server on CPU); their results by rank (fails
+    on a rank's error)."""
+    ctx = worker_process._process_context(device_type)
     queue, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=all_reduce_ranks.run_rank,
                          args=(target, rank, world, port, queue, *args)) for rank in range(world)]
@@ -76,7 +78,8 @@ def test_the_flag_and_the_shapes_that_try_it(kwargs, tries):
                                       "shared_setup_fails_on_one_rank"])
 def test_a_failure_on_one_rank_turns_it_off_on_every_rank(scenario):
     """Ranks that disagreed would wait for each other in different collectives forever."""
-    results = _run_ranks(all_reduce_ranks.gloo_fallback, 2, scenario, timeout=120)
+    results = _run_ranks(all_reduce_ranks.gloo_fallback, 2, scenario, device_type="cpu",
+                         timeout=120)
     for rank in (0, 1):
         is_off, summed = results[rank]
         assert is_off

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,49 @@ def test_gguf_cache_is_reused_and_keyed_by_file(tiny_gguf, tmp_path, monkeypatch
     os.utime(gguf_path, ns=(0, 1_000_000_000))  # a rewritten file gets a new cache folder
     with pytest.raises(AssertionError, match="converted again"):
         convert_gguf(gguf_path, tmp_path)
+
+
+def test_a_second_conversion_of_the_same_file_waits_for_the_first(tiny_gguf, tmp_path, monkeypatch,
+                                                                   caplog):
+    """Two processes (threads here: the lock is per open file) converting one GGUF into one cache:
+    the second says it waits, then uses the first's folder; the file is converted once."""
+    import logging
+    import threading
+
+    caplog.set_level(logging.INFO, logger=gguf_mod.logger.name)
+    converting, release = threading.Event(), threading.Event()
+    calls = []
+    real_write = gguf_mod.write_hf_folder
+
+    def held_write(gguf_path, out, dtype):
+        calls.append(out)
+        converting.set()
+        assert release.wait(60)
+        real_write(gguf_path, out, dtype)
+
+    def waiting() -> bool:
+        return any("waiting for it" in r.getMessage() for r in list(caplog.records))
+
+    monkeypatch.setattr(gguf_mod, "write_hf_folder", held_write)
+    results = {}
+    threads = [threading.Thread(
+        target=lambda k=k: results.__setitem__(k, convert_gguf(tiny_gguf[0], tmp_path)))
+        for k in ("first", "second")]
+    try:
+        threads[0].start()
+        assert converting.wait(60)
+        threads[1].start()
+        deadline = time.monotonic() + 60
+        while not waiting() and len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waiting() and len(calls) == 1  # the second waits instead of converting too
+    finally:
+        release.set()
+        for t in threads:
+            t.join(60)
+    final = gguf_mod.gguf_cache_path(tiny_gguf[0], tmp_path)
+    assert results == {"first": final, "second": final} and len(calls) == 1
+    assert [p.name for p in final.parent.iterdir()] == [final.name]  # no lock or temp file left
 
 
 def test_gguf_crash_mid_conversion_leaves_no_cache(tiny_gguf, tmp_path, monkeypatch):

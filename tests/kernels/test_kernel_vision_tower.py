@@ -13,9 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
-)
 
 from kubeinfer.engine.models.qwen2_vl_vision import Qwen2VisionTower
 from kubeinfer.kernels import ops
@@ -32,6 +29,11 @@ GRIDS = [(1, 6, 8), (1, 4, 4)]  # two images packed in one call
 @pytest.fixture(scope="module")
 def towers():
     """(HF's vision model, ours with its weights), float32 on the test device."""
+    # imported here, not at the top: ~1 s that every xdist worker would pay while collecting
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+    )
+
     from tests.kernels.conftest import DEVICE
 
     torch.manual_seed(7)

@@ -157,34 +157,22 @@ def test_override_generation_config_unknown_key_names_the_allowed_ones(tiny_mode
     assert_clean_failure(proc, 1, "unknown keys ['temprature']", "temperature, top_p")
 
 
-def test_api_key_from_the_environment(tiny_model):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        serve_cmd(str(tiny_model), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1"),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "KUBEINFER_API_KEY": "s3cret"})
-    try:
-        wait_healthy(proc, base)
-        assert httpx.get(base + "/v1/models").status_code == 401
-        ok = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
-def _children(pid: int) -> list[int]:
-    """Child processes of pid, from /proc (Linux)."""
-    kids = []
+def _descendants(pid: int) -> list[int]:
+    """Processes below pid (children, and theirs: a CPU rank is forked by multiprocessing's fork
+    server), from /proc (Linux)."""
+    parents: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def _running(pid: int) -> bool:
@@ -195,19 +183,24 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-def test_tensor_parallel_server_answers_and_stops_its_workers_on_sigterm(tiny_model):
+def test_tensor_parallel_server_with_an_api_key_from_the_environment(tiny_model):
+    """One server start for two things a user runs: the API key from $KUBEINFER_API_KEY, and a
+    tensor-parallel server that answers and stops its workers on SIGTERM."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         serve_cmd(str(tiny_model), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
                   "--served-model-name", "tiny", "--tensor-parallel-size", "2"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "KUBEINFER_API_KEY": "s3cret"})
+    auth = {"Authorization": "Bearer s3cret"}
     try:
         wait_healthy(proc, base)
-        children = _children(proc.pid)
-        assert children  # the worker (and multiprocessing's resource tracker)
-        resp = httpx.post(base + "/v1/completions", timeout=60, json={
+        assert httpx.get(base + "/v1/models").status_code == 401
+        assert httpx.get(base + "/v1/models", headers=auth).status_code == 200
+        children = _descendants(proc.pid)
+        assert len(children) >= 2  # the worker, and multiprocessing's resource tracker (and fork server)
+        resp = httpx.post(base + "/v1/completions", timeout=60, headers=auth, json={
             "model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True})
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 8
         proc.send_signal(signal.SIGTERM)

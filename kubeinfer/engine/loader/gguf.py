@@ -6,11 +6,15 @@ every later start is a plain safetensors load. The weights are dequantized strai
 engine runs in (float32 on CPU), never through a narrower one: a bf16 store would change most values
 of a 4-bit file (134M of SmolLM2 Q4_1's 163M) and greedy output would drift from transformers' on the
 same file. The cache key is the file's path, size, mtime and that dtype, and the folder appears by an
-atomic rename, so a crash mid-conversion never leaves a half cache.
+atomic rename, so a crash mid-conversion never leaves a half cache. Conversions into one cache take
+turns (a lock on its gguf/ folder): a process that finds another converting the same file waits and
+uses its folder rather than spending the same ~15 s of CPU beside it (several engines or test
+workers starting on one machine with a cold cache).
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -50,6 +54,33 @@ def convert_gguf(gguf_path: Path, root: Path | None = None, dtype: torch.dtype =
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    with _converting_into(final.parent):
+        if (final / "config.json").is_file():
+            return final  # the process we waited for converted it
+        _convert_unlocked(gguf_path, final, dtype)
+    return final
+
+
+@contextlib.contextmanager
+def _converting_into(folder: Path):
+    """Hold the cache's lock (the folder itself is locked, so no lock file is left behind); wait,
+    saying so, while another process holds it. A filesystem without flock converts unlocked (the
+    atomic rename still keeps the cache whole)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is converting a GGUF file into %s; waiting for it", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _convert_unlocked(gguf_path: Path, final: Path, dtype: torch.dtype) -> None:
     _remove_stale_temps(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
@@ -64,7 +95,6 @@ def convert_gguf(gguf_path: Path, root: Path | None = None, dtype: torch.dtype =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 def _remove_stale_temps(final: Path, max_age_s: float = 3600.0) -> None:
