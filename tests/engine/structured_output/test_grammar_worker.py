@@ -147,14 +147,18 @@ def test_the_worker_does_not_re_run_the_main_script():
     assert (getattr(main, "__spec__", None), getattr(main, "__file__", None)) == before
 
 
-def test_a_dead_worker_is_a_clear_error(worker_manager):
-    """(Last in this module: it kills the module's worker.)"""
-    m = worker_manager
-    m.start_grammar_bitmask(["a"], []).result()  # it is up
-    os.kill(m.remote.worker._proc.pid, signal.SIGKILL)
-    m.remote.worker._proc.join(10)
-    with pytest.raises(GrammarWorkerError, match="worker process exited"):
-        m.start_grammar_bitmask(["a"], []).result()
+def test_a_dead_worker_is_a_clear_error(smollm2_tokenizer):
+    """A worker of its own: the module's stays alive for the other tests, which pytest-xdist's
+    work stealing may run after this one."""
+    m = _manager(smollm2_tokenizer, None, worker=True)
+    try:
+        m.start_grammar_bitmask(["a"], []).result()  # it is up
+        os.kill(m.remote.worker._proc.pid, signal.SIGKILL)
+        m.remote.worker._proc.join(10)
+        with pytest.raises(GrammarWorkerError, match="worker process exited"):
+            m.start_grammar_bitmask(["a"], []).result()
+    finally:
+        m.remote.worker.close()
 
 
 class _FakeCudart:
